@@ -1,0 +1,1 @@
+"""The ``laser`` command line."""

@@ -1,0 +1,82 @@
+"""Typed run configuration, read from ``configs/*.yaml``.
+
+One YAML file describes a run: where the data comes from, how it is validated, how texts are built, and the
+pipeline's own settings. Unknown keys are errors (typos must not silently fall back to defaults).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from laser_core import __version__
+from laser_core.data.loading import DatasetConfig, resolve_format
+from laser_core.data.text import TextConfig
+from laser_core.data.validation import ValidationConfig
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enable_cache: bool = True
+
+
+class LaserConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path, data_dir: str | None = None) -> LaserConfig:
+    """Read a YAML config; ``data_dir`` (from the command line) overrides ``dataset.path``.
+
+    A relative ``dataset.path`` is resolved against the config file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    try:
+        cfg = LaserConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    if data_dir is not None:
+        cfg.dataset.path = str(Path(data_dir).expanduser().resolve())
+    elif cfg.dataset.path is not None and not Path(cfg.dataset.path).expanduser().is_absolute():
+        cfg.dataset.path = str((path.parent / cfg.dataset.path).resolve())
+    return cfg
+
+
+def data_fingerprint(config: DatasetConfig) -> str:
+    """A hash of everything the loaded data depends on: the files' bytes (for data on disk) or the generator
+    settings (synthetic), plus the library version. Passed to the load step so that ZenML's cache is
+    invalidated when the data changes, not only when the config does."""
+    h = hashlib.sha256()
+    h.update(__version__.encode())
+    h.update(config.model_dump_json().encode())
+    fmt = resolve_format(config)
+    if fmt != "synthetic" and config.path is not None:
+        root = Path(config.path).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in files:
+            h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()

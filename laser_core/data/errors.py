@@ -1,0 +1,24 @@
+"""Errors raised for malformed input: they always name the file and, where known, the line/record and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataFormatError(ValueError):
+    """Malformed input data. The message names the file, the line or record, and the field."""
+
+    def __init__(self, path: str | Path, message: str, *, line: int | None = None,
+                 record: str | None = None, field: str | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        self.record = record
+        self.field = field
+        where = [self.path]
+        if line is not None:
+            where.append(f"line {line}")
+        if record is not None:
+            where.append(f"record {record!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")

@@ -1,0 +1,119 @@
+"""ZenML materializers for the project's types: Parquet for tables, JSON for configs and reports.
+
+Nothing here uses pickle, so an artifact received from elsewhere can be loaded safely. Every file goes through
+the active artifact store (``self.artifact_store.open``), so the same code works for local and remote stores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, ClassVar
+
+import pandas as pd
+from zenml.enums import ArtifactType, VisualizationType
+from zenml.materializers.base_materializer import BaseMaterializer
+
+from laser_core.data.model import SeqDataset
+from laser_core.data.split import Split
+from laser_core.data.validation import ValidationReport
+from laser_core.reporting import markdown_table
+
+
+class _FilesMixin(BaseMaterializer):
+    SKIP_REGISTRATION: ClassVar[bool] = True
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.uri, name)
+
+    def _write_parquet(self, name: str, frame: pd.DataFrame) -> None:
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        with self.artifact_store.open(self._path(name), "wb") as fh:
+            fh.write(buf.getvalue())
+
+    def _read_parquet(self, name: str) -> pd.DataFrame:
+        with self.artifact_store.open(self._path(name), "rb") as fh:
+            return pd.read_parquet(io.BytesIO(fh.read()))
+
+    def _write_text(self, name: str, text: str) -> str:
+        path = self._path(name)
+        with self.artifact_store.open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    def _write_json(self, name: str, obj: Any) -> str:
+        return self._write_text(name, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+    def _read_json(self, name: str) -> Any:
+        with self.artifact_store.open(self._path(name), "r") as fh:
+            return json.load(fh)
+
+
+class SeqDatasetMaterializer(_FilesMixin):
+    """``items.parquet`` + ``interactions.parquet`` + ``dataset.json`` (name, source)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (SeqDataset,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save(self, data: SeqDataset) -> None:
+        self._write_parquet("items.parquet", data.items)
+        self._write_parquet("interactions.parquet", data.interactions_frame())
+        self._write_json("dataset.json", {"name": data.name, "source": data.source, "format_version": 1})
+
+    def load(self, data_type: type[Any]) -> SeqDataset:
+        meta = self._read_json("dataset.json")
+        return SeqDataset.from_frames(meta["name"], self._read_parquet("items.parquet"),
+                                      self._read_parquet("interactions.parquet"), source=meta["source"])
+
+    def extract_metadata(self, data: SeqDataset) -> dict[str, Any]:
+        stats = data.stats()
+        return {"users": stats["users"], "items": stats["items"], "interactions": stats["interactions"],
+                "avg_length": round(stats["avg_length"], 4), "has_timestamps": stats["has_timestamps"],
+                "format": str(data.source.get("format", "")), "fingerprint": data.fingerprint()}
+
+    def save_visualizations(self, data: SeqDataset) -> dict[str, VisualizationType]:
+        text = (f"# Dataset {data.name}\n\n" + markdown_table(["statistic", "value"], data.stats().items())
+                + "\nFirst items:\n\n" + markdown_table(list(data.items.columns),
+                                                          data.items.head(10).itertuples(index=False)))
+        return {self._write_text("summary.md", text): VisualizationType.MARKDOWN}
+
+
+class SplitMaterializer(_FilesMixin):
+    """``split.parquet`` (user, training sequence, validation and test targets) + ``split.json``."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (Split,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save(self, data: Split) -> None:
+        self._write_parquet("split.parquet", data.to_frame())
+        self._write_json("split.json", {"n_items": data.n_items, "format_version": 1})
+
+    def load(self, data_type: type[Any]) -> Split:
+        meta = self._read_json("split.json")
+        return Split.from_frame(self._read_parquet("split.parquet"), n_items=meta["n_items"])
+
+    def extract_metadata(self, data: Split) -> dict[str, Any]:
+        return {k: v for k, v in data.report().items() if isinstance(v, (int, float, str))}
+
+
+class ValidationReportMaterializer(_FilesMixin):
+    """``report.json`` plus a Markdown report as the visualization."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ValidationReport,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+
+    def save(self, data: ValidationReport) -> None:
+        self._write_json("report.json", data.to_dict())
+
+    def load(self, data_type: type[Any]) -> ValidationReport:
+        return ValidationReport.from_dict(self._read_json("report.json"))
+
+    def extract_metadata(self, data: ValidationReport) -> dict[str, Any]:
+        return {"success": data.success, "n_expectations": len(data.outcomes), "n_failed": len(data.failures),
+                "gx_version": data.gx_version}
+
+    def save_visualizations(self, data: ValidationReport) -> dict[str, VisualizationType]:
+        return {self._write_text("report.md", data.to_markdown()): VisualizationType.MARKDOWN}
+
