@@ -21,7 +21,8 @@ for _var, _value in {
     os.environ[_var] = _value
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout (as in CI), or LASER_SHARED_DATA when it lives elsewhere
+SHARED_DATA = Path(os.environ.get("LASER_SHARED_DATA", REPO.parent / "shared" / "data"))
 SCIENTIFIC = SHARED_DATA / "amazon2018-scientific-recformer"
 BEAUTY = SHARED_DATA / "amazon2014-beauty-seqrecbench"
 
