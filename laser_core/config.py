@@ -16,6 +16,7 @@ from laser_core import __version__
 from laser_core.data.loading import DatasetConfig, resolve_format
 from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
+from laser_core.sr.config import SRConfig, TrainConfig
 
 
 class PipelineConfig(BaseModel):
@@ -30,6 +31,8 @@ class LaserConfig(BaseModel):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    sr: SRConfig = Field(default_factory=SRConfig)
+    sr_train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 

@@ -15,4 +15,5 @@ def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name
         options["run_name"] = run_name
     pipe = training_pipeline.with_options(**options)
     return pipe(dataset=config.dataset.model_dump(), validation=config.validation.model_dump(),
-                data_fingerprint=data_fingerprint(config.dataset))
+                data_fingerprint=data_fingerprint(config.dataset), sr_model=config.sr.model_dump(),
+                sr_train=config.sr_train.model_dump())

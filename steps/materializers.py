@@ -19,6 +19,8 @@ from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.data.validation import ValidationReport
 from laser_core.reporting import markdown_table
+from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.checkpoint import CONFIG, WEIGHTS, model_from_bytes, model_to_bytes
 
 
 class _FilesMixin(BaseMaterializer):
@@ -117,3 +119,27 @@ class ValidationReportMaterializer(_FilesMixin):
     def save_visualizations(self, data: ValidationReport) -> dict[str, VisualizationType]:
         return {self._write_text("report.md", data.to_markdown()): VisualizationType.MARKDOWN}
 
+
+
+class SRModelMaterializer(_FilesMixin):
+    """An ID-based recommender: ``model.safetensors`` + ``config.json`` (the model's config and n_items)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (SequentialRecommender,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+
+    def save(self, data: SequentialRecommender) -> None:
+        weights, config_json = model_to_bytes(data)
+        with self.artifact_store.open(self._path(WEIGHTS), "wb") as fh:
+            fh.write(weights)
+        self._write_text(CONFIG, config_json)
+
+    def load(self, data_type: type[Any]) -> SequentialRecommender:
+        with self.artifact_store.open(self._path(WEIGHTS), "rb") as fh:
+            weights = fh.read()
+        with self.artifact_store.open(self._path(CONFIG), "r") as fh:
+            return model_from_bytes(weights, fh.read())
+
+    def extract_metadata(self, data: SequentialRecommender) -> dict[str, Any]:
+        return {"model": data.config.model, "n_items": data.n_items, "parameters": data.n_parameters(),
+                "hidden_size": data.config.hidden_size, "n_layers": data.config.n_layers,
+                "max_len": data.config.max_len}

@@ -1,0 +1,9 @@
+"""ID-based sequential recommenders: BERT4Rec and SASRec (Laser's frozen encoders), GRU4Rec and popularity."""
+
+from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.checkpoint import build_model, load_model, save_model
+from laser_core.sr.config import SRConfig, TrainConfig
+from laser_core.sr.trainer import FitResult, evaluate, evaluate_split, fit
+
+__all__ = ["FitResult", "SRConfig", "SequentialRecommender", "TrainConfig", "build_model", "evaluate",
+           "evaluate_split", "fit", "load_model", "save_model"]

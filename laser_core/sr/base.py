@@ -1,0 +1,84 @@
+"""The interface every ID-based recommender follows (in the spirit of RecBole).
+
+- ``calculate_loss(batch) -> scalar``: training loss for a batch from the trainer's collate function;
+- ``full_sort_predict(batch) -> [B, n_items]``: scores over the whole catalogue for ``batch["input_ids"]``
+  (left-padded history tokens, see :mod:`laser_core.sr.batching`);
+- ``encode(item_ids, mask) -> [B, N, d]``: one vector per history position (what Laser's M-Former reads);
+- ``training_examples(sequences, rng)``: per-epoch training batches' raw material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from laser_core.sr.batching import pad_left
+from laser_core.sr.config import SRConfig
+
+
+class SequentialRecommender(nn.Module):
+    trainable: bool = True
+    bidirectional: bool = False
+
+    def __init__(self, config: SRConfig, n_items: int) -> None:
+        super().__init__()
+        self.config = config
+        self.n_items = int(n_items)
+
+    # -- training data -------------------------------------------------------------------------------
+    def make_batch(self, sequences: Sequence[np.ndarray], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Training batch from raw training sequences (windows of at most ``max_len + 1`` items):
+        next-item prediction at every position (SASRec, GRU4Rec)."""
+        L = self.config.max_len
+        inputs = pad_left([s[:-1] for s in sequences], L)
+        labels = pad_left([s[1:] for s in sequences], L)
+        return {"input_ids": inputs, "labels": labels}
+
+    @property
+    def window(self) -> int:
+        """Training window length in items."""
+        return self.config.max_len + 1
+
+    def min_train_length(self) -> int:
+        return 2
+
+    # -- the interface ------------------------------------------------------------------------------
+    def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full_sort_predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def predict_batch(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Inference batch for histories of item indices (time-ascending)."""
+        return {"input_ids": pad_left(histories, self.config.max_len)}
+
+    @torch.no_grad()
+    def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[B, n_items]`` scores for histories of item indices (eval mode, no grad)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.full_sort_predict(self.predict_batch(histories))
+        finally:
+            self.train(was_training)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def next_item_loss(hidden: torch.Tensor, labels: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+    """Full softmax cross-entropy over all items at every labelled position.
+
+    ``hidden [B, N, d]``, ``labels [B, N]`` tokens (0 = no label), ``item_weight [n_items, d]``.
+    Logits are computed only at labelled positions."""
+    sel = labels > 0
+    logits = hidden[sel] @ item_weight.T
+    return nn.functional.cross_entropy(logits, labels[sel] - 1)

@@ -1,0 +1,92 @@
+"""Saving and loading models and optimizer state without pickle: safetensors for tensors, JSON for the rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.config import SRConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+def build_model(config: SRConfig, n_items: int) -> SequentialRecommender:
+    from laser_core.sr.bert4rec import BERT4Rec
+    from laser_core.sr.gru4rec import GRU4Rec
+    from laser_core.sr.popularity import Popularity
+    from laser_core.sr.sasrec import SASRec
+
+    classes = {"sasrec": SASRec, "bert4rec": BERT4Rec, "gru4rec": GRU4Rec, "popularity": Popularity}
+    return classes[config.model](config, n_items)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(model: SequentialRecommender, directory: str | Path, extra: dict | None = None) -> Path:
+    """``model.safetensors`` + ``config.json`` (model config, n_items, any ``extra`` metadata)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    weights, config_json = model_to_bytes(model, extra)
+    for name, data in ((WEIGHTS, weights), (CONFIG, config_json.encode("utf8"))):
+        tmp = d / (name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(d / name)  # atomic: a crash mid-write never leaves a half-written checkpoint
+    return d
+
+
+def load_model(directory: str | Path) -> SequentialRecommender:
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d}: expected {CONFIG} and {WEIGHTS}")
+    return model_from_bytes((d / WEIGHTS).read_bytes(), (d / CONFIG).read_text(encoding="utf8"))
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Adam-style state as tensors ``{param_index}.{key}`` in safetensors, hyper-parameters in JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]), encoding="utf8")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = json.loads(path.with_suffix(".json").read_text(encoding="utf8"))
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def model_to_bytes(model: SequentialRecommender, extra: dict | None = None) -> tuple[bytes, str]:
+    """(safetensors bytes, config JSON) — for artifact stores that are not a local folder."""
+    from safetensors.torch import save
+
+    meta = {"format_version": FORMAT_VERSION, "config": model.config.model_dump(), "n_items": model.n_items,
+            **(extra or {})}
+    return save(_state(model)), json.dumps(meta, indent=2, sort_keys=True)
+
+
+def model_from_bytes(weights: bytes, config_json: str) -> SequentialRecommender:
+    from safetensors.torch import load
+
+    meta = json.loads(config_json)
+    model = build_model(SRConfig.model_validate(meta["config"]), int(meta["n_items"]))
+    model.load_state_dict(load(weights))
+    model.eval()
+    return model

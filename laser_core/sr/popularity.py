@@ -1,0 +1,32 @@
+"""Most-popular baseline: every user gets the items ranked by their training-interaction count."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.config import SRConfig
+
+
+class Popularity(SequentialRecommender):
+    trainable = False
+
+    def __init__(self, config: SRConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        self.register_buffer("counts", torch.zeros(n_items))
+
+    def fit(self, sequences: Sequence[np.ndarray]) -> "Popularity":
+        counts = np.zeros(self.n_items)
+        for seq in sequences:
+            np.add.at(counts, np.asarray(seq, dtype=np.int64), 1)
+        self.counts.copy_(torch.from_numpy(counts))
+        return self
+
+    def full_sort_predict(self, batch):
+        return self.counts[None].expand(batch["input_ids"].shape[0], -1).clone()
+
+    def encode(self, item_ids, mask):
+        raise TypeError("the popularity baseline has no per-position representation")

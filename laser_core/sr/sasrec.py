@@ -1,0 +1,39 @@
+"""SASRec (Kang & McAuley 2018): causal self-attention, trained with full softmax cross-entropy over all items
+at every position (the variant that public re-implementations show to be much stronger than the original
+negative-sampling BCE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from laser_core.sr.base import SequentialRecommender, next_item_loss
+from laser_core.sr.batching import tokens_from_ids
+from laser_core.sr.config import SRConfig
+from laser_core.sr.transformer import Encoder
+
+
+class SASRec(SequentialRecommender):
+    def __init__(self, config: SRConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        c = config
+        self.item_emb = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.encoder = Encoder(c.hidden_size, c.n_layers, c.n_heads, c.ffn_size, c.dropout, c.attn_dropout,
+                               c.max_len)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        valid = tokens > 0
+        return self.encoder(self.item_emb(tokens), valid, causal=True)
+
+    def calculate_loss(self, batch):
+        return next_item_loss(self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:])
+
+    def full_sort_predict(self, batch):
+        h = self.forward(batch["input_ids"])[:, -1]
+        return h @ self.item_emb.weight[1:].T
+
+    def encode(self, item_ids, mask):
+        return self.forward(tokens_from_ids(item_ids, mask))

@@ -1,0 +1,49 @@
+"""ID-based recommender steps: pretrain (BERT4Rec or SASRec, from the config) → evaluate on the test users."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from zenml import step
+from zenml.logger import get_logger
+
+from laser_core.data.split import Split
+from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, evaluate_split, fit
+from laser_core.sr.trainer import config_hash
+from steps.materializers import SRModelMaterializer
+
+logger = get_logger(__name__)
+
+
+def checkpoint_root() -> Path:
+    """Where interrupted trainings leave their checkpoints (``LASER_CACHE_DIR``, default ~/.cache/laser)."""
+    return Path(os.environ.get("LASER_CACHE_DIR", Path.home() / ".cache" / "laser")) / "sr"
+
+
+@step(output_materializers={"sr_model": SRModelMaterializer})
+def pretrain_sr(split: Split, model_config: dict[str, Any], train_config: dict[str, Any]
+                ) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
+    """Train the ID-based recommender with early stopping on validation NDCG@10; return the best epoch's model.
+    A crashed run resumes from its last epoch (checkpoints under ``LASER_CACHE_DIR``)."""
+    cfg, tcfg = SRConfig.model_validate(model_config), TrainConfig.model_validate(train_config)
+    workdir = checkpoint_root() / f"{cfg.model}-{config_hash(cfg, tcfg, split)}"
+    result = fit(cfg, tcfg, split, workdir=workdir)
+    logger.info("%s: best epoch %d of %d, valid %s", cfg.model, result.best_epoch, result.epochs_run,
+                {k: round(v, 4) for k, v in result.best_valid.items() if k in ("recall@10", "ndcg@10", "mrr")})
+    summary = {"model": cfg.model, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+               "stopped_early": result.stopped_early, "best_valid": result.best_valid,
+               "mean_epoch_seconds": result.mean_epoch_seconds, "parameters": result.model.n_parameters(),
+               "history": result.history}
+    return result.model, summary
+
+
+@step
+def evaluate_sr(sr_model: SequentialRecommender, split: Split) -> Annotated[dict, "sr_metrics"]:
+    """Full-ranking test metrics (history = training part + validation item; no history masking)."""
+    metrics = evaluate_split(sr_model, split, "test")
+    logger.info("%s test: %s", sr_model.config.model,
+                {k: round(v, 4) for k, v in metrics.items() if k in ("recall@10", "ndcg@10", "mrr")})
+    return {"model": sr_model.config.model, "split": "test", "mask_history": False,
+            "protocol": "leave-one-out, full ranking over all items", "metrics": metrics}
