@@ -11,6 +11,7 @@ import pytest
 _ZEN_DIR = tempfile.mkdtemp(prefix="laser-zenml-")
 for _var, _value in {
     "ZENML_CONFIG_PATH": _ZEN_DIR,  # isolated store: never the user's ~/.config/zenml
+    "LASER_CACHE_DIR": os.path.join(_ZEN_DIR, "laser-cache"),
     "ZENML_ANALYTICS_OPT_IN": "false",
     "ZENML_LOGGING_VERBOSITY": "WARN",
     "GX_ANALYTICS_ENABLED": "false",

@@ -12,6 +12,8 @@ def _config(**dataset) -> LaserConfig:
     return LaserConfig.model_validate({
         "dataset": dataset or {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 80, "seed": 1}},
         "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
+        "sr": {"model": "sasrec", "hidden_size": 16},
+        "sr_train": {"epochs": 2, "batch_size": 64, "progress": False},
     })
 
 
@@ -30,7 +32,8 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     cfg = _config()
     first = run_training(cfg)
     assert _statuses(first) == {"load_dataset": "completed", "validate_dataset": "completed",
-                                "split_dataset": "completed"}
+                                "split_dataset": "completed", "pretrain_sr": "completed",
+                                "evaluate_sr": "completed"}
     run = Client().get_pipeline_run(first.id)
     dataset = run.steps["load_dataset"].outputs["dataset"][0]
     report = run.steps["validate_dataset"].outputs["validation_report"][0]
@@ -41,11 +44,24 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     assert len(loaded.eval_users) == 200 and loaded.n_items == 80
     assert run.steps["split_dataset"].outputs["split_report"][0].load()["eval_users"] == 200
     # materializers are ours (Parquet/JSON), never ZenML's pickle-based fallback
-    for art in (dataset, report, split):
+    sr_model = run.steps["pretrain_sr"].outputs["sr_model"][0]
+    for art in (dataset, report, split, sr_model):
         assert art.materializer.import_path.startswith("steps.materializers."), art.materializer.import_path
+    assert sr_model.run_metadata["model"] == "sasrec" and sr_model.run_metadata["parameters"] > 0
+    metrics = run.steps["evaluate_sr"].outputs["sr_metrics"][0].load()
+    assert metrics["mask_history"] is False and 0 < metrics["metrics"]["ndcg@10"] <= 1
+    # the stored model reproduces the test metrics it was evaluated with
+    from laser_core.sr import evaluate_split
+
+    assert evaluate_split(sr_model.load(), loaded, "test") == metrics["metrics"]
 
     second = run_training(cfg)
     assert set(_statuses(second).values()) == {"cached"}
+    # a changed SR hyper-parameter re-runs only the SR steps
+    cfg.sr.hidden_size = 8
+    third = _statuses(run_training(cfg))
+    assert third == {"load_dataset": "cached", "validate_dataset": "cached", "split_dataset": "cached",
+                     "pretrain_sr": "completed", "evaluate_sr": "completed"}
 
 
 def test_changed_data_invalidates_cache(tmp_path, zenml_store):
@@ -53,8 +69,8 @@ def test_changed_data_invalidates_cache(tmp_path, zenml_store):
 
     root = tmp_path / "tbl"
     root.mkdir()
-    inter = pd.DataFrame({"user_id": list("aaabbb"), "item_id": list("xyzyzx"), "timestamp": range(6)})
-    items = pd.DataFrame({"item_id": list("xyz"), "title": ["X one", "Y two", "Z three"]})
+    inter = pd.DataFrame({"user_id": list("aaaaabbbbb"), "item_id": list("xyzvwyzxwv"), "timestamp": range(10)})
+    items = pd.DataFrame({"item_id": list("xyzvw"), "title": ["X one", "Y two", "Z three", "V four", "W five"]})
     inter.to_csv(root / "interactions.csv", index=False)
     items.to_csv(root / "items.csv", index=False)
     cfg = _config(format="table", path=str(root))
