@@ -179,6 +179,7 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.zero_grad(set_to_none=True)
     model.eval()
     best = next((h["valid"] for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
     return FitResult(model=model, best_epoch=state["best_epoch"], best_valid=best, history=state["history"],

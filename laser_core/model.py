@@ -1,0 +1,233 @@
+"""Bi-Tuning (LASER_SPEC.md §2.2): a frozen causal LLM read through a trainable prefix and one suffix token.
+
+Input to the LLM, per row: ``[p_1 .. p_L] + token_embeddings(text) + [s]`` as ``inputs_embeds``. The prefix comes
+from the M-Former over the frozen ID-based recommender's per-position vectors (or a plain trainable prefix, or
+nothing, for the ablations). The suffix's last-layer hidden state is the embedding: ``h_u`` for a user's
+history text, ``h_i`` for an item (the same template with a one-item history). Scores are cosines.
+
+Padding: texts are left-padded *between* the prefix and the text, with attention mask 0 there and position ids
+counted over real positions only, so a row's embedding does not depend on how much padding its batch needs,
+and the suffix is always the last position.
+
+Pooling alternatives for the paper's ablation: ``mean`` (mean of the text tokens' last hidden states, no
+suffix) and ``eos`` (a hard EOS token in place of the trainable suffix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from laser_core.data.text import TextConfig, TextFormatter
+from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
+from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
+from laser_core.sr.base import SequentialRecommender
+
+
+class BiTuneConfig(BaseModel):
+    """The model side of Laser. Paper: M-Former K=8, L=32, width 768, 12 blocks, 12 heads; suffix pooling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: Literal["mformer", "plain", "none"] = "mformer"
+    pooling: Literal["suffix", "mean", "eos"] = "suffix"
+    mformer: MFormerConfig = Field(default_factory=MFormerConfig)
+
+
+class LaserModel(nn.Module):
+    """Frozen backbone + frozen SR encoder; trainable: M-Former (or plain prefix) and the suffix vector."""
+
+    def __init__(self, backbone: Backbone, sr_model: SequentialRecommender | None, formatter: TextFormatter,
+                 config: BiTuneConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or BiTuneConfig()
+        self.backbone = backbone
+        self.formatter = formatter
+        self.tokenizer = backbone.tokenizer
+        hidden = backbone.hidden_size
+        # frozen parts are kept out of the module tree: state_dict() holds only what is trained
+        object.__setattr__(self, "llm", backbone.model)
+        object.__setattr__(self, "sr", sr_model)
+        if sr_model is not None:
+            sr_model.eval()
+            for p in sr_model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        self.mformer: MFormer | None = None
+        self.plain: PlainPrefix | None = None
+        if cfg.prefix == "mformer":
+            if sr_model is None:
+                raise ValueError("prefix 'mformer' needs the frozen ID-based recommender")
+            self.mformer = MFormer(cfg.mformer, sr_model.config.hidden_size, hidden)
+        elif cfg.prefix == "plain":
+            self.plain = PlainPrefix(cfg.mformer.n_query, hidden)
+        eos_id = self.tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("the backbone's tokenizer has no EOS token")
+        self.eos_id = int(eos_id)
+        eos = self.embed_tokens(torch.tensor([self.eos_id]))[0].detach().float().clone()
+        # the suffix starts as the EOS embedding (the paper's "hard EOS" alternative) and is then trained
+        self.suffix = nn.Parameter(eos.clone()) if cfg.pooling == "suffix" else None
+        self.register_buffer("eos_embedding", eos, persistent=False)
+        self._item_ids_cache: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ pieces
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def n_trainable(self) -> dict[str, int]:
+        suffix = self.suffix.numel() if self.suffix is not None else 0
+        plain = sum(p.numel() for p in self.plain.parameters()) if self.plain is not None else 0
+        mformer = sum(p.numel() for p in self.mformer.parameters()) if self.mformer is not None else 0
+        return {"bi_tuning_tokens": suffix + plain, "mformer": mformer, "total": suffix + plain + mformer}
+
+    def weights_fingerprint(self) -> str:
+        """Hash of the trainable weights + backbone + template settings (the item table's cache key)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        h.update(self.backbone.state_fingerprint().encode())
+        h.update(self.formatter.config.model_dump_json().encode())
+        h.update(self.config.model_dump_json().encode())
+        return h.hexdigest()
+
+    def tokenize(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
+        out = []
+        for hist in histories:
+            if len(hist) == 1:  # item texts recur every table refresh: tokenize once
+                key = int(hist[0])
+                if key not in self._item_ids_cache:
+                    self._item_ids_cache[key] = self._encode(self.formatter.user_text(hist))
+                out.append(self._item_ids_cache[key])
+            else:
+                out.append(self._encode(self.formatter.user_text(hist)))
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, RouterOutput | None]:
+        B = len(histories)
+        if self.mformer is not None:
+            L = self.sr.config.max_len
+            ids = np.zeros((B, L), dtype=np.int64)
+            mask = np.zeros((B, L), dtype=bool)
+            for row, hist in enumerate(histories):
+                h = np.asarray(hist, dtype=np.int64)[-L:]
+                ids[row, L - len(h):] = h
+                mask[row, L - len(h):] = True
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            with torch.no_grad():
+                collab = self.sr.encode(ids_t, mask_t)
+            return self.mformer(collab, mask_t)
+        if self.plain is not None:
+            return self.plain(B), None
+        return None, None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, RouterOutput | None]:
+        """Embeddings ``[B, H]`` (float32) for histories of item indices, and the router's output."""
+        token_ids = self.tokenize(histories)
+        B = len(histories)
+        T = max(len(t) for t in token_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        text_mask = torch.zeros((B, T), dtype=torch.long)
+        for row, t in enumerate(token_ids):
+            ids[row, T - len(t):] = torch.tensor(t, dtype=torch.long)
+            text_mask[row, T - len(t):] = 1
+        tok = self.embed_tokens(ids)
+        dtype = tok.dtype
+        parts, masks = [], []
+        prefix, route = self.prefix(histories)
+        if prefix is not None:
+            parts.append(prefix.to(dtype))
+            masks.append(torch.ones(B, prefix.shape[1], dtype=torch.long))
+        parts.append(tok)
+        masks.append(text_mask)
+        if self.config.pooling in ("suffix", "eos"):
+            last = self.suffix if self.config.pooling == "suffix" else self.eos_embedding
+            parts.append(last.to(dtype)[None, None].expand(B, 1, -1))
+            masks.append(torch.ones(B, 1, dtype=torch.long))
+        embeds = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.backbone.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                    use_cache=False).last_hidden_state.float()
+        if self.config.pooling == "mean":
+            start = prefix.shape[1] if prefix is not None else 0
+            m = text_mask.to(hidden.dtype)[..., None]
+            out = (hidden[:, start:start + T] * m).sum(1) / m.sum(1)
+        else:
+            out = hidden[:, -1]
+        return out, route
+
+    @torch.no_grad()
+    def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None) -> torch.Tensor:
+        """The item-embedding table rows for ``items`` (one-item histories), batched by text length."""
+        items = list(items)
+        lengths = [len(t) for t in self.tokenize([[i] for i in items])]
+        order = np.argsort(lengths, kind="stable")
+        out = torch.empty(len(items), self.backbone.hidden_size)
+        for lo in range(0, len(items), batch_size):
+            idx = order[lo:lo + batch_size]
+            emb, _ = self.forward([[items[i]] for i in idx])
+            out[torch.from_numpy(idx)] = emb
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def train(self, mode: bool = True) -> "LaserModel":
+        super().train(mode)
+        if self.sr is not None:
+            self.sr.eval()  # frozen: no dropout, ever
+        self.llm.train()    # frozen, all dropout 0; see laser_core.llm.backbones for why not eval()
+        return self
+
+
+class LaserSpec(BaseModel):
+    """Everything needed to rebuild a Laser model around its trained weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    seed: int = 0
+
+
+@dataclass
+class LaserWeights:
+    """The trainable part of a Laser model (safetensors on disk) plus its spec and training summary (JSON)."""
+
+    spec: LaserSpec
+    state: dict[str, torch.Tensor]
+    summary: dict = field(default_factory=dict)
+
+
+def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecommender | None,
+                weights: LaserWeights | None = None) -> LaserModel:
+    """Load the backbone (tiny ones get a tokenizer trained on the item texts), build the formatter with the
+    backbone's tokenizer (for token limits) and the model; load ``weights`` when given."""
+    plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+    texts = [TextFormatter(items, plain_text).item_text(i) for i in range(len(items))] \
+        if spec.backbone.name in TINY else None
+    backbone = load_backbone(spec.backbone, texts=texts)
+    formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
+    torch.manual_seed(spec.seed)
+    model = LaserModel(backbone, sr_model if spec.bitune.prefix == "mformer" else None, formatter, spec.bitune)
+    if weights is not None:
+        model.load_state_dict(weights.state)
+    return model

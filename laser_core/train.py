@@ -1,0 +1,290 @@
+"""Laser's two-stage Bi-Tuning trainer (LASER_SPEC.md §2.5).
+
+Stage 1: the whole item-embedding table is recomputed with the current weights before training starts and after
+every epoch (no grad, batched by text length); each epoch trains the user side against the table of its start,
+then validates by full ranking with the freshly recomputed table (which the next epoch then trains against).
+The best validation epoch's weights and table are kept. Stage 2: that table is frozen; the weights keep
+training against it, the best validation epoch is kept, and the test uses those weights and that table.
+
+Training examples: each epoch samples ``users_per_epoch`` training users (all when unset) and, for each, a
+random cut of the user's training sequence: history = the items before the cut, target = the item at it (so
+every transition of a user can be seen over epochs, as with RecFormer/Laser's all-prefix data).
+
+Checkpoints (``workdir``): only trainable weights (safetensors) + optimizer state + ``state.json`` after every
+epoch, the best weights and table; a restarted run with the same settings resumes where it stopped. Item tables
+are cached in ``workdir/tables`` by a hash of the trainable weights + backbone + template settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from laser_core.data.split import Split
+from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
+from laser_core.metrics import DEFAULT_KS, RankingAccumulator
+from laser_core.model import LaserModel
+from laser_core.sr.checkpoint import load_optimizer, save_optimizer
+
+
+class LaserTrainConfig(BaseModel):
+    """Paper: batch 4, lr 1e-4, Adam, 15 + 5 epochs, tau 0.05, lambda 0.01. CPU budgets shrink the epochs and
+    sample users per epoch; evaluation can be limited to a seeded sample of users."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage1_epochs: int = Field(default=15, ge=0)
+    stage2_epochs: int = Field(default=5, ge=0)
+    skip_stage1: bool = False
+    skip_stage2: bool = False
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    tau: float = Field(default=0.05, gt=0)
+    lb_weight: float = Field(default=0.01, ge=0)
+    users_per_epoch: int | None = Field(default=None, ge=1)
+    valid_users: int | None = Field(default=None, ge=1, description="seeded sample for validation (None: all)")
+    test_users: int | None = Field(default=None, ge=1, description="seeded sample for the test (None: all)")
+    item_batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+    progress: bool = True
+
+
+@dataclass
+class LaserFitResult:
+    model: LaserModel
+    item_table: torch.Tensor
+    best: dict[str, dict] = field(default_factory=dict)       # per stage: {"epoch", "valid"}
+    history: list[dict] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+
+
+def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+@torch.no_grad()
+def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: np.ndarray,
+                   item_table: torch.Tensor, batch_size: int = 16, ks: Sequence[int] = DEFAULT_KS,
+                   progress: bool = False, desc: str = "evaluate") -> dict[str, float]:
+    """Full ranking over all items by cosine to the table (history masking off, as in the paper)."""
+    was = model.training
+    model.eval()
+    acc = RankingAccumulator(ks=tuple(ks))
+    order = np.argsort([len(h) for h in histories], kind="stable")  # length-sorted: less padding
+    bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        emb, _ = model([histories[i] for i in idx])
+        acc.add(cosine_scores(emb, item_table), targets[idx])
+        bar.update(len(idx))
+    bar.close()
+    model.train(was)
+    return acc.result()
+
+
+class LaserTrainer:
+    def __init__(self, model: LaserModel, split: Split, config: LaserTrainConfig,
+                 workdir: str | Path | None = None) -> None:
+        self.model, self.split, self.cfg = model, split, config
+        self.wd = Path(workdir) if workdir is not None else None
+        self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr)
+        users, hist, targets = split.valid_examples()
+        keep = _sample(len(users), config.valid_users, config.seed + 1)
+        self.valid = ([hist[i] for i in keep], targets[keep])
+        self.train_users = np.array([u for u, t in enumerate(split.train) if len(t) >= 2], dtype=np.int64)
+        if not len(self.train_users):
+            raise ValueError("no user has 2 or more training items")
+        self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
+                     "eval_seconds": 0.0, "users_evaluated": 0}
+
+    # ---------------------------------------------------------------- pieces
+    def run_hash(self) -> str:
+        payload = {"train": self.cfg.model_dump(exclude={"progress", "threads", "item_batch_size",
+                                                         "eval_batch_size"}),
+                   "start": self.model.weights_fingerprint(),
+                   "model": self.model.config.model_dump(), "text": self.model.formatter.config.model_dump(),
+                   "backbone": self.model.backbone.state_fingerprint(), "n_items": self.split.n_items,
+                   "users": len(self.split.users)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def item_table(self) -> torch.Tensor:
+        key = self.model.weights_fingerprint()[:24]
+        path = self.wd / "tables" / f"{key}.safetensors" if self.wd is not None else None
+        if path is not None and path.is_file():
+            return load_file(str(path))["table"]
+        was = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.split.n_items, desc="item table", unit="item", disable=not self.cfg.progress,
+                   leave=False)
+        table = self.model.embed_items(range(self.split.n_items), self.cfg.item_batch_size, progress=bar.update)
+        bar.close()
+        self.cost["item_seconds"] += time.perf_counter() - t0
+        self.cost["items_encoded"] += self.split.n_items
+        self.model.train(was)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"table": table.contiguous()}, str(path))
+        return table
+
+    def examples(self, stage: int, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        seed = self.cfg.seed * 100_003 + stage * 1_000 + epoch
+        rng = np.random.default_rng(seed)
+        users = self.train_users[_sample(len(self.train_users), self.cfg.users_per_epoch, seed)]
+        rng.shuffle(users)
+        hist, targets = [], []
+        for u in users:
+            seq = self.split.train[u]
+            cut = int(rng.integers(1, len(seq)))  # history seq[:cut] (>= 1 item), target seq[cut]
+            hist.append(seq[:cut])
+            targets.append(seq[cut])
+        return hist, np.asarray(targets, dtype=np.int64)
+
+    def train_epoch(self, table: torch.Tensor, stage: int, epoch: int) -> float:
+        torch.manual_seed(self.cfg.seed * 100_003 + stage * 1_000 + epoch)
+        hist, targets = self.examples(stage, epoch)
+        self.model.train()
+        t0 = time.perf_counter()
+        total, n_batches = 0.0, 0
+        bar = tqdm(total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user",
+                   disable=not self.cfg.progress, leave=False)
+        target_t = torch.from_numpy(targets)
+        for lo in range(0, len(hist), self.cfg.batch_size):
+            emb, route = self.model(hist[lo:lo + self.cfg.batch_size])
+            loss = iic_loss(emb, table, target_t[lo:lo + self.cfg.batch_size], self.cfg.tau)
+            if route is not None and self.cfg.lb_weight > 0:
+                loss = loss + self.cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            n_batches += 1
+            bar.update(len(emb))
+            bar.set_postfix(loss=f"{total / n_batches:.4f}")
+        bar.close()
+        self.cost["train_seconds"] += time.perf_counter() - t0
+        self.cost["users_trained"] += len(hist)
+        return total / max(n_batches, 1)
+
+    def validate(self, table: torch.Tensor) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = evaluate_laser(self.model, self.valid[0], self.valid[1], table, self.cfg.eval_batch_size,
+                             progress=self.cfg.progress, desc="validate")
+        self.cost["eval_seconds"] += time.perf_counter() - t0
+        self.cost["users_evaluated"] += len(self.valid[0])
+        return out
+
+    # ----------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
+
+    def _save(self, state: dict, best_table: torch.Tensor | None) -> None:
+        if self.wd is None:
+            return
+        self.wd.mkdir(parents=True, exist_ok=True)
+        save_file(self._trainable_state(), str(self.wd / "last.safetensors.tmp"))
+        (self.wd / "last.safetensors.tmp").replace(self.wd / "last.safetensors")
+        save_optimizer(self.optimizer, self.wd / "optimizer.safetensors")
+        if best_table is not None and state.get("best_changed"):
+            save_file(self._best_weights, str(self.wd / "best.safetensors"))
+            save_file({"table": best_table.contiguous()}, str(self.wd / "best_table.safetensors"))
+        state = {k: v for k, v in state.items() if k != "best_changed"}
+        (self.wd / "state.json.tmp").write_text(json.dumps(state, indent=1), encoding="utf8")
+        (self.wd / "state.json.tmp").replace(self.wd / "state.json")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, callbacks: Sequence[Callable[[int, int, dict], None]] = (), stages: Sequence[int] = (1, 2),
+            table: torch.Tensor | None = None) -> LaserFitResult:
+        """Run the stages in ``stages`` (the pipeline runs them as two steps). Without stage 1 the frozen table
+        is ``table`` when given (the stage-1 step's output), else the table of the current weights."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = {"run_hash": self.run_hash(), "stage": 1, "epoch": -1, "history": [], "best": {},
+                 "stage1_done": False}
+        self._best_weights = self._trainable_state()
+        best_table: torch.Tensor | None = None
+        if self.wd is not None and (self.wd / "state.json").is_file():
+            saved = json.loads((self.wd / "state.json").read_text(encoding="utf8"))
+            if saved.get("run_hash") == state["run_hash"]:
+                state = saved
+                self.model.load_state_dict(load_file(str(self.wd / "last.safetensors")))
+                load_optimizer(self.optimizer, self.wd / "optimizer.safetensors")
+                if (self.wd / "best.safetensors").is_file():
+                    self._best_weights = load_file(str(self.wd / "best.safetensors"))
+                    best_table = load_file(str(self.wd / "best_table.safetensors"))["table"]
+                self.cost.update(state.get("cost", {}))
+
+        def record(stage: int, epoch: int, loss: float | None, valid: dict, table: torch.Tensor) -> None:
+            nonlocal best_table
+            entry = {"stage": stage, "epoch": epoch, "loss": loss, "valid": valid}
+            state["history"].append(entry)
+            best = state["best"].get(str(stage))
+            changed = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
+            if changed:
+                state["best"][str(stage)] = {"epoch": epoch, "valid": valid}
+                self._best_weights = self._trainable_state()
+                best_table = table
+            state.update(stage=stage, epoch=epoch, best_changed=changed, cost=dict(self.cost))
+            self._save(state, best_table)
+            for cb in callbacks:
+                cb(stage, epoch, entry)
+
+        # ---- stage 1: refresh the table every epoch
+        if not state["stage1_done"]:
+            if 1 in stages and not cfg.skip_stage1 and cfg.stage1_epochs > 0:
+                table = self.item_table()
+                if state["epoch"] < 0:  # epoch -1: the initial weights, so "best" is never worse than init
+                    record(1, -1, None, self.validate(table), table)
+                for epoch in range(state["epoch"] + 1, cfg.stage1_epochs):
+                    loss = self.train_epoch(table, 1, epoch)
+                    table = self.item_table()
+                    record(1, epoch, loss, self.validate(table), table)
+                self.model.load_state_dict(self._best_weights)
+            else:
+                best_table = table if table is not None else self.item_table()
+            state.update(stage1_done=True, stage=2, epoch=-1)
+            if best_table is None:
+                best_table = self.item_table()
+        frozen = best_table
+        # ---- stage 2: the table is frozen
+        if 2 in stages and not cfg.skip_stage2 and cfg.stage2_epochs > 0:
+            if "2" not in state["best"]:
+                record(2, -1, None, self.validate(frozen), frozen)
+            start = state["epoch"] + 1 if state["stage"] == 2 else 0
+            for epoch in range(start, cfg.stage2_epochs):
+                loss = self.train_epoch(frozen, 2, epoch)
+                record(2, epoch, loss, self.validate(frozen), frozen)
+            self.model.load_state_dict(self._best_weights)
+        self.model.eval()
+        cost = dict(self.cost)
+        cost["items_per_second"] = cost["items_encoded"] / cost["item_seconds"] if cost["item_seconds"] else None
+        cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
+                                          if cost["train_seconds"] else None)
+        return LaserFitResult(model=self.model, item_table=frozen, best=state["best"], history=state["history"],
+                              cost=cost)
+
+
+def test_laser(result: LaserFitResult, split: Split, config: LaserTrainConfig) -> dict[str, float]:
+    """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
+    users, hist, targets = split.test_examples()
+    keep = _sample(len(users), config.test_users, config.seed + 2)
+    return evaluate_laser(result.model, [hist[i] for i in keep], targets[keep], result.item_table,
+                          config.eval_batch_size, progress=config.progress, desc="test")
+
+
+test_laser.__test__ = False  # not a pytest test

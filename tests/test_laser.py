@@ -1,0 +1,255 @@
+"""Laser itself on tiny backbones and synthetic data: Bi-Tuning, M-Former, losses, two-stage training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from laser_core.data import leave_one_out, load_dataset
+from laser_core.data.text import TextConfig
+from laser_core.llm import BackboneConfig, quantized_linear_share
+from laser_core.losses import iic_loss, load_balancing_loss
+from laser_core.mformer import MFormer, MFormerConfig, Router
+from laser_core.model import BiTuneConfig, LaserSpec, build_laser
+from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate_split, fit
+from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
+
+SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_dataset({"synthetic": {"n_users": 400, "n_items": 80, "n_user_types": 4, "seed": 2}})
+    return ds, leave_one_out(ds)
+
+
+@pytest.fixture(scope="module")
+def sr(data):
+    _, split = data
+    cfg = SRConfig(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
+    return fit(cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3, progress=False), split).model
+
+
+def spec(name="tiny-random-llama", quant="nf4", **bitune) -> LaserSpec:
+    return LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TextConfig(history_len=4),
+                     backbone=BackboneConfig(name=name, quantization=quant))
+
+
+def make(data, sr, **kw):
+    ds, _ = data
+    return build_laser(spec(**kw), ds.items, sr)
+
+
+def llm_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.llm.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- backbone
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_every_backbone_linear_is_4bit_with_nf4(data, sr, name):
+    model = make(data, sr, name=name)
+    quant, total = quantized_linear_share(model.llm)
+    assert total > 0 and quant == total
+    assert all(not p.requires_grad for p in model.llm.parameters())
+    plain = make(data, sr, name=name, quant="none")
+    assert quantized_linear_share(plain.llm)[0] == 0
+    assert model.backbone.memory_bytes() < plain.backbone.memory_bytes()
+
+
+# -------------------------------------------------------------------------- Bi-Tuning
+def test_suffix_embedding_equals_hand_built_forward(data, sr):
+    model = make(data, sr).eval()
+    hist = [3, 7, 11]
+    text = model.formatter.user_text(hist)
+    ids = torch.tensor([model.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        L = model.sr.config.max_len
+        item_ids = torch.zeros(1, L, dtype=torch.long)
+        mask = torch.zeros(1, L, dtype=torch.bool)
+        item_ids[0, -3:] = torch.tensor(hist)
+        mask[0, -3:] = True
+        prefix, _ = model.mformer(model.sr.encode(item_ids, mask), mask)
+        embeds = torch.cat([prefix, model.llm.get_input_embeddings()(ids), model.suffix[None, None]], dim=1)
+        expected = model.llm.base_model(inputs_embeds=embeds).last_hidden_state[:, -1]
+        got, _ = model([hist])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["suffix", "mean", "eos"])
+def test_padding_does_not_change_a_rows_embedding(data, sr, pooling):
+    model = make(data, sr, pooling=pooling).eval()
+    with torch.no_grad():
+        alone, _ = model([[5]])
+        batched, _ = model([[5], [1, 2, 3, 4, 9, 10]])
+        table = model.embed_items([0, 5, 9], batch_size=2)
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    assert torch.allclose(alone[0], table[1], atol=1e-5)
+
+
+def test_only_trainable_parts_get_gradients_and_backbone_is_bit_identical(data, sr):
+    _, split = data
+    model = make(data, sr)
+    llm_before, sr_before = llm_state(model), {k: v.clone() for k, v in model.sr.state_dict().items()}
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n == "suffix" or n.startswith("mformer.") for n in names)
+    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=1e-3, users_per_epoch=32,
+                           valid_users=20, progress=False)
+    trainer = LaserTrainer(model, split, cfg)
+    table = trainer.item_table()
+    emb, route = model([[1, 2], [3]])
+    (iic_loss(emb, table, torch.tensor([4, 5])) + 0.01 * load_balancing_loss(route.probs, route.mask)).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    assert all(p.grad is None for p in model.llm.parameters()) and all(p.grad is None for p in model.sr.parameters())
+    model.zero_grad()
+    trainer.fit()
+    for k, v in llm_state(model).items():
+        assert torch.equal(v, llm_before[k]), k
+    for k, v in model.sr.state_dict().items():
+        assert torch.equal(v, sr_before[k]), k
+
+
+def test_prefix_gradients_survive_an_item_table_refresh_nf4(data, sr):
+    """bitsandbytes' NF4 CPU path zeroes input gradients after an eval-mode forward; ours must not."""
+    _, split = data
+    model = make(data, sr)
+    trainer = LaserTrainer(model, split, LaserTrainConfig(progress=False))
+    for _ in range(2):
+        trainer.item_table()   # no-grad refresh of the whole table
+        model.train()
+        model.zero_grad()
+        emb, _ = model([[1, 2, 3]])
+        emb.sum().backward()
+        assert model.mformer.experts.grad.abs().sum() > 0
+        assert model.suffix.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- M-Former
+def test_router_hand_computed():
+    router = Router(sr_dim=2, n_experts=3)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    collab = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])  # last position is padding
+    mask = torch.tensor([[True, True, False]])
+    out = router(collab, mask)
+    e2 = math.exp(2)
+    p0 = torch.tensor([e2, 1, 1]) / (e2 + 2)
+    p1 = torch.tensor([1.0, 1, 1]) / 3
+    assert torch.allclose(out.probs[0, 0], p0) and torch.allclose(out.probs[0, 1], p1)
+    assert torch.allclose(out.scores[0], (p0 + p1) / 2)  # mean over the two real positions only
+    assert out.selected.tolist() == [0]
+
+
+def test_mformer_shapes_cross_attention_every_other_block_and_top1():
+    mf = MFormer(MFormerConfig(n_experts=3, n_query=5, width=16, n_layers=4, n_heads=2, dropout=0.0),
+                 sr_dim=8, llm_hidden=24).eval()
+    assert [b.cross for b in mf.blocks] == [True, False, True, False]
+    collab = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    prefix, route = mf(collab, mask)
+    assert prefix.shape == (2, 5, 24)
+    # the prefix depends only on the selected expert's queries
+    with torch.no_grad():
+        others = [e for e in range(3) if e != route.selected[0]]
+        mf.experts[others] += 1.0
+    assert torch.allclose(mf(collab[:1], mask[:1])[0], prefix[:1], atol=1e-5)
+    prefix.sum().backward()
+    assert mf.router.proj.weight.grad.abs().sum() > 0  # straight-through gate reaches the router
+
+
+# ----------------------------------------------------------------------------- losses
+def test_iic_loss_hand_computed():
+    users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    tau = 0.5
+    cos = torch.tensor([[1.0, 0.0, 1 / math.sqrt(2)], [0.0, 1.0, 1 / math.sqrt(2)]])
+    expected = -(torch.log_softmax(cos / tau, dim=1)[[0, 1], [2, 1]]).mean()
+    assert torch.allclose(iic_loss(users, items, torch.tensor([2, 1]), tau), expected)
+
+
+def test_load_balancing_loss_hand_computed():
+    probs = torch.tensor([[[0.7, 0.3], [0.4, 0.6], [0.5, 0.5]]])
+    mask = torch.tensor([[True, True, False]])
+    # f = (1/2, 1/2) (argmax 0 then 1); P = (0.55, 0.45); K = 2 -> 2 * (0.275 + 0.225) = 1.0
+    assert torch.isclose(load_balancing_loss(probs, mask), torch.tensor(1.0))
+    collapsed = torch.tensor([[[0.9, 0.1], [0.8, 0.2]]])
+    # f = (1, 0), P = (0.85, 0.15) -> 2 * 0.85
+    assert torch.isclose(load_balancing_loss(collapsed, torch.ones(1, 2, dtype=torch.bool)), torch.tensor(1.7))
+
+
+# ---------------------------------------------------------------------------- ablations
+def test_ablation_switches_change_exactly_their_parts(data, sr):
+    full = make(data, sr)
+    no_moe = build_laser(LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF.model_copy(update={"n_experts": 1})),
+                                   text=TextConfig(history_len=4),
+                                   backbone=BackboneConfig(name="tiny-random-llama")), data[0].items, sr)
+    plain = make(data, sr, prefix="plain")
+    none = make(data, sr, prefix="none")
+    mean = make(data, sr, pooling="mean")
+    eos = make(data, sr, pooling="eos")
+    assert full.mformer.experts.shape[0] == 2 and no_moe.mformer.experts.shape[0] == 1
+    assert {n.split(".")[0] for n, _ in plain.named_parameters()} == {"plain", "suffix"} and plain.sr is None
+    assert {n for n, _ in none.named_parameters()} == {"suffix"}
+    assert mean.suffix is None and eos.suffix is None and "suffix" not in dict(eos.named_parameters())
+    assert set(mean.state_dict()) == set(full.state_dict()) - {"suffix"}
+    sasrec = build_model(SRConfig(model="sasrec", hidden_size=24), data[0].n_items)
+    with_sasrec = make(data, sasrec)
+    assert with_sasrec.mformer.router.proj.in_features == 24
+    assert with_sasrec.mformer.blocks[0].cross_attn.kdim == 24
+    with torch.no_grad():
+        for m in (full, plain, none, mean, eos):
+            m.eval()
+            assert m([[1, 2]])[0].shape == (1, 64)
+        # eos pooling feeds the tokenizer's EOS embedding where the trainable suffix would be
+        assert torch.equal(eos.eos_embedding, full.suffix.detach())
+
+
+@pytest.mark.parametrize("switch", ["skip_stage1", "skip_stage2"])
+def test_stage_switches(data, sr, switch):
+    _, split = data
+    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, users_per_epoch=16, valid_users=16,
+                           progress=False, **{switch: True})
+    res = LaserTrainer(make(data, sr), split, cfg).fit()
+    stages = {h["stage"] for h in res.history}
+    assert stages == ({2} if switch == "skip_stage1" else {1})
+
+
+# ----------------------------------------------------------------------- training
+def test_resume_gives_the_same_result(data, sr, tmp_path):
+    _, split = data
+    cfg = LaserTrainConfig(stage1_epochs=2, stage2_epochs=2, batch_size=8, lr=1e-3, users_per_epoch=24,
+                           valid_users=24, progress=False, seed=5)
+    straight = LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path / "a").fit()
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(stage, epoch, entry):
+        if (stage, epoch) == (2, 0):
+            raise Crash
+
+    with pytest.raises(Crash):
+        LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path / "b").fit(callbacks=[crash])
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["stage"] == 2
+    resumed = LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path / "b").fit()
+    key = [(h["stage"], h["epoch"], h["loss"]) for h in straight.history]
+    assert [(h["stage"], h["epoch"], h["loss"]) for h in resumed.history] == key
+    assert torch.equal(straight.item_table, resumed.item_table)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_short_training_beats_popularity_on_synthetic(data, sr):
+    ds, split = data
+    pop = build_model(SRConfig(model="popularity"), ds.n_items).fit(split.train)
+    pop_ndcg = evaluate_split(pop, split, "test")["ndcg@10"]
+    cfg = LaserTrainConfig(stage1_epochs=2, stage2_epochs=2, batch_size=16, lr=1e-3, progress=False,
+                           item_batch_size=32, eval_batch_size=32)
+    res = LaserTrainer(make(data, sr), split, cfg).fit()
+    laser = test_laser(res, split, cfg)
+    assert laser["ndcg@10"] > 1.2 * pop_ndcg, (laser, pop_ndcg)
+    assert np.isfinite(list(laser.values())).all()
