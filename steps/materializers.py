@@ -12,12 +12,15 @@ import os
 from typing import Any, ClassVar
 
 import pandas as pd
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.data.validation import ValidationReport
+from laser_core.model import ItemTable, LaserSpec, LaserWeights
 from laser_core.reporting import markdown_table
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.checkpoint import CONFIG, WEIGHTS, model_from_bytes, model_to_bytes
@@ -143,3 +146,53 @@ class SRModelMaterializer(_FilesMixin):
         return {"model": data.config.model, "n_items": data.n_items, "parameters": data.n_parameters(),
                 "hidden_size": data.config.hidden_size, "n_layers": data.config.n_layers,
                 "max_len": data.config.max_len}
+
+
+class LaserWeightsMaterializer(_FilesMixin):
+    """Laser's trainable weights (``weights.safetensors``) + spec and training summary (``laser.json``)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (LaserWeights,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+
+    def save(self, data: LaserWeights) -> None:
+        with self.artifact_store.open(self._path("weights.safetensors"), "wb") as fh:
+            fh.write(st_save({k: v.contiguous() for k, v in data.state.items()}))
+        self._write_json("laser.json", {"spec": data.spec.model_dump(), "summary": data.summary,
+                                        "format_version": 1})
+
+    def load(self, data_type: type[Any]) -> LaserWeights:
+        with self.artifact_store.open(self._path("weights.safetensors"), "rb") as fh:
+            state = st_load(fh.read())
+        meta = self._read_json("laser.json")
+        return LaserWeights(spec=LaserSpec.model_validate(meta["spec"]), state=state, summary=meta["summary"])
+
+    def extract_metadata(self, data: LaserWeights) -> dict[str, Any]:
+        meta: dict[str, Any] = {"parameters": int(sum(v.numel() for v in data.state.values())),
+                                "backbone": data.spec.backbone.name,
+                                "quantization": data.spec.backbone.quantization,
+                                "prefix": data.spec.bitune.prefix, "pooling": data.spec.bitune.pooling}
+        for key in ("best_valid_ndcg@10", "stage"):
+            if key in data.summary:
+                meta[key] = data.summary[key]
+        return meta
+
+
+class ItemTableMaterializer(_FilesMixin):
+    """The item-embedding table as ``table.safetensors`` (+ ``table.json``)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ItemTable,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save(self, data: ItemTable) -> None:
+        with self.artifact_store.open(self._path("table.safetensors"), "wb") as fh:
+            fh.write(st_save({"table": data.table.contiguous()}))
+        self._write_json("table.json", {"weights_fingerprint": data.weights_fingerprint,
+                                        "shape": list(data.table.shape)})
+
+    def load(self, data_type: type[Any]) -> ItemTable:
+        with self.artifact_store.open(self._path("table.safetensors"), "rb") as fh:
+            table = st_load(fh.read())["table"]
+        return ItemTable(table=table, weights_fingerprint=self._read_json("table.json")["weights_fingerprint"])
+
+    def extract_metadata(self, data: ItemTable) -> dict[str, Any]:
+        return {"n_items": int(data.table.shape[0]), "dim": int(data.table.shape[1])}

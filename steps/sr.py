@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ from zenml import step
 from zenml.logger import get_logger
 
 from laser_core.data.split import Split
+from laser_core.llm.backbones import default_cache_dir
 from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, evaluate_split, fit
 from laser_core.sr.trainer import config_hash
 from steps.materializers import SRModelMaterializer
@@ -17,9 +17,9 @@ from steps.materializers import SRModelMaterializer
 logger = get_logger(__name__)
 
 
-def checkpoint_root() -> Path:
+def checkpoint_root(kind: str = "sr") -> Path:
     """Where interrupted trainings leave their checkpoints (``LASER_CACHE_DIR``, default ~/.cache/laser)."""
-    return Path(os.environ.get("LASER_CACHE_DIR", Path.home() / ".cache" / "laser")) / "sr"
+    return default_cache_dir() / "checkpoints" / kind
 
 
 @step(output_materializers={"sr_model": SRModelMaterializer})

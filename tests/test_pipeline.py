@@ -8,13 +8,25 @@ import pytest
 from laser_core.config import LaserConfig, data_fingerprint
 
 
-def _config(**dataset) -> LaserConfig:
+def _config(stop_after: str = "laser", **dataset) -> LaserConfig:
     return LaserConfig.model_validate({
         "dataset": dataset or {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 80, "seed": 1}},
         "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
         "sr": {"model": "sasrec", "hidden_size": 16},
         "sr_train": {"epochs": 2, "batch_size": 64, "progress": False},
+        **TINY_LASER,
+        "pipeline": {"stop_after": stop_after},
     })
+
+
+TINY_LASER = {
+    "text": {"history_len": 3},
+    "backbone": {"name": "tiny-random-llama", "quantization": "nf4"},
+    "bitune": {"mformer": {"n_experts": 2, "n_query": 4, "width": 32, "n_layers": 2, "n_heads": 2}},
+    "laser_train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 8, "users_per_epoch": 16,
+                    "valid_users": 16, "test_users": 32, "item_batch_size": 40, "progress": False},
+}
+LASER_STEPS = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser")
 
 
 def _statuses(run) -> dict[str, str]:
@@ -33,7 +45,7 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     first = run_training(cfg)
     assert _statuses(first) == {"load_dataset": "completed", "validate_dataset": "completed",
                                 "split_dataset": "completed", "pretrain_sr": "completed",
-                                "evaluate_sr": "completed"}
+                                "evaluate_sr": "completed", **{s: "completed" for s in LASER_STEPS}}
     run = Client().get_pipeline_run(first.id)
     dataset = run.steps["load_dataset"].outputs["dataset"][0]
     report = run.steps["validate_dataset"].outputs["validation_report"][0]
@@ -57,11 +69,18 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
 
     second = run_training(cfg)
     assert set(_statuses(second).values()) == {"cached"}
-    # a changed SR hyper-parameter re-runs only the SR steps
-    cfg.sr.hidden_size = 8
+    # a changed Laser hyper-parameter re-runs only the Laser steps
+    cfg.laser_train.lr = 5e-4
     third = _statuses(run_training(cfg))
     assert third == {"load_dataset": "cached", "validate_dataset": "cached", "split_dataset": "cached",
-                     "pretrain_sr": "completed", "evaluate_sr": "completed"}
+                     "pretrain_sr": "cached", "evaluate_sr": "cached", **{s: "completed" for s in LASER_STEPS}}
+    laser_metrics = Client().get_pipeline_run(second.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
+    assert laser_metrics["test_users"] == 32 and 0 <= laser_metrics["metrics"]["ndcg@10"] <= 1
+    stage1 = run.steps["bi_tune_stage1"].outputs["laser_stage1"][0]
+    table = run.steps["bi_tune_stage1"].outputs["item_table"][0]
+    assert table.load().table.shape == (80, 64)
+    for art in (stage1, table, run.steps["bi_tune_stage2"].outputs["laser_model"][0]):
+        assert art.materializer.import_path.startswith("steps.materializers."), art.materializer.import_path
 
 
 def test_changed_data_invalidates_cache(tmp_path, zenml_store):
@@ -73,7 +92,7 @@ def test_changed_data_invalidates_cache(tmp_path, zenml_store):
     items = pd.DataFrame({"item_id": list("xyzvw"), "title": ["X one", "Y two", "Z three", "V four", "W five"]})
     inter.to_csv(root / "interactions.csv", index=False)
     items.to_csv(root / "items.csv", index=False)
-    cfg = _config(format="table", path=str(root))
+    cfg = _config(stop_after="split", format="table", path=str(root))
     fp = data_fingerprint(cfg.dataset)
     assert _statuses(run_training(cfg))["load_dataset"] == "completed"
     assert _statuses(run_training(cfg))["load_dataset"] == "cached"
@@ -96,7 +115,7 @@ def test_failed_validation_stops_pipeline_and_saves_report(tmp_path, zenml_store
     items.to_csv(root / "items.csv", index=False)
     before = {v.id for v in Client().list_artifact_versions(name="validation_report", size=1000).items}
     with pytest.raises(Exception) as err:
-        run_training(_config(format="table", path=str(root)), enable_cache=False)
+        run_training(_config(stop_after="split", format="table", path=str(root)), enable_cache=False)
     assert "validation" in str(err.value).lower() or "failed" in str(err.value).lower()
     runs = Client().list_pipeline_runs(sort_by="desc:created", size=1).items
     statuses = {name: s.status.value for name, s in runs[0].steps.items()}

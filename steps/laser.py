@@ -1,0 +1,68 @@
+"""Laser steps: Bi-Tune stage 1 (table refreshed every epoch) → stage 2 (table frozen) → evaluate on test users."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from zenml import step
+from zenml.logger import get_logger
+
+from laser_core.data.model import SeqDataset
+from laser_core.data.split import Split
+from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser
+from laser_core.sr import SequentialRecommender
+from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
+from steps.materializers import ItemTableMaterializer, LaserWeightsMaterializer
+from steps.sr import checkpoint_root
+
+logger = get_logger(__name__)
+
+
+def _summary(result, stage: int, model) -> dict:
+    best = result.best.get(str(stage), {})
+    return {"stage": stage, "best_epoch": best.get("epoch"), "best_valid": best.get("valid", {}),
+            "best_valid_ndcg@10": best.get("valid", {}).get("ndcg@10"), "history": result.history,
+            "cost": result.cost, "trainable": model.n_trainable(),
+            "backbone_memory_bytes": model.backbone.memory_bytes()}
+
+
+@step(output_materializers={"laser_stage1": LaserWeightsMaterializer, "item_table": ItemTableMaterializer})
+def bi_tune_stage1(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, spec: dict[str, Any],
+                   train_config: dict[str, Any]
+                   ) -> tuple[Annotated[LaserWeights, "laser_stage1"], Annotated[ItemTable, "item_table"]]:
+    """Stage 1: recompute the item table every epoch; keep the best validation epoch's weights and table."""
+    laser_spec, cfg = LaserSpec.model_validate(spec), LaserTrainConfig.model_validate(train_config)
+    model = build_laser(laser_spec, dataset.items, sr_model)
+    trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label="stage1")
+    result = trainer.fit(stages=(1,))
+    summary = _summary(result, 1, model)
+    logger.info("Stage 1: best epoch %s, valid NDCG@10 %s", summary["best_epoch"], summary["best_valid_ndcg@10"])
+    return (LaserWeights(spec=laser_spec, state=dict(model.state_dict()), summary=summary),
+            ItemTable(table=result.item_table, weights_fingerprint=model.weights_fingerprint()))
+
+
+@step(output_materializers={"laser_model": LaserWeightsMaterializer})
+def bi_tune_stage2(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, laser_stage1: LaserWeights,
+                   item_table: ItemTable, train_config: dict[str, Any]) -> Annotated[LaserWeights, "laser_model"]:
+    """Stage 2: the stage-1 table is frozen; keep training the weights; keep the best validation epoch."""
+    cfg = LaserTrainConfig.model_validate(train_config)
+    model = build_laser(laser_stage1.spec, dataset.items, sr_model, weights=laser_stage1)
+    trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label="stage2")
+    result = trainer.fit(stages=(2,), table=item_table.table)
+    summary = _summary(result, 2, model)
+    summary["stage1"] = {k: laser_stage1.summary.get(k) for k in ("best_epoch", "best_valid", "cost")}
+    logger.info("Stage 2: best epoch %s, valid NDCG@10 %s", summary["best_epoch"], summary["best_valid_ndcg@10"])
+    return LaserWeights(spec=laser_stage1.spec, state=dict(model.state_dict()), summary=summary)
+
+
+@step
+def evaluate_laser(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, laser_model: LaserWeights,
+                   item_table: ItemTable, train_config: dict[str, Any]) -> Annotated[dict, "laser_metrics"]:
+    """Test with the stage-2 weights and the frozen stage-1 table (full ranking; no history masking)."""
+    cfg = LaserTrainConfig.model_validate(train_config)
+    model = build_laser(laser_model.spec, dataset.items, sr_model, weights=laser_model)
+    metrics = test_laser(model, item_table.table, split, cfg)
+    logger.info("Laser test: %s", {k: round(v, 4) for k, v in metrics.items() if k in ("recall@10", "ndcg@10", "mrr")})
+    return {"model": "laser", "split": "test", "mask_history": False, "test_users": cfg.test_users or "all",
+            "protocol": "leave-one-out, full ranking over all items", "metrics": metrics,
+            "trainable": model.n_trainable(), "backbone": laser_model.spec.backbone.model_dump()}
