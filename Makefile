@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/laser models fetch smollm2-135m-instruct
 	$(BIN)/laser run --config configs/demo.yaml
 
 test: $(STAMP)

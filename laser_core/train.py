@@ -287,10 +287,20 @@ class LaserTrainer:
 def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig
                ) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
+    hist, targets = test_examples(split, config)
+    return evaluate_laser(model, hist, targets, item_table, config.eval_batch_size, progress=config.progress,
+                          desc="test")
+
+
+def test_examples(split: Split, config: LaserTrainConfig) -> tuple[list[np.ndarray], np.ndarray]:
+    """The test (history, target) pairs Laser is scored on: all test users, or the seeded ``test_users``
+    sample. Baselines compared with Laser are scored on exactly these pairs."""
     users, hist, targets = split.test_examples()
     keep = _sample(len(users), config.test_users, config.seed + 2)
-    return evaluate_laser(model, [hist[i] for i in keep], targets[keep], item_table, config.eval_batch_size,
-                          progress=config.progress, desc="test")
+    return [hist[i] for i in keep], targets[keep]
+
+
+test_examples.__test__ = False
 
 
 test_laser.__test__ = False  # not a pytest test

@@ -31,7 +31,7 @@ def data():
 def sr(data):
     _, split = data
     cfg = SRConfig(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
-    return fit(cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3, progress=False), split).model
+    return fit(cfg, TrainConfig(epochs=20, batch_size=64, lr=3e-3, progress=False), split).model
 
 
 def spec(name="tiny-random-llama", quant="nf4", **bitune) -> LaserSpec:
@@ -247,9 +247,9 @@ def test_short_training_beats_popularity_on_synthetic(data, sr):
     ds, split = data
     pop = build_model(SRConfig(model="popularity"), ds.n_items).fit(split.train)
     pop_ndcg = evaluate_split(pop, split, "test")["ndcg@10"]
-    cfg = LaserTrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, lr=1e-3, progress=False,
-                           users_per_epoch=200, valid_users=100, item_batch_size=32, eval_batch_size=32)
+    cfg = LaserTrainConfig(stage1_epochs=4, stage2_epochs=2, batch_size=16, lr=1e-3, progress=False,
+                           valid_users=100, item_batch_size=40, eval_batch_size=32)
     res = LaserTrainer(make(data, sr), split, cfg).fit()
     laser = test_laser(res.model, res.item_table, split, cfg)
-    assert laser["ndcg@10"] > 1.2 * pop_ndcg, (laser, pop_ndcg)
+    assert laser["ndcg@10"] > 1.3 * pop_ndcg, (laser, pop_ndcg)
     assert np.isfinite(list(laser.values())).all()
