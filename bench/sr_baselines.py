@@ -111,7 +111,8 @@ def render_markdown(out: dict) -> str:
     rows = []
     for model, r in out["results"].items():
         rows.append([model, r["recall@10"], r["ndcg@10"], r["mrr"], r["recall@20"], r["ndcg@20"],
-                     f"{r['best_epoch']}/{r['epochs_run']}", r["seconds_per_epoch"], r["train_seconds_total"]])
+                     f"{r['best_epoch']}/{r['epochs_run']}", f"{r['seconds_per_epoch']:.1f}",
+                     f"{r['train_seconds_total']:.0f}"])
     for model, p in out.get("paper", {}).items():
         rows.append([f"{model} (paper)", p["recall@10"], p["ndcg@10"], p["mrr"], "", "", "", "", ""])
     head = ["model", "Recall@10", "NDCG@10", "MRR", "Recall@20", "NDCG@20", "best/run epochs", "s/epoch",

@@ -59,7 +59,9 @@ def require(obj: dict, key: str, path: Path, *, line: int | None = None, record:
     if key not in obj:
         raise DataFormatError(path, "missing field", line=line, record=record, field=key)
     value = obj[key]
-    if types is not None and not isinstance(value, types) or isinstance(value, bool) and types is int:
+    wrong_type = types is not None and not isinstance(value, types)
+    bool_as_int = isinstance(value, bool) and types is int  # JSON true/false are not ids or times
+    if wrong_type or bool_as_int:
         tname = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
         raise DataFormatError(path, f"expected {tname}, got {type(value).__name__} {value!r:.60}",
                               line=line, record=record, field=key)

@@ -20,6 +20,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from laser_core.data.model import SeqDataset
+from laser_core.reporting import markdown_table
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -87,20 +88,16 @@ class ValidationReport:
 
     def to_markdown(self) -> str:
         status = "PASSED" if self.success else f"FAILED ({len(self.failures)} of {len(self.outcomes)})"
-        lines = [f"# Data validation: {self.dataset}", "", f"**{status}** (Great Expectations {self.gx_version})",
-                 "", "| | table | expectation | column | failing rows | examples |",
-                 "| --- | --- | --- | --- | --- | --- |"]
-        for o in self.outcomes:
-            mark = "ok" if o.success else "**FAIL**"
-            failing = "" if o.unexpected_count is None else f"{o.unexpected_count} / {o.element_count}"
-            examples = ", ".join(repr(e) for e in o.examples).replace("|", "\\|")
-            lines.append(f"| {mark} | {o.table} | {o.expectation} | {o.column or ''} | {failing} | {examples} |")
+        rows = [["ok" if o.success else "**FAIL**", o.table, o.expectation, o.column or "",
+                 "" if o.unexpected_count is None else f"{o.unexpected_count} / {o.element_count}",
+                 ", ".join(repr(e) for e in o.examples)] for o in self.outcomes]
+        text = (f"# Data validation: {self.dataset}\n\n**{status}** (Great Expectations {self.gx_version})\n\n"
+                + markdown_table(["", "table", "expectation", "column", "failing rows", "examples"], rows))
         if self.skipped:
-            lines += ["", "Skipped: " + "; ".join(self.skipped)]
+            text += "\nSkipped: " + "; ".join(self.skipped) + "\n"
         if self.statistics:
-            lines += ["", "| statistic | value |", "| --- | --- |"]
-            lines += [f"| {k} | {v} |" for k, v in self.statistics.items()]
-        return "\n".join(lines) + "\n"
+            text += "\n" + markdown_table(["statistic", "value"], self.statistics.items())
+        return text
 
     def raise_for_failures(self) -> None:
         if not self.success:
