@@ -60,6 +60,15 @@ def test_every_backbone_linear_is_4bit_with_nf4(data, sr, name):
     assert model.backbone.memory_bytes() < plain.backbone.memory_bytes()
 
 
+def test_int8_switch_quantizes_and_passes_gradients(data, sr):
+    model = make(data, sr, quant="int8")
+    quant, total = quantized_linear_share(model.llm)
+    assert quant == total > 0
+    emb, _ = model([[1, 2]])
+    emb.sum().backward()
+    assert model.suffix.grad.abs().sum() > 0
+
+
 # -------------------------------------------------------------------------- Bi-Tuning
 def test_suffix_embedding_equals_hand_built_forward(data, sr):
     model = make(data, sr).eval()
