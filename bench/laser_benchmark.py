@@ -34,7 +34,7 @@ from laser_core.sr import SRConfig, TrainConfig, evaluate, fit  # noqa: E402
 from laser_core.train import LaserTrainer, test_examples, test_laser  # noqa: E402
 
 PAPER_LASER = {"scientific": {"recall@10": 0.1396, "ndcg@10": 0.0970, "mrr": 0.0893,
-                              "trainable": {"bi_tuning_tokens": 135_000, "total": 183_300_000}}}
+                              "trainable": {"bi_tuning_token_values": 135_000, "total": 183_300_000}}}
 KEEP = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr")
 
 

@@ -87,10 +87,15 @@ class LaserModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def n_trainable(self) -> dict[str, int]:
+        """Trainable parameter counts. ``bi_tuning_token_values`` = (prefix length + suffix) x hidden, the
+        quantity the paper reports as 0.135M "Bi-Tuning tokens" (33 x 4096 for ChatGLM2-6B)."""
         suffix = self.suffix.numel() if self.suffix is not None else 0
         plain = sum(p.numel() for p in self.plain.parameters()) if self.plain is not None else 0
         mformer = sum(p.numel() for p in self.mformer.parameters()) if self.mformer is not None else 0
-        return {"bi_tuning_tokens": suffix + plain, "mformer": mformer, "total": suffix + plain + mformer}
+        n_prefix = self.config.mformer.n_query if self.config.prefix != "none" else 0
+        n_suffix = 1 if self.config.pooling == "suffix" else 0
+        return {"suffix": suffix, "plain_prefix": plain, "mformer": mformer, "total": suffix + plain + mformer,
+                "bi_tuning_token_values": (n_prefix + n_suffix) * self.backbone.hidden_size}
 
     def weights_fingerprint(self) -> str:
         """Hash of the trainable weights + backbone + template settings (the item table's cache key)."""
