@@ -30,7 +30,10 @@ def cli() -> None:
               help="Data directory (overrides dataset.path in the config).")
 @click.option("--no-cache", is_flag=True, help="Run every step even if a cached result exists.")
 @click.option("--run-name", default=None, help="Name of the pipeline run.")
-def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | None) -> None:
+@click.option("--stop-after", type=click.Choice(["split", "sr", "laser"]), default=None,
+              help="End the pipeline after this stage (overrides pipeline.stop_after).")
+def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | None,
+        stop_after: str | None) -> None:
     """Run the training pipeline on the active ZenML stack (the embedded default unless you set another)."""
     from laser_core.config import ConfigError, load_config
     from laser_core.data.errors import DataFormatError
@@ -39,6 +42,8 @@ def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | 
         cfg = load_config(config_path, data_dir=data_dir)
     except (ConfigError, DataFormatError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if stop_after:
+        cfg.pipeline.stop_after = stop_after
     from pipelines.run import run_training
 
     result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name)

@@ -51,8 +51,8 @@ def test_shipped_configs_parse():
 def test_run_demo_style_config(tmp_path, zenml_store):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("dataset:\n  synthetic: {n_users: 120, n_items: 50, seed: 4}\n"
-                   "sr: {model: sasrec, hidden_size: 16}\nsr_train: {epochs: 2, progress: false}\n"
-                   "pipeline: {stop_after: sr}\n")
-    result = CliRunner().invoke(cli, ["run", "--config", str(cfg)])
+                   "sr: {model: sasrec, hidden_size: 16}\nsr_train: {epochs: 2, progress: false}\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(cfg), "--stop-after", "sr"])
     assert result.exit_code == 0, result.output
     assert "evaluate_sr" in result.output and "completed" in result.output
+    assert "bi_tune_stage1" not in result.output
