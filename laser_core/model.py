@@ -81,7 +81,7 @@ class LaserModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.get_input_embeddings()(ids)
+        return self.backbone.input_embeddings()(ids)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

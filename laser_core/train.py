@@ -113,6 +113,7 @@ class LaserTrainer:
             raise ValueError("no user has 2 or more training items")
         self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
                      "eval_seconds": 0.0, "users_evaluated": 0}
+        self._best_weights: dict[str, torch.Tensor] = {}
         if self.wd is None and workdir_root is not None:
             self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
 
