@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from laser_core.data.split import Split
 from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
 from laser_core.model import LaserModel
-from laser_core.sr.checkpoint import load_optimizer, save_optimizer
+from laser_core.sr.checkpoint import atomic_write, load_optimizer, save_optimizer, save_tensors
 
 
 class LaserTrainConfig(BaseModel):
@@ -144,7 +144,7 @@ class LaserTrainer:
         self.model.train(was)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"table": table.contiguous()}, str(path))
+            save_tensors({"table": table}, path)
         return table
 
     def examples(self, stage: int, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -202,15 +202,13 @@ class LaserTrainer:
         if self.wd is None:
             return
         self.wd.mkdir(parents=True, exist_ok=True)
-        save_file(self._trainable_state(), str(self.wd / "last.safetensors.tmp"))
-        (self.wd / "last.safetensors.tmp").replace(self.wd / "last.safetensors")
+        save_tensors(self._trainable_state(), self.wd / "last.safetensors")
         save_optimizer(self.optimizer, self.wd / "optimizer.safetensors")
         if best_table is not None and state.get("best_changed"):
-            save_file(self._best_weights, str(self.wd / "best.safetensors"))
-            save_file({"table": best_table.contiguous()}, str(self.wd / "best_table.safetensors"))
+            save_tensors(self._best_weights, self.wd / "best.safetensors")
+            save_tensors({"table": best_table}, self.wd / "best_table.safetensors")
         state = {k: v for k, v in state.items() if k != "best_changed"}
-        (self.wd / "state.json.tmp").write_text(json.dumps(state, indent=1), encoding="utf8")
-        (self.wd / "state.json.tmp").replace(self.wd / "state.json")
+        atomic_write(self.wd / "state.json", json.dumps(state, indent=1))
 
     # ------------------------------------------------------------------ fit
     def fit(self, callbacks: Sequence[Callable[[int, int, dict], None]] = (), stages: Sequence[int] = (1, 2),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.config import SRConfig
@@ -14,6 +14,20 @@ from laser_core.sr.config import SRConfig
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode("utf8") if isinstance(data, str) else data)
+    tmp.replace(path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def build_model(config: SRConfig, n_items: int) -> SequentialRecommender:
@@ -35,10 +49,8 @@ def save_model(model: SequentialRecommender, directory: str | Path, extra: dict 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     weights, config_json = model_to_bytes(model, extra)
-    for name, data in ((WEIGHTS, weights), (CONFIG, config_json.encode("utf8"))):
-        tmp = d / (name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(d / name)  # atomic: a crash mid-write never leaves a half-written checkpoint
+    atomic_write(d / WEIGHTS, weights)
+    atomic_write(d / CONFIG, config_json)
     return d
 
 
@@ -57,10 +69,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]), encoding="utf8")
+    save_tensors(tensors, path)
+    atomic_write(path.with_suffix(".json"), json.dumps(sd["param_groups"]))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:

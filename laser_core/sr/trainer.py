@@ -24,7 +24,8 @@ from laser_core.data.split import Split
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.batching import windows
-from laser_core.sr.checkpoint import build_model, load_model, load_optimizer, save_model, save_optimizer
+from laser_core.sr.checkpoint import (atomic_write, build_model, load_model, load_optimizer, save_model,
+                                      save_optimizer)
 from laser_core.sr.config import SRConfig, TrainConfig
 from laser_core.sr.popularity import Popularity
 
@@ -170,9 +171,7 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
         if wd is not None:
             save_model(model, wd / "last")
             save_optimizer(optimizer, wd / "last" / "optimizer.safetensors")
-            tmp = wd / (STATE + ".tmp")
-            tmp.write_text(json.dumps(state, indent=1), encoding="utf8")
-            tmp.replace(wd / STATE)
+            atomic_write(wd / STATE, json.dumps(state, indent=1))
         for cb in callbacks:
             cb(epoch, record)
         epoch += 1
