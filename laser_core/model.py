@@ -194,6 +194,115 @@ class LaserModel(nn.Module):
                 progress(len(idx))
         return out
 
+    # ------------------------------------------------ tensor-level pieces (ONNX export, cold-start items)
+    # ``forward`` above is the training path; the methods below compute the same function from padded
+    # tensors (tested equal), which is what ``laser_core.export`` traces. A negative item id at a visible
+    # position (mask 1) is a *cold item*: an item with no trained ID embedding (see ``collab_vectors``).
+    COLD_ITEM_ID = -1
+
+    def collab_vectors(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The frozen SR encoder's per-position vectors ``[B, N, d_i]`` for left-padded item indices.
+
+        Equals ``self.sr.encode(item_ids, mask)`` for catalogue items. A position with ``mask`` set and a
+        negative id is a cold item: its ID embedding is the SR model's unknown-item vector (BERT4Rec's trained
+        [MASK] token; SASRec, which has none, the zero padding embedding), and the position stays visible, so
+        the M-Former sees one real position carrying only position information."""
+        sr = self.sr
+        name = type(sr).__name__
+        if name not in ("BERT4Rec", "SASRec"):
+            raise NotImplementedError(f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, "
+                                      f"not {name}")
+        mask = mask.bool()
+        cold = mask & (item_ids < 0)
+        tokens = torch.where(mask & ~cold, item_ids + 1, torch.zeros_like(item_ids))
+        emb = sr.item_emb(tokens)
+        unknown = sr.item_emb.weight[sr.mask_token] if name == "BERT4Rec" else torch.zeros_like(emb[0, 0])
+        emb = torch.where(cold[..., None], unknown.to(emb.dtype), emb)
+        return sr.encoder(emb, mask, causal=not sr.bidirectional)
+
+    def prefix_from_ids(self, item_ids: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int
+                        ) -> tuple[torch.Tensor | None, RouterOutput | None]:
+        """The prefix ``[B, L, H]`` (or None) from left-padded SR inputs, as :meth:`prefix` computes it."""
+        if self.mformer is not None:
+            if item_ids is None or mask is None:
+                raise ValueError("prefix 'mformer' needs the item-id history (item_ids and mask)")
+            return self.mformer(self.collab_vectors(item_ids, mask), mask.bool())
+        if self.plain is not None:
+            return self.plain(batch_size), None
+        return None, None
+
+    def sr_inputs(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(item_ids, mask)`` ``[B, max_len]`` of the most recent ``max_len`` items, as
+        :meth:`prefix` builds them (negative ids stay: cold items)."""
+        L = self.sr.config.max_len if self.sr is not None else 1
+        ids = np.zeros((len(histories), L), dtype=np.int64)
+        mask = np.zeros((len(histories), L), dtype=bool)
+        for row, hist in enumerate(histories):
+            h = np.asarray(hist, dtype=np.int64)[-L:]
+            ids[row, L - len(h):] = h
+            mask[row, L - len(h):] = True
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def pad_tokens(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(input_ids, attention_mask)`` ``[B, T]`` as :meth:`forward` builds them."""
+        T = max(len(t) for t in token_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        ids = torch.full((len(token_ids), T), pad_id, dtype=torch.long)
+        text_mask = torch.zeros((len(token_ids), T), dtype=torch.long)
+        for row, t in enumerate(token_ids):
+            ids[row, T - len(t):] = torch.tensor(list(t), dtype=torch.long)
+            text_mask[row, T - len(t):] = 1
+        return ids, text_mask
+
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prefix: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings ``[B, H]`` from left-padded token ids + mask and a prefix: :meth:`forward`'s assembly
+        (prefix, padding, text, suffix; position ids over real positions; the pooling)."""
+        tok = self.embed_tokens(input_ids)
+        dtype = tok.dtype
+        B, T = input_ids.shape
+        text_mask = attention_mask.long()
+        parts, masks = [], []
+        if prefix is not None:
+            parts.append(prefix.to(dtype))
+            masks.append(torch.ones_like(text_mask[:, :1]).expand(B, prefix.shape[1]))
+        parts.append(tok)
+        masks.append(text_mask)
+        if self.config.pooling in ("suffix", "eos"):
+            last = self.suffix if self.config.pooling == "suffix" else self.eos_embedding
+            parts.append(last.to(dtype)[None, None].expand(B, 1, -1))
+            masks.append(torch.ones_like(text_mask[:, :1]))
+        embeds = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.backbone.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                    use_cache=False).last_hidden_state.float()
+        if self.config.pooling == "mean":
+            start = prefix.shape[1] if prefix is not None else 0
+            m = text_mask.to(hidden.dtype)[..., None]
+            return (hidden[:, start:start + T] * m).sum(1) / m.sum(1)
+        return hidden[:, -1]
+
+    @torch.no_grad()
+    def embed_cold_items(self, items: pd.DataFrame, batch_size: int = 16) -> torch.Tensor:
+        """Embeddings ``[n, H]`` of items outside the trained catalogue (columns title, brand, category), each
+        as a one-item history as in training: the item template for the text and, for the M-Former, one
+        visible cold-item position (see :meth:`collab_vectors`), since a new item has no trained ID
+        embedding. Rows follow ``items``."""
+        if len(items) == 0:
+            return torch.empty(0, self.backbone.hidden_size)
+        formatter = TextFormatter(items.reset_index(drop=True), self.formatter.config, tokenizer=self.tokenizer)
+        tokens = [self._encode(formatter.item_text(i)) for i in range(len(items))]
+        out = torch.empty(len(items), self.backbone.hidden_size)
+        for lo in range(0, len(items), batch_size):
+            chunk = tokens[lo:lo + batch_size]
+            ids, text_mask = self.pad_tokens(chunk)
+            cold_ids, cold_mask = (self.sr_inputs([[self.COLD_ITEM_ID]] * len(chunk)) if self.sr is not None
+                                   else (None, None))
+            prefix, _ = self.prefix_from_ids(cold_ids, cold_mask, len(chunk))
+            out[lo:lo + len(chunk)] = self.forward_padded(ids, text_mask, prefix)
+        return out
+
     def train(self, mode: bool = True) -> "LaserModel":
         super().train(mode)
         if self.sr is not None:

@@ -1,0 +1,453 @@
+"""Exporting a trained Laser model as a self-contained ONNX bundle (served by :mod:`laser_core.serving`).
+
+Bundle layout (``export_bundle``; details in ``docs/serving.md``)::
+
+    laser_export.json    manifest: format_version, k, dim, n_items, text config, SR max_len, prefix/pooling,
+                         cold-item treatment, file sha256s, popularity flag, ``metadata`` (model version ...)
+    scorer.onnx          user_embedding [B, d] -> scores [B, k] (cosines), indices [B, k] (catalogue rows)
+    user_tower.onnx      item_ids/item_mask [B, L_sr] + input_ids/attention_mask [B, T] -> user_embedding [B, d]
+    items.parquet        the catalogue in table-row order: item_id, title, brand, category (+ popularity)
+    tokenizer/           the backbone's tokenizer (``save_pretrained``; ``tokenizer.json`` is what serving reads)
+
+This module imports torch only inside the functions that need it: :func:`export_scorer` (and everything
+:mod:`laser_core.serving` uses from here) runs in a process without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from laser_core.model import LaserModel, LaserWeights
+    from laser_core.sr.base import SequentialRecommender
+
+FORMAT_VERSION = 1
+MANIFEST = "laser_export.json"
+SCORER = "scorer.onnx"
+USER_TOWER = "user_tower.onnx"
+CATALOGUE = "items.parquet"
+TOKENIZER_DIR = "tokenizer"
+SCORER_OPSET = 17
+ITEM_COLUMNS = ("item_id", "title", "brand", "category")
+SUPPORTED_SR = ("BERT4Rec", "SASRec")  # SR encoders the M-Former export (and the cold-item treatment) handles
+COLD_ITEM = -1  # item id in user_tower.onnx's ``item_ids`` for a visible position of an item without an ID
+
+#: how a cold item (no trained ID embedding) enters the frozen SR encoder; written to the manifest
+COLD_ITEM_TREATMENT = (
+    "A cold item is one visible position (item_ids = -1, item_mask = 1) in the SR encoder's input whose ID "
+    "embedding is the SR model's unknown-item vector: BERT4Rec's trained [MASK] token embedding (the cloze "
+    "token for 'an item not shown here'); SASRec has no such token, so it gets the padding embedding (zero) "
+    "and the position carries only its position embedding. The text side is the item template as in training."
+)
+
+
+class ExportError(RuntimeError):
+    """An export cannot be written as asked (a setting the exporter does not support, a failed self-check)."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _as_float_matrix(table: Any, name: str = "table") -> np.ndarray:
+    if hasattr(table, "detach"):  # a torch tensor, without importing torch here
+        table = table.detach().cpu().float().numpy()
+    arr = np.asarray(table, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must be a non-empty [n_items, d] matrix, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    return arr
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows divided by ``max(||row||_2, eps)`` (torch.nn.functional.normalize's definition)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=-1, keepdims=True)).astype(np.float32)
+    return x / np.maximum(norm, np.float32(eps))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_sha256(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest, by POSIX path relative to ``root``."""
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
+    """Write the top-k cosine scorer over ``table`` ([n_items, d] array or tensor) as an ONNX model.
+
+    The L2-normalized table is an initializer. Input ``user_embedding`` float32 ``[batch, d]`` (dynamic
+    batch) is L2-normalized in the graph (``x / max(||x||, 1e-12)``); outputs ``scores`` float32 ``[batch, k]``
+    (cosines, descending) and ``indices`` int64 ``[batch, k]`` (table rows), from ``TopK(largest, sorted)``.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    arr = _as_float_matrix(table)
+    n_items, dim = arr.shape
+    if k > n_items:
+        raise ValueError(f"k={k} exceeds the number of items in the table ({n_items})")
+    normed_t = np.ascontiguousarray(l2_normalize(arr).T)  # [d, n_items]
+    inits = [
+        numpy_helper.from_array(normed_t, "item_table_t"),
+        numpy_helper.from_array(np.array([int(k)], dtype=np.int64), "k"),
+        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceL2", ["user_embedding"], ["norm"], axes=[1], keepdims=1),
+        helper.make_node("Max", ["norm", "eps"], ["norm_clamped"]),
+        helper.make_node("Div", ["user_embedding", "norm_clamped"], ["user_normed"]),
+        helper.make_node("MatMul", ["user_normed", "item_table_t"], ["cosines"]),
+        helper.make_node("TopK", ["cosines", "k"], ["scores", "indices"], axis=-1, largest=1, sorted=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "laser_scorer",
+        inputs=[helper.make_tensor_value_info("user_embedding", TensorProto.FLOAT, ["batch", dim])],
+        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", int(k)]),
+                 helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", int(k)])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
+                              producer_name="laser", doc_string=f"Laser top-{k} cosine scorer over {n_items} items")
+    model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ torch side
+def float_backbone(config, texts=None):
+    """A fresh float32 load of ``config``'s backbone for export: unquantized when ``quantization`` is
+    ``none``; otherwise loaded quantized exactly as in training, then dequantized to float32, so the exported
+    weights are the ones the 4-/8-bit model computed with (bitsandbytes can not be exported)."""
+    import torch
+
+    from laser_core.llm.backbones import Backbone, BackboneConfig, load_backbone
+
+    cfg = config if isinstance(config, BackboneConfig) else BackboneConfig.model_validate(config or {})
+    cfg = cfg.model_copy(update={"compute_dtype": "float32", "gradient_checkpointing": False})
+    backbone = load_backbone(cfg, texts=texts)
+    model = backbone.model
+    if cfg.quantization != "none":
+        model = model.dequantize(dtype=torch.float32)
+    model = model.float().cpu().eval()  # the export traces on CPU
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(model=model, tokenizer=backbone.tokenizer, path=backbone.path, config=cfg)
+
+
+def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | None, items: pd.DataFrame
+                    ) -> LaserModel:
+    """The torch :class:`~laser_core.model.LaserModel` that ``user_tower.onnx`` computes: the trained weights
+    on :func:`float_backbone`, in eval mode (float32, CPU; no bitsandbytes). ``sr_model`` is copied, never
+    changed."""
+    import copy
+
+    import torch
+
+    from laser_core.data.text import TextConfig, TextFormatter
+    from laser_core.llm.backbones import TINY
+    from laser_core.model import LaserModel
+
+    spec = weights.spec
+    texts = None
+    if spec.backbone.name in TINY:  # the tokenizer is trained on the item texts, as build_laser does
+        plain: TextConfig = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+        fmt = TextFormatter(items, plain)
+        texts = [fmt.item_text(i) for i in range(len(items))]
+    backbone = float_backbone(spec.backbone, texts)
+    formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
+    torch.manual_seed(spec.seed)
+    sr = copy.deepcopy(sr_model).float().cpu().eval() if spec.bitune.prefix == "mformer" else None
+    model = LaserModel(backbone, sr, formatter, spec.bitune)
+    model.load_state_dict({k: v.detach().float().cpu() for k, v in weights.state.items()})
+    model.eval()
+    model.llm.eval()  # no bitsandbytes here, so plain eval mode (LaserModel.train keeps the LLM in train())
+    return model
+
+
+def _tower_module(model: LaserModel):
+    """The module ``user_tower.onnx`` is traced from (inputs differ by prefix: only M-Former reads item ids)."""
+    import torch
+
+    class MFormerTower(torch.nn.Module):
+        def __init__(self, laser: LaserModel) -> None:
+            super().__init__()
+            self.laser = laser
+            self.sr = laser.sr
+            self.llm = laser.llm
+
+        def forward(self, item_ids: torch.Tensor, item_mask: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+            prefix, _ = self.laser.prefix_from_ids(item_ids, item_mask, input_ids.shape[0])
+            return self.laser.forward_padded(input_ids, attention_mask, prefix)
+
+    class TextTower(torch.nn.Module):
+        def __init__(self, laser: LaserModel) -> None:
+            super().__init__()
+            self.laser = laser
+            self.llm = laser.llm
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            prefix, _ = self.laser.prefix_from_ids(None, None, input_ids.shape[0])
+            return self.laser.forward_padded(input_ids, attention_mask, prefix)
+
+    return (MFormerTower(model) if model.mformer is not None else TextTower(model)).eval()
+
+
+def popularity_from_sequences(sequences: Any, n_items: int) -> np.ndarray:
+    """Interaction counts per item index ``[n_items]`` (float64) from item-index sequences (e.g. the training
+    part of a split: ``split.train``), for the bundle's popularity fallback."""
+    counts = np.zeros(int(n_items), dtype=np.float64)
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int64)
+        if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
+            raise ValueError(f"a sequence holds item index {int(seq.max() if seq.max() >= n_items else seq.min())}"
+                             f" outside 0..{n_items - 1}")
+        np.add.at(counts, seq, 1.0)
+    return counts
+
+
+def _catalogue(items: pd.DataFrame, n_rows: int, popularity: Any | None) -> pd.DataFrame:
+    missing = [c for c in ITEM_COLUMNS if c not in items.columns]
+    if missing:
+        raise ValueError(f"items lacks columns {missing} (needs {list(ITEM_COLUMNS)})")
+    if len(items) != n_rows:
+        raise ValueError(f"items has {len(items)} rows but the table has {n_rows}: row i of items must describe "
+                         f"table row i")
+    cat = pd.DataFrame({c: items[c].fillna("").astype(str).to_numpy() for c in ITEM_COLUMNS})
+    dup = cat["item_id"][cat["item_id"].duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"items has duplicate item_id values: {dup[:10]}")
+    if popularity is not None:
+        if hasattr(popularity, "detach"):
+            popularity = popularity.detach().cpu().numpy()
+        pop = np.asarray(popularity, dtype=np.float64).reshape(-1)
+        if len(pop) != n_rows or not np.isfinite(pop).all() or (pop < 0).any():
+            raise ValueError(f"popularity must be {n_rows} finite non-negative numbers (one per table row), "
+                             f"got {len(pop)}")
+        cat["popularity"] = pop
+    return cat
+
+
+def _tokenizer_info(tokenizer: Any, pad_id: int, eos_id: int) -> dict:
+    """What serving needs to tokenize exactly as the torch model: the effective decode clean-up (transformers
+    skips it for BPE models unless forced) and the padding id."""
+    cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if cleanup and backend is not None and type(backend.model).__name__ == "BPE" and not getattr(
+            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False):
+        cleanup = False
+    return {"dir": TOKENIZER_DIR, "file": f"{TOKENIZER_DIR}/tokenizer.json", "pad_token_id": int(pad_id),
+            "eos_token_id": int(eos_id), "clean_up_tokenization_spaces": cleanup}
+
+
+def _sample_histories(n_items: int, max_len: int, history_len: int | None) -> list[list[int]]:
+    """Histories for the export's self-check: variable lengths, a long one, and cold items."""
+    rng = np.random.default_rng(0)
+    long = max(max_len, history_len or 0) + 3
+    lengths = [1, 2, min(5, long), long]
+    hists = [rng.integers(0, n_items, size=n).tolist() for n in lengths]
+    hists.append([COLD_ITEM, *hists[1]])  # a cold item inside a history
+    hists.append([COLD_ITEM])             # a cold item alone (add_items)
+    return hists
+
+
+def _check_parity(tower_path: Path, model: LaserModel, histories: list[list[int]], token_ids: list[list[int]],
+                  input_names: list[str]) -> float:
+    import onnxruntime as ort
+    import torch
+
+    with torch.no_grad():
+        ids, text_mask = model.pad_tokens(token_ids)
+        sr_ids, sr_mask = model.sr_inputs(histories)
+        prefix, _ = model.prefix_from_ids(sr_ids, sr_mask, len(histories)) if model.mformer is not None \
+            else model.prefix_from_ids(None, None, len(histories))
+        expected = model.forward_padded(ids, text_mask, prefix).numpy()
+    feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.numpy().astype(np.int64),
+             "input_ids": ids.numpy(), "attention_mask": text_mask.numpy()}
+    sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["user_embedding"], {n: feeds[n] for n in input_names})[0]
+    return float(np.abs(got - expected).max())
+
+
+def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> dict:
+    """Trace ``model`` (a float32 :func:`reference_model`) to ``user_tower.onnx`` with the dynamo exporter.
+
+    Inputs (all int64, left-padded): ``item_ids``/``item_mask`` ``[B, L_sr]`` (M-Former prefix only;
+    ``L_sr <= `` the SR max_len; id -1 at a visible position = a cold item) and ``input_ids``/
+    ``attention_mask`` ``[B, T]``; output ``user_embedding`` float32 ``[B, d]``. Returns the tower's manifest
+    entry (file, inputs, output, opset)."""
+    import torch
+
+    if model.config.prefix == "mformer" and type(model.sr).__name__ not in SUPPORTED_SR:
+        raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
+                                  f"encoders, not {type(model.sr).__name__} (setting sr.model)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tower = _tower_module(model)
+    hists = [[0, 1, 2], [3, 4]] if model.mformer is not None else [[0], [1]]
+    token_ids = [model._encode(model.formatter.user_text(h)) for h in hists]
+    token_ids[1] = token_ids[1][: max(2, len(token_ids[1]) - 3)]  # different lengths: padding is traced
+    ids, text_mask = model.pad_tokens(token_ids)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("seq", min=1, max=1 << 16)
+    text_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    if model.mformer is not None:
+        sr_ids, sr_mask = model.sr_inputs(hists)
+        sr_len = torch.export.Dim("sr_len", min=1, max=model.sr.config.max_len)
+        args = (sr_ids, sr_mask.long(), ids, text_mask)
+        names = ["item_ids", "item_mask", "input_ids", "attention_mask"]
+        shapes = ({0: batch, 1: sr_len}, {0: batch, 1: sr_len}, *text_shapes)
+    else:
+        args, names, shapes = (ids, text_mask), ["input_ids", "attention_mask"], text_shapes
+    n_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch-internal deprecation noise and "axis name ... will not be used" notes from the exporter
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*The axis name.*", category=UserWarning)
+        torch.onnx.export(tower, args, str(path), dynamo=True, input_names=names, output_names=["user_embedding"],
+                          dynamic_shapes=shapes, opset_version=opset, external_data=n_bytes > (3 << 29),
+                          verbose=False)
+    return {"file": path.name, "inputs": names, "output": "user_embedding", "opset": opset,
+            "external_data": n_bytes > (3 << 29)}
+
+
+def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None, items: pd.DataFrame, table: Any,
+                  out_dir: str | Path, k: int = 10, metadata: dict | None = None, user_tower: bool = True, *,
+                  popularity: Any | None = None, parity_tolerance: float = 1e-3) -> Path:
+    """Write a serving bundle for a trained Laser model to ``out_dir`` (which must be empty or absent).
+
+    ``weights``: the trained :class:`~laser_core.model.LaserWeights`; ``sr_model``: the frozen ID-based
+    recommender (needed by the M-Former prefix); ``items``: the catalogue (item_id, title, brand, category),
+    row i = table row i; ``table``: the item-embedding table ``[n_items, d]``; ``k``: the scorer's top-k;
+    ``metadata``: free JSON (e.g. ``{"model_version": ...}``); ``popularity``: per-row interaction counts from
+    the training data (enables the serving popularity fallback; see :func:`popularity_from_sequences`).
+
+    The user tower is traced from a fresh float32 load of the backbone (dequantized when trained in 4/8 bits)
+    and checked against that torch model on sample histories (variable lengths, cold items); a larger
+    difference than ``parity_tolerance`` is an :class:`ExportError`. Returns ``out_dir``.
+    """
+    from laser_core import __version__
+    from laser_core.data.text import TextFormatter
+    from laser_core.serving import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    arr = _as_float_matrix(table)
+    n_items, dim = arr.shape
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n_items:
+        raise ValueError(f"k must be an integer in 1..{n_items} (the number of items), got {k!r}")
+    catalogue = _catalogue(items, n_items, popularity)
+    metadata = dict(metadata or {})
+    json.dumps(metadata)  # must be JSON; fail before the slow part
+    spec = weights.spec
+    if spec.bitune.prefix == "mformer":
+        if sr_model is None:
+            raise ValueError("prefix 'mformer' needs the frozen ID-based recommender (sr_model)")
+        if type(sr_model).__name__ not in SUPPORTED_SR:
+            raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
+                                      f"encoders, not {type(sr_model).__name__} (setting sr.model)")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model = reference_model(weights, sr_model, items)
+        if model.backbone.hidden_size != dim:
+            raise ValueError(f"the table's width {dim} differs from the backbone's hidden size "
+                             f"{model.backbone.hidden_size}")
+        tok_info = _tokenizer_info(model.tokenizer,
+                                   model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
+                                   else model.eos_id, model.eos_id)
+        model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        if not (out / tok_info["file"]).is_file():
+            raise ExportError(f"the backbone's tokenizer has no fast (tokenizers) version: {tok_info['file']} was "
+                              f"not written, and serving reads only that file")
+        # serving formats and tokenizes without transformers: check it gives the torch model's token ids
+        serving_tok = load_tokenizer(out / tok_info["file"], tok_info["clean_up_tokenization_spaces"])
+        serving_fmt = TextFormatter(items, spec.text, tokenizer=serving_tok)
+        for i in range(n_items):
+            text = model.formatter.item_text(i)
+            if serving_fmt.item_text(i) != text or serving_tok.encode(text) != model._encode(text):
+                raise ExportError(f"the saved tokenizer does not reproduce the model's text/token ids for item "
+                                  f"{catalogue['item_id'][i]!r} (row {i}): {text!r}")
+        export_scorer(arr, out / SCORER, k=int(k))
+        tower_entry = None
+        parity = None
+        if user_tower:
+            tower_entry = export_user_tower(model, out / USER_TOWER)
+            sr_len = model.sr.config.max_len if model.sr is not None else 1
+            hists = _sample_histories(n_items, sr_len, spec.text.history_len)
+            if model.mformer is None:
+                hists = [h for h in hists if COLD_ITEM not in h]
+            # the texts only need realistic lengths here: a history's known items (the first item for [cold])
+            token_ids = [model._encode(model.formatter.user_text([i for i in h if i >= 0] or [0])) for h in hists]
+            parity = _check_parity(out / USER_TOWER, model, hists, token_ids, tower_entry["inputs"])
+            if not parity <= parity_tolerance:
+                raise ExportError(f"{USER_TOWER} differs from the torch model by {parity:.3g} (> {parity_tolerance})")
+        catalogue.to_parquet(out / CATALOGUE, index=False)
+        manifest = {
+            "format": "laser-export",
+            "format_version": FORMAT_VERSION,
+            "created_by": f"laser {__version__}",
+            "k": int(k),
+            "dim": int(dim),
+            "n_items": int(n_items),
+            "n_trained_items": int(n_items),
+            "text": spec.text.model_dump(mode="json"),
+            "sr": ({"model": sr_model.config.model, "max_len": int(sr_model.config.max_len)}
+                   if model.mformer is not None else None),
+            "bitune": {"prefix": spec.bitune.prefix, "pooling": spec.bitune.pooling,
+                       "n_query": spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
+                       "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0},
+            "backbone": {"name": spec.backbone.name, "trained_quantization": spec.backbone.quantization,
+                         "exported_dtype": "float32",
+                         "exported_weights": "unquantized" if spec.backbone.quantization == "none"
+                         else f"dequantized from {spec.backbone.quantization}"},
+            "tokenizer": tok_info,
+            "scorer": {"file": SCORER, "k": int(k), "input": "user_embedding", "outputs": ["scores", "indices"],
+                       "opset": SCORER_OPSET},
+            "user_tower": tower_entry,
+            "parity_max_abs_diff": parity,
+            "catalogue": {"file": CATALOGUE, "columns": list(catalogue.columns),
+                          "row_order": "row i of the catalogue is row i of the scorer's table (its indices)"},
+            "popularity": "popularity" in catalogue.columns,
+            "cold_item": {"item_id": COLD_ITEM, "treatment": COLD_ITEM_TREATMENT},
+            "added_items": [],
+            "metadata": metadata,
+        }
+        write_manifest(out, manifest)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
+        raise
+    return out
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
+    """Fill ``files`` (sha256 of every other file in the bundle) and write ``laser_export.json``."""
+    root = Path(bundle_dir)
+    manifest = {**manifest, "files": _files_sha256(root)}
+    path = root / MANIFEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,478 @@
+"""Serving a Laser export bundle with onnxruntime, in a process that never imports torch.
+
+``Recommender.load(bundle_dir)`` reads the bundle written by :func:`laser_core.export.export_bundle` (layout in
+``docs/serving.md``): the manifest, the catalogue, the tokenizer (``tokenizer.json`` through the ``tokenizers``
+library), ``user_tower.onnx`` and ``scorer.onnx``. ``recommend(history)`` formats the user text with the
+training template (:class:`laser_core.data.text.TextFormatter` and the saved :class:`TextConfig`), builds the
+ID history for the M-Former exactly as :class:`laser_core.model.LaserModel` does (the most recent ``max_len``
+items, left-padded), runs the tower, then the scorer.
+
+Cold-start items: :func:`add_items` embeds new catalogue items from their text with the exported tower (a
+one-item history, as in training, with the cold-item treatment for the ID side: see
+``laser_core.export.COLD_ITEM_TREATMENT``) and writes a new bundle whose scorer includes them. A history
+holding such an item gives it the same treatment: its text from the catalogue, ID position ``-1``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from laser_core.data.text import TextConfig, TextFormatter
+from laser_core.export import (CATALOGUE, COLD_ITEM, FORMAT_VERSION, ITEM_COLUMNS, MANIFEST, SCORER, export_scorer,
+                               l2_normalize, sha256_file, write_manifest)
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing a file, has a malformed manifest or a file whose sha256 does not match."""
+
+
+class EmptyHistoryError(ValueError):
+    """No item of the history is in the catalogue (and no popularity fallback is configured)."""
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization`` (applied by its decode when the tokenizer asks for it)."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
+            .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
+            .replace(" 've", "'ve").replace(" 're", "'re"))
+
+
+class ServingTokenizer:
+    """``tokenizer.json`` through the ``tokenizers`` library, with the ``encode``/``decode`` calls that
+    :class:`TextFormatter` makes (the same ids and texts as the transformers tokenizer; checked at export)."""
+
+    def __init__(self, tokenizer: Any, clean_up_tokenization_spaces: bool = False) -> None:
+        self._tok = tokenizer
+        self.clean_up = bool(clean_up_tokenization_spaces)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self.clean_up else text
+
+
+def load_tokenizer(path: str | Path, clean_up_tokenization_spaces: bool = False) -> ServingTokenizer:
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"tokenizer file not found: {path}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        raise BundleError(f"{path}: not a readable tokenizers file ({exc})") from exc
+    return ServingTokenizer(tok, clean_up_tokenization_spaces)
+
+
+# -------------------------------------------------------------------------------------------- manifest
+_REQUIRED = ("format_version", "k", "dim", "n_items", "n_trained_items", "text", "sr", "bitune", "tokenizer",
+             "scorer", "user_tower", "catalogue", "popularity", "files", "metadata")
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """``laser_export.json`` of a bundle, checked for the fields serving reads."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path} not found: not a Laser export bundle")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: malformed JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    missing = [f for f in _REQUIRED if f not in manifest]
+    if missing:
+        raise BundleError(f"{path}: missing field(s) {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {manifest['format_version']!r} is not supported "
+                          f"(this laser reads {FORMAT_VERSION})")
+    for name in ("k", "dim", "n_items", "n_trained_items"):
+        if not isinstance(manifest[name], int) or manifest[name] < 1:
+            raise BundleError(f"{path}: field {name!r} must be a positive integer, got {manifest[name]!r}")
+    if not isinstance(manifest["metadata"], dict):
+        raise BundleError(f"{path}: field 'metadata' must be an object")
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None) -> None:
+    """Check every file the manifest lists against its sha256 (and that it exists)."""
+    root = Path(bundle_dir)
+    manifest = manifest or read_manifest(root)
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{root / MANIFEST}: field 'files' must map file names to sha256 digests")
+    for name, digest in files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != digest:
+            raise BundleError(f"{path}: sha256 differs from {MANIFEST} (the file was changed or corrupted)")
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    title: str
+    score: float
+    rank: int
+    row: int  # the item's row in the catalogue / scorer table
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """``items`` ranked best first; ``dropped``: input ids not in the catalogue (in input order); ``used``: the
+    known ids the model read (after cutting to the trained history length); ``fallback``: ``"popularity"``
+    when no known item was left and the popularity fallback answered, else ``None``."""
+
+    items: list[RecommendedItem]
+    dropped: list[str]
+    used: list[str]
+    model_version: str
+    fallback: str | None = None
+    excluded: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ recommender
+class Recommender:
+    """A loaded bundle. ``recommend`` is safe to call from several threads (onnxruntime sessions are)."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict, catalogue: pd.DataFrame, tokenizer: ServingTokenizer,
+                 scorer: Any, tower: Any | None, popularity_fallback: bool) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.catalogue = catalogue
+        self.tokenizer = tokenizer
+        self._scorer = scorer
+        self._tower = tower
+        self.popularity_fallback = popularity_fallback
+        self.text_config = TextConfig.model_validate(manifest["text"])
+        self.formatter = TextFormatter(catalogue, self.text_config, tokenizer=tokenizer)
+        self._row = {item_id: row for row, item_id in enumerate(catalogue["item_id"])}
+        self._ids = catalogue["item_id"].tolist()
+        self._titles = catalogue["title"].tolist()
+        self.k = int(manifest["scorer"].get("k", manifest["k"]))
+        self.n_trained_items = int(manifest["n_trained_items"])
+        sr = manifest["sr"]
+        self.sr_max_len = int(sr["max_len"]) if sr else None
+        tok = manifest["tokenizer"]
+        self.pad_token_id = int(tok["pad_token_id"])
+        self._tower_inputs = list(manifest["user_tower"]["inputs"]) if manifest["user_tower"] else []
+        self._table: np.ndarray | None = None
+        self._lock = threading.Lock()
+        pop = catalogue["popularity"].to_numpy(dtype=np.float64) if "popularity" in catalogue.columns else None
+        self._popularity = pop
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, bundle_dir: str | Path, popularity_fallback: bool = False, verify: bool = True,
+             threads: int | None = None) -> "Recommender":
+        """Load a bundle. ``popularity_fallback``: answer an empty (or all-unknown) history with the most
+        popular training items instead of raising :class:`EmptyHistoryError` (the bundle must hold item
+        popularity). ``verify``: check every file's sha256 against the manifest. ``threads``: onnxruntime
+        intra-op threads (default: its own choice)."""
+        import onnxruntime as ort
+
+        root = Path(bundle_dir)
+        manifest = read_manifest(root)
+        if verify:
+            verify_bundle(root, manifest)
+        catalogue = _read_catalogue(root / manifest["catalogue"].get("file", CATALOGUE), manifest)
+        if popularity_fallback and "popularity" not in catalogue.columns:
+            raise BundleError(f"{root}: popularity_fallback needs item popularity, and this bundle has none "
+                              f"(export it with popularity=...)")
+        tok = manifest["tokenizer"]
+        tokenizer = load_tokenizer(root / tok["file"], tok.get("clean_up_tokenization_spaces", False))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers = ["CPUExecutionProvider"]
+
+        def session(name: str):
+            path = root / name
+            if not path.is_file():
+                raise BundleError(f"{path} not found")
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+        scorer = session(manifest["scorer"]["file"])
+        tower = session(manifest["user_tower"]["file"]) if manifest["user_tower"] else None
+        return cls(root, manifest, catalogue, tokenizer, scorer, tower, popularity_fallback)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def model_version(self) -> str:
+        """``metadata.model_version`` from the manifest, else ``sha256:<first 12 hex of the tower or scorer>``."""
+        version = self.manifest["metadata"].get("model_version")
+        if version is not None:
+            return str(version)
+        files = self.manifest["files"]
+        digest = files.get((self.manifest["user_tower"] or {}).get("file", ""), files.get(SCORER, ""))
+        return f"sha256:{digest[:12]}"
+
+    @property
+    def n_items(self) -> int:
+        return len(self._ids)
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self.manifest["metadata"])
+
+    # -------------------------------------------------------------- embedding
+    def _require_tower(self) -> Any:
+        if self._tower is None:
+            raise BundleError(f"{self.bundle_dir}: the bundle has no user tower (exported with user_tower=False)")
+        return self._tower
+
+    def _tower_feeds(self, histories: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]) -> dict:
+        B = len(histories)
+        T = max(len(t) for t in token_ids)
+        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
+        attention = np.zeros((B, T), dtype=np.int64)
+        for r, t in enumerate(token_ids):
+            input_ids[r, T - len(t):] = t
+            attention[r, T - len(t):] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": attention}
+        if "item_ids" in self._tower_inputs:
+            L = self.sr_max_len
+            item_ids = np.zeros((B, L), dtype=np.int64)
+            item_mask = np.zeros((B, L), dtype=np.int64)
+            for r, hist in enumerate(histories):
+                h = np.asarray(hist, dtype=np.int64)[-L:]
+                # catalogue rows past the trained items were added cold: no trained ID embedding
+                h = np.where(h >= self.n_trained_items, COLD_ITEM, h)
+                item_ids[r, L - len(h):] = h
+                item_mask[r, L - len(h):] = 1
+            feeds["item_ids"], feeds["item_mask"] = item_ids, item_mask
+        return {name: feeds[name] for name in self._tower_inputs}
+
+    def user_embeddings(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """``[B, d]`` user embeddings for histories of catalogue rows (time-ascending, non-empty)."""
+        tower = self._require_tower()
+        if not histories or any(len(h) == 0 for h in histories):
+            raise ValueError("every history needs at least one catalogue row")
+        token_ids = [self.tokenizer.encode(self.formatter.user_text(h)) for h in histories]
+        return tower.run(["user_embedding"], self._tower_feeds(histories, token_ids))[0]
+
+    def table(self) -> np.ndarray:
+        """The L2-normalized item table ``[n_items, d]`` (read once from the scorer's initializer)."""
+        with self._lock:
+            if self._table is None:
+                self._table = read_scorer_table(self.bundle_dir / self.manifest["scorer"]["file"])
+            return self._table
+
+    # -------------------------------------------------------------- recommend
+    def _known(self, history: Sequence[str]) -> tuple[list[int], list[str]]:
+        if isinstance(history, (str, bytes)):
+            raise TypeError("history must be a list of item ids, not a single string")
+        rows, dropped = [], []
+        for item in history:
+            row = self._row.get(str(item))
+            if row is None:
+                dropped.append(str(item))
+            else:
+                rows.append(row)
+        return rows, dropped
+
+    def _check_k(self, k: int | None) -> int:
+        k = self.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.n_items:
+            raise ValueError(f"k must be an integer in 1..{self.n_items} (the catalogue size), got {k!r}")
+        return int(k)
+
+    def recommend(self, history: Sequence[str], k: int | None = None, exclude_history: bool = False
+                  ) -> Recommendation:
+        """The top-``k`` items (default: the bundle's k) for a history of catalogue item ids (oldest first).
+
+        Unknown ids are dropped and reported in ``dropped``. The text reads the most recent ``history_len``
+        known items and the ID side the most recent SR ``max_len``, as in training. ``exclude_history`` leaves
+        the history's items out of the results. An empty or all-unknown history raises
+        :class:`EmptyHistoryError` unless the popularity fallback is on."""
+        k = self._check_k(k)
+        rows, dropped = self._known(history)
+        if not rows:
+            if not self.popularity_fallback:
+                what = f"none of its {len(dropped)} item id(s) is in the catalogue" if dropped else "it is empty"
+                raise EmptyHistoryError(f"cannot recommend for this history: {what} (dropped: {dropped[:20]}); "
+                                        f"load the bundle with popularity_fallback=True to answer such requests "
+                                        f"with the most popular items")
+            return self._popular(k, dropped)
+        H = self.text_config.history_len
+        n_text = len(rows) if H is None else min(H, len(rows))          # the text's most recent H items
+        n_ids = min(self.sr_max_len, len(rows)) if self.sr_max_len else 0  # the ID side's most recent max_len
+        used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids):]]
+        emb = self.user_embeddings([rows])
+        exclude = set(rows) if exclude_history else set()
+        need = k + len(exclude)
+        if need <= self.k:
+            scores, indices = self._scorer.run(["scores", "indices"], {"user_embedding": emb.astype(np.float32)})
+            scores, indices = scores[0], indices[0]
+        else:  # more than the scorer's top-k: exact full ranking over the same normalized table
+            cos = self.table() @ l2_normalize(emb[0])
+            indices = np.argsort(-cos, kind="stable")[:need]
+            scores = cos[indices]
+        ranked = [(int(i), float(s)) for i, s in zip(indices, scores) if int(i) not in exclude][:k]
+        items = [RecommendedItem(self._ids[i], self._titles[i], s, rank, i) for rank, (i, s) in
+                 enumerate(ranked, start=1)]
+        return Recommendation(items=items, dropped=dropped, used=used, model_version=self.model_version,
+                              excluded=sorted({self._ids[r] for r in exclude}))
+
+    def _popular(self, k: int, dropped: list[str]) -> Recommendation:
+        pop = self._popularity
+        total = float(pop.sum()) or 1.0
+        order = np.argsort(-pop, kind="stable")[:k]  # ties: catalogue order
+        items = [RecommendedItem(self._ids[i], self._titles[i], float(pop[i] / total), rank, int(i))
+                 for rank, i in enumerate(order, start=1)]
+        return Recommendation(items=items, dropped=dropped, used=[], model_version=self.model_version,
+                              fallback="popularity")
+
+
+# ----------------------------------------------------------------------------------------- catalogue
+def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
+    if not path.is_file():
+        raise BundleError(f"{path} not found")
+    cat = pd.read_parquet(path)
+    missing = [c for c in ITEM_COLUMNS if c not in cat.columns]
+    if missing:
+        raise BundleError(f"{path}: missing column(s) {missing}")
+    if len(cat) != manifest["n_items"]:
+        raise BundleError(f"{path}: {len(cat)} rows, but the manifest says n_items={manifest['n_items']}")
+    for c in ITEM_COLUMNS:
+        cat[c] = cat[c].fillna("").astype(str)
+    if cat["item_id"].duplicated().any():
+        raise BundleError(f"{path}: duplicate item_id values {cat['item_id'][cat['item_id'].duplicated()].tolist()[:10]}")
+    return cat
+
+
+def read_scorer_table(path: str | Path) -> np.ndarray:
+    """The normalized item table ``[n_items, d]`` baked into a scorer written by :func:`export_scorer`."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "item_table_t":
+            return np.ascontiguousarray(numpy_helper.to_array(init).T.astype(np.float32))
+    raise BundleError(f"{path}: no 'item_table_t' initializer (not a Laser scorer)")
+
+
+def read_items_file(path: str | Path) -> pd.DataFrame:
+    """New items from ``.csv``, ``.parquet`` or ``.jsonl`` (one JSON object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {n}: malformed JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object")
+            rows.append(row)
+        return pd.DataFrame(rows)
+    raise ValueError(f"{path}: unsupported items file type {suffix!r} (use .csv, .parquet or .jsonl)")
+
+
+def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: str = "new_items"
+                     ) -> pd.DataFrame:
+    from laser_core.data.model import normalize_text
+
+    if not isinstance(new_items, pd.DataFrame):
+        raise TypeError(f"{source} must be a pandas DataFrame")
+    if len(new_items) == 0:
+        raise ValueError(f"{source} is empty")
+    missing = [c for c in ("item_id", "title") if c not in new_items.columns]
+    if missing:
+        raise ValueError(f"{source} lacks column(s) {missing} (needs item_id and title; brand and category are "
+                         f"optional)")
+    out = pd.DataFrame({"item_id": [normalize_text(v) for v in new_items["item_id"]]})
+    for c in ("title", "brand", "category"):
+        out[c] = [normalize_text(v) for v in new_items[c]] if c in new_items.columns else ""
+    for c in ("item_id", "title"):
+        empty = [int(i) for i in np.flatnonzero(out[c].to_numpy() == "")]
+        if empty:
+            raise ValueError(f"{source}: empty {c} in row(s) {empty[:10]}")
+    dup = out["item_id"][out["item_id"].duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"{source}: duplicate item_id value(s) {dup[:10]}")
+    clash = sorted(set(out["item_id"]) & set(catalogue["item_id"]))
+    if clash:
+        raise ValueError(f"{source}: item_id value(s) already in the bundle's catalogue: {clash[:10]}")
+    return out
+
+
+def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Path, batch_size: int = 16) -> Path:
+    """A new bundle in ``out_dir`` whose catalogue and scorer also hold ``new_items`` (item_id, title, brand,
+    category), without retraining; ``bundle_dir`` is left untouched.
+
+    Each new item is embedded by the exported user tower as a one-item history, as items are in training:
+    the item template for the text and, on the ID side, one visible cold-item position (``item_ids = -1``:
+    the SR model's unknown-item vector, since a new item has no trained ID embedding; see
+    ``laser_core.export.COLD_ITEM_TREATMENT``). New rows are appended after the existing ones. Duplicate ids
+    (within ``new_items`` or against the catalogue) are a ``ValueError``."""
+    src = Path(bundle_dir)
+    out = Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"out_dir {out} is the source bundle; add_items writes a new bundle")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    rec = Recommender.load(src)
+    rec._require_tower()
+    new = _clean_new_items(new_items, rec.catalogue)
+    fmt = TextFormatter(new, rec.text_config, tokenizer=rec.tokenizer)
+    token_ids = [rec.tokenizer.encode(fmt.item_text(i)) for i in range(len(new))]
+    emb = np.empty((len(new), int(rec.manifest["dim"])), dtype=np.float32)
+    order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths together: less padding
+    for lo in range(0, len(new), batch_size):
+        idx = order[lo:lo + batch_size]
+        feeds = rec._tower_feeds([[COLD_ITEM]] * len(idx), [token_ids[i] for i in idx])
+        emb[idx] = rec._tower.run(["user_embedding"], feeds)[0]
+    table = np.concatenate([rec.table(), l2_normalize(emb)], axis=0)
+    manifest = dict(rec.manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in manifest["files"]:
+            if name in (manifest["scorer"]["file"], manifest["catalogue"]["file"]):
+                continue
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, out / name)
+        export_scorer(table, out / manifest["scorer"]["file"], k=rec.k)
+        cat = rec.catalogue.copy()
+        new_rows = new.copy()
+        if "popularity" in cat.columns:
+            new_rows["popularity"] = 0.0  # never seen in training
+        cat = pd.concat([cat, new_rows[list(cat.columns)]], ignore_index=True)
+        cat.to_parquet(out / manifest["catalogue"]["file"], index=False)
+        manifest["n_items"] = len(cat)
+        manifest["added_items"] = [*manifest.get("added_items", []),
+                                   {"n": len(new), "first_row": rec.n_items,
+                                    "source_manifest_sha256": sha256_file(src / MANIFEST)}]
+        manifest.pop("files", None)
+        write_manifest(out, manifest)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,249 @@
+"""ONNX export (laser_core.export): scorer and user-tower parity with torch on tiny backbones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from laser_core.data import leave_one_out, load_dataset
+from laser_core.data.text import TextConfig
+from laser_core.export import (COLD_ITEM, MANIFEST, export_bundle, export_scorer, export_user_tower,
+                               l2_normalize, popularity_from_sequences, reference_model, sha256_file)
+from laser_core.llm import BackboneConfig
+from laser_core.mformer import MFormerConfig
+from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+from laser_core.sr import SRConfig, TrainConfig, build_model, fit
+
+SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
+TEXT = TextConfig(history_len=4, title_max_tokens=6)  # token limits: the tokenizer's decode is part of parity
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def torch_topk(table: torch.Tensor, users: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    cos = torch.nn.functional.normalize(users, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    scores, idx = cos.topk(k, dim=-1)
+    return scores.numpy(), idx.numpy()
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}})
+    return ds, leave_one_out(ds)
+
+
+@pytest.fixture(scope="module")
+def sr(data):
+    _, split = data
+    cfg = SRConfig(model="bert4rec", hidden_size=16, max_len=8)
+    return fit(cfg, TrainConfig(epochs=1, batch_size=64, progress=False), split).model
+
+
+def weights_for(data, sr, quant="nf4", **bitune) -> LaserWeights:
+    """Weights of a (untrained, randomly initialised) Laser model, as the training step hands them over."""
+    ds, _ = data
+    spec = LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TEXT,
+                     backbone=BackboneConfig(name="tiny-random-llama", quantization=quant))
+    model = build_laser(spec, ds.items, sr)
+    with torch.no_grad():  # move the suffix off its EOS initialisation
+        if model.suffix is not None:
+            model.suffix.add_(0.1 * torch.randn_like(model.suffix))
+    return LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def trained(data, sr):
+    """(weights, reference torch model on the dequantized float32 backbone, its item table)."""
+    ds, _ = data
+    weights = weights_for(data, sr)
+    ref = reference_model(weights, sr, ds.items)
+    return weights, ref, ref.embed_items(range(ds.n_items))
+
+
+@pytest.fixture(scope="module")
+def bundle(data, sr, trained, tmp_path_factory):
+    ds, split = data
+    weights, _, table = trained
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    return export_bundle(weights, sr, ds.items, table, out, k=10, metadata={"model_version": "test-1"},
+                         popularity=popularity_from_sequences(split.train, ds.n_items))
+
+
+# ----------------------------------------------------------------------------------------------- scorer
+def test_scorer_matches_torch_topk(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(200, 24, generator=g) * 3
+    path = export_scorer(table, tmp_path / "scorer.onnx", k=10)
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["user_embedding"]
+    assert [o.name for o in sess.get_outputs()] == ["scores", "indices"]
+    for batch in (1, 7):  # dynamic batch
+        users = torch.randn(batch, 24, generator=g)
+        scores, idx = sess.run(None, {"user_embedding": users.numpy()})
+        ref_scores, ref_idx = torch_topk(table, users, 10)
+        assert scores.dtype == np.float32 and idx.dtype == np.int64 and scores.shape == (batch, 10)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+        assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_scorer_accepts_numpy_and_rejects_bad_k(tmp_path):
+    table = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    scores, idx = session(export_scorer(table, tmp_path / "s.onnx", k=5)).run(None, {"user_embedding": table})
+    np.testing.assert_array_equal(idx[:, 0], np.arange(5))  # each row is its own nearest item
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="k=6 exceeds the number of items in the table \\(5\\)"):
+        export_scorer(table, tmp_path / "t.onnx", k=6)
+    with pytest.raises(ValueError, match="positive integer"):
+        export_scorer(table, tmp_path / "t.onnx", k=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        export_scorer(np.full((3, 2), np.nan), tmp_path / "t.onnx", k=1)
+
+
+# ----------------------------------------------------------------------------- torch-side tensor path
+def test_tensor_path_equals_forward_and_sr_encode(data, sr, trained):
+    _, ref, _ = trained
+    hists = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [3, 7]]
+    with torch.no_grad():
+        expected, _ = ref(hists)
+        ids, mask = ref.pad_tokens(ref.tokenize(hists))
+        sr_ids, sr_mask = ref.sr_inputs(hists)
+        prefix, _ = ref.prefix_from_ids(sr_ids, sr_mask, len(hists))
+        got = ref.forward_padded(ids, mask, prefix)
+        assert torch.equal(ref.collab_vectors(sr_ids, sr_mask), sr.encode(sr_ids, sr_mask))
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_cold_item_treatment_uses_the_mask_token(trained, sr):
+    _, ref, _ = trained
+    ids = torch.tensor([[0, COLD_ITEM]])
+    mask = torch.tensor([[False, True]])
+    with torch.no_grad():
+        cold = ref.collab_vectors(ids, mask)
+        masked = sr.forward(torch.tensor([[0, sr.mask_token]]))  # BERT4Rec's [MASK] at a visible position
+    assert torch.allclose(cold, masked, atol=1e-6)
+
+
+def test_dequantized_export_model_reproduces_the_4bit_model(data, sr, trained):
+    """The exported weights are the NF4 model's, dequantized: embeddings agree with the trained 4-bit model."""
+    ds, _ = data
+    weights, ref, _ = trained
+    nf4 = build_laser(weights.spec, ds.items, sr, weights)
+    nf4.train()
+    with torch.no_grad():
+        a, _ = nf4([[1, 2, 3], [7]])
+        b, _ = ref([[1, 2, 3], [7]])
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------- bundle
+def test_user_tower_matches_torch_on_variable_length_histories(data, trained, bundle):
+    ds, _ = data
+    _, ref, table = trained
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    hists = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [5], [3, 7], [20, 21, 22, 23, 24]]
+    with torch.no_grad():
+        expected, _ = ref(hists)
+        ids, mask = ref.pad_tokens(ref.tokenize(hists))
+        sr_ids, sr_mask = ref.sr_inputs(hists)
+    tower = session(bundle / "user_tower.onnx")
+    feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.long().numpy(), "input_ids": ids.numpy(),
+             "attention_mask": mask.numpy()}
+    assert [i.name for i in tower.get_inputs()] == manifest["user_tower"]["inputs"] == list(feeds)
+    got = tower.run(["user_embedding"], feeds)[0]
+    assert got.shape == (4, ref.backbone.hidden_size)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    # a shorter SR window (dynamic L_sr) gives the same embedding: padding is masked
+    short = {**feeds, "item_ids": feeds["item_ids"][1:2, -1:], "item_mask": feeds["item_mask"][1:2, -1:],
+             "input_ids": ids[1:2, -len(ref.tokenize([[5]])[0]):].numpy(),
+             "attention_mask": np.ones((1, len(ref.tokenize([[5]])[0])), dtype=np.int64)}
+    np.testing.assert_allclose(tower.run(["user_embedding"], short)[0][0], expected[1].numpy(), atol=1e-4)
+    # then through the scorer: the same top-10 as torch
+    scores, idx = session(bundle / "scorer.onnx").run(None, {"user_embedding": got})
+    ref_scores, ref_idx = torch_topk(table, expected, 10)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+
+
+def test_bundle_layout_and_manifest(data, sr, bundle):
+    ds, split = data
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["k"] == 10
+    assert manifest["n_items"] == manifest["n_trained_items"] == ds.n_items
+    assert manifest["dim"] == 64 and manifest["sr"] == {"model": "bert4rec", "max_len": sr.config.max_len}
+    assert TextConfig.model_validate(manifest["text"]) == TEXT
+    assert manifest["bitune"]["prefix"] == "mformer" and manifest["bitune"]["pooling"] == "suffix"
+    assert manifest["backbone"]["exported_weights"] == "dequantized from nf4"
+    assert manifest["metadata"] == {"model_version": "test-1"}
+    assert manifest["cold_item"]["item_id"] == COLD_ITEM and "[MASK]" in manifest["cold_item"]["treatment"]
+    assert manifest["parity_max_abs_diff"] < 1e-4
+    assert {"scorer.onnx", "user_tower.onnx", "items.parquet", "tokenizer/tokenizer.json"} <= set(manifest["files"])
+    for name, digest in manifest["files"].items():
+        assert sha256_file(bundle / name) == digest, name
+    cat = pd.read_parquet(bundle / "items.parquet")
+    assert list(cat.columns) == ["item_id", "title", "brand", "category", "popularity"]
+    assert cat["item_id"].tolist() == ds.items["item_id"].tolist()  # table row order
+    assert cat["popularity"].to_numpy().tolist() == popularity_from_sequences(split.train, ds.n_items).tolist()
+    assert cat["popularity"].sum() == sum(len(s) for s in split.train)
+
+
+def test_export_bundle_rejects_bad_input_before_the_slow_part(data, sr, trained, tmp_path):
+    ds, _ = data
+    weights, _, table = trained
+    with pytest.raises(ValueError, match="items has 39 rows but the table has 40"):
+        export_bundle(weights, sr, ds.items.iloc[:-1], table, tmp_path / "a")
+    with pytest.raises(ValueError, match="k must be an integer in 1..40"):
+        export_bundle(weights, sr, ds.items, table, tmp_path / "b", k=41)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        export_bundle(weights, sr, ds.items, table, tmp_path / "full")
+    with pytest.raises(ValueError, match="needs the frozen ID-based recommender"):
+        export_bundle(weights, None, ds.items, table, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_gru4rec_encoder_is_a_clear_not_implemented(data, tmp_path):
+    ds, split = data
+    gru = fit(SRConfig(model="gru4rec", hidden_size=16, max_len=8), TrainConfig(epochs=1, progress=False),
+              split).model
+    weights = weights_for(data, gru, quant="none")
+    with pytest.raises(NotImplementedError, match="not GRU4Rec \\(setting sr.model\\)"):
+        export_bundle(weights, gru, ds.items, np.ones((ds.n_items, 64)), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    ref = reference_model(weights, gru, ds.items)
+    with pytest.raises(NotImplementedError, match="GRU4Rec"):
+        export_user_tower(ref, tmp_path / "t.onnx")
+
+
+@pytest.mark.parametrize(("sr_model", "prefix", "pooling"),
+                         [("sasrec", "mformer", "suffix"), (None, "plain", "mean"), (None, "none", "eos")])
+def test_other_encoders_prefixes_and_poolings_export_with_parity(data, sr_model, prefix, pooling, tmp_path):
+    ds, _ = data
+    sr_m = build_model(SRConfig(model=sr_model, hidden_size=16, max_len=8), ds.n_items).eval() if sr_model else None
+    weights = weights_for(data, sr_m, quant="none", prefix=prefix, pooling=pooling)
+    ref = reference_model(weights, sr_m, ds.items)
+    entry = export_user_tower(ref, tmp_path / "tower.onnx")
+    hists = [[1, 2, 3, 4, 5, 6], [9]] + ([[COLD_ITEM, 4]] if prefix == "mformer" else [])
+    with torch.no_grad():
+        ids, mask = ref.pad_tokens(ref.tokenize([[i for i in h if i >= 0] for h in hists]))
+        sr_ids, sr_mask = ref.sr_inputs(hists) if sr_m is not None else (None, None)
+        expected = ref.forward_padded(ids, mask, ref.prefix_from_ids(sr_ids, sr_mask, len(hists))[0])
+        plain, _ = ref(hists[:2])
+    assert torch.allclose(expected[:2], plain, atol=1e-6)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if sr_m is not None:
+        feeds.update(item_ids=sr_ids.numpy(), item_mask=sr_mask.long().numpy())
+    sess = session(tmp_path / "tower.onnx")
+    assert {i.name for i in sess.get_inputs()} == set(entry["inputs"]) == set(feeds)
+    got = sess.run(["user_embedding"], feeds)[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    assert not np.allclose(l2_normalize(got[0]), l2_normalize(got[1]), atol=1e-3)  # rows differ
+

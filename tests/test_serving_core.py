@@ -1,0 +1,279 @@
+"""Serving an export bundle (laser_core.serving): torch-free recommender, fallbacks, cold-start items, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import click
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from laser_cli.serving_cmds import register
+from laser_core.data import leave_one_out, load_dataset
+from laser_core.data.text import TextConfig
+from laser_core.export import MANIFEST, export_bundle, l2_normalize, popularity_from_sequences, reference_model
+from laser_core.llm import BackboneConfig
+from laser_core.mformer import MFormerConfig
+from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+from laser_core.serving import (BundleError, EmptyHistoryError, Recommender, add_items, read_items_file,
+                                read_manifest)
+from laser_core.sr import SRConfig, TrainConfig, fit
+
+SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
+H = 3        # history_len (text)
+MAX_LEN = 6  # SR max_len (ids)
+NEW_ITEMS = pd.DataFrame({"item_id": ["new-1", "new-2", "new-3"],
+                          "title": ["Acme Turbo Trail Running Shoes, Red", "Nordic Cast Iron Dutch Oven, 5 qt",
+                                    "Studio Wireless Headphones"],
+                          "brand": ["Acme", "Nordic", ""], "category": ["Sports Shoes", "Kitchen Cookware", ""]})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """One exported bundle (dynamo export runs once), the float32 reference model and the dataset."""
+    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 4}})
+    split = leave_one_out(ds)
+    sr = fit(SRConfig(model="bert4rec", hidden_size=16, max_len=MAX_LEN), TrainConfig(epochs=1, progress=False),
+             split).model
+    spec = LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF), text=TextConfig(history_len=H, title_max_tokens=8),
+                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"))
+    model = build_laser(spec, ds.items, sr)
+    weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    ref = reference_model(weights, sr, ds.items)
+    table = ref.embed_items(range(ds.n_items))
+    root = tmp_path_factory.mktemp("serving")
+    bundle = export_bundle(weights, sr, ds.items, table, root / "bundle", k=10, metadata={"model_version": "m-7"},
+                           popularity=popularity_from_sequences(split.train, ds.n_items))
+    return {"ds": ds, "split": split, "ref": ref, "table": table, "bundle": bundle, "root": root}
+
+
+@pytest.fixture(scope="module")
+def rec(setup):
+    return Recommender.load(setup["bundle"])
+
+
+@pytest.fixture(scope="module")
+def extended(setup):
+    """The bundle plus NEW_ITEMS (cold-start), written once."""
+    return add_items(setup["bundle"], NEW_ITEMS, setup["root"] / "extended")
+
+
+def ids(setup, rows):
+    return [setup["ds"].items["item_id"][r] for r in rows]
+
+
+# ------------------------------------------------------------------------------------- no torch at all
+def test_recommender_runs_in_a_process_without_torch(setup, rec):
+    history = ids(setup, [1, 4, 9])
+    script = textwrap.dedent(f"""
+        import json, sys
+        from laser_core.serving import Recommender
+        rec = Recommender.load({str(setup["bundle"])!r})
+        res = rec.recommend({history!r} + ["unknown-id"], k=5)
+        mods = [m for m in ("torch", "transformers") if m in sys.modules]
+        assert not mods, mods
+        print(json.dumps({{"res": res.to_dict(), "version": rec.model_version, "n": rec.n_items}}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ORT_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["version"] == "m-7" and out["n"] == 40
+    assert out["res"]["dropped"] == ["unknown-id"]
+    here = rec.recommend(history, k=5)
+    assert [i["item_id"] for i in out["res"]["items"]] == [i.item_id for i in here.items]
+    np.testing.assert_allclose([i["score"] for i in out["res"]["items"]], [i.score for i in here.items], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ recommend
+def test_recommend_matches_torch_and_reports_unknown_ids(setup, rec):
+    rows = [2, 5, 11]
+    res = rec.recommend(["x-1", *ids(setup, rows[:2]), "x-2", ids(setup, rows)[2]])
+    assert res.dropped == ["x-1", "x-2"]
+    assert res.used == ids(setup, rows) and res.fallback is None and res.model_version == "m-7"
+    with torch.no_grad():
+        user, _ = setup["ref"]([rows])
+    cos = torch.nn.functional.normalize(user, dim=-1) @ torch.nn.functional.normalize(setup["table"], dim=-1).T
+    top = cos[0].topk(10)
+    assert [i.row for i in res.items] == top.indices.tolist()
+    assert [i.item_id for i in res.items] == ids(setup, top.indices.tolist())
+    np.testing.assert_allclose([i.score for i in res.items], top.values.numpy(), atol=1e-4)
+    assert [i.rank for i in res.items] == list(range(1, 11))
+    assert res.items[0].title == setup["ds"].items["title"][res.items[0].row]
+    assert rec.n_items == 40 and rec.model_version == "m-7"
+
+
+def test_empty_and_all_unknown_histories(setup, rec):
+    with pytest.raises(EmptyHistoryError, match="it is empty"):
+        rec.recommend([])
+    with pytest.raises(ValueError, match="none of its 2 item id"):
+        rec.recommend(["nope", "nada"])
+    fallback = Recommender.load(setup["bundle"], popularity_fallback=True)
+    res = fallback.recommend(["nope"], k=5)
+    assert res.fallback == "popularity" and res.dropped == ["nope"]
+    counts = popularity_from_sequences(setup["split"].train, 40)
+    expected = np.argsort(-counts, kind="stable")[:5]
+    assert [i.row for i in res.items] == expected.tolist()
+    np.testing.assert_allclose([i.score for i in res.items], counts[expected] / counts.sum())
+    assert fallback.recommend(ids(setup, [3])).fallback is None  # known items: the model answers
+
+
+def test_long_history_is_cut_to_the_trained_lengths(setup, rec):
+    rows = list(range(12))
+    res = rec.recommend(ids(setup, rows))
+    assert res.used == ids(setup, rows[-MAX_LEN:])  # text reads the last H=3, the ID side the last 6
+    recent = rec.recommend(ids(setup, rows[-MAX_LEN:]))
+    assert [i.item_id for i in res.items] == [i.item_id for i in recent.items]
+    np.testing.assert_allclose([i.score for i in res.items], [i.score for i in recent.items], atol=1e-6)
+    with torch.no_grad():
+        user, _ = setup["ref"]([rows])  # the torch model cuts the same way
+    np.testing.assert_allclose(rec.user_embeddings([rows])[0], user[0].numpy(), atol=1e-4)
+
+
+def test_exclude_history_and_k_beyond_the_scorer(setup, rec):
+    rows = list(range(20))
+    full = l2_normalize(setup["table"].numpy()) @ l2_normalize(rec.user_embeddings([rows])[0])
+    order = [int(i) for i in np.argsort(-full, kind="stable")]
+    res = rec.recommend(ids(setup, rows), k=5, exclude_history=True)  # needs more than the scorer's top-10
+    assert [i.row for i in res.items] == [i for i in order if i not in rows][:5]
+    assert set(res.excluded) == set(ids(setup, rows))
+    wide = rec.recommend(ids(setup, rows), k=25)
+    assert [i.row for i in wide.items] == order[:25]
+    assert [i.row for i in wide.items[:10]] == [i.row for i in rec.recommend(ids(setup, rows)).items]
+    with pytest.raises(ValueError, match="k must be an integer in 1..40"):
+        rec.recommend(ids(setup, rows), k=41)
+    with pytest.raises(TypeError, match="list of item ids"):
+        rec.recommend("i00001")
+
+
+def test_tampered_bundle_is_refused(setup, tmp_path):
+    copy = shutil.copytree(setup["bundle"], tmp_path / "copy")
+    with open(copy / "items.parquet", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(BundleError, match="items.parquet: sha256 differs"):
+        Recommender.load(copy)
+    (copy / MANIFEST).write_text("{")
+    with pytest.raises(BundleError, match="malformed JSON"):
+        Recommender.load(copy)
+    with pytest.raises(BundleError, match="not a Laser export bundle"):
+        Recommender.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ cold-start items
+def test_added_items_match_the_torch_cold_item_embedding(setup, extended):
+    before = {p.name: p.read_bytes() for p in setup["bundle"].iterdir() if p.is_file()}
+    rec2 = Recommender.load(extended)
+    assert rec2.n_items == 43 and rec2.model_version == "m-7"
+    assert rec2.catalogue["item_id"].tolist()[-3:] == NEW_ITEMS["item_id"].tolist()
+    with torch.no_grad():
+        cold = setup["ref"].embed_cold_items(NEW_ITEMS)
+    np.testing.assert_allclose(rec2.table()[-3:], l2_normalize(cold.numpy()), atol=1e-4)
+    np.testing.assert_allclose(rec2.table()[:40], l2_normalize(setup["table"].numpy()), atol=1e-6)
+    # the source bundle is untouched
+    assert Recommender.load(setup["bundle"]).n_items == 40
+    assert {p.name: p.read_bytes() for p in setup["bundle"].iterdir() if p.is_file()} == before
+    manifest = read_manifest(extended)
+    assert manifest["n_items"] == 43 and manifest["n_trained_items"] == 40
+    assert manifest["added_items"][0]["n"] == 3 and manifest["added_items"][0]["first_row"] == 40
+
+
+def test_added_items_appear_in_recommendations(setup, extended):
+    rec2 = Recommender.load(extended, popularity_fallback=True)
+    res = rec2.recommend(["new-2"])
+    assert res.items[0].item_id == "new-2" and res.items[0].score == pytest.approx(1.0, abs=1e-5)
+    mixed = rec2.recommend([*ids(setup, [1, 2]), "new-1"], k=43)
+    assert {"new-1", "new-2", "new-3"} <= {i.item_id for i in mixed.items}
+    assert rec2.catalogue.set_index("item_id").loc["new-1", "popularity"] == 0.0
+    # a history of a cold item alone embeds exactly as the item did (the cold-item treatment on both sides)
+    np.testing.assert_allclose(l2_normalize(rec2.user_embeddings([[41]])[0]), rec2.table()[41], atol=1e-5)
+
+
+def test_add_items_errors(setup, extended, tmp_path):
+    dup = pd.concat([NEW_ITEMS, NEW_ITEMS.iloc[:1]], ignore_index=True)
+    with pytest.raises(ValueError, match="duplicate item_id value\\(s\\) \\['new-1'\\]"):
+        add_items(setup["bundle"], dup, tmp_path / "a")
+    clash = pd.DataFrame({"item_id": [setup["ds"].items["item_id"][0]], "title": ["x"]})
+    with pytest.raises(ValueError, match="already in the bundle's catalogue"):
+        add_items(setup["bundle"], clash, tmp_path / "b")
+    with pytest.raises(ValueError, match="lacks column\\(s\\) \\['title'\\]"):
+        add_items(setup["bundle"], pd.DataFrame({"item_id": ["z"]}), tmp_path / "c")
+    with pytest.raises(ValueError, match="empty title in row\\(s\\) \\[0\\]"):
+        add_items(setup["bundle"], pd.DataFrame({"item_id": ["z"], "title": [" "]}), tmp_path / "d")
+    with pytest.raises(ValueError, match="is the source bundle"):
+        add_items(setup["bundle"], NEW_ITEMS, setup["bundle"])
+    with pytest.raises(FileExistsError):
+        add_items(setup["bundle"], NEW_ITEMS, extended)
+    with pytest.raises(ValueError, match="already in the bundle's catalogue: \\['new-1'"):
+        add_items(extended, NEW_ITEMS, tmp_path / "e")  # added items are part of the catalogue now
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_read_items_file_formats(tmp_path):
+    NEW_ITEMS.to_csv(tmp_path / "a.csv", index=False)
+    NEW_ITEMS.to_parquet(tmp_path / "a.parquet", index=False)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in NEW_ITEMS.to_dict("records")) + "\n")
+    for name in ("a.csv", "a.parquet", "a.jsonl"):
+        got = read_items_file(tmp_path / name).fillna("")
+        assert got[list(NEW_ITEMS.columns)].to_dict("records") == NEW_ITEMS.to_dict("records"), name
+    (tmp_path / "bad.jsonl").write_text('{"item_id": "a"}\n[1]\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: expected a JSON object"):
+        read_items_file(tmp_path / "bad.jsonl")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsupported items file type '.txt'"):
+        read_items_file(tmp_path / "a.txt")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def cli():
+    @click.group()
+    def group() -> None:
+        pass
+
+    register(group)
+    return group
+
+
+def test_cli_recommend(setup, rec, cli):
+    runner = CliRunner()
+    history = ids(setup, [3, 8])
+    args = ["recommend", "--bundle", str(setup["bundle"]), "-k", "4", "--json"]
+    for h in [*history, "ghost"]:
+        args += ["--history", h]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [i["item_id"] for i in out["items"]] == [i.item_id for i in rec.recommend(history, k=4).items]
+    assert out["dropped"] == ["ghost"] and out["model_version"] == "m-7"
+    text = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"]), "--history", history[0]])
+    assert text.exit_code == 0 and "model m-7" in text.output and len(text.output.strip().splitlines()) == 11
+    empty = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"])])
+    assert empty.exit_code == 1 and "it is empty" in empty.output
+    popular = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"]), "--popularity-fallback",
+                                  "--json"])
+    assert popular.exit_code == 0 and json.loads(popular.output)["fallback"] == "popularity"
+
+
+def test_cli_items_add(setup, cli, tmp_path):
+    runner = CliRunner()
+    items = tmp_path / "new.jsonl"
+    items.write_text(json.dumps({"item_id": "cli-1", "title": "Garden Hose Reel", "brand": "Verdo",
+                                 "category": "Garden"}) + "\n")
+    out = tmp_path / "bundle2"
+    res = runner.invoke(cli, ["items", "add", "--bundle", str(setup["bundle"]), "--items", str(items),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "added 1 item(s)" in res.output and "41 items" in res.output
+    rec = runner.invoke(cli, ["recommend", "--bundle", str(out), "--history", "cli-1", "-k", "1", "--json"])
+    assert json.loads(rec.output)["items"][0]["item_id"] == "cli-1"
+    again = runner.invoke(cli, ["items", "add", "--bundle", str(out), "--items", str(items), "--out",
+                                str(tmp_path / "bundle3")])
+    assert again.exit_code == 1 and "already in the bundle's catalogue" in again.output
