@@ -23,6 +23,27 @@ def cli() -> None:
     """Laser: a frozen 4-bit LLM as a sequential recommender, as a ZenML pipeline."""
 
 
+def _config(config_path: str, data_dir: str | None):
+    from laser_core.config import ConfigError, load_config
+    from laser_core.data.errors import DataFormatError
+
+    try:
+        return load_config(config_path, data_dir=data_dir)
+    except (ConfigError, DataFormatError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _schedule(cron: str | None, config_path: str, data_dir: str | None):
+    if not cron:
+        return None
+    from pipelines.run import ScheduleError, make_schedule
+
+    try:
+        return make_schedule(cron, config_path, data_dir)
+    except ScheduleError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="YAML run config, e.g. configs/demo.yaml")
@@ -30,24 +51,75 @@ def cli() -> None:
               help="Data directory (overrides dataset.path in the config).")
 @click.option("--no-cache", is_flag=True, help="Run every step even if a cached result exists.")
 @click.option("--run-name", default=None, help="Name of the pipeline run.")
-@click.option("--stop-after", type=click.Choice(["split", "sr", "laser"]), default=None,
+@click.option("--stop-after", type=click.Choice(["split", "sr", "laser", "promote"]), default=None,
               help="End the pipeline after this stage (overrides pipeline.stop_after).")
+@click.option("--schedule", "cron", default=None,
+              help='Register the run on a cron schedule instead ("0 3 * * *"); needs a schedulable stack.')
 def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | None,
-        stop_after: str | None) -> None:
+        stop_after: str | None, cron: str | None) -> None:
     """Run the training pipeline on the active ZenML stack (the embedded default unless you set another)."""
-    from laser_core.config import ConfigError, load_config
-    from laser_core.data.errors import DataFormatError
-
-    try:
-        cfg = load_config(config_path, data_dir=data_dir)
-    except (ConfigError, DataFormatError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = _config(config_path, data_dir)
     if stop_after:
         cfg.pipeline.stop_after = stop_after
+    schedule = _schedule(cron, config_path, data_dir)
     from pipelines.run import run_training
 
-    result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name)
+    result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name, schedule=schedule)
+    if schedule is not None:
+        click.echo(f"Scheduled {cfg.model_name()} training: {cron}")
+        return
     _print_run(result)
+    _print_promotion(result)
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--user", "users", multiple=True, help="A user id (repeat); default: every user in the data.")
+@click.option("-k", "k", type=int, default=None, help="Items per user (default: batch.k in the config).")
+@click.option("--stage", type=click.Choice(["production", "staging", "latest"]), default=None)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Parquet here.")
+@click.option("--schedule", "cron", default=None, help="Register on a cron schedule instead.")
+def batch(config_path: str, data_dir: str | None, users: tuple[str, ...], k: int | None, stage: str | None,
+          out: str | None, cron: str | None) -> None:
+    """Recommendations from the production model for all (or selected) users: a Parquet artifact."""
+    cfg = _config(config_path, data_dir)
+    if users:
+        cfg.batch.users = list(users)
+    if k:
+        cfg.batch.k = k
+    if stage:
+        cfg.batch.stage = stage
+    schedule = _schedule(cron, config_path, data_dir)
+    from pipelines.run import run_batch
+
+    try:
+        result = run_batch(cfg, schedule=schedule)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if schedule is not None:
+        click.echo(f"Scheduled {cfg.model_name()} batch recommendations: {cron}")
+        return
+    _print_run(result)
+    from zenml.client import Client
+
+    art = Client().get_pipeline_run(result.id).steps["batch_recommend"].outputs["recommendations"][0]
+    frame = art.load()
+    click.echo(f"recommendations: {len(frame):,} rows for {frame['user_id'].nunique():,} users, "
+               f"artifact {art.name} v{art.version} at {art.uri}")
+    if out:
+        frame.to_parquet(out, index=False)
+        click.echo(f"wrote {out}")
+
+
+def _print_promotion(run_response) -> None:
+    from zenml.client import Client
+
+    steps = Client().get_pipeline_run(run_response.id).steps
+    if "promote" in steps and steps["promote"].outputs.get("promotion_decision"):
+        decision = steps["promote"].outputs["promotion_decision"][0].load()
+        name, version = decision.details.get("model"), decision.details.get("new_version")
+        click.echo(f"Model {name} version {version}: {decision.stage or 'no stage'} — {decision.reason}")
 
 
 def _print_run(run_response) -> None:
@@ -141,6 +213,137 @@ def fetch(name: str, cache_dir: str | None, wheel: str | None) -> None:
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{name}: {path}")
+
+
+@cli.group()
+def model() -> None:
+    """Model versions in ZenML's Model Control Plane: list, show, promote, diff."""
+
+
+def _registry_call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc.args[0]) if exc.args else str(exc)) from exc
+
+
+def _metric_cells(v: dict) -> str:
+    laser = v.get("laser_test") or {}
+    return " ".join(f"{k}={laser[k]:.4f}" for k in ("recall@10", "ndcg@10", "mrr") if k in laser)
+
+
+@model.command(name="list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def model_list(name: str | None, as_json: bool) -> None:
+    """Models and their versions (newest first) with stage and test metrics."""
+    from laser_cli.registry import list_models
+
+    models_ = _registry_call(list_models, name)
+    if as_json:
+        click.echo(json.dumps(models_, indent=2, default=str))
+        return
+    if not models_:
+        click.echo("no models yet: run `laser run --config ...`")
+    for m in models_:
+        click.echo(m["model"])
+        for v in m["versions"]:
+            click.echo(f"  v{v['version']:<6} {str(v['stage'] or '-'):<11} {v['created']}  {_metric_cells(v)}")
+
+
+@model.command(name="show")
+@click.argument("name")
+@click.argument("version", required=False)
+def model_show(name: str, version: str | None) -> None:
+    """One version (number, or production/staging/latest): stage, metrics, artifacts, runs, metadata."""
+    from laser_cli.registry import show_version
+
+    click.echo(json.dumps(_registry_call(show_version, name, version), indent=2, default=str))
+
+
+@model.command(name="promote")
+@click.argument("name")
+@click.argument("version")
+@click.option("--stage", type=click.Choice(["staging", "production", "archived"]), required=True)
+@click.option("--force", is_flag=True, help="Archive the version currently in that stage.")
+def model_promote(name: str, version: str, stage: str, force: bool) -> None:
+    """Set a version's stage by hand (the pipeline's promote step does it when a version is better)."""
+    from laser_cli.registry import promote_version
+
+    info = _registry_call(promote_version, name, version, stage, force)
+    click.echo(f"{info['model']} v{info['version']}: {info['stage']}")
+
+
+@model.command(name="diff")
+@click.argument("name")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True)
+def model_diff(name: str, a: str, b: str, as_json: bool) -> None:
+    """Metrics and run parameters that differ between versions A and B."""
+    from laser_cli.registry import diff_versions
+
+    info = _registry_call(diff_versions, name, a, b)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{name}: v{info['a']['version']} ({info['a']['stage'] or '-'}) -> "
+               f"v{info['b']['version']} ({info['b']['stage'] or '-'})")
+    for row in info["metrics"]:
+        d = f"{row['delta']:+.4f}" if row["delta"] is not None else ""
+        click.echo(f"  {row['key']:<28} {row['a']!s:<10.10} {row['b']!s:<10.10} {d}")
+    for row in info["config"]:
+        click.echo(f"  param {row['key']}: {row['a']!r} -> {row['b']!r}")
+    if not info["config"]:
+        click.echo("  (same run parameters)")
+
+
+@cli.command(name="lineage")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lineage_cmd(target: str, as_json: bool) -> None:
+    """Where a run or model version (NAME[:VERSION|STAGE]) came from: data → validation → split → SR → Laser
+    weights → item table → exported scorer, with versions, URIs, producing steps and key metadata."""
+    from laser_cli.registry import lineage, lineage_text
+
+    info = _registry_call(lineage, target)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else lineage_text(info))
+
+
+@cli.command(name="export")
+@click.argument("target")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write the bundle to.")
+def export_cmd(target: str, out: str) -> None:
+    """Copy the exported bundle (scorer.onnx, user_tower.onnx, tokenizer, catalogue) of a model version
+    (NAME[:VERSION|STAGE]) to a folder, for `laser serve` / `laser recommend`."""
+    import shutil
+
+    from laser_cli.registry import resolve_version
+
+    name, _, version = target.partition(":")
+    mv = _registry_call(resolve_version, name, version or None)
+    art = mv.get_artifact("scorer_bundle")
+    if art is None:
+        raise click.ClickException(f"{name} v{mv.name} has no scorer_bundle (was it trained with stop_after "
+                                   "'laser'?)")
+    bundle = art.load()
+    dest = Path(out)
+    if dest.exists() and any(dest.iterdir()):
+        raise click.ClickException(f"{dest}: folder exists and is not empty")
+    shutil.copytree(bundle.path, dest, dirs_exist_ok=True)
+    click.echo(f"{name} v{mv.name}: {len(bundle.files())} files -> {dest}")
+
+
+def _register_serving() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("laser_cli.serving_cmds") is not None:
+        from laser_cli.serving_cmds import register
+
+        register(cli)
+
+
+_register_serving()
 
 
 def main() -> None:

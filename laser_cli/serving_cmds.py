@@ -1,4 +1,5 @@
-"""``laser items add`` and ``laser recommend``: serving commands over an export bundle (no torch, no ZenML).
+"""``laser items add``, ``laser recommend`` and ``laser serve``: serving commands over an export bundle (no torch,
+no ZenML).
 
 Registered on the main group with :func:`register` (``laser_cli.main`` calls it).
 """
@@ -70,7 +71,33 @@ def recommend(bundle: str, history: tuple[str, ...], k: int | None, exclude_hist
         click.echo(f"{item.rank:>3}  {item.score:8.4f}  {item.item_id:<16} {item.title}")
 
 
+@click.command(name="serve")
+@click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True),
+              help="An export bundle directory (`laser export NAME:production --out DIR`).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--popularity-fallback", is_flag=True,
+              help="Answer an empty or all-unknown history with the most popular items instead of a 422.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+def serve(bundle: str, host: str, port: int, max_k: int, popularity_fallback: bool, threads: int | None) -> None:
+    """HTTP JSON service: POST /recommend {"history": [...], "k": 10}, GET /health (Ctrl-C stops it)."""
+    import logging
+
+    from laser_core.service import serve as serve_forever
+    from laser_core.serving import BundleError, Recommender
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"serving {rec.model_version} ({rec.n_items} items) on http://{host}:{port}")
+    serve_forever(rec, host, port, max_k=max_k)
+
+
 def register(cli: click.Group) -> None:
-    """Add ``items add`` and ``recommend`` to the ``laser`` command group."""
+    """Add ``items add``, ``recommend`` and ``serve`` to the ``laser`` command group."""
     cli.add_command(_items_group())
     cli.add_command(recommend)
+    cli.add_command(serve)

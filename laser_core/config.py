@@ -19,6 +19,7 @@ from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
 from laser_core.llm.backbones import BackboneConfig
 from laser_core.model import BiTuneConfig, LaserSpec
+from laser_core.promotion import PromotionConfig
 from laser_core.sr.config import SRConfig, TrainConfig
 from laser_core.train import LaserTrainConfig
 
@@ -27,7 +28,36 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enable_cache: bool = True
-    stop_after: Literal["split", "sr", "laser"] = "laser"
+    # split | sr (ID-based model) | laser (Bi-Tuned and evaluated) | promote (exported and gated: the whole run)
+    stop_after: Literal["split", "sr", "laser", "promote"] = "promote"
+
+
+class ModelConfig(BaseModel):
+    """The ZenML Model (Model Control Plane) every training run creates a version of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, description="default: laser-<dataset name>")
+    description: str = "Laser: a frozen 4-bit LLM Bi-Tuned as a sequential recommender"
+    tags: list[str] = Field(default_factory=list)
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(default=10, ge=1, description="top-k the scorer returns")
+    user_tower: bool = Field(default=True, description="also export the user tower (LLM + M-Former) to ONNX")
+
+
+class BatchConfig(BaseModel):
+    """The batch inference job: the production model's top-k for all (or selected) users."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(default=10, ge=1)
+    users: list[str] | None = Field(default=None, description="user ids (None: every user in the data)")
+    exclude_history: bool = True
+    stage: Literal["production", "staging", "latest"] = "production"
 
 
 class LaserConfig(BaseModel):
@@ -42,7 +72,19 @@ class LaserConfig(BaseModel):
     bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
     laser_train: LaserTrainConfig = Field(default_factory=LaserTrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    infra: dict = Field(default_factory=dict, description="stack settings, see infra/README.md")
 
+    def model_name(self) -> str:
+        """The ZenML model's name: ``model.name``, else ``laser-<dataset name | folder | format>``."""
+        if self.model.name:
+            return self.model.name
+        ds = self.dataset
+        base = ds.name or (Path(ds.path).name if ds.path else None) or ds.format
+        return "laser-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip("-").lower()
 
     def laser_spec(self) -> LaserSpec:
         return LaserSpec(bitune=self.bitune, text=self.text, backbone=self.backbone, seed=self.laser_train.seed)

@@ -79,8 +79,10 @@ def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
 @torch.no_grad()
 def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: np.ndarray,
                    item_table: torch.Tensor, batch_size: int = 16, ks: Sequence[int] = DEFAULT_KS,
-                   progress: bool = False, desc: str = "evaluate") -> dict[str, float]:
-    """Full ranking over all items by cosine to the table (history masking off, as in the paper)."""
+                   progress: bool = False, desc: str = "evaluate", stats: dict | None = None) -> dict[str, float]:
+    """Full ranking over all items by cosine to the table (history masking off, as in the paper).
+
+    ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert)."""
     was = model.training
     model.eval()
     acc = RankingAccumulator(ks=tuple(ks))
@@ -88,8 +90,12 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
     bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        emb, _ = model([histories[i] for i in idx])
+        emb, route = model([histories[i] for i in idx])
         acc.add(cosine_scores(emb, item_table), targets[idx])
+        if stats is not None and route is not None:
+            counts = torch.bincount(route.selected, minlength=route.scores.shape[1]).tolist()
+            old = stats.get("expert_counts") or [0] * len(counts)
+            stats["expert_counts"] = [a + b for a, b in zip(old, counts)]
         bar.update(len(idx))
     bar.close()
     model.train(was)
@@ -283,12 +289,37 @@ class LaserTrainer:
                               cost=cost)
 
 
-def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig
-               ) -> dict[str, float]:
+def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig,
+               stats: dict | None = None) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
     hist, targets = test_examples(split, config)
     return evaluate_laser(model, hist, targets, item_table, config.eval_batch_size, progress=config.progress,
-                          desc="test")
+                          desc="test", stats=stats)
+
+
+@torch.no_grad()
+def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[Sequence[int]], k: int = 10,
+              batch_size: int = 16, exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` item indices and cosine scores ``[n, k]`` for each history (batched by length)."""
+    if k > item_table.shape[0]:
+        raise ValueError(f"k={k} is larger than the catalogue ({item_table.shape[0]} items)")
+    was = model.training
+    model.eval()
+    n = len(histories)
+    top_i = np.zeros((n, k), dtype=np.int64)
+    top_s = np.zeros((n, k), dtype=np.float32)
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    for lo in range(0, n, batch_size):
+        idx = order[lo:lo + batch_size]
+        emb, _ = model([histories[i] for i in idx])
+        scores = cosine_scores(emb, item_table)
+        if exclude_history:
+            for row, i in enumerate(idx):
+                scores[row, torch.as_tensor(np.asarray(histories[i], dtype=np.int64))] = -torch.inf
+        s, i_ = torch.topk(scores, k, dim=1)
+        top_i[idx], top_s[idx] = i_.numpy(), s.float().numpy()
+    model.train(was)
+    return top_i, top_s
 
 
 def test_examples(split: Split, config: LaserTrainConfig) -> tuple[list[np.ndarray], np.ndarray]:

@@ -1,7 +1,9 @@
 """The training pipeline:
-load → validate → split → pretrain the ID-based recommender → evaluate it → Bi-Tune stage 1 → stage 2 → evaluate.
+load → validate → split → pretrain the ID-based recommender → evaluate it → Bi-Tune stage 1 → stage 2 →
+evaluate Laser → export the scorer → promote (the gate of the Model Control Plane).
 
-``stop_after`` ("split" | "sr" | "laser") ends the pipeline early, e.g. to pretrain baselines only.
+``stop_after`` ("split" | "sr" | "laser" | "promote") ends the pipeline early, e.g. to pretrain baselines only.
+Run it through :func:`pipelines.run.run_training`, which binds it to the config's ZenML ``Model``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,22 @@ from typing import Any
 from zenml import pipeline
 
 from steps.data import load_dataset, split_dataset, validate_dataset
+from steps.export import export_scorer
 from steps.laser import bi_tune_stage1, bi_tune_stage2, evaluate_laser
+from steps.promote import promote
 from steps.sr import evaluate_sr, pretrain_sr
 
 
 @pipeline(name="laser_training")
 def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_fingerprint: str,
                       sr_model: dict[str, Any], sr_train: dict[str, Any], laser: dict[str, Any],
-                      laser_train: dict[str, Any], stop_after: str = "laser") -> None:
-    data = load_dataset(config=dataset, fingerprint=data_fingerprint)
+                      laser_train: dict[str, Any], export: dict[str, Any] | None = None,
+                      promotion: dict[str, Any] | None = None, production_version_id: str | None = None,
+                      model_name: str = "",
+                      stop_after: str = "promote", fresh_data: bool = False) -> None:
+    # scheduled runs read the data again each time (the fingerprint was taken when the schedule was registered)
+    loader = load_dataset.with_options(enable_cache=False) if fresh_data else load_dataset
+    data = loader(config=dataset, fingerprint=data_fingerprint)
     report = validate_dataset(data, config=validation)
     split, _ = split_dataset(data, report)
     if stop_after == "split":
@@ -30,4 +39,9 @@ def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_
         return
     stage1, table = bi_tune_stage1(data, split, model, spec=laser, train_config=laser_train)
     laser_model = bi_tune_stage2(data, split, model, stage1, table, train_config=laser_train)
-    evaluate_laser(data, split, model, laser_model, table, train_config=laser_train)
+    metrics = evaluate_laser(data, split, model, laser_model, table, train_config=laser_train)
+    if stop_after == "laser":
+        return
+    export_scorer(data, split, model, laser_model, table, export_config=export or {})
+    promote(data, split, metrics, train_config=laser_train, promotion=promotion or {},
+            production_version_id=production_version_id, model_name=model_name, after=["export_scorer"])

@@ -11,7 +11,7 @@ from laser_core.data import loading
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split, leave_one_out
 from laser_core.data.validation import ValidationReport, validate
-from steps.materializers import SeqDatasetMaterializer, SplitMaterializer, ValidationReportMaterializer
+from steps.materializers import JSONDictMaterializer, SeqDatasetMaterializer, SplitMaterializer, ValidationReportMaterializer
 
 logger = get_logger(__name__)
 
@@ -42,7 +42,7 @@ def validate_dataset(dataset: SeqDataset, config: dict[str, Any]
     return report
 
 
-@step(output_materializers={"split": SplitMaterializer})
+@step(output_materializers={"split": SplitMaterializer, "split_report": JSONDictMaterializer})
 def split_dataset(dataset: SeqDataset, validation_report: ValidationReport
                   ) -> tuple[Annotated[Split, "split"], Annotated[dict, "split_report"]]:
     """Leave-one-out split (last = test, second-to-last = validation; users with < 3 items train only)."""

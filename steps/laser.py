@@ -11,8 +11,12 @@ from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser
 from laser_core.sr import SequentialRecommender
-from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
-from steps.materializers import ItemTableMaterializer, LaserWeightsMaterializer
+from laser_core.reporting import MetricsReport
+from laser_core.sr import SRConfig, evaluate
+from laser_core.sr.popularity import Popularity
+from laser_core.train import LaserTrainConfig, LaserTrainer, test_examples, test_laser
+from steps.materializers import ItemTableMaterializer, LaserWeightsMaterializer, MetricsReportMaterializer
+from steps.mcp import log_model_metadata
 from steps.sr import checkpoint_root
 
 logger = get_logger(__name__)
@@ -55,14 +59,28 @@ def bi_tune_stage2(dataset: SeqDataset, split: Split, sr_model: SequentialRecomm
     return LaserWeights(spec=laser_stage1.spec, state=dict(model.state_dict()), summary=summary)
 
 
-@step
+@step(output_materializers={"laser_metrics": MetricsReportMaterializer})
 def evaluate_laser(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, laser_model: LaserWeights,
-                   item_table: ItemTable, train_config: dict[str, Any]) -> Annotated[dict, "laser_metrics"]:
-    """Test with the stage-2 weights and the frozen stage-1 table (full ranking; no history masking)."""
+                   item_table: ItemTable, train_config: dict[str, Any]) -> Annotated[MetricsReport, "laser_metrics"]:
+    """Test with the stage-2 weights and the frozen stage-1 table (full ranking; no history masking). The
+    popularity baseline is scored on the same test pairs (the promotion gate can require beating it)."""
     cfg = LaserTrainConfig.model_validate(train_config)
     model = build_laser(laser_model.spec, dataset.items, sr_model, weights=laser_model)
-    metrics = test_laser(model, item_table.table, split, cfg)
-    logger.info("Laser test: %s", {k: round(v, 4) for k, v in metrics.items() if k in ("recall@10", "ndcg@10", "mrr")})
-    return {"model": "laser", "split": "test", "mask_history": False, "test_users": cfg.test_users or "all",
-            "protocol": "leave-one-out, full ranking over all items", "metrics": metrics,
-            "trainable": model.n_trainable(), "backbone": laser_model.spec.backbone.model_dump()}
+    stats: dict = {}
+    metrics = test_laser(model, item_table.table, split, cfg, stats=stats)
+    hist, targets = test_examples(split, cfg)
+    popularity = evaluate(Popularity(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
+    report = MetricsReport(
+        model="laser", split="test", metrics=metrics,
+        protocol={"ranking": "full, over all items", "mask_history": False, "split": "leave-one-out",
+                  "users": len(targets), "test_users": cfg.test_users or "all"},
+        details={"trainable": model.n_trainable(), "backbone": laser_model.spec.backbone.model_dump(),
+                 "expert_counts": stats.get("expert_counts"), "popularity": popularity})
+    logger.info("Laser test: %s (popularity on the same pairs: %s)", report.headline(),
+                {k: round(popularity[k], 4) for k in ("recall@10", "ndcg@10", "mrr")})
+    log_model_metadata({"laser_test": {**report.headline(), "users": len(targets)},
+                        "popularity_test": {k: popularity[k] for k in ("recall@10", "ndcg@10", "mrr")},
+                        "trainable_parameters": model.n_trainable()["total"],
+                        "backbone": laser_model.spec.backbone.name,
+                        "quantization": laser_model.spec.backbone.quantization})
+    return report

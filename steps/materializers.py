@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -20,8 +22,10 @@ from zenml.materializers.base_materializer import BaseMaterializer
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.data.validation import ValidationReport
+from laser_core.bundle import ExportBundle
 from laser_core.model import ItemTable, LaserSpec, LaserWeights
-from laser_core.reporting import markdown_table
+from laser_core.promotion import PromotionDecision
+from laser_core.reporting import MetricsReport, markdown_table, svg_bar_chart, svg_line_chart
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.checkpoint import CONFIG, WEIGHTS, model_from_bytes, model_to_bytes
 
@@ -171,10 +175,26 @@ class LaserWeightsMaterializer(_FilesMixin):
                                 "backbone": data.spec.backbone.name,
                                 "quantization": data.spec.backbone.quantization,
                                 "prefix": data.spec.bitune.prefix, "pooling": data.spec.bitune.pooling}
-        for key in ("best_valid_ndcg@10", "stage"):
-            if key in data.summary:
+        for key in ("best_valid_ndcg@10", "stage", "best_epoch"):
+            if data.summary.get(key) is not None:
                 meta[key] = data.summary[key]
+        trainable = data.summary.get("trainable") or {}
+        for key in ("mformer", "total", "bi_tuning_token_values"):
+            if key in trainable:
+                meta[f"trainable_{key}"] = int(trainable[key])
         return meta
+
+    def save_visualizations(self, data: LaserWeights) -> dict[str, VisualizationType]:
+        """Validation NDCG@10 per epoch (epoch -1 = before training), one line per stage."""
+        history = list(data.summary.get("history") or [])
+        series: dict[str, list[tuple[float, float]]] = {}
+        for entry in history:
+            valid = entry.get("valid") or {}
+            if "ndcg@10" in valid:
+                series.setdefault(f"stage {entry['stage']}", []).append((float(entry["epoch"]),
+                                                                         float(valid["ndcg@10"])))
+        html = svg_line_chart(series, "Validation NDCG@10 per epoch", "epoch (-1: before training)", "NDCG@10")
+        return {self._write_text("valid_ndcg.html", html): VisualizationType.HTML}
 
 
 class ItemTableMaterializer(_FilesMixin):
@@ -196,3 +216,123 @@ class ItemTableMaterializer(_FilesMixin):
 
     def extract_metadata(self, data: ItemTable) -> dict[str, Any]:
         return {"n_items": int(data.table.shape[0]), "dim": int(data.table.shape[1])}
+
+
+class MetricsReportMaterializer(_FilesMixin):
+    """Metrics as ``metrics.json``; a Markdown table and, for Laser, the router's expert-usage histogram."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (MetricsReport,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+
+    def save(self, data: MetricsReport) -> None:
+        self._write_json("metrics.json", data.to_dict())
+
+    def load(self, data_type: type[Any]) -> MetricsReport:
+        return MetricsReport.from_dict(self._read_json("metrics.json"))
+
+    def extract_metadata(self, data: MetricsReport) -> dict[str, Any]:
+        meta: dict[str, Any] = {"model": data.model, "split": data.split}
+        meta.update({k: float(v) for k, v in data.headline(("recall@10", "ndcg@10", "mrr", "recall@20",
+                                                              "ndcg@20")).items()})
+        return meta
+
+    def save_visualizations(self, data: MetricsReport) -> dict[str, VisualizationType]:
+        out = {self._write_text("metrics.md", data.to_markdown()): VisualizationType.MARKDOWN}
+        counts = data.details.get("expert_counts")
+        if counts:
+            html = svg_bar_chart(counts, [f"E{i}" for i in range(len(counts))],
+                                 f"Router: expert selected per user ({data.split}, {sum(counts)} users)", "users")
+            out[self._write_text("expert_usage.html", html)] = VisualizationType.HTML
+        return out
+
+
+class PromotionDecisionMaterializer(_FilesMixin):
+    """The promotion gate's decision as ``decision.json`` (+ Markdown)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (PromotionDecision,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+
+    def save(self, data: PromotionDecision) -> None:
+        self._write_json("decision.json", data.to_dict())
+
+    def load(self, data_type: type[Any]) -> PromotionDecision:
+        return PromotionDecision.from_dict(self._read_json("decision.json"))
+
+    def extract_metadata(self, data: PromotionDecision) -> dict[str, Any]:
+        return {k: v for k, v in data.to_dict().items()
+                if k != "details" and v is not None and isinstance(v, (str, int, float, bool))}
+
+    def save_visualizations(self, data: PromotionDecision) -> dict[str, VisualizationType]:
+        return {self._write_text("decision.md", data.to_markdown()): VisualizationType.MARKDOWN}
+
+
+class ExportBundleMaterializer(_FilesMixin):
+    """An exported folder (ONNX graphs, tokenizer, catalogue, manifest), copied file by file."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ExportBundle,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+
+    def save(self, data: ExportBundle) -> None:
+        for rel in data.files():
+            dest = self._path(rel.as_posix())
+            self.artifact_store.makedirs(os.path.dirname(dest))
+            with open(data.path / rel, "rb") as src, self.artifact_store.open(dest, "wb") as fh:
+                fh.write(src.read())
+        self._write_json("files.json", [rel.as_posix() for rel in data.files()])
+
+    def load(self, data_type: type[Any]) -> ExportBundle:
+        target = Path(tempfile.mkdtemp(prefix="laser-bundle-"))
+        for rel in self._read_json("files.json"):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            with self.artifact_store.open(self._path(rel), "rb") as src:
+                (target / rel).write_bytes(src.read())
+        return ExportBundle(target)
+
+    def extract_metadata(self, data: ExportBundle) -> dict[str, Any]:
+        manifest = data.manifest
+        meta: dict[str, Any] = {"files": len(data.files()), "bytes": data.size_bytes()}
+        for key in ("n_items", "dim", "k", "format_version"):
+            if key in manifest:
+                meta[key] = manifest[key]
+        for rel in data.files():
+            if rel.suffix == ".onnx":
+                meta[f"{rel.stem}_bytes"] = (data.path / rel).stat().st_size
+        return meta
+
+
+class DataFrameMaterializer(_FilesMixin):
+    """A table (e.g. recommendations) as ``table.parquet``."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (pd.DataFrame,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save(self, data: pd.DataFrame) -> None:
+        self._write_parquet("table.parquet", data)
+
+    def load(self, data_type: type[Any]) -> pd.DataFrame:
+        return self._read_parquet("table.parquet")
+
+    def extract_metadata(self, data: pd.DataFrame) -> dict[str, Any]:
+        return {"rows": int(len(data)), "columns": ", ".join(map(str, data.columns))}
+
+    def save_visualizations(self, data: pd.DataFrame) -> dict[str, VisualizationType]:
+        head = data.head(20)
+        return {self._write_text("head.md", f"{len(data)} rows; first {len(head)}:\n\n"
+                                 + markdown_table(list(map(str, head.columns)), head.itertuples(index=False))):
+                VisualizationType.MARKDOWN}
+
+
+class JSONDictMaterializer(_FilesMixin):
+    """A plain dict of JSON values (training summaries, split reports) as ``data.json``."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (dict,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+
+    def save(self, data: dict) -> None:
+        self._write_json("data.json", data)
+
+    def load(self, data_type: type[Any]) -> dict:
+        return self._read_json("data.json")
+
+    def extract_metadata(self, data: dict) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool))}

@@ -12,7 +12,9 @@ from laser_core.data.split import Split
 from laser_core.llm.backbones import default_cache_dir
 from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, evaluate_split, fit
 from laser_core.sr.trainer import config_hash
-from steps.materializers import SRModelMaterializer
+from laser_core.reporting import MetricsReport
+from steps.mcp import log_model_metadata
+from steps.materializers import JSONDictMaterializer, MetricsReportMaterializer, SRModelMaterializer
 
 logger = get_logger(__name__)
 
@@ -22,7 +24,7 @@ def checkpoint_root(kind: str = "sr") -> Path:
     return default_cache_dir() / "checkpoints" / kind
 
 
-@step(output_materializers={"sr_model": SRModelMaterializer})
+@step(output_materializers={"sr_model": SRModelMaterializer, "sr_training": JSONDictMaterializer})
 def pretrain_sr(split: Split, model_config: dict[str, Any], train_config: dict[str, Any]
                 ) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
     """Train the ID-based recommender with early stopping on validation NDCG@10; return the best epoch's model.
@@ -39,11 +41,14 @@ def pretrain_sr(split: Split, model_config: dict[str, Any], train_config: dict[s
     return result.model, summary
 
 
-@step
-def evaluate_sr(sr_model: SequentialRecommender, split: Split) -> Annotated[dict, "sr_metrics"]:
+@step(output_materializers={"sr_metrics": MetricsReportMaterializer})
+def evaluate_sr(sr_model: SequentialRecommender, split: Split) -> Annotated[MetricsReport, "sr_metrics"]:
     """Full-ranking test metrics (history = training part + validation item; no history masking)."""
     metrics = evaluate_split(sr_model, split, "test")
-    logger.info("%s test: %s", sr_model.config.model,
-                {k: round(v, 4) for k, v in metrics.items() if k in ("recall@10", "ndcg@10", "mrr")})
-    return {"model": sr_model.config.model, "split": "test", "mask_history": False,
-            "protocol": "leave-one-out, full ranking over all items", "metrics": metrics}
+    report = MetricsReport(model=sr_model.config.model, split="test", metrics=metrics,
+                           protocol={"ranking": "full, over all items", "mask_history": False,
+                                     "split": "leave-one-out", "users": int(len(split.eval_users))},
+                           details={"parameters": sr_model.n_parameters()})
+    logger.info("%s test: %s", sr_model.config.model, report.headline())
+    log_model_metadata({"sr_test": {"model": report.model, **report.headline()}})
+    return report

@@ -9,6 +9,7 @@ from laser_core.config import LaserConfig, data_fingerprint
 
 
 def _config(stop_after: str = "laser", **dataset) -> LaserConfig:
+    """The tiny config; stops after evaluate_laser (tests/test_mlops.py runs the export and promotion too)."""
     return LaserConfig.model_validate({
         "dataset": dataset or {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 80, "seed": 1}},
         "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
@@ -61,11 +62,11 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
         assert art.materializer.import_path.startswith("steps.materializers."), art.materializer.import_path
     assert sr_model.run_metadata["model"] == "sasrec" and sr_model.run_metadata["parameters"] > 0
     metrics = run.steps["evaluate_sr"].outputs["sr_metrics"][0].load()
-    assert metrics["mask_history"] is False and 0 < metrics["metrics"]["ndcg@10"] <= 1
+    assert metrics.protocol["mask_history"] is False and 0 < metrics.metrics["ndcg@10"] <= 1
     # the stored model reproduces the test metrics it was evaluated with
     from laser_core.sr import evaluate_split
 
-    assert evaluate_split(sr_model.load(), loaded, "test") == metrics["metrics"]
+    assert evaluate_split(sr_model.load(), loaded, "test") == metrics.metrics
 
     second = run_training(cfg)
     assert set(_statuses(second).values()) == {"cached"}
@@ -75,7 +76,7 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     assert third == {"load_dataset": "cached", "validate_dataset": "cached", "split_dataset": "cached",
                      "pretrain_sr": "cached", "evaluate_sr": "cached", **{s: "completed" for s in LASER_STEPS}}
     laser_metrics = Client().get_pipeline_run(second.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
-    assert laser_metrics["test_users"] == 32 and 0 <= laser_metrics["metrics"]["ndcg@10"] <= 1
+    assert laser_metrics.protocol["users"] == 32 and 0 <= laser_metrics.metrics["ndcg@10"] <= 1
     stage1 = run.steps["bi_tune_stage1"].outputs["laser_stage1"][0]
     table = run.steps["bi_tune_stage1"].outputs["item_table"][0]
     assert table.load().table.shape == (80, 64)

@@ -1,0 +1,197 @@
+"""What ``laser model ...`` and ``laser lineage`` print: thin functions over ZenML's client, returning plain data.
+
+Kept apart from the click commands so tests can call them and compare with the printed output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STEP_ORDER = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
+              "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote", "batch_recommend")
+STAGES = ("staging", "production", "archived")
+
+
+def _scalar_metadata(meta: dict, limit: int = 12) -> dict[str, Any]:
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, (str, int, float, bool)) and not (isinstance(v, str) and len(v) > 120):
+            out[k] = v
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _client():
+    from zenml.client import Client
+
+    return Client()
+
+
+def resolve_version(model: str, version: str | None):
+    """A model version by number, name, stage (production/staging/latest) or id; KeyError with the reason."""
+    from zenml.enums import ModelStages
+
+    client = _client()
+    key: Any = version or ModelStages.LATEST
+    if isinstance(key, str) and key in {s.value for s in ModelStages}:
+        key = ModelStages(key)
+    try:
+        return client.get_model_version(model, key)
+    except KeyError as exc:
+        raise KeyError(f"model {model!r} has no version {version or 'latest'!r}") from exc
+
+
+HEADLINE = ("recall@10", "ndcg@10", "mrr")
+
+
+def _metrics(mv) -> dict[str, Any]:
+    """Test metrics of a version: logged on the version by the evaluate steps, or (when those steps were
+    cached in this version's run, so nothing was logged) read from its linked metrics artifacts."""
+    meta = mv.run_metadata
+    out = {}
+    for key, artifact in (("laser_test", "laser_metrics"), ("sr_test", "sr_metrics"),
+                          ("popularity_test", None)):
+        if isinstance(meta.get(key), dict):
+            out[key] = {k: v for k, v in meta[key].items()}
+        elif artifact is not None and (art := mv.get_artifact(artifact)) is not None:
+            am = art.run_metadata
+            if any(k in am for k in HEADLINE):
+                out[key] = {k: am[k] for k in HEADLINE if k in am}
+    if isinstance(meta.get("promotion"), dict):
+        out["promotion"] = {k: meta["promotion"].get(k) for k in ("stage", "reason")}
+    return out
+
+
+def version_summary(mv) -> dict[str, Any]:
+    return {"model": mv.model.name, "version": mv.name, "number": mv.number,
+            "stage": getattr(mv.stage, "value", mv.stage), "created": str(mv.created)[:19], **_metrics(mv)}
+
+
+def list_models(name: str | None = None) -> list[dict[str, Any]]:
+    """Every Laser model (or one) with its versions, newest first."""
+    client = _client()
+    models = [client.get_model(name)] if name else client.list_models(size=1000).items
+    out = []
+    for m in models:
+        versions = client.list_model_versions(model_name_or_id=m.id, sort_by="desc:number", size=1000).items
+        out.append({"model": m.name, "versions": [version_summary(v) for v in versions]})
+    return out
+
+
+def show_version(model: str, version: str | None) -> dict[str, Any]:
+    mv = resolve_version(model, version)
+    info = version_summary(mv)
+    info["artifacts"] = {name: {v: str(a.id) for v, a in arts.items()}
+                         for name, arts in (mv.data_artifacts | mv.model_artifacts).items()}
+    info["runs"] = {name: str(rid) for name, rid in mv.pipeline_run_ids.items()}
+    info["metadata"] = {k: v for k, v in mv.run_metadata.items()}
+    return info
+
+
+def promote_version(model: str, version: str, stage: str, force: bool = False) -> dict[str, Any]:
+    """Set a version's stage by hand (``force`` archives the version currently in that stage)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
+    mv = resolve_version(model, version)
+    mv.set_stage(stage, force=force)
+    return version_summary(resolve_version(model, mv.name))
+
+
+def diff_versions(model: str, a: str, b: str) -> dict[str, Any]:
+    """Metrics and configuration that differ between two versions."""
+    va, vb = resolve_version(model, a), resolve_version(model, b)
+    ma, mb = _metrics(va), _metrics(vb)
+    rows = []
+    for group in ("laser_test", "sr_test", "popularity_test"):
+        ga, gb = ma.get(group) or {}, mb.get(group) or {}
+        for k in sorted(set(ga) | set(gb)):
+            x, y = ga.get(k), gb.get(k)
+            delta = (y - x) if isinstance(x, (int, float)) and isinstance(y, (int, float)) else None
+            rows.append({"key": f"{group}.{k}", "a": x, "b": y, "delta": delta})
+    config = []
+    ra, rb = _training_run(va), _training_run(vb)
+    if ra is not None and rb is not None:
+        pa, pb = _flatten(ra.config.parameters or {}), _flatten(rb.config.parameters or {})
+        for k in sorted(set(pa) | set(pb)):
+            if pa.get(k) != pb.get(k):
+                config.append({"key": k, "a": pa.get(k), "b": pb.get(k)})
+    return {"model": model, "a": version_summary(va), "b": version_summary(vb), "metrics": rows, "config": config}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _training_run(mv):
+    client = _client()
+    runs = [client.get_pipeline_run(rid) for rid in mv.pipeline_run_ids.values()]
+    runs = [r for r in runs if r.pipeline is not None and r.pipeline.name == "laser_training"]
+    return max(runs, key=lambda r: r.created) if runs else None
+
+
+def lineage(target: str) -> dict[str, Any]:
+    """The chain of a training run (by run id/name) or of a model version (``name[:version|stage]``): the raw data
+    version, then every step's output artifacts with version, URI, producing step and key metadata."""
+    client = _client()
+    run, mv = None, None
+    try:
+        run = client.get_pipeline_run(target)
+    except (KeyError, ValueError):
+        name, _, version = target.partition(":")
+        try:
+            mv = resolve_version(name, version or None)
+        except KeyError as exc:
+            raise KeyError(f"{target!r} is neither a pipeline run nor a model version: {exc}") from exc
+        run = _training_run(mv)
+        if run is None:
+            raise KeyError(f"model version {name}:{mv.name} has no training run")
+    run = client.get_pipeline_run(run.id)
+    params = run.config.parameters or {}
+    steps = sorted(run.steps.items(),
+                   key=lambda kv: (STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else len(STEP_ORDER), kv[0]))
+    chain = []
+    for name, step_run in steps:
+        outputs = []
+        for out_name, arts in sorted(step_run.outputs.items()):
+            for art in arts:
+                producer = art.producer_step_run_id
+                produced_by = name if producer in (None, step_run.id) else f"{name} (cached; from step run {producer})"
+                outputs.append({"name": out_name, "artifact": art.name, "version": str(art.version),
+                                "id": str(art.id), "uri": art.uri, "type": str(art.type.value),
+                                "materializer": art.materializer.import_path if art.materializer else None,
+                                "produced_by": produced_by, "metadata": _scalar_metadata(art.run_metadata)})
+        chain.append({"step": name, "status": step_run.status.value, "outputs": outputs})
+    dataset_cfg = params.get("dataset") or {}
+    return {"run": {"id": str(run.id), "name": run.name, "pipeline": run.pipeline.name if run.pipeline else None,
+                    "status": run.status.value, "created": str(run.created)[:19]},
+            "model_version": None if mv is None else version_summary(mv),
+            "raw_data": {"format": dataset_cfg.get("format"), "path": dataset_cfg.get("path"),
+                         "fingerprint": params.get("data_fingerprint")},
+            "chain": chain}
+
+
+def lineage_text(info: dict[str, Any]) -> str:
+    r = info["run"]
+    lines = [f"run {r['name']} ({r['id']}) pipeline={r['pipeline']} status={r['status']} created={r['created']}"]
+    if info["model_version"]:
+        mv = info["model_version"]
+        lines.append(f"model {mv['model']} version {mv['version']} stage={mv['stage']}")
+    raw = info["raw_data"]
+    lines.append(f"raw data: format={raw['format']} path={raw['path']} fingerprint={str(raw['fingerprint'])[:16]}")
+    for node in info["chain"]:
+        lines.append(f"└─ {node['step']} [{node['status']}]")
+        for o in node["outputs"]:
+            meta = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o["metadata"].items())
+            lines.append(f"     {o['name']} v{o['version']} ({o['type']}) by {o['produced_by']}")
+            lines.append(f"       uri: {o['uri']}")
+            if meta:
+                lines.append(f"       {meta}")
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""Batch inference, the natural scheduled job: a stored model version (production by default) → top-k for all or
+selected users of the current data → a Parquet ``recommendations`` artifact linked to that model version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zenml import get_pipeline_context, pipeline
+
+from steps.batch import batch_recommend
+from steps.data import load_dataset
+
+
+@pipeline(name="laser_batch_recommend")
+def batch_pipeline(dataset: dict[str, Any], data_fingerprint: str, batch: dict[str, Any],
+                   model_version: str = "") -> None:
+    model = get_pipeline_context().model
+    data = load_dataset(config=dataset, fingerprint=data_fingerprint)
+    batch_recommend(data, model.get_artifact("dataset"), model.get_artifact("sr_model"),
+                    model.get_artifact("laser_model"), model.get_artifact("item_table"),
+                    batch_config=batch, model_version=model_version)

@@ -1,0 +1,266 @@
+"""The MLOps product on ZenML's embedded default (isolated store): the full pipeline through export and the
+promotion gate, caching, the Model Control Plane CLI, lineage, batch recommendations and the schedule error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from laser_core.config import LaserConfig
+from laser_core.promotion import PromotionConfig, decide
+
+FULL_STEPS = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
+              "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
+LASER_AND_AFTER = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
+
+
+# ------------------------------------------------------------------------------------------- the gate, no ZenML
+def test_gate_first_version_goes_to_production():
+    d = decide(PromotionConfig(), {"ndcg@10": 0.2})
+    assert d.valid and d.stage == "production" and "no production" in d.reason
+
+
+def test_gate_compares_with_production_by_margin():
+    cfg = PromotionConfig(metric="ndcg@10", min_improvement=0.01)
+    assert decide(cfg, {"ndcg@10": 0.215}, {"ndcg@10": 0.2}, "3").stage == "production"   # +0.015 > 0.01
+    staged = decide(cfg, {"ndcg@10": 0.205}, {"ndcg@10": 0.2}, "3")                        # +0.005
+    assert staged.stage == "staging" and "v3" in staged.reason
+    # equal is not better: a retrained identical model stays in staging at the default margin 0
+    assert decide(PromotionConfig(), {"ndcg@10": 0.2}, {"ndcg@10": 0.2}, "1").stage == "staging"
+    assert decide(PromotionConfig(min_improvement=-0.1), {"ndcg@10": 0.15}, {"ndcg@10": 0.2}, "1").stage == \
+        "production"
+
+
+def test_gate_invalid_and_not_comparable():
+    assert decide(PromotionConfig(), {"ndcg@10": math.nan}).stage is None
+    assert decide(PromotionConfig(), {"ndcg@10": 1.5}).stage is None
+    pop = decide(PromotionConfig(require_beats_popularity=True), {"ndcg@10": 0.1}, popularity={"ndcg@10": 0.12})
+    assert pop.stage is None and not pop.valid and "popularity" in pop.reason
+    other = decide(PromotionConfig(), {"ndcg@10": 0.3}, None, "2", comparable=False)
+    assert other.stage == "staging" and "different catalogue" in other.reason
+    with pytest.raises(KeyError, match="recall@99"):
+        decide(PromotionConfig(metric="recall@99"), {"ndcg@10": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+def _config(name: str, **updates) -> LaserConfig:
+    raw = {
+        "dataset": {"format": "synthetic", "synthetic": {"n_users": 160, "n_items": 64, "seed": 3}},
+        "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
+        "sr": {"model": "sasrec", "hidden_size": 16},
+        "sr_train": {"epochs": 2, "batch_size": 64, "progress": False},
+        "text": {"history_len": 3},
+        "backbone": {"name": "tiny-random-llama", "quantization": "nf4"},
+        "bitune": {"mformer": {"n_experts": 2, "n_query": 4, "width": 32, "n_layers": 2, "n_heads": 2}},
+        "laser_train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 8, "users_per_epoch": 16,
+                        "valid_users": 16, "test_users": 24, "item_batch_size": 32, "progress": False},
+        "model": {"name": name},
+        "export": {"k": 5},
+    }
+    for key, value in updates.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return LaserConfig.model_validate(raw)
+
+
+def _statuses(run) -> dict[str, str]:
+    from zenml.client import Client
+
+    return {n: s.status.value for n, s in Client().get_pipeline_run(run.id).steps.items()}
+
+
+def _decision(run):
+    from zenml.client import Client
+
+    return Client().get_pipeline_run(run.id).steps["promote"].outputs["promotion_decision"][0].load()
+
+
+def _stage(name: str, version: str) -> str | None:
+    from zenml.client import Client
+
+    stage = Client().get_model_version(name, version).stage
+    return getattr(stage, "value", stage)
+
+
+@pytest.fixture(scope="module")
+def trained(zenml_store):
+    """One full run of the tiny config (model ``laser-mlops``): v1, which goes to production."""
+    from pipelines.run import run_training
+
+    cfg = _config("laser-mlops")
+    run = run_training(cfg)
+    return cfg, run
+
+
+def test_full_pipeline_exports_promotes_and_logs(trained):
+    from zenml.client import Client
+
+    cfg, run = trained
+    assert _statuses(run) == {s: "completed" for s in FULL_STEPS}
+    decision = _decision(run)
+    assert decision.stage == "production" and decision.production_value is None
+    mv = Client().get_model_version("laser-mlops", "production")
+    assert mv.name == decision.details["new_version"]
+    laser = Client().get_pipeline_run(run.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
+    assert mv.run_metadata["laser_test"]["ndcg@10"] == pytest.approx(laser.metrics["ndcg@10"])
+    assert decision.new_value == laser.metrics["ndcg@10"]
+    assert sum(laser.details["expert_counts"]) == 24            # every test user routed to one expert
+    # every artifact of the run is linked to the model version and stored without pickle
+    steps = Client().get_pipeline_run(run.id).steps
+    for step_name, step_run in steps.items():
+        for out_name, arts in step_run.outputs.items():
+            for art in arts:
+                assert art.materializer.import_path.startswith("steps.materializers."), (step_name, out_name)
+                assert "pickle" not in art.materializer.import_path.lower()
+    linked = set(mv.data_artifacts) | set(mv.model_artifacts)
+    assert {"dataset", "split", "sr_model", "laser_model", "item_table", "scorer_bundle"} <= linked
+    bundle = steps["export_scorer"].outputs["scorer_bundle"][0]
+    manifest = bundle.load().manifest
+    assert manifest["n_items"] == 64 and manifest["k"] == 5
+    assert bundle.run_metadata["files"] >= 3
+    # visualizations: the validation curve and the expert-usage histogram
+    laser_model = steps["bi_tune_stage2"].outputs["laser_model"][0]
+    assert any("valid_ndcg.html" in v.uri for v in laser_model.visualizations)
+    metrics_art = steps["evaluate_laser"].outputs["laser_metrics"][0]
+    assert any("expert_usage.html" in v.uri for v in metrics_art.visualizations)
+
+
+def test_caching_and_promotion_sequence(trained):
+    """Second run: everything cached except promote (production changed from none to v1), identical model →
+    staging. Third identical run: fully cached. A gate margin nobody can beat keeps a version in staging; a
+    negative margin lets the next one replace production. Production is re-scored on the same pairs each time."""
+    from zenml.client import Client
+
+    from pipelines.run import run_training
+
+    cfg, first = trained
+    v1 = _decision(first).details["new_version"]
+    second = run_training(cfg)
+    assert _statuses(second) == {**{s: "cached" for s in FULL_STEPS}, "promote": "completed"}
+    d2 = _decision(second)
+    # production (v1) re-scored on the same pairs gives exactly its recorded test metric
+    assert d2.production_version == v1 and d2.production_value == d2.new_value
+    assert d2.stage == "staging" and _stage("laser-mlops", d2.details["new_version"]) == "staging"
+    third = run_training(cfg)
+    assert set(_statuses(third).values()) == {"cached"}
+
+    worse = run_training(_config("laser-mlops", promotion={"min_improvement": 0.5}))
+    d3 = _decision(worse)
+    assert d3.stage == "staging" and _stage("laser-mlops", v1) == "production"
+    better = run_training(_config("laser-mlops", promotion={"min_improvement": -1.0}))
+    d4 = _decision(better)
+    assert d4.stage == "production"
+    assert Client().get_model_version("laser-mlops", "production").name == d4.details["new_version"]
+    assert _stage("laser-mlops", v1) == "archived"
+
+
+def test_laser_hyperparameter_reruns_only_laser_steps(trained):
+    from pipelines.run import run_training
+
+    cfg = _config("laser-mlops-hp", laser_train={"lr": 3e-4})
+    base = run_training(_config("laser-mlops-hp"))
+    assert set(_statuses(base).values()) <= {"cached", "completed"}
+    statuses = _statuses(run_training(cfg))
+    assert statuses == {**{s: "cached" for s in FULL_STEPS}, **{s: "completed" for s in LASER_AND_AFTER}}
+
+
+def test_lineage_lists_every_artifact(trained):
+    from zenml.client import Client
+
+    from laser_cli.main import cli
+    from laser_cli.registry import lineage
+
+    _, run = trained
+    info = lineage(str(run.id))
+    listed = {o["id"] for node in info["chain"] for o in node["outputs"]}
+    expected = {str(a.id) for s in Client().get_pipeline_run(run.id).steps.values()
+                for arts in s.outputs.values() for a in arts}
+    assert listed == expected and len(expected) >= 12
+    assert [n["step"] for n in info["chain"]] == list(FULL_STEPS)
+    assert info["raw_data"]["fingerprint"] and info["raw_data"]["format"] == "synthetic"
+    by_name = {o["name"]: o for node in info["chain"] for o in node["outputs"]}
+    assert by_name["sr_model"]["metadata"]["model"] == "sasrec" and by_name["scorer_bundle"]["uri"]
+    # by model name and stage, as text and JSON
+    result = CliRunner().invoke(cli, ["lineage", "laser-mlops:production"])
+    assert result.exit_code == 0, result.output
+    for art in ("dataset", "validation_report", "split", "sr_model", "laser_model", "item_table", "scorer_bundle"):
+        assert f"{art} v" in result.output
+    as_json = json.loads(CliRunner().invoke(cli, ["lineage", str(run.id), "--json"]).output)
+    assert as_json["run"]["id"] == str(run.id)
+    bad = CliRunner().invoke(cli, ["lineage", "no-such-model:7"])
+    assert bad.exit_code != 0 and "no-such-model" in bad.output
+
+
+def test_model_cli_list_show_promote_diff(trained):
+    from laser_cli.main import cli
+
+    runner = CliRunner()
+    out = runner.invoke(cli, ["model", "list", "laser-mlops", "--json"])
+    assert out.exit_code == 0, out.output
+    versions = json.loads(out.output)[0]["versions"]
+    assert versions and all("laser_test" in v for v in versions)
+    text = runner.invoke(cli, ["model", "list", "laser-mlops"]).output
+    assert "production" in text and "ndcg@10=" in text
+    shown = json.loads(runner.invoke(cli, ["model", "show", "laser-mlops", "production"]).output)
+    assert shown["stage"] == "production" and "laser_model" in shown["artifacts"]
+    a, b = versions[-1]["version"], versions[0]["version"]
+    diff = json.loads(runner.invoke(cli, ["model", "diff", "laser-mlops", a, b, "--json"]).output)
+    assert any(r["key"] == "laser_test.ndcg@10" for r in diff["metrics"])
+    moved = runner.invoke(cli, ["model", "promote", "laser-mlops", a, "--stage", "staging", "--force"])
+    assert moved.exit_code == 0 and f"v{a}: staging" in moved.output
+    assert _stage("laser-mlops", a) == "staging"
+    missing = runner.invoke(cli, ["model", "show", "laser-mlops", "999"])
+    assert missing.exit_code != 0 and "999" in missing.output
+
+
+def test_batch_recommendations_from_production(trained):
+    import numpy as np
+
+    from pipelines.run import run_batch
+
+    cfg, _ = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.batch.k = 4
+    run = run_batch(cfg)
+    from zenml.client import Client
+
+    step = Client().get_pipeline_run(run.id).steps["batch_recommend"]
+    art = step.outputs["recommendations"][0]
+    assert art.materializer.import_path == "steps.materializers.DataFrameMaterializer"
+    frame = art.load()
+    assert frame["user_id"].nunique() == 160 and len(frame) == 160 * 4
+    assert (frame.groupby("user_id")["rank"].apply(list) == [[1, 2, 3, 4]] * 160).all()
+    assert frame.groupby("user_id")["score"].apply(lambda s: bool(np.all(np.diff(s.to_numpy()) <= 1e-6))).all()
+    production = Client().get_model_version("laser-mlops", "production")
+    assert set(frame["model_version"]) == {f"laser-mlops:{production.name}"}
+    # history items are excluded (batch.exclude_history)
+    ds = production.get_artifact("dataset").load()
+    ids = ds.items["item_id"].astype(str).to_numpy()
+    seen = {u: set(ids[s]) for u, s in zip(ds.users, ds.sequences)}
+    assert not any(row.item_id in seen[row.user_id] for row in frame.itertuples())
+    # selected users
+    cfg.batch.users = [ds.users[0], ds.users[5]]
+    some = Client().get_pipeline_run(run_batch(cfg).id).steps["batch_recommend"].outputs["recommendations"][0]
+    assert set(some.load()["user_id"]) == {ds.users[0], ds.users[5]}
+
+
+def test_schedule_fails_on_local_stack_before_running(trained, tmp_path):
+    from zenml.client import Client
+
+    from laser_cli.main import cli
+    from pipelines.run import ScheduleError, make_schedule
+
+    with pytest.raises(ScheduleError) as err:
+        make_schedule("0 3 * * *", "configs/demo.yaml")
+    msg = str(err.value)
+    assert "'local' orchestrator" in msg and "infra/" in msg and "0 3 * * * cd " in msg and "run --config" in msg
+    with pytest.raises(ScheduleError, match="5 fields"):
+        make_schedule("every day")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(json.dumps(_config("laser-sched").model_dump(mode="json")))
+    before = Client().list_pipeline_runs(size=1).total
+    result = CliRunner().invoke(cli, ["run", "--config", str(cfg_file), "--schedule", "0 3 * * *"])
+    assert result.exit_code != 0 and "cannot run schedules" in result.output
+    assert Client().list_pipeline_runs(size=1).total == before     # nothing ran
