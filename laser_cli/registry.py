@@ -74,7 +74,7 @@ def list_models(name: str | None = None) -> list[dict[str, Any]]:
     models = [client.get_model(name)] if name else client.list_models(size=1000).items
     out = []
     for m in models:
-        versions = client.list_model_versions(model_name_or_id=m.id, sort_by="desc:number", size=1000).items
+        versions = client.list_model_versions(model=m.id, sort_by="desc:number", size=1000).items
         out.append({"model": m.name, "versions": [version_summary(v) for v in versions]})
     return out
 
@@ -82,9 +82,11 @@ def list_models(name: str | None = None) -> list[dict[str, Any]]:
 def show_version(model: str, version: str | None) -> dict[str, Any]:
     mv = resolve_version(model, version)
     info = version_summary(mv)
-    info["artifacts"] = {name: {v: str(a.id) for v, a in arts.items()}
-                         for name, arts in (mv.data_artifacts | mv.model_artifacts).items()}
-    info["runs"] = {name: str(rid) for name, rid in mv.pipeline_run_ids.items()}
+    arts = _client().list_artifact_versions(model_version_id=mv.id, size=1000).items
+    info["artifacts"] = {}
+    for a in sorted(arts, key=lambda a: (a.name, str(a.version))):
+        info["artifacts"].setdefault(a.name, {})[str(a.version)] = str(a.id)
+    info["runs"] = {r.name: str(r.id) for r in _runs(mv)}
     info["metadata"] = {k: v for k, v in mv.run_metadata.items()}
     return info
 
@@ -107,6 +109,8 @@ def diff_versions(model: str, a: str, b: str) -> dict[str, Any]:
         ga, gb = ma.get(group) or {}, mb.get(group) or {}
         for k in sorted(set(ga) | set(gb)):
             x, y = ga.get(k), gb.get(k)
+            if x == y and not isinstance(x, (int, float)):
+                continue
             delta = (y - x) if isinstance(x, (int, float)) and isinstance(y, (int, float)) else None
             rows.append({"key": f"{group}.{k}", "a": x, "b": y, "delta": delta})
     config = []
@@ -130,10 +134,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _runs(mv) -> list:
+    """The pipeline runs bound to this model version (its training run, batch runs that used it)."""
+    return list(_client().list_pipeline_runs(model_version_id=mv.id, size=1000).items)
+
+
 def _training_run(mv):
-    client = _client()
-    runs = [client.get_pipeline_run(rid) for rid in mv.pipeline_run_ids.values()]
-    runs = [r for r in runs if r.pipeline is not None and r.pipeline.name == "laser_training"]
+    runs = [r for r in _runs(mv) if r.pipeline is not None and r.pipeline.name == "laser_training"]
     return max(runs, key=lambda r: r.created) if runs else None
 
 

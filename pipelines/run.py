@@ -37,7 +37,8 @@ def production_version_id(model_name: str) -> str | None:
 
 def cron_line(cron: str, config_path: str | Path | None, data_dir: str | None = None) -> str:
     """The crontab line that runs ``laser run`` with this config on the system's cron."""
-    laser = shutil.which("laser") or f"{sys.executable} -m laser_cli.main"
+    beside = Path(sys.executable).parent / "laser"   # the console script of this environment
+    laser = str(beside) if beside.is_file() else shutil.which("laser") or f"{sys.executable} -m laser_cli.main"
     cmd = f"{laser} run --config {shlex.quote(str(Path(config_path).resolve()))}" if config_path else f"{laser} run"
     if data_dir:
         cmd += f" --data-dir {shlex.quote(str(Path(data_dir).resolve()))}"

@@ -30,7 +30,8 @@ def export_scorer(dataset: SeqDataset, split: Split, sr_model: SequentialRecomme
 
     cfg = ExportConfig.model_validate(export_config)
     model = current_model()
-    metadata = {"model_name": model.name, "model_version": str(model.version)} if model is not None else {}
+    metadata = ({"model_name": model.name, "model_version": f"{model.name}:{model.version}",
+                 "model_version_number": str(model.version)} if model is not None else {})
     out = Path(tempfile.mkdtemp(prefix="laser-export-"))
     export_bundle(laser_model, sr_model, dataset.items, item_table.table, out, k=cfg.k, metadata=metadata,
                   user_tower=cfg.user_tower, popularity=popularity_from_sequences(split.train, split.n_items))

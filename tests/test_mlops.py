@@ -119,6 +119,7 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
     bundle = steps["export_scorer"].outputs["scorer_bundle"][0]
     manifest = bundle.load().manifest
     assert manifest["n_items"] == 64 and manifest["k"] == 5
+    assert manifest["metadata"]["model_version"] == f"laser-mlops:{mv.name}"
     assert bundle.run_metadata["files"] >= 3
     # visualizations: the validation curve and the expert-usage histogram
     laser_model = steps["bi_tune_stage2"].outputs["laser_model"][0]
