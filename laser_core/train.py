@@ -59,6 +59,9 @@ class LaserTrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
+    accelerate: bool = Field(default=False, description=(
+        "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
+        "(multi-GPU); in one process it is the same computation as without it"))
 
 
 @dataclass
@@ -111,6 +114,19 @@ class LaserTrainer:
         self.model, self.split, self.cfg = model, split, config
         self.wd = Path(workdir) if workdir is not None else None
         self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr)
+        self.accelerator = None
+        self.rank, self.world = 0, 1
+        self._forward = model
+        if config.accelerate:
+            from accelerate import Accelerator, DistributedDataParallelKwargs
+
+            # experts the router did not pick in a batch get no gradient: DDP must allow unused parameters
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=True)])
+            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+            if self.world > 1:  # DDP over the trainable modules (the frozen backbone is outside the module tree)
+                self._forward = self.accelerator.prepare_model(model)
         users, hist, targets = split.valid_examples()
         keep = _sample(len(users), config.valid_users, config.seed + 1)
         self.valid = ([hist[i] for i in keep], targets[keep])
@@ -148,7 +164,7 @@ class LaserTrainer:
         self.cost["item_seconds"] += time.perf_counter() - t0
         self.cost["items_encoded"] += self.split.n_items
         self.model.train(was)
-        if path is not None:
+        if path is not None and self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_tensors({"table": table}, path)
         return table
@@ -169,6 +185,8 @@ class LaserTrainer:
     def train_epoch(self, table: torch.Tensor, stage: int, epoch: int) -> float:
         torch.manual_seed(self.cfg.seed * 100_003 + stage * 1_000 + epoch)
         hist, targets = self.examples(stage, epoch)
+        if self.world > 1:  # each process trains on its shard of the epoch's users (same seed everywhere)
+            hist, targets = hist[self.rank::self.world], targets[self.rank::self.world]
         self.model.train()
         t0 = time.perf_counter()
         total, n_batches = 0.0, 0
@@ -176,12 +194,15 @@ class LaserTrainer:
                    disable=not self.cfg.progress, leave=False)
         target_t = torch.from_numpy(targets)
         for lo in range(0, len(hist), self.cfg.batch_size):
-            emb, route = self.model(hist[lo:lo + self.cfg.batch_size])
+            emb, route = self._forward(hist[lo:lo + self.cfg.batch_size])
             loss = iic_loss(emb, table, target_t[lo:lo + self.cfg.batch_size], self.cfg.tau)
             if route is not None and self.cfg.lb_weight > 0:
                 loss = loss + self.cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.accelerator is not None:
+                self.accelerator.backward(loss)
+            else:
+                loss.backward()
             self.optimizer.step()
             total += float(loss.detach())
             n_batches += 1
@@ -205,7 +226,7 @@ class LaserTrainer:
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
 
     def _save(self, state: dict, best_table: torch.Tensor | None) -> None:
-        if self.wd is None:
+        if self.wd is None or self.rank != 0:
             return
         self.wd.mkdir(parents=True, exist_ok=True)
         save_tensors(self._trainable_state(), self.wd / "last.safetensors")

@@ -262,3 +262,19 @@ def test_short_training_beats_popularity_on_synthetic(data, sr):
     laser = test_laser(res.model, res.item_table, split, cfg)
     assert laser["ndcg@10"] > 1.3 * pop_ndcg, (laser, pop_ndcg)
     assert np.isfinite(list(laser.values())).all()
+
+
+def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
+    """`laser_train.accelerate: true` trains through Hugging Face Accelerate (data-parallel under
+    `accelerate launch`); in one CPU process it must give bit-identical weights and history."""
+    _, split = data
+    base = dict(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=1e-3, users_per_epoch=16, valid_users=8,
+                progress=False, seed=3, item_batch_size=40)
+    plain = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base)).fit()
+    trainer = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, accelerate=True))
+    assert trainer.accelerator is not None and trainer.world == 1
+    accel = trainer.fit()
+    assert [h["loss"] for h in accel.history] == [h["loss"] for h in plain.history]
+    assert any(h["loss"] is not None for h in accel.history)
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, accel.model.state_dict()[k]), k
