@@ -88,6 +88,9 @@ def _files_sha256(root: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ scorer
+EXTERNAL_DATA_BYTES = 1 << 30  # tables larger than 1 GiB are stored as ONNX external data
+
+
 def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     """Write the top-k cosine scorer over ``table`` ([n_items, d] array or tensor) as an ONNX model.
 
@@ -126,10 +129,15 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
                               producer_name="laser", doc_string=f"Laser top-{k} cosine scorer over {n_items} items")
     model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
-    onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
+    if normed_t.nbytes < EXTERNAL_DATA_BYTES:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(path))
+    else:  # protobuf cannot hold 2 GiB: the table goes to "<name>.data" beside the graph
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(path), full_check=True)
     return path
 
 

@@ -94,6 +94,25 @@ def test_scorer_matches_torch_topk(tmp_path):
         assert (np.diff(scores, axis=1) <= 0).all()
 
 
+def test_large_scorer_tables_go_to_external_data(tmp_path, monkeypatch):
+    """Tables past protobuf's 2 GiB limit are written as ONNX external data; shrink the threshold to test it."""
+    import laser_core.export as export
+    from laser_core.serving import read_scorer_table
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1024)
+    table = np.random.default_rng(4).standard_normal((300, 24)).astype(np.float32)
+    path = export_scorer(table, tmp_path / "scorer.onnx", k=7)
+    assert (tmp_path / "scorer.onnx.data").stat().st_size >= table.nbytes
+    assert path.stat().st_size < 4096
+    users = np.random.default_rng(5).standard_normal((3, 24)).astype(np.float32)
+    scores, idx = ort.InferenceSession(str(path)).run(["scores", "indices"], {"user_embedding": users})
+    normed = table / np.linalg.norm(table, axis=1, keepdims=True)
+    ref = (users / np.linalg.norm(users, axis=1, keepdims=True)) @ normed.T
+    assert (idx == np.argsort(-ref, axis=1)[:, :7]).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, idx, 1), atol=1e-5)
+    np.testing.assert_allclose(read_scorer_table(path), normed, atol=1e-6)
+
+
 def test_scorer_accepts_numpy_and_rejects_bad_k(tmp_path):
     table = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     scores, idx = session(export_scorer(table, tmp_path / "s.onnx", k=5)).run(None, {"user_embedding": table})
