@@ -55,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     wd = Path(args.workdir)
     t_start = time.perf_counter()
 
-    sr_models = {}
-    for model in ("bert4rec", "sasrec"):
+    def train_sr(model: str):
         spec = DEFAULTS[model]
         sr_cfg = SRConfig(model=model, **spec["model"])
-        sr_models[model] = fit(sr_cfg, TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]),
-                               split, workdir=wd / f"sr-{model}").model
+        sr = fit(sr_cfg, TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]),
+                 split, workdir=wd / f"sr-{model}").model
         print(f"{model} ready", flush=True)
+        return sr
 
+    # The frozen encoder first; the other baseline after Laser's test, so a run cut short still has Laser's figures.
+    sr_models = {cfg.sr.model: train_sr(cfg.sr.model)}
     laser_cfg = cfg.laser_train
     model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model])
     trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label="laser")
@@ -75,30 +77,45 @@ def main(argv: list[str] | None = None) -> int:
     test_s = time.perf_counter() - t0
     hist, targets = test_examples(split, laser_cfg)
     results = {"laser": {k: laser[k] for k in KEEP}}
-    for m, sr in sr_models.items():
-        r = evaluate(sr, hist, targets)
-        results[m] = {k: r[k] for k in KEEP}
     n_test = len(targets)
-    out = {
-        "dataset": name,
-        "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
-                     "ranking": "full, over all items", "mask_history": False,
-                     "test_pairs": n_test, "test_users": laser_cfg.test_users or "all",
-                     "same_pairs_for_all_models": True},
-        "results": results,
-        "budget": {"backbone": cfg.backbone.model_dump(), "mformer": cfg.bitune.mformer.model_dump(),
-                   "prefix": cfg.bitune.prefix, "pooling": cfg.bitune.pooling, "text": cfg.text.model_dump(),
-                   "train": laser_cfg.model_dump(exclude={"progress"}), "frozen_encoder": cfg.sr.model},
-        "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
-                 "test_users_per_second": n_test / test_s, "total_seconds": round(time.perf_counter() - t_start, 1),
-                 "backbone_memory_mb": model.backbone.memory_bytes() / 2**20, "trainable": model.n_trainable()},
-        "best": result.best,
-        "paper": {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})},
-        "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-    }
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"laser_{name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
+
+    def write() -> Path:
+        for m, sr in sr_models.items():
+            if m not in results:
+                r = evaluate(sr, hist, targets)
+                results[m] = {k: r[k] for k in KEEP}
+        out = {
+            "dataset": name,
+            "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
+                         "ranking": "full, over all items", "mask_history": False,
+                         "test_pairs": n_test, "test_users": laser_cfg.test_users or "all",
+                         "same_pairs_for_all_models": True},
+            "results": results,
+            "budget": {"backbone": cfg.backbone.model_dump(), "mformer": cfg.bitune.mformer.model_dump(),
+                       "prefix": cfg.bitune.prefix, "pooling": cfg.bitune.pooling, "text": cfg.text.model_dump(),
+                       "train": laser_cfg.model_dump(exclude={"progress"}), "frozen_encoder": cfg.sr.model,
+                       "config": str(Path(args.config).as_posix())},
+            "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
+                     "test_users_per_second": n_test / test_s,
+                     "total_seconds": round(time.perf_counter() - t_start, 1),
+                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20, "trainable": model.n_trainable()},
+            "best": result.best,
+            "history": result.history,
+            "paper": {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})},
+            "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
+        }
+        dest = Path(args.out)
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / f"laser_{name}.json"
+        path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
+        print(f"wrote {path}", flush=True)
+        return path
+
+    write()
+    for m in ("bert4rec", "sasrec"):
+        if m not in sr_models:
+            sr_models[m] = train_sr(m)
+    write()
     print(json.dumps(results, indent=1))
     return 0
 
