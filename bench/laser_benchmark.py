@@ -30,7 +30,7 @@ from sr_baselines import DEFAULTS, PAPER  # noqa: E402
 from laser_core.config import load_config  # noqa: E402
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
-from laser_core.sr import SRConfig, TrainConfig, evaluate, fit  # noqa: E402
+from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate, fit  # noqa: E402
 from laser_core.train import LaserTrainer, test_examples, test_laser  # noqa: E402
 
 PAPER_LASER = {"scientific": {"recall@10": 0.1396, "ndcg@10": 0.0970, "mrr": 0.0893,
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             if m not in results:
                 r = evaluate(sr, hist, targets)
                 results[m] = {k: r[k] for k in KEEP}
+        if "popularity" not in results:
+            pop = evaluate(build_model(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
+            results["popularity"] = {k: pop[k] for k in KEEP}
+        fp32_vs_nf4 = Path(args.out) / f"laser_cost_{name}.json"
         out = {
             "dataset": name,
             "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
@@ -98,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
                      "test_users_per_second": n_test / test_s,
                      "total_seconds": round(time.perf_counter() - t_start, 1),
-                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20, "trainable": model.n_trainable()},
+                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20, "trainable": model.n_trainable(),
+                     "fp32_vs_nf4": ({"source": fp32_vs_nf4.name,
+                                      **json.loads(fp32_vs_nf4.read_text(encoding="utf8"))}
+                                     if fp32_vs_nf4.is_file() else None)},
             "best": result.best,
             "history": result.history,
             "paper": {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})},
