@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             res["valid_ndcg@10_before_training"] = before["ndcg@10"]
         out["variants"][variant] = res
         print(variant, res, flush=True)
+        dest = Path(args.out) / f"laser_diagnose_{out['dataset']}.json"
+        dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")  # after each variant: resumable
+        print(f"wrote {dest}", flush=True)
     losses.cosine_scores = train_mod.cosine_scores = plain_scores
-    dest = Path(args.out) / f"laser_diagnose_{out['dataset']}.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
-    print(f"wrote {dest}")
     return 0
 
 
