@@ -108,8 +108,21 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     if k > n_items:
         raise ValueError(f"k={k} exceeds the number of items in the table ({n_items})")
     normed_t = np.ascontiguousarray(l2_normalize(arr).T)  # [d, n_items]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = normed_t.nbytes >= EXTERNAL_DATA_BYTES
+    if external:  # protobuf cannot hold 2 GiB: the table is raw float32 in "<name>.data" beside the graph
+        data_file = path.name + ".data"
+        normed_t.astype("<f4", copy=False).tofile(path.parent / data_file)
+        table_init = TensorProto(name="item_table_t", data_type=TensorProto.FLOAT, dims=list(normed_t.shape),
+                                 data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", data_file), ("offset", "0"), ("length", str(normed_t.nbytes))):
+            entry = table_init.external_data.add()
+            entry.key, entry.value = key, value
+    else:
+        table_init = numpy_helper.from_array(normed_t, "item_table_t")
     inits = [
-        numpy_helper.from_array(normed_t, "item_table_t"),
+        table_init,
         numpy_helper.from_array(np.array([int(k)], dtype=np.int64), "k"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
     ]
@@ -129,15 +142,8 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
                               producer_name="laser", doc_string=f"Laser top-{k} cosine scorer over {n_items} items")
     model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if normed_t.nbytes < EXTERNAL_DATA_BYTES:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save_model(model, str(path))
-    else:  # protobuf cannot hold 2 GiB: the table goes to "<name>.data" beside the graph
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        onnx.checker.check_model(str(path), full_check=True)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path) if external else model, full_check=not external)
     return path
 
 
