@@ -143,41 +143,11 @@ class LaserModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, RouterOutput | None]:
-        """Embeddings ``[B, H]`` (float32) for histories of item indices, and the router's output."""
-        token_ids = self.tokenize(histories)
-        B = len(histories)
-        T = max(len(t) for t in token_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        ids = torch.full((B, T), pad_id, dtype=torch.long)
-        text_mask = torch.zeros((B, T), dtype=torch.long)
-        for row, t in enumerate(token_ids):
-            ids[row, T - len(t):] = torch.tensor(t, dtype=torch.long)
-            text_mask[row, T - len(t):] = 1
-        tok = self.embed_tokens(ids)
-        dtype = tok.dtype
-        parts, masks = [], []
+        """Embeddings ``[B, H]`` (float32) for histories of item indices, and the router's output: the texts
+        left-padded (:meth:`pad_tokens`), the prefix from the histories, then :meth:`forward_padded`."""
+        ids, text_mask = self.pad_tokens(self.tokenize(histories))
         prefix, route = self.prefix(histories)
-        if prefix is not None:
-            parts.append(prefix.to(dtype))
-            masks.append(torch.ones(B, prefix.shape[1], dtype=torch.long))
-        parts.append(tok)
-        masks.append(text_mask)
-        if self.config.pooling in ("suffix", "eos"):
-            last = self.suffix if self.config.pooling == "suffix" else self.eos_embedding
-            parts.append(last.to(dtype)[None, None].expand(B, 1, -1))
-            masks.append(torch.ones(B, 1, dtype=torch.long))
-        embeds = torch.cat(parts, dim=1)
-        mask = torch.cat(masks, dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = self.backbone.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                    use_cache=False).last_hidden_state.float()
-        if self.config.pooling == "mean":
-            start = prefix.shape[1] if prefix is not None else 0
-            m = text_mask.to(hidden.dtype)[..., None]
-            out = (hidden[:, start:start + T] * m).sum(1) / m.sum(1)
-        else:
-            out = hidden[:, -1]
-        return out, route
+        return self.forward_padded(ids, text_mask, prefix), route
 
     @torch.no_grad()
     def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None) -> torch.Tensor:
