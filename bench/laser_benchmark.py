@@ -38,6 +38,16 @@ PAPER_LASER = {"scientific": {"recall@10": 0.1396, "ndcg@10": 0.0970, "mrr": 0.0
 KEEP = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr")
 
 
+def baseline_model(model: str, split, workdir: Path):
+    """An ID-based model with ``bench/sr_baselines.py``'s settings, trained (or resumed) under
+    ``workdir/sr-<model>``: the frozen encoder and the baselines of a benchmark run, and what
+    ``bench/laser_diagnose.py`` reloads from the same folder."""
+    spec = DEFAULTS[model]
+    return fit(SRConfig(model=model, **spec["model"]),
+               TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]), split,
+               workdir=Path(workdir) / f"sr-{model}").model
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
@@ -56,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     def train_sr(model: str):
-        spec = DEFAULTS[model]
-        sr_cfg = SRConfig(model=model, **spec["model"])
-        sr = fit(sr_cfg, TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]),
-                 split, workdir=wd / f"sr-{model}").model
+        sr = baseline_model(model, split, wd)
         print(f"{model} ready", flush=True)
         return sr
 

@@ -32,14 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sr_baselines import DEFAULTS  # noqa: E402
+from laser_benchmark import baseline_model  # noqa: E402
 
 import laser_core.losses as losses  # noqa: E402
 import laser_core.train as train_mod  # noqa: E402
 from laser_core.config import load_config  # noqa: E402
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
-from laser_core.sr import SRConfig, TrainConfig, fit  # noqa: E402
 from laser_core.train import LaserTrainer  # noqa: E402
 
 
@@ -71,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(cfg.dataset)
     split = leave_one_out(ds)
     wd = Path(args.workdir)
-    spec = DEFAULTS[cfg.sr.model]
-    sr = fit(SRConfig(model=cfg.sr.model, **spec["model"]),
-             TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]), split,
-             workdir=wd / f"sr-{cfg.sr.model}").model
+    sr = baseline_model(cfg.sr.model, split, wd)  # the benchmark's frozen encoder, from its checkpoint
     out: dict = {"dataset": args.name or ds.name, "config": args.config, "variants": {}}
     plain_scores = losses.cosine_scores
     table = None
