@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -61,7 +61,19 @@ class LaserTrainConfig(BaseModel):
     progress: bool = True
     accelerate: bool = Field(default=False, description=(
         "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
-        "(multi-GPU); in one process it is the same computation as without it"))
+        "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
+        "steps then run as `accelerate launch` jobs (laser_core.launch)"))
+    processes: int = Field(default=1, ge=1, description=(
+        "processes for `accelerate launch` when `accelerate` is on (one per GPU; on a CPU-only machine, gloo "
+        "processes sharing the cores)"))
+
+
+    @model_validator(mode="after")
+    def _processes_need_accelerate(self) -> "LaserTrainConfig":
+        if self.processes > 1 and not self.accelerate:
+            raise ValueError(f"laser_train.processes = {self.processes} needs laser_train.accelerate: true "
+                             "(the processes are launched through Hugging Face Accelerate)")
+        return self
 
 
 @dataclass
@@ -142,7 +154,7 @@ class LaserTrainer:
     # ---------------------------------------------------------------- pieces
     def run_hash(self) -> str:
         payload = {"train": self.cfg.model_dump(exclude={"progress", "threads", "item_batch_size",
-                                                         "eval_batch_size"}),
+                                                         "eval_batch_size", "processes"}),
                    "start": self.model.weights_fingerprint(),
                    "model": self.model.config.model_dump(), "text": self.model.formatter.config.model_dump(),
                    "backbone": self.model.backbone.state_fingerprint(), "n_items": self.split.n_items,

@@ -14,6 +14,7 @@ from laser_core.sr import SequentialRecommender
 from laser_core.reporting import MetricsReport
 from laser_core.sr import SRConfig, evaluate
 from laser_core.sr.popularity import Popularity
+from laser_core.launch import fit_launched
 from laser_core.train import LaserTrainConfig, LaserTrainer, test_examples, test_laser
 from steps.materializers import ItemTableMaterializer, LaserWeightsMaterializer, MetricsReportMaterializer
 from steps.mcp import log_model_metadata
@@ -22,12 +23,29 @@ from steps.sr import checkpoint_root
 logger = get_logger(__name__)
 
 
+def _fit(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, spec: LaserSpec,
+         cfg: LaserTrainConfig, stage: int, label: str, weights: LaserWeights | None = None, table=None):
+    """Train ``stage`` in this process, or, with ``laser_train.accelerate`` on, as an ``accelerate launch`` job
+    of ``laser_train.processes`` processes (laser_core.launch: inputs and outputs as Parquet, safetensors and
+    JSON). Returns the model holding the best weights, and the fit result (best, history, cost, item table)."""
+    if cfg.accelerate:
+        fit = fit_launched(dataset.items, split, sr_model, spec, cfg, stages=(stage,),
+                           weights=weights.state if weights is not None else None, table=table,
+                           workdir_root=checkpoint_root("laser"), label=label)
+        logger.info("Stage %d ran as an accelerate job of %d process(es)", stage, fit.processes)
+        return build_laser(spec, dataset.items, sr_model, weights=LaserWeights(spec=spec, state=fit.state)), fit
+    model = build_laser(spec, dataset.items, sr_model, weights=weights)
+    trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label=label)
+    return model, trainer.fit(stages=(stage,), table=table)
+
+
 def _summary(result, stage: int, model) -> dict:
     best = result.best.get(str(stage), {})
     return {"stage": stage, "best_epoch": best.get("epoch"), "best_valid": best.get("valid", {}),
             "best_valid_ndcg@10": best.get("valid", {}).get("ndcg@10"), "history": result.history,
             "cost": result.cost, "trainable": model.n_trainable(),
-            "backbone_memory_bytes": model.backbone.memory_bytes()}
+            "backbone_memory_bytes": model.backbone.memory_bytes(),
+            "processes": getattr(result, "processes", 1)}
 
 
 @step(output_materializers={"laser_stage1": LaserWeightsMaterializer, "item_table": ItemTableMaterializer})
@@ -36,9 +54,7 @@ def bi_tune_stage1(dataset: SeqDataset, split: Split, sr_model: SequentialRecomm
                    ) -> tuple[Annotated[LaserWeights, "laser_stage1"], Annotated[ItemTable, "item_table"]]:
     """Stage 1: recompute the item table every epoch; keep the best validation epoch's weights and table."""
     laser_spec, cfg = LaserSpec.model_validate(spec), LaserTrainConfig.model_validate(train_config)
-    model = build_laser(laser_spec, dataset.items, sr_model)
-    trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label="stage1")
-    result = trainer.fit(stages=(1,))
+    model, result = _fit(dataset, split, sr_model, laser_spec, cfg, 1, "stage1")
     summary = _summary(result, 1, model)
     logger.info("Stage 1: best epoch %s, valid NDCG@10 %s", summary["best_epoch"], summary["best_valid_ndcg@10"])
     return (LaserWeights(spec=laser_spec, state=dict(model.state_dict()), summary=summary),
@@ -50,9 +66,8 @@ def bi_tune_stage2(dataset: SeqDataset, split: Split, sr_model: SequentialRecomm
                    item_table: ItemTable, train_config: dict[str, Any]) -> Annotated[LaserWeights, "laser_model"]:
     """Stage 2: the stage-1 table is frozen; keep training the weights; keep the best validation epoch."""
     cfg = LaserTrainConfig.model_validate(train_config)
-    model = build_laser(laser_stage1.spec, dataset.items, sr_model, weights=laser_stage1)
-    trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label="stage2")
-    result = trainer.fit(stages=(2,), table=item_table.table)
+    model, result = _fit(dataset, split, sr_model, laser_stage1.spec, cfg, 2, "stage2", weights=laser_stage1,
+                         table=item_table.table)
     summary = _summary(result, 2, model)
     summary["stage1"] = {k: laser_stage1.summary.get(k) for k in ("best_epoch", "best_valid", "cost")}
     logger.info("Stage 2: best epoch %s, valid NDCG@10 %s", summary["best_epoch"], summary["best_valid_ndcg@10"])

@@ -278,3 +278,112 @@ def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
     assert any(h["loss"] is not None for h in accel.history)
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, accel.model.state_dict()[k]), k
+
+
+# --------------------------------------------------------------- accelerate launch jobs (laser_core.launch)
+LAUNCH = dict(stage1_epochs=1, stage2_epochs=1, lr=1e-3, users_per_epoch=32, valid_users=8, progress=False,
+              seed=3, item_batch_size=40, threads=1)
+
+
+def _last_weights(root) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = list(root.glob("*/last.safetensors"))
+    return load_file(str(path))
+
+
+def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path):
+    """`accelerate launch --num_processes 1` over a job folder (Parquet/safetensors/JSON, no pickle) gives
+    bit-identical weights, table and history to the trainer in this process; stage 2 takes its inputs back."""
+    from laser_core.launch import fit_launched
+
+    ds, split = data
+    cfg = LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True)
+    torch.set_num_threads(1)
+    here = LaserTrainer(make(data, sr), split, cfg).fit(stages=(1,))
+    job = fit_launched(ds.items, split, sr, spec(), cfg, stages=(1,), job_dir=tmp_path / "job1")
+    assert job.processes == 1
+    assert [h["loss"] for h in job.history] == [h["loss"] for h in here.history]
+    assert torch.equal(job.item_table, here.item_table)
+    for k, v in here.model.state_dict().items():
+        assert torch.equal(v, job.state[k]), k
+    # the job folder holds no pickle: only Parquet, safetensors, JSON and the launcher's log
+    suffixes = {p.suffix for p in (tmp_path / "job1").rglob("*") if p.is_file()}
+    assert suffixes <= {".parquet", ".safetensors", ".json", ".log"}, suffixes
+    # stage 2 from the stage-1 weights and table, launched vs in place
+    here2 = LaserTrainer(make(data, sr), split, cfg)
+    here2.model.load_state_dict(job.state)
+    here2 = here2.fit(stages=(2,), table=job.item_table)
+    job2 = fit_launched(ds.items, split, sr, spec(), cfg, stages=(2,), weights=job.state, table=job.item_table)
+    assert torch.equal(job2.item_table, job.item_table)
+    assert [h["loss"] for h in job2.history] == [h["loss"] for h in here2.history]
+    for k, v in here2.model.state_dict().items():
+        assert torch.equal(v, job2.state[k]), k
+
+
+def test_two_launched_processes_train_as_one_process_with_the_combined_batch(data, sr, tmp_path):
+    """Two gloo processes (torchrun via `accelerate launch`) with batch 8 each take the same optimizer steps as
+    one process with batch 16: DDP averages the shards' gradients (load balancing off: it is not a per-row
+    mean). Compared on the last epoch's weights. The attention key biases are left out: their true gradient is
+    0 (softmax ignores a constant added to every key score), so Adam turns float noise into full-size steps."""
+    from laser_core.launch import fit_launched
+
+    ds, split = data
+    base = {**LAUNCH, "lb_weight": 0.0}
+    torch.set_num_threads(1)
+    LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, batch_size=16),
+                 workdir_root=tmp_path / "one").fit(stages=(1,))
+    job = fit_launched(ds.items, split, sr, spec(), LaserTrainConfig(**base, batch_size=8, accelerate=True),
+                       stages=(1,), processes=2, workdir_root=tmp_path / "two")
+    assert job.processes == 2
+    one, two = _last_weights(tmp_path / "one"), _last_weights(tmp_path / "two")
+    init = make(data, sr).state_dict()
+    moved = 0.0
+    for k, v in one.items():
+        a, b, v0 = v.clone(), two[k].clone(), init[k].clone()
+        if k.endswith("in_proj_bias"):  # [q | k | v]: drop the key part
+            w = a.shape[0] // 3
+            keep = torch.cat([torch.arange(w), torch.arange(2 * w, 3 * w)])
+            a, b, v0 = a[keep], b[keep], v0[keep]
+        assert torch.allclose(a, b, atol=1e-5), (k, float((a - b).abs().max()))
+        moved = max(moved, float((a - v0).abs().max()))
+    assert moved > 1e-4   # the comparison is about trained weights, not the initial ones
+
+
+def test_a_failing_launched_job_names_the_command_and_the_error(data, sr):
+    from laser_core.launch import LaunchError, fit_launched
+
+    ds, split = data
+    broken = ds.items.drop(columns=["title"])
+    with pytest.raises(LaunchError) as err:
+        fit_launched(broken, split, sr, spec(), LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True),
+                     stages=(1,))
+    msg = str(err.value)
+    assert "exit status" in msg and "accelerate.commands.launch" in msg and "title" in msg
+
+
+def test_bi_tune_steps_run_as_launched_jobs_with_the_accelerate_switch(data, sr):
+    """The pipeline's `bi_tune_stage1` / `bi_tune_stage2` with `laser_train.accelerate: true` launch their
+    training (one process here) and return what the in-place steps return."""
+    from steps.laser import bi_tune_stage1, bi_tune_stage2
+
+    ds, split = data
+    sp = spec().model_dump()
+    outs = {}
+    for accelerate in (False, True):
+        cfg = {**LAUNCH, "batch_size": 8, "accelerate": accelerate, "processes": 1}
+        w1, table = bi_tune_stage1.entrypoint(ds, split, sr, sp, cfg)
+        w2 = bi_tune_stage2.entrypoint(ds, split, sr, w1, table, cfg)
+        outs[accelerate] = (w1, table, w2)
+    (a1, at, a2), (b1, bt, b2) = outs[False], outs[True]
+    assert torch.equal(at.table, bt.table) and at.weights_fingerprint == bt.weights_fingerprint
+    for k in a2.state:
+        assert torch.equal(a1.state[k], b1.state[k]) and torch.equal(a2.state[k], b2.state[k]), k
+    assert b2.summary["history"] == a2.summary["history"]
+    assert b1.summary["processes"] == 1
+
+
+def test_more_than_one_process_needs_the_accelerate_switch():
+    with pytest.raises(ValueError, match="processes = 2 needs laser_train.accelerate"):
+        LaserTrainConfig(processes=2)
+    assert LaserTrainConfig(processes=2, accelerate=True).processes == 2
