@@ -14,19 +14,33 @@ Reuses the benchmark's frozen BERT4Rec and its cached initial item table (``--wo
    part of the paper's method). Each reports
    the epoch's mean loss and validation NDCG@10 / Recall@10.
 
-Writes ``bench/results/laser_diagnose_<name>.json``.
+3. **Item-item similarity** of that table (``--similarity``; no LLM forward): rank every item by the cosine of
+   its row to the row of the user's last training item (and to the mean of the last 10), on all validation
+   users. This is what a user tower would score if it reproduced the last item's embedding.
+4. **Learning curves** (``--curves``): from the initial weights, train on ``chunks`` x ``users`` sampled users
+   against the frozen table and validate after each chunk. A curve is named
+   ``h<H>_lr<lr>_tau<tau>_<chunks>x<users>``, e.g. ``h1_lr3e-05_tau0.05_3x400`` (H = items in the user text).
+
+5. **The untrained model on the test set** (``--test-initial``): the initial weights and the initial table
+   scored on the config's test users by ``test_laser``, the benchmark's own test path, so the benchmark's trained
+   figure can be read against what the frozen LLM gives before any Bi-Tuning.
+
+Writes ``bench/results/laser_diagnose_<name>.json`` (merged into what is there: each run adds its entries).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,8 +52,9 @@ import laser_core.losses as losses  # noqa: E402
 import laser_core.train as train_mod  # noqa: E402
 from laser_core.config import load_config  # noqa: E402
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
+from laser_core.metrics import compute_metrics  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
-from laser_core.train import LaserTrainer  # noqa: E402
+from laser_core.train import LaserTrainer, test_laser  # noqa: E402
 
 
 def anisotropy(table: torch.Tensor, n: int = 1000, seed: int = 0) -> dict[str, float]:
@@ -53,15 +68,79 @@ def anisotropy(table: torch.Tensor, n: int = 1000, seed: int = 0) -> dict[str, f
             "sample": len(idx)}
 
 
+KEEP = ("ndcg@10", "recall@10", "mrr")
+
+
+def initial_table(cfg, ds, split, sr, wd: Path) -> torch.Tensor:
+    """The item table of the initial weights: the benchmark run's cached copy when there is one. Item texts are
+    one-item histories, so the number of items in the user text (H) does not change the table."""
+    model = build_laser(cfg.laser_spec(), ds.items, sr)   # same seed: the benchmark's initial weights
+    key = model.weights_fingerprint()[:24]
+    for path in sorted(wd.glob(f"laser-*/tables/{key}.safetensors")):
+        return load_file(str(path))["table"]
+    return LaserTrainer(model, split, cfg.laser_train, workdir=wd / "diagnose").item_table()
+
+
+def similarity(table: torch.Tensor, split) -> dict:
+    """Next-item ranking by the frozen table alone: cosine to the last training item's row, and to the mean of the
+    last 10 rows; raw and mean-centered; all validation users."""
+    _, hist, targets = split.valid_examples()
+    last = torch.tensor([int(h[-1]) for h in hist])
+    out = {"users": len(targets)}
+    for name, t in (("raw", table), ("centered", table - table.mean(0))):
+        tn = F.normalize(t, dim=1)
+        scores = tn[last] @ tn.T
+        out[f"{name}_last_item"] = {k: compute_metrics(scores, targets)[k] for k in KEEP}
+        scores[torch.arange(len(last)), last] = -2.0
+        out[f"{name}_last_item_excluded"] = {k: compute_metrics(scores, targets)[k] for k in KEEP}
+        mean = torch.stack([tn[torch.as_tensor(np.asarray(h[-10:], dtype=np.int64))].mean(0) for h in hist])
+        out[f"{name}_mean_last10"] = {k: compute_metrics(F.normalize(mean, dim=1) @ tn.T, targets)[k] for k in KEEP}
+    return out
+
+
+def parse_curve(name: str) -> dict:
+    m = re.fullmatch(r"h(\d+)_lr([0-9.e-]+)_tau([0-9.e-]+)_(\d+)x(\d+)", name)
+    if not m:
+        raise SystemExit(f"--curves: {name!r} is not h<H>_lr<lr>_tau<tau>_<chunks>x<users>")
+    return {"history_len": int(m[1]), "lr": float(m[2]), "tau": float(m[3]), "chunks": int(m[4]),
+            "users": int(m[5])}
+
+
+def curve(name: str, cfg, ds, split, sr, table: torch.Tensor) -> dict:
+    c = parse_curve(name)
+    spec = cfg.laser_spec()
+    spec = spec.model_copy(update={"text": spec.text.model_copy(update={"history_len": c["history_len"]})})
+    trainer = LaserTrainer(build_laser(spec, ds.items, sr), split, cfg.laser_train.model_copy(update={
+        "lr": c["lr"], "tau": c["tau"], "users_per_epoch": c["users"], "progress": False}))
+    t0 = time.perf_counter()
+    valid = trainer.validate(table)
+    points = [{"users_trained": 0, "loss": None, **{k: valid[k] for k in KEEP},
+               "validate_seconds": round(time.perf_counter() - t0, 1)}]
+    print(name, points[-1], flush=True)
+    for chunk in range(c["chunks"]):
+        t0 = time.perf_counter()
+        loss = trainer.train_epoch(table, 2, chunk)
+        train_s = time.perf_counter() - t0
+        valid = trainer.validate(table)
+        points.append({"users_trained": (chunk + 1) * c["users"], "loss": loss, **{k: valid[k] for k in KEEP},
+                       "train_seconds": round(train_s, 1)})
+        print(name, points[-1], flush=True)
+    return {**c, "valid_users": cfg.laser_train.valid_users, "batch_size": cfg.laser_train.batch_size,
+            "points": points}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--workdir", required=True, help="the benchmark's --workdir (frozen SR model, cached table)")
     ap.add_argument("--name", default=None)
-    ap.add_argument("--variants", default="lr3e-3,centered",
-                    help="base (the config's lr; the benchmark's stage-2 epoch 0 is the same run), lr3e-3, tau0.01, "
-                         "centered")
+    ap.add_argument("--variants", default="",
+                    help="one stage-2 epoch each: base (the config's lr), lr3e-3, tau0.01, centered")
+    ap.add_argument("--similarity", action="store_true", help="item-item similarity of the initial table")
+    ap.add_argument("--curves", default="", help="comma-separated h<H>_lr<lr>_tau<tau>_<chunks>x<users>")
+    ap.add_argument("--test-initial", action="store_true",
+                    help="score the initial weights and table on the config's test users")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -71,23 +150,43 @@ def main(argv: list[str] | None = None) -> int:
     split = leave_one_out(ds)
     wd = Path(args.workdir)
     sr = baseline_model(cfg.sr.model, split, wd)  # the benchmark's frozen encoder, from its checkpoint
-    out: dict = {"dataset": args.name or ds.name, "config": args.config, "variants": {}}
+    name = args.name or ds.name
+    dest = Path(args.out) / f"laser_diagnose_{name}.json"
+    out: dict = json.loads(dest.read_text(encoding="utf8")) if dest.is_file() else {}
+    out.update(dataset=name, config=args.config)
+    out.setdefault("commands", [])
+    out["commands"].append("python bench/laser_diagnose.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+    def save() -> None:  # after each piece: a run cut short keeps what it measured
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
+        print(f"wrote {dest}", flush=True)
+
+    table = initial_table(cfg, ds, split, sr, wd)
+    out["anisotropy"] = anisotropy(table)
+    print("anisotropy", out["anisotropy"], flush=True)
+    if args.similarity:
+        out["similarity"] = similarity(table, split)
+        print("similarity", out["similarity"], flush=True)
+        save()
+    if args.test_initial:
+        t0 = time.perf_counter()
+        model = build_laser(cfg.laser_spec(), ds.items, sr)
+        metrics = test_laser(model, table, split, cfg.laser_train.model_copy(update={"progress": False}))
+        out["test_initial"] = {**{k: metrics[k] for k in KEEP}, "test_users": cfg.laser_train.test_users or "all",
+                               "history_len": cfg.text.history_len, "seconds": round(time.perf_counter() - t0, 1)}
+        print("test_initial", out["test_initial"], flush=True)
+        save()
+    for name_c in filter(None, args.curves.split(",")):
+        out.setdefault("curves", {})[name_c] = curve(name_c, cfg, ds, split, sr, table)
+        save()
     plain_scores = losses.cosine_scores
-    table = None
-    for variant in args.variants.split(","):
-        model = build_laser(cfg.laser_spec(), ds.items, sr)  # same seed: the benchmark's initial weights
+    for variant in filter(None, args.variants.split(",")):
+        model = build_laser(cfg.laser_spec(), ds.items, sr)
         lr = 3e-3 if variant == "lr3e-3" else cfg.laser_train.lr
         tau = 0.01 if variant == "tau0.01" else cfg.laser_train.tau
         tcfg = cfg.laser_train.model_copy(update={"lr": lr, "tau": tau})
-        # the benchmark's run folder holds the cached table of these initial weights; nothing is written there
-        runs = sorted(p for p in wd.glob("laser-*") if (p / "tables").is_dir())
-        if not runs:
-            raise SystemExit(f"{wd}: no laser-*/tables from a benchmark run")
-        trainer = LaserTrainer(model, split, tcfg, workdir=runs[0])
-        if table is None:
-            table = trainer.item_table()  # cached by the benchmark run (same initial weights)
-            out["anisotropy"] = anisotropy(table)
-            print("anisotropy", out["anisotropy"], flush=True)
+        trainer = LaserTrainer(model, split, tcfg)
         if variant == "centered":
             mu = table.mean(0)
 
@@ -106,12 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.perf_counter() - t0, 1)}
         if before is not None:
             res["valid_ndcg@10_before_training"] = before["ndcg@10"]
-        out["variants"][variant] = res
+        out.setdefault("variants", {})[variant] = res
         print(variant, res, flush=True)
-        dest = Path(args.out) / f"laser_diagnose_{out['dataset']}.json"
-        dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")  # after each variant: resumable
-        print(f"wrote {dest}", flush=True)
+        save()
     losses.cosine_scores = train_mod.cosine_scores = plain_scores
+    save()
     return 0
 
 
