@@ -48,20 +48,30 @@ def baseline_model(model: str, split, workdir: Path):
                workdir=Path(workdir) / f"sr-{model}").model
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options the Laser benchmark and its diagnostics share."""
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--workdir", default=str(ROOT / "runs" / "laser-bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+
+
+def load_inputs(args: argparse.Namespace):
+    """Torch threads, the run config, the dataset and its leave-one-out split, from :func:`add_common_args`."""
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, data_dir=args.data_dir)
     ds = load_dataset(cfg.dataset)
+    return cfg, ds, leave_one_out(ds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "laser-bench"))
+    args = ap.parse_args(argv)
+    cfg, ds, split = load_inputs(args)
     name = args.name or ds.name
-    split = leave_one_out(ds)
     wd = Path(args.workdir)
     t_start = time.perf_counter()
 

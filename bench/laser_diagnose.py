@@ -46,12 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from laser_benchmark import baseline_model  # noqa: E402
+from laser_benchmark import add_common_args, baseline_model, load_inputs  # noqa: E402
 
 import laser_core.losses as losses  # noqa: E402
 import laser_core.train as train_mod  # noqa: E402
-from laser_core.config import load_config  # noqa: E402
-from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.metrics import compute_metrics  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
 from laser_core.train import LaserTrainer, test_laser  # noqa: E402
@@ -131,23 +129,16 @@ def curve(name: str, cfg, ds, split, sr, table: torch.Tensor) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--config", required=True)
+    add_common_args(ap)
     ap.add_argument("--workdir", required=True, help="the benchmark's --workdir (frozen SR model, cached table)")
-    ap.add_argument("--name", default=None)
     ap.add_argument("--variants", default="",
                     help="one stage-2 epoch each: base (the config's lr), lr3e-3, tau0.01, centered")
     ap.add_argument("--similarity", action="store_true", help="item-item similarity of the initial table")
     ap.add_argument("--curves", default="", help="comma-separated h<H>_lr<lr>_tau<tau>_<chunks>x<users>")
     ap.add_argument("--test-initial", action="store_true",
                     help="score the initial weights and table on the config's test users")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, data_dir=args.data_dir)
-    ds = load_dataset(cfg.dataset)
-    split = leave_one_out(ds)
+    cfg, ds, split = load_inputs(args)
     wd = Path(args.workdir)
     sr = baseline_model(cfg.sr.model, split, wd)  # the benchmark's frozen encoder, from its checkpoint
     name = args.name or ds.name
