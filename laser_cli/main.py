@@ -17,31 +17,53 @@ for _var, _value in (("ZENML_ANALYTICS_OPT_IN", "false"), ("GX_ANALYTICS_ENABLED
     os.environ.setdefault(_var, _value)
 
 
-@click.group()
+class LaserGroup(click.Group):
+    """The ``laser`` group: every command's errors go through one handler (``laser_cli/errors.py``), which
+    prints a short message and exits with the status of the error's kind; tracebacks only with ``--debug``."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            from laser_cli.errors import report
+
+            ctx.exit(report(exc, debug=_debug(ctx)))
+
+
+def _debug(ctx: click.Context | None = None) -> bool:
+    ctx = ctx or click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and root.params.get("debug"))
+
+
+@click.group(cls=LaserGroup)
 @click.version_option(package_name="laser")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="On an error, print the full traceback (it is always written to a log file, whose path "
+                   "an unexpected error prints).")
+def cli(debug: bool) -> None:
     """Laser: a frozen 4-bit LLM as a sequential recommender, as a ZenML pipeline."""
 
 
 def _config(config_path: str, data_dir: str | None):
-    from laser_core.config import ConfigError, load_config
-    from laser_core.data.errors import DataFormatError
+    from laser_core.config import load_config
 
-    try:
-        return load_config(config_path, data_dir=data_dir)
-    except (ConfigError, DataFormatError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = load_config(config_path, data_dir=data_dir)
+    if data_dir is not None:  # say which data is read (a synthetic config reads the folder's files instead)
+        from laser_core.data.loading import resolve_format
+
+        click.echo(f"data: {resolve_format(cfg.dataset)} files in {cfg.dataset.path}")
+    return cfg
 
 
 def _schedule(cron: str | None, config_path: str, data_dir: str | None):
     if not cron:
         return None
-    from pipelines.run import ScheduleError, make_schedule
+    from pipelines.run import make_schedule
 
-    try:
-        return make_schedule(cron, config_path, data_dir)
-    except ScheduleError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return make_schedule(cron, config_path, data_dir)
 
 
 @cli.command()
@@ -49,7 +71,9 @@ def _schedule(cron: str | None, config_path: str, data_dir: str | None):
               help="YAML run config, e.g. configs/demo.yaml")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Data directory (overrides dataset.path in the config).")
-@click.option("--no-cache", is_flag=True, help="Run every step even if a cached result exists.")
+@click.option("--no-cache", is_flag=True,
+              help="Reuse nothing: run every step, and train from scratch even if a finished or interrupted "
+                   "checkpoint exists.")
 @click.option("--run-name", default=None, help="Name of the pipeline run.")
 @click.option("--stop-after", type=click.Choice(["split", "sr", "laser", "promote"]), default=None,
               help="End the pipeline after this stage (overrides pipeline.stop_after).")
@@ -62,9 +86,18 @@ def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | 
     if stop_after:
         cfg.pipeline.stop_after = stop_after
     schedule = _schedule(cron, config_path, data_dir)
+    from laser_cli.errors import pipeline_failures
+    from pipelines.orphans import mark_orphaned_runs
     from pipelines.run import run_training
 
-    result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name, schedule=schedule)
+    try:
+        for orphan in mark_orphaned_runs():
+            click.echo(f"Marked interrupted run {orphan.run} failed ({orphan.status} before): {orphan.reason}")
+    except Exception as exc:  # bookkeeping: never stop a run for it (`laser runs clean` reports it fully)
+        click.echo(f"warning: could not check for interrupted runs: {exc}", err=True)
+    with pipeline_failures(_debug()):
+        result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name, schedule=schedule,
+                              resume=not no_cache)
     if schedule is not None:
         click.echo(f"Scheduled {cfg.model_name()} training: {cron}")
         return
@@ -91,11 +124,13 @@ def batch(config_path: str, data_dir: str | None, users: tuple[str, ...], k: int
     if stage:
         cfg.batch.stage = stage
     schedule = _schedule(cron, config_path, data_dir)
+    from laser_cli.errors import pipeline_failures
     from pipelines.run import run_batch
 
     try:
-        result = run_batch(cfg, schedule=schedule)
-    except RuntimeError as exc:
+        with pipeline_failures(_debug()):
+            result = run_batch(cfg, schedule=schedule)
+    except RuntimeError as exc:  # no model version at that stage yet
         raise click.ClickException(str(exc)) from exc
     if schedule is not None:
         click.echo(f"Scheduled {cfg.model_name()} batch recommendations: {cron}")
@@ -138,12 +173,9 @@ def data() -> None:
 
 
 def _load(path: str | None, fmt: str):
-    from laser_core.data import DataFormatError, load_dataset
+    from laser_core.data import load_dataset
 
-    try:
-        return load_dataset({"path": path, "format": fmt})
-    except DataFormatError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return load_dataset({"path": path, "format": fmt})
 
 
 _FORMATS = click.Choice(["auto", "synthetic", "recformer", "seqrecbench", "amazon2018", "table"])
@@ -332,6 +364,29 @@ def export_cmd(target: str, out: str) -> None:
         raise click.ClickException(f"{dest}: folder exists and is not empty")
     shutil.copytree(bundle.path, dest, dirs_exist_ok=True)
     click.echo(f"{name} v{mv.name}: {len(bundle.files())} files -> {dest}")
+
+
+@cli.group()
+def runs() -> None:
+    """Pipeline runs in the ZenML store."""
+
+
+@runs.command(name="clean")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="HOURS",
+              help="Also mark runs whose process cannot be checked from this host (another host, or no record) "
+                   "when they were not updated for HOURS.")
+@click.option("--dry-run", is_flag=True, help="Only list the runs that would be marked.")
+def runs_clean(older_than: float | None, dry_run: bool) -> None:
+    """Mark failed the runs left "running" by a process that died (killed, crashed); `laser run` does this for
+    runs of this host when it starts. Their finished steps' artifacts are kept."""
+    from pipelines.orphans import mark_orphaned_runs
+
+    found = mark_orphaned_runs(older_than_hours=older_than, dry_run=dry_run)
+    for orphan in found:
+        verb = "would mark" if dry_run else "marked"
+        click.echo(f"{verb} {orphan.run} ({orphan.status}) failed: {orphan.reason}")
+    if not found:
+        click.echo("no interrupted runs")
 
 
 def _register_serving() -> None:

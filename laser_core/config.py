@@ -7,13 +7,16 @@ pipeline's own settings. Unknown keys are errors (typos must not silently fall b
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from laser_core import __version__
+from laser_core.configbase import StrictConfig, describe_validation_error
+from laser_core.errors import EXIT_CONFIG, UserError
 from laser_core.data.loading import DatasetConfig, resolve_format
 from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
@@ -24,7 +27,7 @@ from laser_core.sr.config import SRConfig, TrainConfig
 from laser_core.train import LaserTrainConfig
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     enable_cache: bool = True
@@ -32,7 +35,7 @@ class PipelineConfig(BaseModel):
     stop_after: Literal["split", "sr", "laser", "promote"] = "promote"
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(StrictConfig):
     """The ZenML Model (Model Control Plane) every training run creates a version of."""
 
     model_config = ConfigDict(extra="forbid")
@@ -42,14 +45,14 @@ class ModelConfig(BaseModel):
     tags: list[str] = Field(default_factory=list)
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     k: int = Field(default=10, ge=1, description="top-k the scorer returns")
     user_tower: bool = Field(default=True, description="also export the user tower (LLM + M-Former) to ONNX")
 
 
-class BatchConfig(BaseModel):
+class BatchConfig(StrictConfig):
     """The batch inference job: the production model's top-k for all (or selected) users."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +63,7 @@ class BatchConfig(BaseModel):
     stage: Literal["production", "staging", "latest"] = "production"
 
 
-class LaserConfig(BaseModel):
+class LaserConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -90,31 +93,73 @@ class LaserConfig(BaseModel):
         return LaserSpec(bitune=self.bitune, text=self.text, backbone=self.backbone, seed=self.laser_train.seed)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A bad run config: the message names the file and the field."""
+
+    exit_code = EXIT_CONFIG
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes: ``1e-4`` is a float (YAML 1.2; PyYAML 1.1 reads it as a string,
+    which strict config models refuse), and a key given twice in one mapping is an error instead of the last one
+    silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(path: Path) -> object:
+    """Parse a YAML file with :class:`_YamlLoader` (``None`` for an empty file)."""
+    return yaml.load(path.read_text(encoding="utf8"), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
 def load_config(path: str | Path, data_dir: str | None = None) -> LaserConfig:
     """Read a YAML config; ``data_dir`` (from the command line) overrides ``dataset.path``.
 
-    A relative ``dataset.path`` is resolved against the config file's folder.
+    A relative ``dataset.path`` is resolved against the config file's folder. An empty file is an error (a run
+    on nothing but defaults is never what was meant). ``data_dir`` with a config whose ``dataset.format`` is
+    ``synthetic`` reads the files in ``data_dir``: the format becomes ``auto`` (detected from the folder), since
+    generated data would ignore the folder the command line names.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf8")) or {}
+        raw = read_yaml(path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: the config file is empty; a run needs at least a `dataset:` section "
+                          "(see configs/tiny.yaml for a complete example)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level")
+        raise ConfigError(f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, "
+                          f"got {type(raw).__name__}")
     try:
         cfg = LaserConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
     if data_dir is not None:
-        cfg.dataset.path = str(Path(data_dir).expanduser().resolve())
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"--data-dir {data_dir}: not a directory")
+        cfg.dataset.path = str(folder.resolve())
+        if cfg.dataset.format == "synthetic":
+            cfg.dataset.format = "auto"
     elif cfg.dataset.path is not None and not Path(cfg.dataset.path).expanduser().is_absolute():
         cfg.dataset.path = str((path.parent / cfg.dataset.path).resolve())
     return cfg

@@ -20,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from laser_core.configbase import StrictConfig
 
-class MFormerConfig(BaseModel):
+
+class MFormerConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     n_experts: int = Field(default=8, ge=1)      # K

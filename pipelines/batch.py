@@ -7,11 +7,12 @@ from typing import Any
 
 from zenml import get_pipeline_context, pipeline
 
+from pipelines.orphans import record_process
 from steps.batch import batch_recommend
 from steps.data import load_dataset
 
 
-@pipeline(name="laser_batch_recommend")
+@pipeline(name="laser_batch_recommend", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
 def batch_pipeline(dataset: dict[str, Any], data_fingerprint: str, batch: dict[str, Any],
                    model_version: str = "") -> None:
     model = get_pipeline_context().model

@@ -37,7 +37,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from laser_core.configbase import StrictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS_LOCK = REPO / "requirements.lock"
@@ -64,7 +66,7 @@ KUBEFLOW_GPU_WARNING = (
     "infra/kubeflow/README.md, or use the Kubernetes stack for GPU Bi-Tuning")
 
 
-class Toleration(BaseModel):
+class Toleration(StrictConfig):
     """A Kubernetes toleration (the fields of ``V1Toleration``)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -81,7 +83,7 @@ class Toleration(BaseModel):
         return {k: v for k, v in d.items() if v is not None}
 
 
-class InfraConfig(BaseModel):
+class InfraConfig(StrictConfig):
     """The ``infra:`` section of a run config (see the module docstring and infra/README.md)."""
 
     model_config = ConfigDict(extra="forbid")

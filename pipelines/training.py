@@ -12,6 +12,7 @@ from typing import Any
 
 from zenml import pipeline
 
+from pipelines.orphans import record_process
 from steps.data import load_dataset, split_dataset, validate_dataset
 from steps.export import export_scorer
 from steps.laser import bi_tune_stage1, bi_tune_stage2, evaluate_laser
@@ -19,13 +20,14 @@ from steps.promote import promote
 from steps.sr import evaluate_sr, pretrain_sr
 
 
-@pipeline(name="laser_training")
+@pipeline(name="laser_training", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
 def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_fingerprint: str,
                       sr_model: dict[str, Any], sr_train: dict[str, Any], laser: dict[str, Any],
                       laser_train: dict[str, Any], export: dict[str, Any] | None = None,
                       promotion: dict[str, Any] | None = None, production_version_id: str | None = None,
                       model_name: str = "",
-                      stop_after: str = "promote", fresh_data: bool = False) -> None:
+                      stop_after: str = "promote", fresh_data: bool = False, resume: bool = True) -> None:
+    """``resume=False`` (``laser run --no-cache``): the training steps reuse no private checkpoint either."""
     # scheduled runs read the data again each time (the fingerprint was taken when the schedule was registered)
     loader = load_dataset.with_options(enable_cache=False) if fresh_data else load_dataset
     data = loader(config=dataset, fingerprint=data_fingerprint)
@@ -33,12 +35,12 @@ def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_
     split, _ = split_dataset(data, report)
     if stop_after == "split":
         return
-    model, _ = pretrain_sr(split, model_config=sr_model, train_config=sr_train)
+    model, _ = pretrain_sr(split, model_config=sr_model, train_config=sr_train, resume=resume)
     evaluate_sr(model, split)
     if stop_after == "sr":
         return
-    stage1, table = bi_tune_stage1(data, split, model, spec=laser, train_config=laser_train)
-    laser_model = bi_tune_stage2(data, split, model, stage1, table, train_config=laser_train)
+    stage1, table = bi_tune_stage1(data, split, model, spec=laser, train_config=laser_train, resume=resume)
+    laser_model = bi_tune_stage2(data, split, model, stage1, table, train_config=laser_train, resume=resume)
     metrics = evaluate_laser(data, split, model, laser_model, table, train_config=laser_train)
     if stop_after == "laser":
         return

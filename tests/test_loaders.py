@@ -172,6 +172,19 @@ def test_amazon2018_fixture(tmp_path):
     assert ds.items.set_index("item_id").loc["B3", "brand"] == ""
 
 
+def test_amazon2018_unescapes_once(tmp_path):
+    """The loader normalises a title once (it used to unescape it twice: ``&amp;amp;`` became ``&``)."""
+    root = amazon_fixture(tmp_path / "amz")
+    write_jsonl_gz(root / "meta_Tools.json.gz", [
+        {"asin": "B1", "title": "Salt &amp;amp; Pepper", "brand": "A &amp;amp; B", "category": ["X &amp;amp; Y"]},
+        {"asin": "B3", "title": "Level", "category": ["Tools"]},
+        {"asin": "B4", "title": "&amp;amp;", "category": []},   # not empty after one pass: kept
+    ])
+    items = load_dataset({"path": str(root)}).items.set_index("item_id")
+    assert tuple(items.loc["B1", ["title", "brand", "category"]]) == ("Salt &amp; Pepper", "A &amp; B", "X &amp; Y")
+    assert items.loc["B4", "title"] == "&amp;"
+
+
 def test_amazon2018_malformed(tmp_path):
     root = amazon_fixture(tmp_path / "amz")
     write_jsonl_gz(root / "Tools_5.json.gz", [
@@ -280,8 +293,11 @@ def test_detect_format_errors(tmp_path):
 
 
 def test_normalize_text_and_frame_roundtrip():
-    assert normalize_text("A &amp;amp; B\n\t c ") == "A & B c"
+    assert normalize_text("A &amp; B\n\t c ") == "A & B c"
+    # one unescape pass: a double-escaped entity keeps the level the source wrote
+    assert normalize_text("A &amp;amp; B") == "A &amp; B" and normalize_text("&amp;lt;b&amp;gt;") == "&lt;b&gt;"
     assert normalize_text(["Tools", " Hand  Tools"]) == "Tools Hand Tools"
+    assert normalize_text(["R &amp;amp; D", "x"]) == "R &amp; D x"
     assert normalize_text(None) == "" and normalize_text(float("nan")) == ""
     ds = load_dataset({"synthetic": {"n_users": 40, "n_items": 30}})
     back = SeqDataset.from_frames(ds.name, ds.items, ds.interactions_frame(), ds.source)

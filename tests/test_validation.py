@@ -15,7 +15,7 @@ def small():
 def test_clean_dataset_passes(small):
     report = validate(small, {"min_sequence_length": 3, "max_sequence_length": 50})
     assert report.success, report.to_markdown()
-    assert len(report.outcomes) == 14 and not report.skipped
+    assert len(report.outcomes) == 19 and not report.skipped
     report.raise_for_failures()  # no error
     assert ValidationReport.from_dict(report.to_dict()).to_dict() == report.to_dict()
 
@@ -44,7 +44,7 @@ def test_planted_defects_are_each_reported(small):
     with pytest.raises(DataValidationError) as err:
         report.raise_for_failures()
     message = str(err.value)
-    assert "7 of 14 expectations failed" in message
+    assert "7 of 19 expectations failed" in message
     assert "interactions.user_id: 1 of" in message and "items.title: 1 of" in message
     assert "**FAIL**" in report.to_markdown()
 
@@ -56,3 +56,33 @@ def test_missing_columns_and_no_timestamps(small):
     no_ts = small.interactions_frame().assign(timestamp=pd.array([pd.NA] * len(inter), dtype="Int64"))
     report = validate(interactions=no_ts, items=small.items)
     assert report.success and "no timestamps" in report.skipped[0]
+
+
+def test_empty_data_fails(small):
+    """An empty interactions file used to pass ("PASSED", 0 users)."""
+    inter = small.interactions_frame().iloc[:0]
+    report = validate(interactions=inter, items=small.items.iloc[:0], name="empty")
+    assert not report.success
+    failed = {(o.table, o.expectation, o.column) for o in report.failures}
+    assert failed == {("interactions", "expect_table_row_count_to_be_between", None),
+                      ("items", "expect_table_row_count_to_be_between", None),
+                      ("users", "expect_table_row_count_to_be_between", None),
+                      ("users", "expect_column_max_to_be_between", "n_items")}
+    assert "FAILED" in report.to_markdown() and "observed=0" in report.to_markdown()
+
+
+def test_sequences_too_short_for_the_split(small):
+    """Every user has fewer than 3 items: no validation and test target for anyone."""
+    inter = small.interactions_frame()
+    inter = inter[inter["position"] < 2]
+    report = validate(interactions=inter, items=small.items, name="short")
+    assert [(o.table, o.expectation) for o in report.failures] == [("users", "expect_column_max_to_be_between")]
+    assert report.failures[0].details["observed"] == 2
+
+
+def test_negative_timestamps_fail(small):
+    inter = small.interactions_frame()
+    inter["timestamp"] = inter["timestamp"] - int(inter["timestamp"].max()) - 10   # all < 0, order kept
+    report = validate(interactions=inter, items=small.items, name="negative")
+    assert [(o.table, o.column) for o in report.failures] == [("interactions", "timestamp")]
+    assert report.failures[0].unexpected_count == len(inter)

@@ -52,9 +52,9 @@ def load_amazon2018(path: str | Path, category: str | None = None, name: str | N
     meta: dict[str, tuple[str, str, str]] = {}
     for lineno, rec in iter_jsonl(meta_path):
         asin = require(rec, "asin", meta_path, line=lineno, types=str)
-        title = normalize_text(rec.get("title"))
-        if not title:
-            continue  # the paper drops items without a title
+        title = rec.get("title")
+        if not normalize_text(title):
+            continue  # the paper drops items without a title (kept raw: build_items_frame normalizes once)
         category_path = rec.get("category", [])
         if not isinstance(category_path, (list, str, type(None))):
             raise DataFormatError(meta_path, f"expected a list, got {type(category_path).__name__}",

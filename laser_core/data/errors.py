@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from laser_core.errors import EXIT_DATA, UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError, ValueError):
     """Malformed input data. The message names the file, the line or record, and the field."""
+
+    exit_code = EXIT_DATA
 
     def __init__(self, path: str | Path, message: str, *, line: int | None = None,
                  record: str | None = None, field: str | None = None) -> None:

@@ -6,8 +6,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
+from laser_core.configbase import StrictConfig
 from laser_core.data import amazon_raw, recformer, seqrecbench
 from laser_core.data.errors import DataFormatError
 from laser_core.data.model import SeqDataset
@@ -17,7 +18,7 @@ from laser_core.data.table import TableColumns, load_table
 Format = Literal["auto", "synthetic", "recformer", "seqrecbench", "amazon2018", "table"]
 
 
-class DatasetConfig(BaseModel):
+class DatasetConfig(StrictConfig):
     """Where the data comes from. ``path`` is a directory (or, for ``table``, see the two file fields)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -33,6 +34,14 @@ class DatasetConfig(BaseModel):
     columns: dict[str, str | None] = Field(default_factory=dict)
     # synthetic: the generator's settings (see SyntheticConfig)
     synthetic: dict[str, float | int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _synthetic_reads_no_path(self) -> "DatasetConfig":
+        if self.format == "synthetic" and self.path is not None:
+            raise ValueError(f"format 'synthetic' generates its data and reads no files, but path is set "
+                             f"({self.path!r}): remove path, or set format to 'auto' (detected from the folder) "
+                             "or to the folder's format")
+        return self
 
 
 def detect_format(path: Path) -> str:

@@ -22,7 +22,8 @@ _WS = re.compile(r"\s+")
 
 
 def normalize_text(value: object) -> str:
-    """Unescape HTML entities (repeatedly, for double-escaped ``&amp;amp;``) and collapse whitespace.
+    """Unescape HTML entities (one pass: ``&amp;amp;`` becomes ``&amp;``, as the source wrote it) and collapse
+    whitespace. Apply it once per raw value: it is not idempotent on text that still holds an entity.
 
     ``None`` and NaN become the empty string; lists (e.g. Amazon category paths) are joined with spaces.
     """
@@ -31,14 +32,8 @@ def normalize_text(value: object) -> str:
     if isinstance(value, float) and np.isnan(value):
         return ""
     if isinstance(value, (list, tuple)):
-        value = " ".join(normalize_text(v) for v in value)
-    text = str(value)
-    for _ in range(3):
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
-    return _WS.sub(" ", text).strip()
+        return _WS.sub(" ", " ".join(normalize_text(v) for v in value)).strip()
+    return _WS.sub(" ", html.unescape(str(value))).strip()
 
 
 @dataclass

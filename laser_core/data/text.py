@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from laser_core.configbase import StrictConfig
 
 INSTRUCTION = (
     "You are an intelligent recommendation assistant. Please summarize the user's characteristics into a "
@@ -30,7 +32,7 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-class TextConfig(BaseModel):
+class TextConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     history_len: int | None = Field(default=None, ge=1, description="keep the H most recent items (None: all)")
@@ -82,6 +84,10 @@ class TextFormatter:
             category = truncate(category, cfg.category_max_tokens, cfg.category_max_chars, tokenizer)
             parts.append(f"category: {category}")
         return f"{title} ({', '.join(parts)})" if parts else title
+
+    def __len__(self) -> int:
+        """The number of catalogue items."""
+        return len(self._descriptions)
 
     def item_description(self, item: int) -> str:
         return self._descriptions[int(item)]

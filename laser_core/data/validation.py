@@ -1,12 +1,13 @@
 """Data validation with Great Expectations 1.x, called directly (ZenML's GX integration needs GX < 1).
 
 Three tables are checked: the interactions (one row per user-item event), the catalogue, and a per-user table
-of sequence lengths. The suite: required columns, non-null ids, every interacted item in the catalogue,
-unique item ids, non-empty titles, time order within each user (when timestamps exist: the time delta to the
-user's previous event is >= 0), no duplicate (user, item, timestamp) rows (when timestamps exist), and
-sequence-length bounds. :func:`validate` returns a :class:`ValidationReport` (JSON- and Markdown-ready);
-:meth:`ValidationReport.raise_for_failures` raises :class:`DataValidationError` listing each failure with
-counts and examples.
+of sequence lengths. The suite: at least one interaction, item and user; required columns, non-null ids, every
+interacted item in the catalogue, unique item ids, non-empty titles, timestamps >= 0 and in time order within each
+user (when timestamps exist: the time delta to the user's previous event is >= 0), no duplicate (user, item,
+timestamp) rows (when timestamps exist), sequence-length bounds, and at least one sequence long enough for the
+leave-one-out split (>= 3 items: a validation and a test target). :func:`validate` returns a
+:class:`ValidationReport` (JSON- and Markdown-ready); :meth:`ValidationReport.raise_for_failures` raises
+:class:`DataValidationError` listing each failure with counts and examples.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from laser_core.configbase import StrictConfig
 from laser_core.data.model import SeqDataset
+from laser_core.data.split import MIN_EVAL_LENGTH
+from laser_core.errors import EXIT_DATA, UserError
 from laser_core.reporting import markdown_table
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -27,7 +31,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 N_EXAMPLES = 5
 
 
-class ValidationConfig(BaseModel):
+class ValidationConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     min_sequence_length: int = Field(default=1, ge=0)
@@ -90,7 +94,7 @@ class ValidationReport:
         status = "PASSED" if self.success else f"FAILED ({len(self.failures)} of {len(self.outcomes)})"
         rows = [["ok" if o.success else "**FAIL**", o.table, o.expectation, o.column or "",
                  "" if o.unexpected_count is None else f"{o.unexpected_count} / {o.element_count}",
-                 ", ".join(repr(e) for e in o.examples)] for o in self.outcomes]
+                 ", ".join(repr(e) for e in o.examples) or _details_cell(o)] for o in self.outcomes]
         text = (f"# Data validation: {self.dataset}\n\n**{status}** (Great Expectations {self.gx_version})\n\n"
                 + markdown_table(["", "table", "expectation", "column", "failing rows", "examples"], rows))
         if self.skipped:
@@ -104,7 +108,16 @@ class ValidationReport:
             raise DataValidationError(self)
 
 
-class DataValidationError(ValueError):
+def _details_cell(o: ExpectationOutcome) -> str:
+    """For a failed expectation without example rows (a table-level one): what was observed and expected."""
+    if o.success or not o.details:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in o.details.items())
+
+
+class DataValidationError(UserError, ValueError):
+    exit_code = EXIT_DATA
+
     def __init__(self, report: ValidationReport) -> None:
         self.report = report
         lines = [f"data validation failed for {report.dataset!r}: {len(report.failures)} of "
@@ -151,7 +164,8 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
     skipped: list[str] = []
     suites: dict[str, tuple[pd.DataFrame, list]] = {}
 
-    inter_exp = [gxe.ExpectColumnToExist(column=c) for c in ("user_id", "item_id")]
+    inter_exp = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    inter_exp += [gxe.ExpectColumnToExist(column=c) for c in ("user_id", "item_id")]
     present = set(interactions.columns)
     inter_exp += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("user_id", "item_id") if c in present]
     catalogue_ids = items["item_id"].dropna().astype(str).unique().tolist() if "item_id" in items else []
@@ -159,6 +173,8 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
     if "item_id" in present:
         inter_frame = interactions.assign(item_id=interactions["item_id"].astype("string"))
         inter_exp.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=catalogue_ids))
+    if has_ts:
+        inter_exp.append(gxe.ExpectColumnValuesToBeBetween(column="timestamp", min_value=0))
     if has_ts and {"user_id", "item_id"} <= present:
         if cfg.check_duplicates:
             inter_exp.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"]))
@@ -169,7 +185,8 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
         skipped.append("time order and (user, item, timestamp) duplicates: the data has no timestamps")
     suites["interactions"] = (inter_frame, inter_exp)
 
-    item_exp = [gxe.ExpectColumnToExist(column=c) for c in ("item_id", "title")]
+    item_exp = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    item_exp += [gxe.ExpectColumnToExist(column=c) for c in ("item_id", "title")]
     item_frame = items
     if "item_id" in items.columns:
         item_exp += [gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
@@ -181,8 +198,12 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
     suites["items"] = (item_frame, item_exp)
 
     users = _users_table(interactions)
-    suites["users"] = (users, [gxe.ExpectColumnValuesToBeBetween(
-        column="n_items", min_value=cfg.min_sequence_length, max_value=cfg.max_sequence_length)])
+    suites["users"] = (users, [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="n_items", min_value=cfg.min_sequence_length,
+                                          max_value=cfg.max_sequence_length),
+        # leave-one-out needs a validation and a test target: some user must have >= 3 items
+        gxe.ExpectColumnMaxToBeBetween(column="n_items", min_value=MIN_EVAL_LENGTH)])
 
     context = gx.get_context(mode="ephemeral")
     try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from laser_core.configbase import StrictConfig
 
 ModelName = Literal["popularity", "gru4rec", "sasrec", "bert4rec"]
 
 
-class SRConfig(BaseModel):
+class SRConfig(StrictConfig):
     """Hyper-parameters of one model. Defaults are the paper's frozen encoder: 2 blocks, 2 heads, hidden 64."""
 
     model_config = ConfigDict(extra="forbid")
@@ -31,7 +33,7 @@ class SRConfig(BaseModel):
         return self.inner_size or 4 * self.hidden_size
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictConfig):
     """Trainer settings: Adam, validation by full ranking each epoch, early stopping on ``monitor``."""
 
     model_config = ConfigDict(extra="forbid")
