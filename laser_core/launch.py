@@ -63,7 +63,7 @@ class LaunchedFit:
 def write_job(job: Path, items: pd.DataFrame, split: Split, sr_model: SequentialRecommender | None,
               spec: LaserSpec, config: LaserTrainConfig, stages: Sequence[int],
               weights: dict[str, torch.Tensor] | None = None, table: torch.Tensor | None = None,
-              workdir_root: str | Path | None = None, label: str = "laser") -> Path:
+              workdir_root: str | Path | None = None, label: str = "laser", resume: bool = True) -> Path:
     """The job folder :func:`run_job` reads (see the module docstring)."""
     job = Path(job)
     job.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,8 @@ def write_job(job: Path, items: pd.DataFrame, split: Split, sr_model: Sequential
         save_tensors({"table": table}, job / "table.safetensors")
     atomic_write(job / "job.json", json.dumps({
         "format_version": JOB_FORMAT, "train": config.model_dump(mode="json"), "stages": list(stages),
-        "workdir_root": str(workdir_root) if workdir_root is not None else None, "label": label}, indent=1))
+        "workdir_root": str(workdir_root) if workdir_root is not None else None, "label": label,
+        "resume": bool(resume)}, indent=1))
     return job
 
 
@@ -100,7 +101,8 @@ def run_job(job: str | Path) -> dict:
     model = build_laser(spec, items, sr_model,
                         weights=LaserWeights(spec=spec, state=init) if init is not None else None)
     table = load_file(str(job / "table.safetensors"))["table"] if (job / "table.safetensors").is_file() else None
-    trainer = LaserTrainer(model, split, config, workdir_root=meta.get("workdir_root"), label=meta["label"])
+    trainer = LaserTrainer(model, split, config, workdir_root=meta.get("workdir_root"), label=meta["label"],
+                           resume=bool(meta.get("resume", True)))
     result = trainer.fit(stages=tuple(meta["stages"]), table=table)
     out = {"best": result.best, "history": result.history, "cost": result.cost, "processes": trainer.world}
     if trainer.rank == 0:
@@ -142,9 +144,10 @@ def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommen
                  config: LaserTrainConfig, stages: Sequence[int], weights: dict[str, torch.Tensor] | None = None,
                  table: torch.Tensor | None = None, workdir_root: str | Path | None = None, label: str = "laser",
                  processes: int | None = None, job_dir: str | Path | None = None,
-                 extra_args: Sequence[str] = ()) -> LaunchedFit:
+                 extra_args: Sequence[str] = (), resume: bool = True) -> LaunchedFit:
     """Write the job, run it under ``accelerate launch`` with ``processes`` (default ``config.processes``)
-    processes, and read back process 0's output. The job folder is temporary unless ``job_dir`` is given."""
+    processes, and read back process 0's output. The job folder is temporary unless ``job_dir`` is given.
+    ``resume=False``: the trainer reuses no checkpoint under ``workdir_root`` (see :class:`LaserTrainer`)."""
     processes = processes or config.processes
     tmp = None
     if job_dir is None:
@@ -153,7 +156,7 @@ def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommen
     job = Path(job_dir)
     try:
         write_job(job, items, split, sr_model, spec, config.model_copy(update={"accelerate": True}), stages,
-                  weights=weights, table=table, workdir_root=workdir_root, label=label)
+                  weights=weights, table=table, workdir_root=workdir_root, label=label, resume=resume)
         cmd = launch_command(job, processes, extra_args, threads=config.threads)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}

@@ -11,13 +11,17 @@ random cut of the user's training sequence: history = the items before the cut, 
 every transition of a user can be seen over epochs, as with RecFormer/Laser's all-prefix data).
 
 Checkpoints (``workdir``): only trainable weights (safetensors) + optimizer state + ``state.json`` after every
-epoch, the best weights and table; a restarted run with the same settings resumes where it stopped. Item tables
-are cached in ``workdir/tables`` by a hash of the trainable weights + backbone + template settings.
+epoch, the best weights and table. A restarted run with the same content key resumes where it stopped (a
+finished one is reloaded): the key (:meth:`LaserTrainer.run_hash`, through :mod:`laser_core.fingerprint`) covers
+every result-affecting training setting, the process count, the starting weights, the frozen backbone's files,
+the frozen SR encoder's weights, the catalogue's item texts, the split's data, and, per ``fit`` call, the stages
+and the given frozen table. ``resume=False`` reuses nothing (it trains from scratch and overwrites the folder).
+Item tables are cached in ``workdir/tables`` by :meth:`LaserModel.weights_fingerprint` (trainable weights and
+every frozen input of the item embeddings).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
 from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
@@ -37,7 +42,7 @@ from laser_core.model import LaserModel
 from laser_core.sr.checkpoint import atomic_write, load_optimizer, save_optimizer, save_tensors
 
 
-class LaserTrainConfig(BaseModel):
+class LaserTrainConfig(StrictConfig):
     """Paper: batch 4, lr 1e-4, Adam, 15 + 5 epochs, tau 0.05, lambda 0.01. CPU budgets shrink the epochs and
     sample users per epoch; evaluation can be limited to a seeded sample of users."""
 
@@ -120,10 +125,12 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
 class LaserTrainer:
     def __init__(self, model: LaserModel, split: Split, config: LaserTrainConfig,
                  workdir: str | Path | None = None, workdir_root: str | Path | None = None,
-                 label: str = "laser") -> None:
+                 label: str = "laser", resume: bool = True) -> None:
         """Checkpoints go to ``workdir``, or to ``workdir_root/<label>-<run hash>`` (one folder per distinct
-        run, so a restarted pipeline step finds its own checkpoints)."""
+        run, so a restarted pipeline step finds its own checkpoints). ``resume=False``: read nothing from there
+        (no resumed or reloaded run, no cached item table), train from scratch."""
         self.model, self.split, self.cfg = model, split, config
+        self.resume = resume
         self.wd = Path(workdir) if workdir is not None else None
         self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr)
         self.accelerator = None
@@ -153,18 +160,26 @@ class LaserTrainer:
 
     # ---------------------------------------------------------------- pieces
     def run_hash(self) -> str:
-        payload = {"train": self.cfg.model_dump(exclude={"progress", "threads", "item_batch_size",
-                                                         "eval_batch_size", "processes"}),
-                   "start": self.model.weights_fingerprint(),
-                   "model": self.model.config.model_dump(), "text": self.model.formatter.config.model_dump(),
-                   "backbone": self.model.backbone.state_fingerprint(), "n_items": self.split.n_items,
-                   "users": len(self.split.users)}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        """The run's content key (and checkpoint folder name): the training settings (all but the progress bar
+        and thread count; the process count as run), the starting model (:meth:`LaserModel.weights_fingerprint`:
+        weights, backbone files, SR encoder weights, item texts, settings) and the split's data."""
+        from laser_core.fingerprint import fingerprint, split_fingerprint
+
+        return fingerprint("laser-run", {
+            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes"}), "processes": self.world,
+            "start": self.model.weights_fingerprint(), "data": split_fingerprint(self.split)})[:16]
+
+    def _fit_key(self, stages: Sequence[int], table: torch.Tensor | None) -> str:
+        """``state.json``'s key for one ``fit`` call: the run plus the stages asked for and the given table."""
+        from laser_core.fingerprint import fingerprint
+
+        return fingerprint("laser-fit", {"run": self.run_hash(), "stages": sorted(int(s) for s in stages),
+                                         "table": table})[:16]
 
     def item_table(self) -> torch.Tensor:
         key = self.model.weights_fingerprint()[:24]
         path = self.wd / "tables" / f"{key}.safetensors" if self.wd is not None else None
-        if path is not None and path.is_file():
+        if path is not None and self.resume and path.is_file():
             return load_file(str(path))["table"]
         was = self.model.training
         self.model.eval()
@@ -257,11 +272,11 @@ class LaserTrainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = {"run_hash": self.run_hash(), "stage": 1, "epoch": -1, "history": [], "best": {},
+        state = {"run_hash": self._fit_key(stages, table), "stage": 1, "epoch": -1, "history": [], "best": {},
                  "stage1_done": False}
         self._best_weights = self._trainable_state()
         best_table: torch.Tensor | None = None
-        if self.wd is not None and (self.wd / "state.json").is_file():
+        if self.resume and self.wd is not None and (self.wd / "state.json").is_file():
             saved = json.loads((self.wd / "state.json").read_text(encoding="utf8"))
             if saved.get("run_hash") == state["run_hash"]:
                 state = saved

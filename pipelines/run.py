@@ -79,9 +79,11 @@ def _infra_settings(config: LaserConfig, gpu_steps: list[str] | None = None) -> 
 
 
 def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name: str | None = None,
-                 schedule=None):
+                 schedule=None, resume: bool = True):
     """Run the training pipeline on the active ZenML stack, bound to the config's ZenML Model (a new version per
-    run), and return the pipeline run response. ``schedule`` (from :func:`make_schedule`) registers it instead."""
+    run), and return the pipeline run response. ``schedule`` (from :func:`make_schedule`) registers it instead.
+    ``resume=False`` (with ``enable_cache=False``: ``laser run --no-cache``): the training steps also reuse no
+    private checkpoint (finished or interrupted runs under ``LASER_CACHE_DIR``) and train from scratch."""
     from pipelines.training import training_pipeline
 
     cache = config.pipeline.enable_cache if enable_cache is None else enable_cache
@@ -100,7 +102,7 @@ def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name
                 production_version_id=(LOOKUP_AT_RUN if schedule is not None
                                        else production_version_id(config.model_name())),
                 model_name=config.model_name(), stop_after=config.pipeline.stop_after,
-                fresh_data=schedule is not None)
+                fresh_data=schedule is not None, resume=resume)
 
 
 def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):

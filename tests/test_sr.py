@@ -170,3 +170,83 @@ def test_resume_after_interruption_gives_same_result(tmp_path, synthetic_split):
         assert torch.equal(a, b), k
     # the best checkpoint on disk is the returned model
     assert torch.equal(load_model(tmp_path / "b" / "best").score([[1, 2]]), resumed.model.score([[1, 2]]))
+
+
+# ------------------------------------------------------------------- checkpoint reuse is keyed on content
+SMALL_SASREC = SRConfig(model="sasrec", hidden_size=16, n_heads=2, max_len=8, dropout=0.0, attn_dropout=0.0)
+QUICK = TrainConfig(epochs=2, batch_size=64, lr=1e-3, patience=5, progress=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    return leave_one_out(load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 2,
+                                                     "seed": 1}}))
+
+
+def _fit_counting(split, workdir, **kw):
+    """``fit`` and the epochs it trained in this call (a reloaded finished run trains none)."""
+    trained: list[int] = []
+    result = fit(SMALL_SASREC, QUICK, split, workdir=workdir, callbacks=[lambda e, rec: trained.append(e)], **kw)
+    return result, trained
+
+
+def _same_sizes_other_data(split):
+    """A copy of ``split`` with one user's first two training items swapped: every size is unchanged."""
+    from dataclasses import replace
+
+    u = next(i for i, t in enumerate(split.train) if len(t) >= 2 and t[0] != t[1])
+    train = [t.copy() for t in split.train]
+    train[u][[0, 1]] = train[u][[1, 0]]
+    return replace(split, train=train)
+
+
+def test_a_finished_checkpoint_is_reloaded_only_for_the_same_data(small_split, tmp_path):
+    from laser_core.sr.trainer import config_hash
+
+    wd = tmp_path / "ck"
+    first, trained = _fit_counting(small_split, wd)
+    assert trained == [0, 1]
+    again, trained = _fit_counting(small_split, wd)           # unchanged: reloaded, nothing trains
+    assert trained == [] and again.history == first.history
+    other = _same_sizes_other_data(small_split)
+    assert config_hash(SMALL_SASREC, QUICK, other) != config_hash(SMALL_SASREC, QUICK, small_split)
+    changed, trained = _fit_counting(other, wd)              # same sizes, other data: trains again
+    assert trained == [0, 1]
+    assert [h["loss"] for h in changed.history] != [h["loss"] for h in first.history]
+    # every result-affecting setting is in the key, not only the sizes
+    assert config_hash(SMALL_SASREC, QUICK.model_copy(update={"eval_batch_size": 7}), small_split) != \
+        config_hash(SMALL_SASREC, QUICK, small_split)
+    assert config_hash(SMALL_SASREC, QUICK.model_copy(update={"progress": True, "threads": 1}), small_split) == \
+        config_hash(SMALL_SASREC, QUICK, small_split)
+
+
+def test_resume_false_trains_again_over_a_finished_checkpoint(small_split, tmp_path):
+    wd = tmp_path / "ck"
+    first, _ = _fit_counting(small_split, wd)
+    fresh, trained = _fit_counting(small_split, wd, resume=False)
+    assert trained == [0, 1]
+    assert [h["loss"] for h in fresh.history] == [h["loss"] for h in first.history]  # seeded: same run again
+    assert [h["train_seconds"] for h in fresh.history] != [h["train_seconds"] for h in first.history]
+
+
+def test_the_pretrain_step_passes_resume_to_the_trainer(small_split, monkeypatch):
+    """`laser run --no-cache` reaches the ID model's trainer as resume=False (checkpoints under
+    LASER_CACHE_DIR); a normal run resumes."""
+    import steps.sr as sr_steps
+
+    seen = []
+    real_fit = sr_steps.fit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("resume"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(sr_steps, "fit", spy)
+    cfg, train = SMALL_SASREC.model_dump(), QUICK.model_dump()
+    first, _ = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train)
+    reloaded, _ = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train)
+    fresh, summary = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train, resume=False)
+    assert seen == [True, True, False]
+    assert summary["epochs_run"] == 2
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]) and torch.equal(v, fresh.state_dict()[k]), k

@@ -20,13 +20,15 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
+
+from laser_core.configbase import StrictConfig
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = ("tiny-random-llama", "tiny-random-gpt2")
@@ -37,7 +39,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LASER_CACHE_DIR", Path.home() / ".cache" / "laser"))
 
 
-class TinyConfig(BaseModel):
+class TinyConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     hidden_size: int = Field(default=64, ge=8)   # keep multiples of 64 for 4-bit on CPU
@@ -47,7 +49,7 @@ class TinyConfig(BaseModel):
     seed: int = 0
 
 
-class BackboneConfig(BaseModel):
+class BackboneConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     name: str = SMOLLM2
@@ -56,6 +58,9 @@ class BackboneConfig(BaseModel):
     cache_dir: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    num_layers: int | None = Field(default=None, ge=1, description=(
+        "keep only the first N decoder layers (+ the final norm) of the causal LM; None: all of them. Fewer "
+        "layers cost proportionally fewer FLOPs (bench/frozen_llm.py measures quality per N)"))
     tiny: TinyConfig = Field(default_factory=TinyConfig)
 
     def cache_path(self) -> Path:
@@ -68,6 +73,7 @@ class Backbone:
     tokenizer: object         # a transformers tokenizer
     path: str
     config: BackboneConfig
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def hidden_size(self) -> int:
@@ -85,8 +91,18 @@ class Backbone:
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
 
-    def state_fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.path}|{self.config.quantization}|{self.config.name}".encode()).hexdigest()[:16]
+    def content_fingerprint(self) -> str:
+        """A content hash of the frozen LLM as loaded (see :func:`laser_core.fingerprint.backbone_fingerprint`):
+        the bytes of its folder's files (weights, config, tokenizer) and the loading settings. Computed once per
+        loaded backbone (it is frozen) and kept."""
+        if self._fingerprint is None:
+            from laser_core.fingerprint import backbone_fingerprint
+
+            settings = {**self.config.model_dump(mode="json", exclude={"cache_dir"}),
+                        "resolved_compute_dtype": str(_compute_dtype(self.config))}
+            self._fingerprint = backbone_fingerprint(self.path, settings, model=self.model,
+                                                     tokenizer=self.tokenizer)
+        return self._fingerprint
 
 
 # ----------------------------------------------------------------------------------------- tiny backbones
@@ -170,6 +186,29 @@ def _zero_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def truncated_config(path: str, config: BackboneConfig):
+    """The model config of ``path`` with only its first ``config.num_layers`` decoder layers: loading with it
+    reads those layers' weights and skips the rest (the final norm is kept, so the output is the first N layers'
+    hidden state through the model's own final norm). Works for any HF causal LM whose config names its layer
+    count ``num_hidden_layers`` (Llama, Qwen, Mistral ...; GPT-2 maps ``n_layer`` to it)."""
+    import logging
+
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    total = getattr(hf, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise ValueError(f"backbone.num_layers: the config of {path} does not give its number of decoder layers")
+    if config.num_layers > total:
+        raise ValueError(f"backbone.num_layers = {config.num_layers}, but {path} has only {total} decoder layers")
+    hf.num_hidden_layers = config.num_layers
+    if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Qwen2/3, Gemma ...)
+        hf.layer_types = hf.layer_types[:config.num_layers]
+    # the skipped layers' weights are "unused" by design: keep transformers from warning about each of them
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    return hf
+
+
 def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[str] | None = None) -> Backbone:
     """Load the configured backbone frozen, quantized as configured."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -184,6 +223,8 @@ def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[s
             bnb_4bit_use_double_quant=False)
     elif cfg.quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.num_layers is not None:
+        kwargs["config"] = truncated_config(path, cfg)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     for p in model.parameters():

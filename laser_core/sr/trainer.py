@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -85,16 +84,21 @@ def training_sequences(model: SequentialRecommender, split: Split) -> list[np.nd
 
 
 def config_hash(config: SRConfig, train: TrainConfig, split: Split) -> str:
-    payload = {"model": config.model_dump(), "train": train.model_dump(exclude={"progress", "threads",
-                                                                                 "eval_batch_size"}),
-               "n_items": split.n_items, "n_users": len(split.users),
-               "train_sizes": int(sum(len(t) for t in split.train))}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    """The checkpoints' key: the model and training settings (all but the progress bar and the thread count)
+    and the split's content (:func:`laser_core.fingerprint.split_fingerprint`), so a checkpoint is reused only
+    for the same data and settings."""
+    from laser_core.fingerprint import fingerprint, split_fingerprint
+
+    return fingerprint("sr-run", {"model": config, "train": train.model_dump(exclude={"progress", "threads"}),
+                                  "data": split_fingerprint(split)})[:16]
 
 
 def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path | None = None,
-        callbacks: Sequence[Callable[[int, dict], None]] = ()) -> FitResult:
-    """Train ``config.model`` on ``split`` and return the best-validation-epoch model."""
+        callbacks: Sequence[Callable[[int, dict], None]] = (), resume: bool = True) -> FitResult:
+    """Train ``config.model`` on ``split`` and return the best-validation-epoch model.
+
+    With ``workdir``, a run whose checkpoints there have the same :func:`config_hash` resumes (or, finished,
+    is reloaded); ``resume=False`` trains from scratch whatever is there (and overwrites it)."""
     if train.threads:
         torch.set_num_threads(train.threads)
     torch.manual_seed(train.seed)
@@ -119,7 +123,7 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
     state = {"config_hash": run_hash, "epoch": -1, "best_epoch": -1, "best_metric": -np.inf,
              "bad_epochs": 0, "history": [], "finished": False}
     best_state: dict[str, torch.Tensor] | None = None
-    if wd is not None and (wd / STATE).is_file():
+    if resume and wd is not None and (wd / STATE).is_file():
         saved = json.loads((wd / STATE).read_text(encoding="utf8"))
         if saved.get("config_hash") == run_hash:
             state = saved
