@@ -3,9 +3,10 @@
 Bundle layout (``export_bundle``; details in ``docs/serving.md``)::
 
     laser_export.json    manifest: format_version, k, dim, n_items, text config, SR max_len, prefix/pooling,
-                         cold-item treatment, file sha256s, popularity flag, ``metadata`` (model version ...)
+                         cold-item treatment and weights, file sha256s, popularity flag, ``metadata`` (model version)
     scorer.onnx          user_embedding [B, d] -> scores [B, k] (cosines), indices [B, k] (catalogue rows)
-    user_tower.onnx      item_ids/item_mask [B, L_sr] + input_ids/attention_mask [B, T] -> user_embedding [B, d]
+    user_tower.onnx      item_ids/item_mask [B, L_sr] + input_ids/attention_mask [B, T] (+ item_side [B] when the
+                         item table was made with other weights than the user side's) -> user_embedding [B, d]
     items.parquet        the catalogue in table-row order: item_id, title, brand, category (+ popularity)
     tokenizer/           the backbone's tokenizer (``save_pretrained``; ``tokenizer.json`` is what serving reads)
 
@@ -40,6 +41,7 @@ SCORER_OPSET = 17
 ITEM_COLUMNS = ("item_id", "title", "brand", "category")
 SUPPORTED_SR = ("BERT4Rec", "SASRec")  # SR encoders the M-Former export (and the cold-item treatment) handles
 COLD_ITEM = -1  # item id in user_tower.onnx's ``item_ids`` for a visible position of an item without an ID
+ITEM_SIDE = "item_side"  # user_tower.onnx input [B] int64: 1 = embed the row as an item-table row, 0 = as a user
 
 #: how a cold item (no trained ID embedding) enters the frozen SR encoder; written to the manifest
 COLD_ITEM_TREATMENT = (
@@ -48,6 +50,19 @@ COLD_ITEM_TREATMENT = (
     "token for 'an item not shown here'); SASRec has no such token, so it gets the padding embedding (zero) "
     "and the position carries only its position embedding. The text side is the item template as in training."
 )
+
+
+#: which weights embed new items (``LaserWeights.cold_item_weights``); written to the manifest's ``cold_item``
+COLD_ITEM_WEIGHTS = {
+    "item_side": f"the weights that made the item table (Laser's stage 1), held in {USER_TOWER} beside the user "
+                 f"side's (stage 2; the backbone is shared): input {ITEM_SIDE} = 1 embeds a row as an item, as "
+                 f"add_items does, 0 as a user; new items are embedded as the table's rows were",
+    "shared": "the user tower's weights, which also made the item table: new items are embedded as the table's "
+              "rows were",
+    "user_side": "the user side's weights (stage 2); the weights that made the item table are not in the bundle "
+                 "(an export from before the item side was kept), so new items come from other weights than the "
+                 "table's rows",
+}
 
 
 class ExportError(RuntimeError):
@@ -82,9 +97,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _files_sha256(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest, by POSIX path relative to ``root``."""
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    """sha256 of every file under ``root`` except the manifest (``root/laser_export.json``), by POSIX path
+    relative to ``root``."""
+    files = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
+    return {rel: sha256_file(root / rel) for rel in files if rel != MANIFEST}
 
 
 # ------------------------------------------------------------------------------------------------ scorer
@@ -193,38 +209,50 @@ def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | Non
     sr = copy.deepcopy(sr_model).float().cpu().eval() if spec.bitune.prefix == "mformer" else None
     model = LaserModel(backbone, sr, formatter, spec.bitune)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in weights.state.items()})
+    if weights.item_state is not None:  # the weights that made the item table: the tower's item side
+        model.set_item_state({k: v.detach().float().cpu() for k, v in weights.item_state.items()})
     model.eval()
     model.llm.eval()  # no bitsandbytes here, so plain eval mode (LaserModel.train keeps the LLM in train())
     return model
 
 
 def _tower_module(model: LaserModel):
-    """The module ``user_tower.onnx`` is traced from (inputs differ by prefix: only M-Former reads item ids)."""
+    """The module ``user_tower.onnx`` is traced from. Inputs differ by prefix (only the M-Former reads item ids)
+    and by whether the item side has its own weights (``item_side``; :meth:`LaserModel.set_item_state`)."""
     import torch
 
-    class MFormerTower(torch.nn.Module):
+    class Tower(torch.nn.Module):
         def __init__(self, laser: LaserModel) -> None:
             super().__init__()
             self.laser = laser
+            # frozen parts kept outside the Laser model's module tree, registered here for the exporter
             self.sr = laser.sr
             self.llm = laser.llm
+            self.item_weights = laser.item_weights
 
-        def forward(self, item_ids: torch.Tensor, item_mask: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-            prefix, _ = self.laser.prefix_from_ids(item_ids, item_mask, input_ids.shape[0])
-            return self.laser.forward_padded(input_ids, attention_mask, prefix)
+        def embed(self, item_ids, item_mask, input_ids, attention_mask, item_side) -> torch.Tensor:
+            prefix, _ = self.laser.prefix_from_ids(item_ids, item_mask, input_ids.shape[0], item_side=item_side)
+            return self.laser.forward_padded(input_ids, attention_mask, prefix, item_side=item_side)
 
-    class TextTower(torch.nn.Module):
-        def __init__(self, laser: LaserModel) -> None:
-            super().__init__()
-            self.laser = laser
-            self.llm = laser.llm
+    class MFormerTower(Tower):
+        def forward(self, item_ids, item_mask, input_ids, attention_mask) -> torch.Tensor:
+            return self.embed(item_ids, item_mask, input_ids, attention_mask, None)
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            prefix, _ = self.laser.prefix_from_ids(None, None, input_ids.shape[0])
-            return self.laser.forward_padded(input_ids, attention_mask, prefix)
+    class MFormerItemSideTower(Tower):
+        def forward(self, item_ids, item_mask, input_ids, attention_mask, item_side) -> torch.Tensor:
+            return self.embed(item_ids, item_mask, input_ids, attention_mask, item_side)
 
-    return (MFormerTower(model) if model.mformer is not None else TextTower(model)).eval()
+    class TextTower(Tower):
+        def forward(self, input_ids, attention_mask) -> torch.Tensor:
+            return self.embed(None, None, input_ids, attention_mask, None)
+
+    class TextItemSideTower(Tower):
+        def forward(self, input_ids, attention_mask, item_side) -> torch.Tensor:
+            return self.embed(None, None, input_ids, attention_mask, item_side)
+
+    towers = {(True, False): MFormerTower, (True, True): MFormerItemSideTower, (False, False): TextTower,
+              (False, True): TextItemSideTower}
+    return towers[model.mformer is not None, model.item_weights is not None](model).eval()
 
 
 def popularity_from_sequences(sequences: Any, n_items: int) -> np.ndarray:
@@ -293,11 +321,12 @@ def _check_parity(tower_path: Path, model: LaserModel, histories: list[list[int]
     with torch.no_grad():
         ids, text_mask = model.pad_tokens(token_ids)
         sr_ids, sr_mask = model.sr_inputs(histories)
-        prefix, _ = model.prefix_from_ids(sr_ids, sr_mask, len(histories)) if model.mformer is not None \
-            else model.prefix_from_ids(None, None, len(histories))
-        expected = model.forward_padded(ids, text_mask, prefix).numpy()
+        side = torch.tensor([len(h) == 1 for h in histories], dtype=torch.long)  # one-item rows as items
+        prefix, _ = model.prefix_from_ids(sr_ids, sr_mask, len(histories), item_side=side) \
+            if model.mformer is not None else model.prefix_from_ids(None, None, len(histories), item_side=side)
+        expected = model.forward_padded(ids, text_mask, prefix, item_side=side).numpy()
     feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.numpy().astype(np.int64),
-             "input_ids": ids.numpy(), "attention_mask": text_mask.numpy()}
+             "input_ids": ids.numpy(), "attention_mask": text_mask.numpy(), ITEM_SIDE: side.numpy()}
     sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
     got = sess.run(["user_embedding"], {n: feeds[n] for n in input_names})[0]
     return float(np.abs(got - expected).max())
@@ -307,9 +336,11 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
     """Trace ``model`` (a float32 :func:`reference_model`) to ``user_tower.onnx`` with the dynamo exporter.
 
     Inputs (all int64, left-padded): ``item_ids``/``item_mask`` ``[B, L_sr]`` (M-Former prefix only;
-    ``L_sr <= `` the SR max_len; id -1 at a visible position = a cold item) and ``input_ids``/
-    ``attention_mask`` ``[B, T]``; output ``user_embedding`` float32 ``[B, d]``. Returns the tower's manifest
-    entry (file, inputs, output, opset)."""
+    ``L_sr <= `` the SR max_len; id -1 at a visible position = a cold item), ``input_ids``/
+    ``attention_mask`` ``[B, T]`` and, when the model's item side has its own weights
+    (:meth:`LaserModel.set_item_state`), ``item_side`` ``[B]`` (1: embed the row with the item side's weights,
+    as an item-table row; 0: the user side's); output ``user_embedding`` float32 ``[B, d]``. The graph holds
+    the backbone once. Returns the tower's manifest entry (file, inputs, output, opset)."""
     import torch
 
     if model.config.prefix == "mformer" and type(model.sr).__name__ not in SUPPORTED_SR:
@@ -333,6 +364,8 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
         shapes = ({0: batch, 1: sr_len}, {0: batch, 1: sr_len}, *text_shapes)
     else:
         args, names, shapes = (ids, text_mask), ["input_ids", "attention_mask"], text_shapes
+    if model.item_weights is not None:  # one row of each side in the traced batch
+        args, names, shapes = (*args, torch.tensor([1, 0])), [*names, ITEM_SIDE], (*shapes, {0: batch})
     n_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
     with torch.no_grad(), warnings.catch_warnings():
         # torch-internal deprecation noise and "axis name ... will not be used" notes from the exporter
@@ -357,8 +390,10 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
     the training data (enables the serving popularity fallback; see :func:`popularity_from_sequences`).
 
     The user tower is traced from a fresh float32 load of the backbone (dequantized when trained in 4/8 bits)
-    and checked against that torch model on sample histories (variable lengths, cold items); a larger
-    difference than ``parity_tolerance`` is an :class:`ExportError`. Returns ``out_dir``.
+    and checked against that torch model on sample histories (variable lengths, cold items, item rows); a larger
+    difference than ``parity_tolerance`` is an :class:`ExportError`. When ``weights.item_state`` holds the
+    weights that made ``table`` (stage 2 trained on), the tower carries them as its item side (input
+    ``item_side``), so new items are embedded as the table's rows were. Returns ``out_dir``.
     """
     from laser_core import __version__
     from laser_core.data.text import TextFormatter
@@ -375,6 +410,11 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
     metadata = dict(metadata or {})
     json.dumps(metadata)  # must be JSON; fail before the slow part
     spec = weights.spec
+    cold_item_weights = weights.cold_item_weights()
+    if cold_item_weights == "user_side":
+        warnings.warn("these stage-2 weights carry no item_state (the weights that made the item table): new items "
+                      "added to this bundle will be embedded with the user side's weights, not the table's; "
+                      "re-run the stage-2 step to keep them", UserWarning, stacklevel=2)
     if spec.bitune.prefix == "mformer":
         if sr_model is None:
             raise ValueError("prefix 'mformer' needs the frozen ID-based recommender (sr_model)")
@@ -443,7 +483,8 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
             "catalogue": {"file": CATALOGUE, "columns": list(catalogue.columns),
                           "row_order": "row i of the catalogue is row i of the scorer's table (its indices)"},
             "popularity": "popularity" in catalogue.columns,
-            "cold_item": {"item_id": COLD_ITEM, "treatment": COLD_ITEM_TREATMENT},
+            "cold_item": {"item_id": COLD_ITEM, "treatment": COLD_ITEM_TREATMENT,
+                          "item_weights": cold_item_weights, "item_weights_note": COLD_ITEM_WEIGHTS[cold_item_weights]},
             "added_items": [],
             "metadata": metadata,
         }
@@ -457,10 +498,15 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
-    """Fill ``files`` (sha256 of every other file in the bundle) and write ``laser_export.json``."""
+    """Fill ``files`` (sha256 of every other file in the bundle) and write ``laser_export.json``, after checking
+    it with the loader's model (:class:`laser_core.manifest.BundleManifest`): a bundle that would not load is
+    never written."""
+    from laser_core.manifest import validate_manifest  # it imports this module
+
     root = Path(bundle_dir)
     manifest = {**manifest, "files": _files_sha256(root)}
     path = root / MANIFEST
+    validate_manifest(json.loads(json.dumps(manifest)), path)  # as the loader will read it back
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf8")
     tmp.replace(path)

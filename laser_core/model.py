@@ -15,7 +15,7 @@ suffix) and ``eos`` (a hard EOS token in place of the trainable suffix).
 
 from __future__ import annotations
 
-import hashlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,16 +23,17 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
 from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
 
 
-class BiTuneConfig(BaseModel):
+class BiTuneConfig(StrictConfig):
     """The model side of Laser. Paper: M-Former K=8, L=32, width 768, 12 blocks, 12 heads; suffix pooling."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,6 +79,8 @@ class LaserModel(nn.Module):
         self.suffix = nn.Parameter(eos.clone()) if cfg.pooling == "suffix" else None
         self.register_buffer("eos_embedding", eos, persistent=False)
         self._item_ids_cache: dict[int, list[int]] = {}
+        # the item side's own weights (set_item_state); None: the item side uses this model's weights
+        object.__setattr__(self, "item_weights", None)
 
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,15 +101,17 @@ class LaserModel(nn.Module):
                 "bi_tuning_token_values": (n_prefix + n_suffix) * self.backbone.hidden_size}
 
     def weights_fingerprint(self) -> str:
-        """Hash of the trainable weights + backbone + template settings (the item table's cache key)."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        h.update(self.backbone.state_fingerprint().encode())
-        h.update(self.formatter.config.model_dump_json().encode())
-        h.update(self.config.model_dump_json().encode())
-        return h.hexdigest()
+        """A content hash of everything this model's outputs depend on (the item table's cache key, and part of
+        the training run's): the trainable weights, the frozen backbone (its files' bytes and loading settings),
+        the frozen SR encoder's weights, the catalogue's formatted item texts, the Bi-Tuning settings, and the
+        item side's own weights when it has them (:meth:`set_item_state`)."""
+        from laser_core.fingerprint import catalogue_fingerprint, fingerprint, sr_fingerprint
+
+        item_side = dict(self.item_weights.state_dict()) if self.item_weights is not None else None
+        return fingerprint("laser-model", {
+            "trainable": dict(self.state_dict()), "item_side": item_side, "bitune": self.config,
+            "backbone": self.backbone.content_fingerprint(), "sr": sr_fingerprint(self.sr),
+            "catalogue": catalogue_fingerprint(self.formatter)})
 
     def tokenize(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
         out = []
@@ -151,18 +156,28 @@ class LaserModel(nn.Module):
 
     @torch.no_grad()
     def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None) -> torch.Tensor:
-        """The item-embedding table rows for ``items`` (one-item histories), batched by text length."""
-        items = list(items)
-        lengths = [len(t) for t in self.tokenize([[i] for i in items])]
-        order = np.argsort(lengths, kind="stable")
-        out = torch.empty(len(items), self.backbone.hidden_size)
-        for lo in range(0, len(items), batch_size):
-            idx = order[lo:lo + batch_size]
-            emb, _ = self.forward([[items[i]] for i in idx])
-            out[torch.from_numpy(idx)] = emb
-            if progress is not None:
-                progress(len(idx))
-        return out
+        """The item-embedding table rows for catalogue ``items`` (one-item histories, their trained IDs):
+        :meth:`embed_item_rows`, the path new items take too."""
+        items = [int(i) for i in items]
+        return self.embed_item_rows(self.tokenize([[i] for i in items]), items, batch_size, progress)
+
+    # ------------------------------------------------------------------ the item side's weights
+    def set_item_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Give the item side (every item-table row: :meth:`embed_items`, :meth:`embed_cold_items`) its own
+        weights: ``state`` has this model's ``state_dict`` keys and is the state that made the item table
+        (Laser's stage-1 weights: stage 2 freezes the table and trains the weights on, so the final weights are
+        the user side's only). Kept frozen and outside ``state_dict``. ``None``: the item side uses this
+        model's own weights (the table is made with the current weights, as in stage 1)."""
+        if state is None:
+            object.__setattr__(self, "item_weights", None)
+            return
+        side = nn.Module()
+        side.mformer = copy.deepcopy(self.mformer)
+        side.plain = copy.deepcopy(self.plain)
+        side.suffix = nn.Parameter(self.suffix.detach().clone()) if self.suffix is not None else None
+        side.load_state_dict(state)  # strict: exactly this model's trainable keys
+        side.requires_grad_(False)
+        object.__setattr__(self, "item_weights", side.eval())
 
     # ------------------------------------------------ tensor-level pieces (ONNX export, cold-start items)
     # ``forward`` above is the training path; the methods below compute the same function from padded
@@ -179,27 +194,39 @@ class LaserModel(nn.Module):
         the M-Former sees one real position carrying only position information."""
         sr = self.sr
         name = type(sr).__name__
-        if name not in ("BERT4Rec", "SASRec"):
-            raise NotImplementedError(f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, "
-                                      f"not {name}")
         mask = mask.bool()
         cold = mask & (item_ids < 0)
+        if name not in ("BERT4Rec", "SASRec"):
+            if bool(cold.any()):
+                raise NotImplementedError(f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, "
+                                          f"not {name}")
+            return sr.encode(item_ids, mask)  # catalogue items only: the encoder's own path
         tokens = torch.where(mask & ~cold, item_ids + 1, torch.zeros_like(item_ids))
         emb = sr.item_emb(tokens)
         unknown = sr.item_emb.weight[sr.mask_token] if name == "BERT4Rec" else torch.zeros_like(emb[0, 0])
         emb = torch.where(cold[..., None], unknown.to(emb.dtype), emb)
         return sr.encoder(emb, mask, causal=not sr.bidirectional)
 
-    def prefix_from_ids(self, item_ids: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int
-                        ) -> tuple[torch.Tensor | None, RouterOutput | None]:
-        """The prefix ``[B, L, H]`` (or None) from left-padded SR inputs, as :meth:`prefix` computes it."""
+    def prefix_from_ids(self, item_ids: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int,
+                        item_side: torch.Tensor | None = None) -> tuple[torch.Tensor | None, RouterOutput | None]:
+        """The prefix ``[B, L, H]`` (or None) from left-padded SR inputs, as :meth:`prefix` computes it.
+
+        ``item_side`` ``[B]`` (nonzero: the row is an item-table row) picks the item side's weights
+        (:meth:`set_item_state`) for those rows; both prefixes are computed and selected per row (the router
+        output is then None). Without item weights every row uses this model's weights."""
+        sides = [self] if item_side is None or self.item_weights is None else [self, self.item_weights]
         if self.mformer is not None:
             if item_ids is None or mask is None:
                 raise ValueError("prefix 'mformer' needs the item-id history (item_ids and mask)")
-            return self.mformer(self.collab_vectors(item_ids, mask), mask.bool())
-        if self.plain is not None:
-            return self.plain(batch_size), None
-        return None, None
+            collab, mask = self.collab_vectors(item_ids, mask), mask.bool()
+            outs = [side.mformer(collab, mask) for side in sides]
+        elif self.plain is not None:
+            outs = [(side.plain(batch_size), None) for side in sides]
+        else:
+            return None, None
+        if len(outs) == 1:
+            return outs[0]
+        return torch.where(item_side.bool()[:, None, None], outs[1][0], outs[0][0]), None
 
     def sr_inputs(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``(item_ids, mask)`` ``[B, max_len]`` of the most recent ``max_len`` items, as
@@ -225,9 +252,10 @@ class LaserModel(nn.Module):
         return ids, text_mask
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prefix: torch.Tensor | None) -> torch.Tensor:
+                       prefix: torch.Tensor | None, item_side: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings ``[B, H]`` from left-padded token ids + mask and a prefix: :meth:`forward`'s assembly
-        (prefix, padding, text, suffix; position ids over real positions; the pooling)."""
+        (prefix, padding, text, suffix; position ids over real positions; the pooling). ``item_side`` as in
+        :meth:`prefix_from_ids`: those rows get the item side's suffix."""
         tok = self.embed_tokens(input_ids)
         dtype = tok.dtype
         B, T = input_ids.shape
@@ -239,8 +267,10 @@ class LaserModel(nn.Module):
         parts.append(tok)
         masks.append(text_mask)
         if self.config.pooling in ("suffix", "eos"):
-            last = self.suffix if self.config.pooling == "suffix" else self.eos_embedding
-            parts.append(last.to(dtype)[None, None].expand(B, 1, -1))
+            last = (self.suffix if self.config.pooling == "suffix" else self.eos_embedding)[None]  # [1, H]
+            if self.config.pooling == "suffix" and item_side is not None and self.item_weights is not None:
+                last = torch.where(item_side.bool()[:, None], self.item_weights.suffix[None], last)  # [B, H]
+            parts.append(last.to(dtype)[:, None].expand(B, 1, -1))
             masks.append(torch.ones_like(text_mask[:, :1]))
         embeds = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
@@ -254,34 +284,59 @@ class LaserModel(nn.Module):
         return hidden[:, -1]
 
     @torch.no_grad()
-    def embed_cold_items(self, items: pd.DataFrame, batch_size: int = 16) -> torch.Tensor:
-        """Embeddings ``[n, H]`` of items outside the trained catalogue (columns title, brand, category), each
-        as a one-item history as in training: the item template for the text and, for the M-Former, one
-        visible cold-item position (see :meth:`collab_vectors`), since a new item has no trained ID
-        embedding. Rows follow ``items``."""
+    def embed_item_rows(self, token_ids: Sequence[Sequence[int]], item_ids: Sequence[int], batch_size: int = 16,
+                        progress=None) -> torch.Tensor:
+        """Item-table rows ``[n, H]``, the one item-embedding path (the table and new items alike): each item a
+        one-item history, its item-template ``token_ids`` and, on the ID side, its catalogue index in
+        ``item_ids`` or :attr:`COLD_ITEM_ID` for an item without a trained ID embedding (see
+        :meth:`collab_vectors`), through the item side's weights (:meth:`set_item_state`). Batched by text
+        length; rows follow the inputs. ``user_tower.onnx`` computes the same with ``item_side = 1``."""
+        if len(token_ids) != len(item_ids):
+            raise ValueError(f"{len(token_ids)} token sequences but {len(item_ids)} item ids")
+        n_known = self.sr.n_items if self.sr is not None else None
+        bad = [i for i in item_ids if i != self.COLD_ITEM_ID and not (n_known is None or 0 <= i < n_known)]
+        if bad:
+            raise ValueError(f"item ids {bad[:10]} are neither catalogue indices (0..{n_known - 1}) nor the cold "
+                             f"item ({self.COLD_ITEM_ID})")
+        order = np.argsort([len(t) for t in token_ids], kind="stable")
+        out = torch.empty(len(token_ids), self.backbone.hidden_size)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo:lo + batch_size]
+            ids, text_mask = self.pad_tokens([token_ids[i] for i in idx])
+            sr_ids, sr_mask = self.sr_inputs([[item_ids[i]] for i in idx]) if self.sr is not None else (None, None)
+            side = torch.ones(len(idx), dtype=torch.long)
+            prefix, _ = self.prefix_from_ids(sr_ids, sr_mask, len(idx), item_side=side)
+            out[torch.from_numpy(idx)] = self.forward_padded(ids, text_mask, prefix, item_side=side)
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    @torch.no_grad()
+    def embed_cold_items(self, items: pd.DataFrame, batch_size: int = 16,
+                         item_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Embeddings ``[n, H]`` of items given by their text (columns title, brand, category), each as a
+        one-item history as in training (:meth:`embed_item_rows`): the item template for the text and, for
+        the M-Former, one visible cold-item position (see :meth:`collab_vectors`), since a new item has no
+        trained ID embedding. ``item_ids``: the rows' catalogue indices instead, for items that have one
+        (re-embedding a catalogue item so reproduces its table row). Rows follow ``items``."""
         if len(items) == 0:
             return torch.empty(0, self.backbone.hidden_size)
         formatter = TextFormatter(items.reset_index(drop=True), self.formatter.config, tokenizer=self.tokenizer)
         tokens = [self._encode(formatter.item_text(i)) for i in range(len(items))]
-        out = torch.empty(len(items), self.backbone.hidden_size)
-        for lo in range(0, len(items), batch_size):
-            chunk = tokens[lo:lo + batch_size]
-            ids, text_mask = self.pad_tokens(chunk)
-            cold_ids, cold_mask = (self.sr_inputs([[self.COLD_ITEM_ID]] * len(chunk)) if self.sr is not None
-                                   else (None, None))
-            prefix, _ = self.prefix_from_ids(cold_ids, cold_mask, len(chunk))
-            out[lo:lo + len(chunk)] = self.forward_padded(ids, text_mask, prefix)
-        return out
+        ids = [self.COLD_ITEM_ID] * len(items) if item_ids is None else [int(i) for i in item_ids]
+        return self.embed_item_rows(tokens, ids, batch_size)
 
     def train(self, mode: bool = True) -> "LaserModel":
         super().train(mode)
+        if self.item_weights is not None:
+            self.item_weights.eval()  # frozen
         if self.sr is not None:
             self.sr.eval()  # frozen: no dropout, ever
         self.llm.train()    # frozen, all dropout 0; see laser_core.llm.backbones for why not eval()
         return self
 
 
-class LaserSpec(BaseModel):
+class LaserSpec(StrictConfig):
     """Everything needed to rebuild a Laser model around its trained weights."""
 
     model_config = ConfigDict(extra="forbid")
@@ -294,17 +349,42 @@ class LaserSpec(BaseModel):
 
 @dataclass
 class LaserWeights:
-    """The trainable part of a Laser model (safetensors on disk) plus its spec and training summary (JSON)."""
+    """The trainable part of a Laser model (safetensors on disk) plus its spec and training summary (JSON).
+
+    ``item_state``: the weights that made the item table when they differ from ``state`` (stage 2 trains the
+    weights on against the frozen stage-1 table: ``state`` is then the user side's, ``item_state`` the stage-1
+    weights every table row, and every new item, is embedded with; see :meth:`LaserModel.set_item_state`)."""
 
     spec: LaserSpec
     state: dict[str, torch.Tensor]
     summary: dict = field(default_factory=dict)
+    item_state: dict[str, torch.Tensor] | None = None
+
+    def cold_item_weights(self) -> Literal["item_side", "shared", "user_side"]:
+        """Which weights embed items, as the export records it: ``item_side``: ``item_state``, kept beside the
+        user side's ``state``; ``shared``: ``state`` made the table too (stage 1 alone, or a stage 2 that kept
+        its starting weights); ``user_side``: unknown, stage-2 weights saved without the table-making ones (an
+        artifact from before ``item_state``), so new items get the user side's weights."""
+        if self.item_state is not None:
+            return "item_side"
+        trained_on = self.summary.get("stage") == 2 and self.summary.get("best_epoch") not in (None, -1)
+        return "user_side" if trained_on else "shared"
+
+
+def item_state_beside(table_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor] | None:
+    """``table_state`` (the weights that made the item table) as the :attr:`LaserWeights.item_state` of weights
+    ``state``: a copy, or None when the two are equal (nothing extra to keep)."""
+    same = table_state.keys() == state.keys() and all(torch.equal(table_state[k].detach().cpu(),
+                                                                  state[k].detach().cpu()) for k in state)
+    return None if same else {k: v.detach().cpu().clone().contiguous() for k, v in table_state.items()}
 
 
 def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecommender | None,
                 weights: LaserWeights | None = None) -> LaserModel:
     """Load the backbone (tiny ones get a tokenizer trained on the item texts), build the formatter with the
-    backbone's tokenizer (for token limits) and the model; load ``weights`` when given."""
+    backbone's tokenizer (for token limits) and the model; load ``weights`` when given (and their item side's,
+    :meth:`LaserModel.set_item_state`)."""
     plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
     texts = [TextFormatter(items, plain_text).item_text(i) for i in range(len(items))] \
         if spec.backbone.name in TINY else None
@@ -314,6 +394,7 @@ def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecomm
     model = LaserModel(backbone, sr_model if spec.bitune.prefix == "mformer" else None, formatter, spec.bitune)
     if weights is not None:
         model.load_state_dict(weights.state)
+        model.set_item_state(weights.item_state)
     return model
 
 

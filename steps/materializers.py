@@ -153,28 +153,41 @@ class SRModelMaterializer(_FilesMixin):
 
 
 class LaserWeightsMaterializer(_FilesMixin):
-    """Laser's trainable weights (``weights.safetensors``) + spec and training summary (``laser.json``)."""
+    """Laser's trainable weights (``weights.safetensors``), the item side's when they differ
+    (``item_weights.safetensors``: the weights that made the item table) + spec and training summary
+    (``laser.json``; ``item_state`` says whether the item side has its own file)."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (LaserWeights,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
 
+    def _write_tensors(self, name: str, tensors: dict) -> None:
+        with self.artifact_store.open(self._path(name), "wb") as fh:
+            fh.write(st_save({k: v.contiguous() for k, v in tensors.items()}))
+
+    def _read_tensors(self, name: str) -> dict:
+        with self.artifact_store.open(self._path(name), "rb") as fh:
+            return st_load(fh.read())
+
     def save(self, data: LaserWeights) -> None:
-        with self.artifact_store.open(self._path("weights.safetensors"), "wb") as fh:
-            fh.write(st_save({k: v.contiguous() for k, v in data.state.items()}))
+        self._write_tensors("weights.safetensors", data.state)
+        if data.item_state is not None:
+            self._write_tensors("item_weights.safetensors", data.item_state)
         self._write_json("laser.json", {"spec": data.spec.model_dump(), "summary": data.summary,
-                                        "format_version": 1})
+                                        "item_state": data.item_state is not None, "format_version": 1})
 
     def load(self, data_type: type[Any]) -> LaserWeights:
-        with self.artifact_store.open(self._path("weights.safetensors"), "rb") as fh:
-            state = st_load(fh.read())
         meta = self._read_json("laser.json")
-        return LaserWeights(spec=LaserSpec.model_validate(meta["spec"]), state=state, summary=meta["summary"])
+        item_state = self._read_tensors("item_weights.safetensors") if meta.get("item_state") else None
+        return LaserWeights(spec=LaserSpec.model_validate(meta["spec"]),
+                            state=self._read_tensors("weights.safetensors"), summary=meta["summary"],
+                            item_state=item_state)
 
     def extract_metadata(self, data: LaserWeights) -> dict[str, Any]:
         meta: dict[str, Any] = {"parameters": int(sum(v.numel() for v in data.state.values())),
                                 "backbone": data.spec.backbone.name,
                                 "quantization": data.spec.backbone.quantization,
-                                "prefix": data.spec.bitune.prefix, "pooling": data.spec.bitune.pooling}
+                                "prefix": data.spec.bitune.prefix, "pooling": data.spec.bitune.pooling,
+                                "cold_item_weights": data.cold_item_weights()}
         for key in ("best_valid_ndcg@10", "stage", "best_epoch"):
             if data.summary.get(key) is not None:
                 meta[key] = data.summary[key]

@@ -16,7 +16,7 @@ from laser_core.export import (COLD_ITEM, MANIFEST, export_bundle, export_scorer
                                l2_normalize, popularity_from_sequences, reference_model, sha256_file)
 from laser_core.llm import BackboneConfig
 from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser, item_state_beside
 from laser_core.sr import SRConfig, TrainConfig, build_model, fit
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
@@ -266,3 +266,123 @@ def test_other_encoders_prefixes_and_poolings_export_with_parity(data, sr_model,
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     assert not np.allclose(l2_normalize(got[0]), l2_normalize(got[1]), atol=1e-3)  # rows differ
 
+
+
+# ------------------------------------------------------------- the item side: the weights that made the table
+NEW_ITEMS = pd.DataFrame({"item_id": ["new-1", "new-2"], "title": ["Acme Trail Running Shoes", "Cast Iron Pan"],
+                          "brand": ["Acme", ""], "category": ["Shoes", "Kitchen"]})
+
+
+def initializer_bytes(path) -> int:
+    import onnx
+
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in onnx.load(str(path)).graph.initializer)
+
+
+@pytest.fixture(scope="module")
+def two_sided(data, sr):
+    """Stage-2-like weights whose item side (the stage-1 weights that made the table) differs from the user side,
+    the torch models of each weight set alone, and the table the item side makes."""
+    ds, _ = data
+    stage1 = weights_for(data, sr, quant="none")
+    g = torch.Generator().manual_seed(7)
+    stage2 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in stage1.state.items()}
+    weights = LaserWeights(spec=stage1.spec, state=stage2, summary={"stage": 2, "best_epoch": 0},
+                           item_state=item_state_beside(stage1.state, stage2))
+    items_only = reference_model(stage1, sr, ds.items)
+    users_only = reference_model(LaserWeights(spec=stage1.spec, state=stage2), sr, ds.items)
+    return {"weights": weights, "both": reference_model(weights, sr, ds.items), "items_only": items_only,
+            "users_only": users_only, "table": items_only.embed_items(range(ds.n_items))}
+
+
+def test_item_rows_are_made_by_the_table_making_weights_in_torch(data, two_sided):
+    ds, _ = data
+    both, table = two_sided["both"], two_sided["table"]
+    assert two_sided["weights"].cold_item_weights() == "item_side"
+    assert item_state_beside(two_sided["weights"].state, two_sided["weights"].state) is None  # equal: nothing kept
+    rows = [0, 7, 23]
+    # (a) catalogue items re-embedded through the cold-item path, with their trained ids, reproduce the table
+    torch.testing.assert_close(both.embed_cold_items(ds.items.iloc[rows], item_ids=rows), table[rows],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.embed_items(range(ds.n_items)), table, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"item ids \[40\] are neither catalogue indices \(0..39\)"):
+        both.embed_cold_items(ds.items.iloc[:1], item_ids=[ds.n_items])
+    # (b) a new item gets the item side's weights, not the user side's
+    cold = both.embed_cold_items(NEW_ITEMS)
+    torch.testing.assert_close(cold, two_sided["items_only"].embed_cold_items(NEW_ITEMS), atol=1e-5, rtol=0)
+    assert (cold - two_sided["users_only"].embed_cold_items(NEW_ITEMS)).abs().max() > 1e-2
+    with torch.no_grad():  # users get the user side
+        torch.testing.assert_close(both([[1, 2, 3], [5]])[0], two_sided["users_only"]([[1, 2, 3], [5]])[0],
+                                   atol=1e-5, rtol=0)
+
+
+def test_bundle_tower_carries_the_item_side_used_by_add_items(data, sr, two_sided, bundle, tmp_path):
+    from laser_core.serving import Recommender, add_items
+
+    ds, _ = data
+    weights, table = two_sided["weights"], two_sided["table"]
+    out = export_bundle(weights, sr, ds.items, table, tmp_path / "bundle", k=5)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["user_tower"]["inputs"][-1] == "item_side" and manifest["parity_max_abs_diff"] < 1e-4
+    assert manifest["cold_item"]["item_weights"] == "item_side"
+    # one backbone in the graph: its weights grow by the item side's (M-Former + suffix) only
+    item_bytes = 4 * sum(v.numel() for v in weights.item_state.values())
+    grown = initializer_bytes(out / "user_tower.onnx") - initializer_bytes(bundle / "user_tower.onnx")
+    assert 0.95 * item_bytes <= grown <= 1.05 * item_bytes
+    rec = Recommender.load(out)
+    assert rec.cold_item_weights == "item_side"
+    rows = [0, 7, 23]
+    np.testing.assert_allclose(rec.item_embeddings(rec.catalogue.iloc[rows], item_ids=rows), table[rows].numpy(),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match=r"item ids \[-2\] are neither catalogue rows"):
+        rec.item_embeddings(rec.catalogue.iloc[:1], item_ids=[-2])
+    extended = Recommender.load(add_items(out, NEW_ITEMS, tmp_path / "extended"))
+    np.testing.assert_allclose(extended.table()[-2:],
+                               l2_normalize(two_sided["items_only"].embed_cold_items(NEW_ITEMS).numpy()), atol=1e-4)
+    with torch.no_grad():
+        users, _ = two_sided["users_only"]([[1, 2, 3], [5]])
+    np.testing.assert_allclose(rec.user_embeddings([[1, 2, 3], [5]]), users.numpy(), atol=1e-4)
+
+
+def test_laser_weights_materializer_keeps_the_item_side(two_sided, tmp_path):
+    from types import SimpleNamespace
+
+    from steps.materializers import LaserWeightsMaterializer
+
+    weights = two_sided["weights"]
+    for name, w in (("two", weights), ("one", LaserWeights(spec=weights.spec, state=weights.state))):
+        (tmp_path / name).mkdir()
+        mat = LaserWeightsMaterializer(str(tmp_path / name), artifact_store=SimpleNamespace(open=open))
+        mat.save(w)
+        back = mat.load(LaserWeights)
+        assert back.spec == w.spec and back.state.keys() == w.state.keys()
+        assert (back.item_state is None) == (w.item_state is None)
+        for k in w.state:
+            assert torch.equal(back.state[k], w.state[k])
+            assert w.item_state is None or torch.equal(back.item_state[k], w.item_state[k])
+    assert (tmp_path / "two" / "item_weights.safetensors").is_file()
+    assert not (tmp_path / "one" / "item_weights.safetensors").exists()
+
+
+def test_text_only_tower_with_an_item_side_selects_it_per_row(data, tmp_path):
+    """The plain-prefix tower (no item ids) with its own item side: item_side picks the weights row by row."""
+    ds, _ = data
+    stage1 = weights_for(data, None, quant="none", prefix="plain")
+    g = torch.Generator().manual_seed(8)
+    stage2 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in stage1.state.items()}
+    ref = reference_model(LaserWeights(spec=stage1.spec, state=stage2,
+                                       item_state=item_state_beside(stage1.state, stage2)), None, ds.items)
+    entry = export_user_tower(ref, tmp_path / "tower.onnx")
+    assert entry["inputs"] == ["input_ids", "attention_mask", "item_side"]
+    ids, mask = ref.pad_tokens(ref.tokenize([[4], [4], [1, 2, 3]]))
+    side = torch.tensor([1, 0, 0])
+    with torch.no_grad():
+        expected = ref.forward_padded(ids, mask, ref.prefix_from_ids(None, None, 3, item_side=side)[0], side)
+        item = reference_model(stage1, None, ds.items).embed_items([4])
+    got = session(tmp_path / "tower.onnx").run(["user_embedding"], {"input_ids": ids.numpy(),
+                                                                    "attention_mask": mask.numpy(),
+                                                                    "item_side": side.numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[0], item[0].numpy(), atol=1e-4)  # the item row: the table-making weights
+    assert np.abs(got[0] - got[1]).max() > 1e-2                      # the same text as a user: the other side
