@@ -80,20 +80,25 @@ def recommend(bundle: str, history: tuple[str, ...], k: int | None, exclude_hist
 @click.option("--popularity-fallback", is_flag=True,
               help="Answer an empty or all-unknown history with the most popular items instead of a 422.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-def serve(bundle: str, host: str, port: int, max_k: int, popularity_fallback: bool, threads: int | None) -> None:
+@click.option("--request-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client may stall mid-request (headers or body) before it gets a 408.")
+def serve(bundle: str, host: str, port: int, max_k: int, popularity_fallback: bool, threads: int | None,
+          request_timeout: float) -> None:
     """HTTP JSON service: POST /recommend {"history": [...], "k": 10}, GET /health (Ctrl-C stops it)."""
     import logging
 
-    from laser_core.service import serve as serve_forever
+    from laser_core.service import ListenError, make_server, serve_server
     from laser_core.serving import BundleError, Recommender
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads)
-    except (BundleError, ValueError, FileNotFoundError) as exc:
+        server = make_server(rec, host, port, max_k=max_k, request_timeout=request_timeout)  # bind first
+    except (BundleError, ValueError, FileNotFoundError, ListenError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"serving {rec.model_version} ({rec.n_items} items) on http://{host}:{port}")
-    serve_forever(rec, host, port, max_k=max_k)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"serving {rec.model_version} ({rec.n_items} items) on http://{bound_host}:{bound_port}")
+    serve_server(server)
 
 
 def register(cli: click.Group) -> None:

@@ -7,10 +7,12 @@ Endpoints (docs/serving_http.md has examples):
 - ``GET /health`` returns ``{"status": "ok", "model_version", "n_items"}``.
 
 Every response is JSON, carries the model version in the body and in an ``X-Model-Version`` header, and
-bad input always gets a 4xx that says what is wrong (never a traceback): 400 malformed JSON or a validation
-error naming the field, 404 unknown path, 405 wrong method, 411 no Content-Length, 413 body too large, 422
-when the recommender rejects the history (its ``ValueError`` message). Anything unexpected is a 500 with a
-short JSON error and the traceback in the log.
+bad input always gets a 4xx that says what is wrong (never a traceback): 400 malformed JSON (also nested too
+deeply) or a validation error naming the field, 404 unknown path, 405 wrong method, 408 a client that stops
+sending mid-request for longer than ``request_timeout`` (the headers or the body), 411 no Content-Length, 413
+body too large, 422 when the recommender rejects the history (its ``ValueError`` message). Only a fault of the
+server is a 500 (a short JSON error, the traceback in the log); a client that goes away is never logged as
+one.
 
 The server is a ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive); the recommender's
 ``recommend`` must be safe to call from several threads at once (onnxruntime's ``InferenceSession.run`` is).
@@ -18,6 +20,7 @@ The server is a ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 kee
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -39,6 +42,7 @@ MAX_HISTORY = 1000
 DEFAULT_K = 10
 DEFAULT_MAX_K = 100
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 1,000 history ids of ~1 KB each would still fit
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a client may stall mid-request (408 after it)
 # A refused body up to this size is read and discarded before closing, so the client reliably gets the 413
 # (closing a socket with unread data makes the kernel send a reset that can destroy the response in flight).
 _MAX_DRAIN_BYTES = 16 << 20
@@ -154,11 +158,14 @@ class LaserHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog: bursts of concurrent clients are queued, not refused
 
     def __init__(self, address: tuple[str, int], recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout: float = 30.0) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
         self.recommender = recommender
         self.model_version = str(recommender.model_version)
         # header-safe: printable ASCII only (no CR/LF can reach the header block)
@@ -173,6 +180,8 @@ class LaserHTTPServer(ThreadingHTTPServer):
 
 
 _ROUTES: dict[str, tuple[str, ...]] = {"/recommend": ("POST",), "/health": ("GET",)}
+# a client that hung up, reset the connection, or stopped reading or sending for longer than request_timeout
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -190,7 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
     # --- responses -------------------------------------------------------------------------------------
     def _send_json(self, status: int, body: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None,
                    close: bool = False) -> None:
-        payload = json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        # a lone surrogate (a client may send "\udc00" in an id that is then echoed in "dropped" or an error)
+        # cannot be UTF-8: backslashreplace writes it as the JSON escape \udc00 inside its string
+        payload = json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
@@ -226,6 +237,23 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_error_json(code, short.lower().replace(" ", "_"), message or explain or short, close=True)
 
+    def handle_one_request(self) -> None:
+        """http.server's request loop; a client that goes away while it is answered (an error answer included)
+        only closes its connection: socketserver would print the exception as a traceback."""
+        try:
+            super().handle_one_request()
+        except _CLIENT_GONE:
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        """http.server's request-line and header parsing; a client that stalls inside its headers gets a 408
+        (http.server would drop the connection without an answer)."""
+        try:
+            return super().parse_request()
+        except TimeoutError:
+            self.send_error(408, f"no complete request headers within {self.server.request_timeout:g} s")
+            return False
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         logger.debug("%s - %s", self.address_string(), format % args)
 
@@ -252,8 +280,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        path = urlsplit(self.path).path
+        path = ""
         try:
+            try:
+                path = urlsplit(self.path).path
+            except ValueError:  # e.g. an absolute-form target with a broken host ("http://[::1")
+                raise RequestError(400, "bad_request", f"malformed request target {self.path[:200]!r}",
+                                   close=True) from None
             allowed = _ROUTES.get(path)
             if allowed is None or self.command not in allowed or path != "/recommend":
                 # no body is wanted here: skip a declared one so the connection stays usable
@@ -273,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             headers = {"Allow": ", ".join(_ROUTES[path])} if exc.status == 405 else None
             self._send_error_json(exc.status, exc.kind, exc.message, exc.details, headers, exc.close)
-        except (BrokenPipeError, ConnectionResetError):
+        except _CLIENT_GONE:  # the client went away, or stopped reading its answer for request_timeout
             self.close_connection = True
         except Exception:  # noqa: BLE001 - the service's last line: log it, answer a short 500
             request_id = uuid.uuid4().hex[:12]
@@ -321,7 +354,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._discard(length)
             raise RequestError(413, "payload_too_large",
                                f"request body is {length} bytes; the limit is {limit} bytes", close=True)
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise RequestError(408, "request_timeout", f"the request body stopped arriving: not all of its "
+                               f"{length} bytes came within {self.server.request_timeout:g} s", close=True) from None
         if len(body) != length:
             raise RequestError(400, "bad_request",
                                f"request body ended after {len(body)} of {length} bytes", close=True)
@@ -349,8 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as exc:
             raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc.msg} "
                                f"(line {exc.lineno}, column {exc.colno})") from None
-        except ValueError as exc:  # NaN / Infinity
+        except ValueError as exc:  # NaN / Infinity, an integer of more than 4,300 digits
             raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # arrays/objects nested about 1,000 deep exhaust the parser's recursion limit
+            raise RequestError(400, "malformed_json", "request body is nested too deeply to parse") from None
         if not isinstance(data, dict):
             kind = "null" if data is None else {list: "array", str: "string", bool: "boolean"}.get(
                 type(data), "number")
@@ -380,26 +419,37 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+class ListenError(OSError):
+    """The server cannot listen on the address asked for (busy port, unknown host, no permission)."""
+
+
 def make_server(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 0, *,
                 max_k: int = DEFAULT_MAX_K, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                request_timeout: float = 30.0) -> LaserHTTPServer:
+                request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> LaserHTTPServer:
     """A bound (not yet serving) server; ``port=0`` picks a free port, read it from ``server.server_address``.
 
-    Run it with ``server.serve_forever()`` (e.g. in a thread), stop it with ``server.shutdown()`` from another
-    thread, then ``server.server_close()``. ``max_k`` caps ``k`` (also capped at the catalogue size);
-    ``max_body_bytes`` caps the request body (413 beyond it); ``request_timeout`` is the socket timeout in
-    seconds for a client that stalls mid-request.
+    Run it with :func:`serve_server` (or ``server.serve_forever()`` in a thread, stopped with
+    ``server.shutdown()`` from another thread, then ``server.server_close()``). ``max_k`` caps ``k`` (also
+    capped at the catalogue size); ``max_body_bytes`` caps the request body (413 beyond it);
+    ``request_timeout`` is the socket timeout in seconds: a client that stalls mid-request that long gets a
+    408. An address that cannot be bound (e.g. a busy port) is a :class:`ListenError` with a one-line message.
     """
     for name in ("recommend", "model_version", "n_items"):
         if not hasattr(recommender, name):
             raise TypeError(f"recommender {type(recommender).__name__} has no {name!r} (see RecommenderLike)")
-    return LaserHTTPServer((host, port), recommender, max_k=max_k, max_body_bytes=max_body_bytes,
-                           request_timeout=request_timeout)
+    try:
+        return LaserHTTPServer((host, port), recommender, max_k=max_k, max_body_bytes=max_body_bytes,
+                               request_timeout=request_timeout)
+    except OSError as exc:
+        hint = " (another process is listening there: stop it or choose another port)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        error = ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}")
+        error.errno = exc.errno
+        raise error from None
 
 
-def serve(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Serve until Ctrl-C (or SIGTERM when called from the main thread), then shut down cleanly."""
-    server = make_server(recommender, host, port, **kwargs)
+def serve_server(server: LaserHTTPServer) -> None:
+    """Serve a bound server until Ctrl-C (or SIGTERM when called from the main thread), then close it."""
     bound_host, bound_port = server.server_address[:2]
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -418,6 +468,12 @@ def serve(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 800
             signal.signal(signal.SIGTERM, previous)
 
 
+def serve(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Bind (:func:`make_server`; a busy port raises :class:`ListenError` before anything is served), then
+    :func:`serve_server` until Ctrl-C or SIGTERM."""
+    serve_server(make_server(recommender, host, port, **kwargs))
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m laser_core.service --bundle DIR [--host H] [--port P]``: serve an exported bundle."""
     import argparse
@@ -425,18 +481,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m laser_core.service", description=main.__doc__)
     parser.add_argument("--bundle", required=True, help="an export bundle (laser_core.export.export_bundle)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (the log line names it)")
     parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                        help="seconds a client may stall mid-request before it gets a 408")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--popularity-fallback", action="store_true",
                         help="answer an all-unknown history with the most popular items instead of 422")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from laser_core.serving import Recommender  # onnxruntime only; never torch
+    from laser_core.serving import BundleError, Recommender  # onnxruntime only; never torch
 
-    recommender = Recommender.load(args.bundle, popularity_fallback=args.popularity_fallback, threads=args.threads)
-    serve(recommender, args.host, args.port, max_k=args.max_k, max_body_bytes=args.max_body_bytes)
+    try:
+        recommender = Recommender.load(args.bundle, popularity_fallback=args.popularity_fallback,
+                                       threads=args.threads)
+        server = make_server(recommender, args.host, args.port, max_k=args.max_k,
+                             max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    except (BundleError, ListenError, ValueError) as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    serve_server(server)
 
 
 if __name__ == "__main__":

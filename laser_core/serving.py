@@ -9,8 +9,10 @@ items, left-padded), runs the tower, then the scorer.
 
 Cold-start items: :func:`add_items` embeds new catalogue items from their text with the exported tower (a
 one-item history, as in training, with the cold-item treatment for the ID side: see
-``laser_core.export.COLD_ITEM_TREATMENT``) and writes a new bundle whose scorer includes them. A history
-holding such an item gives it the same treatment: its text from the catalogue, ID position ``-1``.
+``laser_core.export.COLD_ITEM_TREATMENT``), through the tower's item side (``item_side = 1``: the weights
+that made the item table, see :attr:`Recommender.cold_item_weights`), and writes a new bundle whose scorer
+includes them. A history holding such an item gives it the same treatment: its text from the catalogue, ID
+position ``-1``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +30,10 @@ import numpy as np
 import pandas as pd
 
 from laser_core.data.text import TextConfig, TextFormatter
-from laser_core.export import (CATALOGUE, COLD_ITEM, FORMAT_VERSION, ITEM_COLUMNS, MANIFEST, SCORER, export_scorer,
-                               l2_normalize, sha256_file, write_manifest)
-
-
-class BundleError(RuntimeError):
-    """A bundle is missing a file, has a malformed manifest or a file whose sha256 does not match."""
+from laser_core.export import (CATALOGUE, COLD_ITEM, COLD_ITEM_WEIGHTS, ITEM_COLUMNS, ITEM_SIDE, MANIFEST, SCORER,
+                               export_scorer, l2_normalize, sha256_file, write_manifest)
+# the manifest's model and checks live in laser_core.manifest; these names stay importable from here
+from laser_core.manifest import BundleError, check_loaded, read_manifest, verify_bundle  # noqa: F401
 
 
 class EmptyHistoryError(ValueError):
@@ -74,51 +75,6 @@ def load_tokenizer(path: str | Path, clean_up_tokenization_spaces: bool = False)
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise BundleError(f"{path}: not a readable tokenizers file ({exc})") from exc
     return ServingTokenizer(tok, clean_up_tokenization_spaces)
-
-
-# -------------------------------------------------------------------------------------------- manifest
-_REQUIRED = ("format_version", "k", "dim", "n_items", "n_trained_items", "text", "sr", "bitune", "tokenizer",
-             "scorer", "user_tower", "catalogue", "popularity", "files", "metadata")
-
-
-def read_manifest(bundle_dir: str | Path) -> dict:
-    """``laser_export.json`` of a bundle, checked for the fields serving reads."""
-    path = Path(bundle_dir) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{path} not found: not a Laser export bundle")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: malformed JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    missing = [f for f in _REQUIRED if f not in manifest]
-    if missing:
-        raise BundleError(f"{path}: missing field(s) {missing}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {manifest['format_version']!r} is not supported "
-                          f"(this laser reads {FORMAT_VERSION})")
-    for name in ("k", "dim", "n_items", "n_trained_items"):
-        if not isinstance(manifest[name], int) or manifest[name] < 1:
-            raise BundleError(f"{path}: field {name!r} must be a positive integer, got {manifest[name]!r}")
-    if not isinstance(manifest["metadata"], dict):
-        raise BundleError(f"{path}: field 'metadata' must be an object")
-    return manifest
-
-
-def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None) -> None:
-    """Check every file the manifest lists against its sha256 (and that it exists)."""
-    root = Path(bundle_dir)
-    manifest = manifest or read_manifest(root)
-    files = manifest["files"]
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{root / MANIFEST}: field 'files' must map file names to sha256 digests")
-    for name, digest in files.items():
-        path = root / name
-        if not path.is_file():
-            raise BundleError(f"{path}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != digest:
-            raise BundleError(f"{path}: sha256 differs from {MANIFEST} (the file was changed or corrupted)")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -184,14 +140,14 @@ class Recommender:
              threads: int | None = None) -> "Recommender":
         """Load a bundle. ``popularity_fallback``: answer an empty (or all-unknown) history with the most
         popular training items instead of raising :class:`EmptyHistoryError` (the bundle must hold item
-        popularity). ``verify``: check every file's sha256 against the manifest. ``threads``: onnxruntime
-        intra-op threads (default: its own choice)."""
+        popularity). ``verify``: check every file's sha256 against the manifest (the manifest itself is always
+        validated, and every file of the bundle must be listed in it). ``threads``: onnxruntime intra-op
+        threads (default: its own choice)."""
         import onnxruntime as ort
 
         root = Path(bundle_dir)
         manifest = read_manifest(root)
-        if verify:
-            verify_bundle(root, manifest)
+        verify_bundle(root, manifest, hashes=verify)
         catalogue = _read_catalogue(root / manifest["catalogue"].get("file", CATALOGUE), manifest)
         if popularity_fallback and "popularity" not in catalogue.columns:
             raise BundleError(f"{root}: popularity_fallback needs item popularity, and this bundle has none "
@@ -207,10 +163,14 @@ class Recommender:
             path = root / name
             if not path.is_file():
                 raise BundleError(f"{path} not found")
-            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            try:
+                return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise BundleError(f"{path}: onnxruntime cannot load it ({exc})") from None
 
         scorer = session(manifest["scorer"]["file"])
         tower = session(manifest["user_tower"]["file"]) if manifest["user_tower"] else None
+        check_loaded(root, manifest, catalogue, scorer, tower)
         return cls(root, manifest, catalogue, tokenizer, scorer, tower, popularity_fallback)
 
     # -------------------------------------------------------------- properties
@@ -232,13 +192,27 @@ class Recommender:
     def metadata(self) -> dict:
         return dict(self.manifest["metadata"])
 
+    @property
+    def cold_item_weights(self) -> str:
+        """Which weights embed new items (:func:`add_items`, :meth:`item_embeddings`): ``"item_side"``, the
+        tower's item side, the weights that made the item table; ``"shared"``, the tower's one set of weights,
+        which also made the table; ``"user_side"``, the user side's weights, which may differ from the table's
+        (a bundle that does not record it: exported before the item side was kept). See
+        ``laser_core.export.COLD_ITEM_WEIGHTS``."""
+        if ITEM_SIDE in self._tower_inputs:
+            return "item_side"
+        return "shared" if (self.manifest.get("cold_item") or {}).get("item_weights") == "shared" else "user_side"
+
     # -------------------------------------------------------------- embedding
     def _require_tower(self) -> Any:
         if self._tower is None:
             raise BundleError(f"{self.bundle_dir}: the bundle has no user tower (exported with user_tower=False)")
         return self._tower
 
-    def _tower_feeds(self, histories: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]) -> dict:
+    def _tower_feeds(self, histories: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]],
+                     item_side: bool = False) -> dict:
+        """The tower's inputs; ``item_side``: the rows are items (the item side's weights, where the tower has
+        them), else users."""
         B = len(histories)
         T = max(len(t) for t in token_ids)
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
@@ -246,7 +220,8 @@ class Recommender:
         for r, t in enumerate(token_ids):
             input_ids[r, T - len(t):] = t
             attention[r, T - len(t):] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": attention}
+        feeds = {"input_ids": input_ids, "attention_mask": attention,
+                 ITEM_SIDE: np.full(B, int(item_side), dtype=np.int64)}
         if "item_ids" in self._tower_inputs:
             L = self.sr_max_len
             item_ids = np.zeros((B, L), dtype=np.int64)
@@ -267,6 +242,30 @@ class Recommender:
             raise ValueError("every history needs at least one catalogue row")
         token_ids = [self.tokenizer.encode(self.formatter.user_text(h)) for h in histories]
         return tower.run(["user_embedding"], self._tower_feeds(histories, token_ids))[0]
+
+    def item_embeddings(self, items: pd.DataFrame, item_ids: Sequence[int] | None = None,
+                        batch_size: int = 16) -> np.ndarray:
+        """Item-table rows ``[n, d]`` (not normalized) for ``items`` (title, brand, category), embedded as the
+        table's rows are (``LaserModel.embed_item_rows``): each a one-item history of the item template, through
+        the tower's item side (:attr:`cold_item_weights`), its ID position the cold item (``-1``) or, with
+        ``item_ids``, the rows' catalogue rows (re-embedding a trained item reproduces its table row)."""
+        tower = self._require_tower()
+        ids = [COLD_ITEM] * len(items) if item_ids is None else [int(i) for i in item_ids]
+        if len(ids) != len(items):
+            raise ValueError(f"{len(items)} items but {len(ids)} item ids")
+        bad = [i for i in ids if i != COLD_ITEM and not 0 <= i < self.n_items]
+        if bad:
+            raise ValueError(f"item ids {bad[:10]} are neither catalogue rows (0..{self.n_items - 1}) nor the cold "
+                             f"item ({COLD_ITEM})")
+        fmt = TextFormatter(items.reset_index(drop=True), self.text_config, tokenizer=self.tokenizer)
+        token_ids = [self.tokenizer.encode(fmt.item_text(i)) for i in range(len(items))]
+        emb = np.empty((len(items), int(self.manifest["dim"])), dtype=np.float32)
+        order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths together: less padding
+        for lo in range(0, len(items), batch_size):
+            idx = order[lo:lo + batch_size]
+            feeds = self._tower_feeds([[ids[i]] for i in idx], [token_ids[i] for i in idx], item_side=True)
+            emb[idx] = tower.run(["user_embedding"], feeds)[0]
+        return emb
 
     def table(self) -> np.ndarray:
         """The L2-normalized item table ``[n_items, d]`` (read once from the scorer's initializer)."""
@@ -428,11 +427,13 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     """A new bundle in ``out_dir`` whose catalogue and scorer also hold ``new_items`` (item_id, title, brand,
     category), without retraining; ``bundle_dir`` is left untouched.
 
-    Each new item is embedded by the exported user tower as a one-item history, as items are in training:
-    the item template for the text and, on the ID side, one visible cold-item position (``item_ids = -1``:
-    the SR model's unknown-item vector, since a new item has no trained ID embedding; see
-    ``laser_core.export.COLD_ITEM_TREATMENT``). New rows are appended after the existing ones. Duplicate ids
-    (within ``new_items`` or against the catalogue) are a ``ValueError``."""
+    Each new item is embedded by the exported user tower as a one-item history, as items are in training
+    (:meth:`Recommender.item_embeddings`): the item template for the text, the item side's weights (those that
+    made the table; a bundle without them warns, see :attr:`Recommender.cold_item_weights`) and, on the ID
+    side, one visible cold-item position (``item_ids = -1``: the SR model's unknown-item vector, since a new
+    item has no trained ID embedding; see ``laser_core.export.COLD_ITEM_TREATMENT``). New rows are appended
+    after the existing ones. Duplicate ids (within ``new_items`` or against the catalogue) are a
+    ``ValueError``."""
     src = Path(bundle_dir)
     out = Path(out_dir)
     if out.resolve() == src.resolve():
@@ -442,15 +443,11 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     rec = Recommender.load(src)
     rec._require_tower()
     new = _clean_new_items(new_items, rec.catalogue)
-    fmt = TextFormatter(new, rec.text_config, tokenizer=rec.tokenizer)
-    token_ids = [rec.tokenizer.encode(fmt.item_text(i)) for i in range(len(new))]
-    emb = np.empty((len(new), int(rec.manifest["dim"])), dtype=np.float32)
-    order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths together: less padding
-    for lo in range(0, len(new), batch_size):
-        idx = order[lo:lo + batch_size]
-        feeds = rec._tower_feeds([[COLD_ITEM]] * len(idx), [token_ids[i] for i in idx])
-        emb[idx] = rec._tower.run(["user_embedding"], feeds)[0]
-    table = np.concatenate([rec.table(), l2_normalize(emb)], axis=0)
+    weights = rec.cold_item_weights
+    if weights == "user_side":
+        warnings.warn(f"{src}: {COLD_ITEM_WEIGHTS[weights]}; re-export the model to add items as the table's rows "
+                      f"were made", UserWarning, stacklevel=2)
+    table = np.concatenate([rec.table(), l2_normalize(rec.item_embeddings(new, batch_size=batch_size))], axis=0)
     manifest = dict(rec.manifest)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -468,7 +465,7 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
         cat.to_parquet(out / manifest["catalogue"]["file"], index=False)
         manifest["n_items"] = len(cat)
         manifest["added_items"] = [*manifest.get("added_items", []),
-                                   {"n": len(new), "first_row": rec.n_items,
+                                   {"n": len(new), "first_row": rec.n_items, "item_weights": weights,
                                     "source_manifest_sha256": sha256_file(src / MANIFEST)}]
         manifest.pop("files", None)
         write_manifest(out, manifest)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from laser_core.service import LaserHTTPServer, RecommenderLike, make_server
+from laser_core.service import LaserHTTPServer, ListenError, RecommenderLike, make_server
 
 N_ITEMS, DIM = 400, 24
 
@@ -315,6 +315,93 @@ def test_missing_content_length_and_truncated_body(svc):
         assert resp.status == 400 and "invalid Content-Length" in json.loads(resp.read())["message"]
 
 
+def _raw_exchange(s: Serving, data: bytes, hang: float = 0.0) -> tuple[int, dict, float]:
+    """Send ``data`` on a fresh socket, wait ``hang`` s, then read one response: (status, body, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection((s.host, s.port), timeout=30) as sock:
+        sock.sendall(data)
+        time.sleep(hang)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, json.loads(resp.read()), time.monotonic() - start
+
+
+@pytest.mark.parametrize("depth", [2_000, 8_000])  # the svc body limit is 64 KiB
+def test_deeply_nested_json_is_a_400_not_a_500(svc, depth):
+    conn = svc.conn()
+    try:
+        for body in ('{"history": ' + "[" * depth + "]" * depth + "}", "{\"a\": " * depth + "1" + "}" * depth):
+            status, _, answer = svc.request("POST", "/recommend", body, conn=conn)
+            assert status == 400 and answer["error"] == "malformed_json", answer
+            assert "nested too deeply" in answer["message"]
+        assert svc.request("POST", "/recommend", {"history": ["item2"]}, conn=conn)[0] == 200  # still usable
+    finally:
+        conn.close()
+
+
+def test_a_client_that_stalls_mid_request_gets_a_408():
+    """The request timeout is the server's setting (0.5 s here; 30 s by default): a stalled body or stalled
+    headers get a 408 JSON answer (not a 500), and the connection is closed."""
+    s = Serving(CosineRecommender(), request_timeout=0.5)
+    try:
+        body = json.dumps({"history": ["item1", "item2"]}).encode()
+        head = f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        status, answer, seconds = _raw_exchange(s, head + body[:10])
+        assert status == 408 and answer["error"] == "request_timeout", answer
+        assert f"{len(body)} bytes" in answer["message"] and "0.5 s" in answer["message"]
+        assert 0.4 < seconds < 10
+        status, answer, _ = _raw_exchange(s, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Le")
+        assert status == 408 and "no complete request headers within 0.5 s" in answer["message"]
+        assert s.request("POST", "/recommend", {"history": ["item1"]})[0] == 200
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="request_timeout must be > 0"):
+        make_server(CosineRecommender(), request_timeout=0)
+
+
+def test_clients_that_hang_up_or_reset_are_not_server_errors(capsys, caplog):
+    """A client gone mid-body (its error answer cannot be written) or mid-answer: no traceback on stderr (where
+    socketserver prints unhandled ones), no error log, and the server keeps serving."""
+    s = Serving(CosineRecommender())
+    try:
+        body = json.dumps({"history": ["item1", "item2", "item3"]}).encode()
+        head = f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        with caplog.at_level(logging.INFO, logger="laser.service"):
+            for _ in range(20):
+                with socket.create_connection((s.host, s.port), timeout=30) as sock:
+                    sock.sendall(head + body[:12])  # then close: the 400 goes to a closed socket
+                with socket.create_connection((s.host, s.port), timeout=30) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.sendall(head + body)  # then reset without reading the answer
+            time.sleep(0.5)
+            assert s.request("GET", "/health")[0] == 200
+        assert "Traceback" not in capsys.readouterr().err
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        s.close()
+
+
+def test_lone_surrogates_and_a_broken_request_target_are_client_errors(svc):
+    """Ids that are not valid Unicode are echoed as JSON escapes (the body stays UTF-8), never a 500."""
+    status, _, body = svc.request("POST", "/recommend", '{"history": ["item1", "\\udcff"], "k": 2}')
+    assert status == 200 and body["dropped"] == ["\udcff"]
+    status, _, body = svc.request("POST", "/recommend", '{"history": ["\\ud800"]}')
+    assert status == 422 and body["error"] == "unprocessable_history"
+    status, _, body = svc.request("POST", "/recommend", '{"history": ["item1"], "\\ud800": 1}')
+    assert status == 400 and body["error"] == "validation_error"
+    status, answer, _ = _raw_exchange(svc, b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400 and "malformed request target" in answer["message"]
+
+
+def test_a_busy_port_is_one_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
+            make_server(CosineRecommender(), "127.0.0.1", port)
+
+
 def test_value_error_becomes_422_with_its_message(svc):
     status, headers, body = svc.request("POST", "/recommend", {"history": ["unknown-a", "unknown-b"]})
     assert status == 422
@@ -535,3 +622,59 @@ def test_serves_a_real_exported_bundle(exported):
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "serving model svc-test-1" in stderr and "shutting down" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------- soak
+def _soak():
+    """bench/soak.py as a module (bench/ is not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("laser_bench_soak", os.path.join(root, "bench", "soak.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_soak(report: dict, n: int) -> None:
+    assert report["requests"]["sent"] == n and report["requests"]["unanswered"] == 0, report["requests"]
+    assert report["errors_5xx"] == 0 and report["requests"]["unexpected"] == 0, report["unexpected_examples"]
+    assert report["server_log"]["tracebacks"] == 0, report["first_traceback"]
+    assert not report["stuck_clients"] and report["passed"]
+    assert report["by_kind"]["stall_body"]["statuses"] == {"408": report["by_kind"]["stall_body"]["n"]}
+    if sys.platform.startswith("linux"):
+        assert report["memory"]["rss_mib"]["end"] > 0 and report["memory"]["threads"]["end"] >= 1
+
+
+def test_soak_every_request_is_answered_and_none_is_a_5xx():
+    """bench/soak.py in small: 300 requests at concurrency 8, every kind of client of the full soak (stalled
+    bodies and headers, slow senders and readers, hang-ups, malformed and deeply nested JSON ...), against a
+    server process (the cosine recommender, 0.5 s request timeout)."""
+    soak = _soak()
+    code = ("import logging, sys; sys.path.insert(0, 'tests'); logging.basicConfig(level=logging.INFO)\n"
+            "from test_service import CosineRecommender\nfrom laser_core.service import serve\n"
+            "serve(CosineRecommender(seed=5), '127.0.0.1', 0, request_timeout=0.5)\n")
+    server = soak.ServerProcess([sys.executable, "-c", code], start_timeout=120)
+    try:
+        report = soak.run_soak(server, [f"item{i}" for i in range(N_ITEMS)], 20, requests=300, concurrency=8,
+                               request_timeout=0.5, max_seconds=240, warmup=16)
+    finally:
+        exit_status = server.stop()
+        server.cleanup()
+    assert set(report["by_kind"]) == set(soak.MIX)  # every kind ran at least once
+    _check_soak(report, 300)
+    assert exit_status == 0
+
+
+@pytest.mark.slow  # needs the exported bundle (minutes on 2 cores)
+def test_soak_against_a_real_bundle_served_by_the_module_entry_point(exported):
+    soak = _soak()
+    bundle, ds, _, _ = exported
+    server = soak.ServerProcess(soak.bundle_server_command(bundle, request_timeout=0.5, threads=1))
+    try:
+        report = soak.run_soak(server, ds.items["item_id"].astype(str).tolist(), 20, requests=200, concurrency=8,
+                               request_timeout=0.5, max_seconds=300, warmup=16)
+    finally:
+        exit_status = server.stop()
+        server.cleanup()
+    _check_soak(report, 200)
+    assert exit_status == 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,12 +21,14 @@ from click.testing import CliRunner
 from laser_cli.serving_cmds import register
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
-from laser_core.export import MANIFEST, export_bundle, l2_normalize, popularity_from_sequences, reference_model
+from laser_core.export import (MANIFEST, export_bundle, export_scorer, l2_normalize, popularity_from_sequences,
+                               reference_model, write_manifest)
 from laser_core.llm import BackboneConfig
+from laser_core.manifest import BundleManifest, verify_bundle
 from laser_core.mformer import MFormerConfig
 from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
 from laser_core.serving import (BundleError, EmptyHistoryError, Recommender, add_items, read_items_file,
-                                read_manifest)
+                                read_manifest, write_manifest)
 from laser_core.sr import SRConfig, TrainConfig, fit
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
@@ -167,6 +171,117 @@ def test_tampered_bundle_is_refused(setup, tmp_path):
         Recommender.load(tmp_path)
 
 
+# ------------------------------------------------------------------------------------------ the manifest
+def _copy(setup, tmp_path, edit=None) -> Path:
+    """A copy of the bundle, its manifest changed by ``edit`` (the file hashes left as they were)."""
+    copy = shutil.copytree(setup["bundle"], tmp_path / "copy")
+    if edit is not None:
+        manifest = json.loads((copy / MANIFEST).read_text())
+        edit(manifest)
+        (copy / MANIFEST).write_text(json.dumps(manifest))
+    return copy
+
+
+SHA0 = "0" * 64
+MANIFEST_CASES = {
+    "k > n_items": (lambda m: m.update(k=41), "field 'k': 41 exceeds n_items (40)"),
+    "k a string": (lambda m: m.update(k="10"), "field 'k': Input should be a valid integer (got \"10\")"),
+    "k a float": (lambda m: m.update(k=10.0), "field 'k': Input should be a valid integer (got 10.0)"),
+    "scorer k": (lambda m: m["scorer"].update(k=5), "field 'scorer.k': 5 differs from k (10)"),
+    "trained > n_items": (lambda m: m.update(n_trained_items=41), "field 'n_trained_items': 41 exceeds n_items"),
+    "bool as int": (lambda m: m.update(popularity=1), "field 'popularity': Input should be a valid boolean"),
+    "missing": (lambda m: m.pop("tokenizer"), "field 'tokenizer': missing"),
+    "unknown": (lambda m: m.update(signature="x"), "field 'signature': unknown field"),
+    "unknown nested": (lambda m: m["scorer"].update(cache=True), "field 'scorer.cache': unknown field"),
+    "model_version": (lambda m: m["metadata"].update(model_version=7),
+                      "field 'metadata.model_version': must be a non-empty string, got 7"),
+    "unlisted scorer": (lambda m: m["files"].pop("scorer.onnx"),
+                        "field 'scorer.file': 'scorer.onnx' is not listed (with its sha256) in 'files'"),
+    "path outside": (lambda m: m["files"].update({"../outside.bin": SHA0}),
+                     "'../outside.bin' is not a relative path inside the bundle"),
+    "bad digest": (lambda m: m["files"].update({"items.parquet": "abc"}),
+                   "field \"files['items.parquet']\": must be a sha256 digest"),
+    "columns": (lambda m: m["catalogue"].update(columns=["item_id", "title"]), "field 'catalogue.columns': must be"),
+    "text": (lambda m: m["text"].update(history_len="3"), "field 'text.history_len': Input should be a valid integer"),
+    "sr": (lambda m: m.update(sr=None), "field 'sr': the M-Former prefix needs the SR encoder's settings"),
+    "added rows": (lambda m: m.update(added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0}]),
+                   "field 'added_items': n_trained_items (40) plus the added items (2) is 42, not n_items (40)"),
+    "tower inputs": (lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
+                     "field 'user_tower.inputs': must be ['item_ids', 'item_mask', 'input_ids', 'attention_mask']"),
+    "format_version": (lambda m: m.update(format_version=2), "format_version 2 is not supported (this laser reads 1)"),
+    "not an object": (lambda m: m.clear(), "field 'format': missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_manifest_fields_are_validated(setup, tmp_path, case):
+    edit, message = MANIFEST_CASES[case]
+    copy = _copy(setup, tmp_path, edit)
+    for verify in (True, False):  # the manifest is validated either way; verify only adds the sha256 checks
+        with pytest.raises(BundleError) as err:
+            Recommender.load(copy, verify=verify)
+        assert str(err.value).startswith(f"{copy / MANIFEST}: ") and message in str(err.value), str(err.value)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        read_manifest(copy)
+
+
+def test_every_bundle_file_is_listed_and_present(setup, tmp_path):
+    copy = _copy(setup, tmp_path)
+    (copy / "tokenizer" / "notes.txt").write_text("not in the manifest")
+    for verify in (True, False):
+        with pytest.raises(BundleError, match=re.escape(f"{copy / 'tokenizer/notes.txt'}: in the bundle folder but "
+                                                        f"not listed in {MANIFEST} 'files'")):
+            Recommender.load(copy, verify=verify)
+    (copy / "tokenizer" / "notes.txt").unlink()
+    manifest = read_manifest(copy)
+    extra = next(n for n in manifest["files"] if n.startswith("tokenizer/") and n != manifest["tokenizer"]["file"])
+    (copy / extra).unlink()  # a listed file serving does not read is still required
+    for verify in (True, False):
+        with pytest.raises(BundleError, match=re.escape(f"{copy / extra}: listed in {MANIFEST} 'files' but missing")):
+            Recommender.load(copy, verify=verify)
+
+
+def _rewrite(copy: Path, **files) -> None:
+    """Replace bundle files (name -> writer(path)) and re-hash them into a valid manifest."""
+    for name, write in files.items():
+        write(copy / name.replace("__", "."))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest.pop("files")
+    write_manifest(copy, manifest)
+
+
+def test_loaded_files_must_agree_with_the_manifest(setup, tmp_path):
+    """Hashes that match do not make a consistent bundle: the scorer's rows, k and width and the catalogue's
+    columns are checked against the manifest."""
+    table = setup["table"]
+    copy = _copy(setup, tmp_path)
+    _rewrite(copy, scorer__onnx=lambda p: export_scorer(table[:39], p, k=10))
+    with pytest.raises(BundleError, match=re.escape(f"{copy / 'scorer.onnx'}: item table is [39, {table.shape[1]}], "
+                                                    f"but the manifest says [n_items, dim] = [40, {table.shape[1]}]")):
+        Recommender.load(copy)
+    _rewrite(copy, scorer__onnx=lambda p: export_scorer(table, p, k=5))
+    with pytest.raises(BundleError, match="scorer.onnx: returns top-5, but the manifest says k=10"):
+        Recommender.load(copy)
+    _rewrite(copy, scorer__onnx=lambda p: export_scorer(table, p, k=10),
+             items__parquet=lambda p: pd.read_parquet(p).drop(columns="popularity").to_parquet(p, index=False))
+    with pytest.raises(BundleError, match=r"items.parquet: columns \['item_id', 'title', 'brand', 'category'\] "
+                                          r"differ from the manifest's catalogue.columns"):
+        Recommender.load(copy)
+
+
+def test_written_bundles_validate_and_invalid_manifests_are_never_written(setup, extended, tmp_path):
+    for bundle in (setup["bundle"], extended):  # export_bundle's and add_items' bundles
+        BundleManifest.model_validate(json.loads((bundle / MANIFEST).read_text()), strict=True)
+        verify_bundle(bundle)
+    copy = _copy(setup, tmp_path)
+    before = (copy / MANIFEST).read_bytes()
+    manifest = json.loads(before)
+    manifest["k"] = 0
+    with pytest.raises(BundleError, match="field 'k': Input should be greater than or equal to 1"):
+        write_manifest(copy, manifest)
+    assert (copy / MANIFEST).read_bytes() == before
+
+
 # ------------------------------------------------------------------------------------ cold-start items
 def test_added_items_match_the_torch_cold_item_embedding(setup, extended):
     before = {p.name: p.read_bytes() for p in setup["bundle"].iterdir() if p.is_file()}
@@ -192,8 +307,27 @@ def test_added_items_appear_in_recommendations(setup, extended):
     mixed = rec2.recommend([*ids(setup, [1, 2]), "new-1"], k=43)
     assert {"new-1", "new-2", "new-3"} <= {i.item_id for i in mixed.items}
     assert rec2.catalogue.set_index("item_id").loc["new-1", "popularity"] == 0.0
-    # a history of a cold item alone embeds exactly as the item did (the cold-item treatment on both sides)
+    # a history of a cold item alone embeds exactly as the item did (the cold-item treatment on both sides; the
+    # untrained weights here are the table's too: "shared")
     np.testing.assert_allclose(l2_normalize(rec2.user_embeddings([[41]])[0]), rec2.table()[41], atol=1e-5)
+
+
+def test_a_bundle_without_the_item_side_record_warns_and_keeps_the_user_side(setup, extended, tmp_path):
+    """A bundle from before the item side was kept does not say which weights made its table: add_items warns
+    that new items get the user side's weights (as before) and records it."""
+    assert Recommender.load(setup["bundle"]).cold_item_weights == "shared"
+    assert read_manifest(extended)["added_items"][0]["item_weights"] == "shared"
+    old = shutil.copytree(setup["bundle"], tmp_path / "old")
+    manifest = read_manifest(old)
+    for key in ("item_weights", "item_weights_note"):
+        del manifest["cold_item"][key]
+    del manifest["files"]
+    write_manifest(old, manifest)
+    assert Recommender.load(old).cold_item_weights == "user_side"
+    with pytest.warns(UserWarning, match="new items come from other weights than the table's rows"):
+        out = add_items(old, NEW_ITEMS, tmp_path / "out")
+    assert read_manifest(out)["added_items"][0]["item_weights"] == "user_side"
+    np.testing.assert_allclose(Recommender.load(out).table(), Recommender.load(extended).table(), atol=1e-6)
 
 
 def test_add_items_errors(setup, extended, tmp_path):
@@ -277,3 +411,24 @@ def test_cli_items_add(setup, cli, tmp_path):
     again = runner.invoke(cli, ["items", "add", "--bundle", str(out), "--items", str(items), "--out",
                                 str(tmp_path / "bundle3")])
     assert again.exit_code == 1 and "already in the bundle's catalogue" in again.output
+
+
+def test_cli_serve_on_a_busy_port_is_one_clear_line(setup, cli):
+    """Bind first, then print: a busy port is one error line and exit status 1, with nothing served."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(cli, ["serve", "--bundle", str(setup["bundle"]), "--port", str(port),
+                                       "--request-timeout", "5"])
+        proc = subprocess.run([sys.executable, "-m", "laser_core.service", "--bundle", str(setup["bundle"]),
+                               "--port", str(port)], capture_output=True, text=True, timeout=300)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in res.output
+    assert "serving" not in res.output and "Traceback" not in res.output
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"python -m laser_core.service: error: cannot listen on "
+                                                f"127.0.0.1:{port}: Address already in use (another process is "
+                                                f"listening there: stop it or choose another port)"]
+    bad = CliRunner().invoke(cli, ["serve", "--bundle", str(setup["root"]), "--request-timeout", "0"])
+    assert bad.exit_code == 2 and "--request-timeout" in bad.output
