@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import click
+
 STEP_ORDER = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
               "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote", "batch_recommend")
 STAGES = ("staging", "production", "archived")
@@ -51,7 +53,7 @@ def _metrics(mv) -> dict[str, Any]:
     meta = mv.run_metadata
     out = {}
     for key, artifact in (("laser_test", "laser_metrics"), ("sr_test", "sr_metrics"),
-                          ("popularity_test", None)):
+                          ("popularity_test", None), ("id_model_test", None)):
         if isinstance(meta.get(key), dict):
             out[key] = {k: v for k, v in meta[key].items()}
         elif artifact is not None and (art := mv.get_artifact(artifact)) is not None:
@@ -91,12 +93,53 @@ def show_version(model: str, version: str | None) -> dict[str, Any]:
     return info
 
 
+class PromotionError(click.ClickException, ValueError):
+    """A stage change refused, with a one-line reason (a ``click.ClickException``: the CLI prints
+    ``Error: <reason>`` and exits 1; a ``ValueError`` for callers that catch those)."""
+
+
+# what a version needs before it can serve: the artifacts the promote step re-scores and `laser batch` loads
+SERVING_ARTIFACTS = ("dataset", "sr_model", "laser_model", "item_table")
+
+
+def _servable(mv) -> list[str]:
+    """What the version lacks to be staged or put in production: artifacts, and Laser test metrics."""
+    missing = [name for name in SERVING_ARTIFACTS if mv.get_artifact(name) is None]
+    laser_test = _metrics(mv).get("laser_test") or {}
+    if not any(isinstance(laser_test.get(k), (int, float)) for k in HEADLINE):
+        missing.append("Laser test metrics")
+    return missing
+
+
 def promote_version(model: str, version: str, stage: str, force: bool = False) -> dict[str, Any]:
-    """Set a version's stage by hand (``force`` archives the version currently in that stage)."""
+    """Set a version's stage by hand (``force`` archives the version currently in that stage). Refused, with a
+    :class:`PromotionError`, when the stage is taken by another version and ``force`` is off, or when the version
+    has no trained model or no test metrics (for staging and production; archiving is always allowed)."""
+    from zenml.enums import ModelStages
+
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
     mv = resolve_version(model, version)
-    mv.set_stage(stage, force=force)
+    current = getattr(mv.stage, "value", mv.stage)
+    if current == stage:
+        return version_summary(mv)
+    if stage != "archived":
+        missing = _servable(mv)
+        if missing:
+            raise PromotionError(f"{model} v{mv.name} cannot go to {stage}: it has no {', no '.join(missing)} "
+                                 "(its training run did not finish, or stopped before Laser was evaluated)")
+        try:
+            holder = _client().get_model_version(model, ModelStages(stage))
+        except KeyError:
+            holder = None
+        if holder is not None and holder.id != mv.id and not force:
+            raise PromotionError(f"{model} v{holder.name} is already in {stage}; use --force to move it to "
+                                 f"archived and put v{mv.name} in {stage}")
+    try:
+        # several versions may be archived at once: force only matters for staging and production
+        mv.set_stage(stage, force=force or stage == "archived")
+    except RuntimeError as exc:  # the stage was taken between our check and the update
+        raise PromotionError(f"{model} v{mv.name} not moved to {stage}: {exc} (use --force)") from exc
     return version_summary(resolve_version(model, mv.name))
 
 
@@ -105,7 +148,7 @@ def diff_versions(model: str, a: str, b: str) -> dict[str, Any]:
     va, vb = resolve_version(model, a), resolve_version(model, b)
     ma, mb = _metrics(va), _metrics(vb)
     rows = []
-    for group in ("laser_test", "sr_test", "popularity_test"):
+    for group in ("laser_test", "sr_test", "popularity_test", "id_model_test"):
         ga, gb = ma.get(group) or {}, mb.get(group) or {}
         for k in sorted(set(ga) | set(gb)):
             x, y = ga.get(k), gb.get(k)

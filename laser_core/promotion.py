@@ -2,29 +2,43 @@
 
 The rule (ZenML's e2e template, made explicit and testable without ZenML):
 
-* a new version is **valid** when every compared metric is a finite number in [0, 1] and, if
-  ``require_beats_popularity`` is on, its metric is above the popularity baseline's on the same test pairs;
-  a valid version goes to ``staging`` (an invalid one is left without a stage);
-* it goes to ``production`` when there is no production version yet, or when both were scored on the same test
-  pairs (same catalogue, same users) and ``new - production > min_improvement`` on ``metric`` (so with the
+* a new version is **valid** when its metric is a finite number in [0, 1]; a valid version goes at least to
+  ``staging`` (an invalid one is left without a stage);
+* it may reach ``production`` only when it **beats the required baselines** scored on the same test
+  (history, target) pairs: by default popularity (``require_beats_popularity``), optionally the ID model, i.e. the
+  frozen SR encoder Laser reads (``require_beats_id_model``); "beats" means ``new - baseline > baseline_margin``.
+  A required baseline that was not scored counts as not beaten. A version that fails stays in ``staging`` with
+  the reason;
+* it then goes to ``production`` when there is no production version yet, or when both were scored on the same
+  test pairs (same catalogue, same users) and ``new - production > min_improvement`` on ``metric`` (so with the
   default margin 0 a retrained but identical model stays in staging).
+
+Every reason ends with what the version was compared with: the metric, the number of test users, the value of
+each baseline and of production.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from laser_core.configbase import StrictConfig
 
 
-class PromotionConfig(BaseModel):
+class PromotionConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     metric: str = "ndcg@10"
     min_improvement: float = Field(default=0.0, description="absolute margin over production on `metric` "
                                    "(promoted when new - production > margin)")
-    require_beats_popularity: bool = False
+    require_beats_popularity: bool = Field(default=True, description="production only when `metric` is above "
+                                           "popularity's on the same test pairs")
+    require_beats_id_model: bool = Field(default=False, description="production only when `metric` is above the "
+                                         "ID model's (the frozen SR encoder) on the same test pairs")
+    baseline_margin: float = Field(default=0.0, description="absolute margin over each required baseline "
+                                   "(beaten when new - baseline > margin)")
     enabled: bool = True
 
 
@@ -35,6 +49,10 @@ class PromotionDecision:
     production_value: float | None = None
     production_version: str | None = None
     popularity_value: float | None = None
+    id_model_value: float | None = None
+    id_model: str | None = None          # the ID model's name (sasrec, bert4rec, ...)
+    users: int | None = None             # test users (pairs) the new version and the baselines were scored on
+    beats_baselines: bool | None = None  # None: no baseline required
     valid: bool = False
     comparable: bool = True
     stage: str | None = None          # "production" | "staging" | None
@@ -46,14 +64,34 @@ class PromotionDecision:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PromotionDecision":
-        return cls(**raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def compared_with(self) -> str:
+        """``compared on ndcg@10 over the same 24 test users: popularity 0.1450 (required), ID model sasrec 0.2000,
+        production v1 0.3700``."""
+        users = f"the same {self.users} test users" if self.users is not None else "the same test users"
+        required = set(self.details.get("required_baselines", []))
+        parts = [f"popularity {_fmt(self.popularity_value)}" + (" (required)" if "popularity" in required else "")]
+        if self.id_model_value is not None or "id_model" in required:
+            parts.append(f"ID model {self.id_model or ''} {_fmt(self.id_model_value)}".replace("  ", " ")
+                         + (" (required)" if "id_model" in required else ""))
+        if self.production_version is None:
+            parts.append("production none")
+        else:
+            parts.append(f"production v{self.production_version} {_fmt(self.production_value)}"
+                         + ("" if self.comparable else " (not re-scorable here)"))
+        return f"compared on {self.metric} over {users}: " + ", ".join(parts)
 
     def to_markdown(self) -> str:
-        rows = [("metric", self.metric), ("new version", _fmt(self.new_value)),
+        rows = [("metric", self.metric), ("test users", "-" if self.users is None else self.users),
+                ("new version", _fmt(self.new_value)),
                 ("production" + (f" (v{self.production_version})" if self.production_version else ""),
                  _fmt(self.production_value)),
-                ("popularity", _fmt(self.popularity_value)), ("valid", self.valid), ("comparable", self.comparable),
-                ("stage", self.stage or "none")]
+                ("popularity", _fmt(self.popularity_value)),
+                ("ID model" + (f" ({self.id_model})" if self.id_model else ""), _fmt(self.id_model_value)),
+                ("beats required baselines", "-" if self.beats_baselines is None else self.beats_baselines),
+                ("valid", self.valid), ("comparable", self.comparable), ("stage", self.stage or "none")]
         body = "\n".join(f"| {a} | {b} |" for a, b in rows)
         return f"# Promotion decision\n\n| | |\n| --- | --- |\n{body}\n\n{self.reason}\n"
 
@@ -66,46 +104,77 @@ def _ok(v: float | None) -> bool:
     return v is not None and math.isfinite(v) and 0.0 <= v <= 1.0
 
 
+def _value(metrics: dict[str, float] | None, m: str) -> float | None:
+    if not metrics or metrics.get(m) is None:
+        return None
+    return float(metrics[m])
+
+
 def decide(config: PromotionConfig, new: dict[str, float], production: dict[str, float] | None = None,
            production_version: str | None = None, comparable: bool = True,
-           popularity: dict[str, float] | None = None) -> PromotionDecision:
-    """Apply the gate. ``new`` / ``production`` / ``popularity`` are metric dicts on the same test pairs
-    (``production`` None when there is no production version; ``comparable`` False when it was trained on a
-    different catalogue, so it could not be re-scored on these pairs)."""
+           popularity: dict[str, float] | None = None, id_model: dict[str, float] | None = None,
+           id_model_name: str | None = None, users: int | None = None) -> PromotionDecision:
+    """Apply the gate. ``new`` / ``production`` / ``popularity`` / ``id_model`` are metric dicts on the same
+    ``users`` test pairs (``production`` None when there is no production version; ``comparable`` False when it
+    was trained on a different catalogue, so it could not be re-scored on these pairs)."""
     m = config.metric
     if m not in new:
         raise KeyError(f"promotion metric {m!r} not among the new version's metrics ({sorted(new)})")
-    d = PromotionDecision(metric=m, new_value=float(new[m]),
-                          production_value=None if production is None else float(production[m]),
-                          production_version=production_version,
-                          popularity_value=None if popularity is None else float(popularity[m]),
-                          comparable=comparable)
+    required = [name for name, on in (("popularity", config.require_beats_popularity),
+                                      ("id_model", config.require_beats_id_model)) if on]
+    d = PromotionDecision(metric=m, new_value=float(new[m]), production_value=_value(production, m),
+                          production_version=production_version, popularity_value=_value(popularity, m),
+                          id_model_value=_value(id_model, m), id_model=id_model_name,
+                          users=None if users is None else int(users), comparable=comparable,
+                          details={"required_baselines": required, "baseline_margin": config.baseline_margin,
+                                   "min_improvement": config.min_improvement})
     if not _ok(d.new_value):
-        d.reason = f"not promoted: {m} = {d.new_value} is not a valid metric value"
-        return d
-    if config.require_beats_popularity and d.popularity_value is not None and d.new_value <= d.popularity_value:
-        d.reason = (f"not promoted: {m} {d.new_value:.4f} does not beat the popularity baseline "
-                    f"({d.popularity_value:.4f}) on the same test pairs")
+        d.reason = f"not promoted: {m} = {d.new_value} is not a valid metric value ({d.compared_with()})"
         return d
     d.valid = True
+    missing, beaten_by = [], []
+    for name in required:
+        value = d.popularity_value if name == "popularity" else d.id_model_value
+        label = "popularity" if name == "popularity" else f"the ID model{' ' + id_model_name if id_model_name else ''}"
+        if not _ok(value):
+            missing.append(label)
+        elif d.new_value - value <= config.baseline_margin:
+            beaten_by.append(f"{label} ({value:.4f})")
+    if required:
+        d.beats_baselines = not (missing or beaten_by)
+    if missing or beaten_by:
+        why = []
+        if beaten_by:
+            margin = f" by more than {config.baseline_margin:+.4f}" if config.baseline_margin else ""
+            why.append(f"{m} {d.new_value:.4f} does not beat {' nor '.join(beaten_by)}{margin} on the same test pairs")
+        if missing:
+            why.append(f"no score of {' nor '.join(missing)} on these test pairs to compare with")
+        d.stage = "staging"
+        d.reason = f"staged, not production (baseline gate): {'; '.join(why)} ({d.compared_with()})"
+        return d
     if not config.enabled:
-        d.stage, d.reason = "staging", "promotion to production disabled (promotion.enabled: false); staged"
+        d.stage = "staging"
+        d.reason = (f"promotion to production disabled (promotion.enabled: false); staged ({d.compared_with()})")
         return d
     if production is None and production_version is None:
-        d.stage, d.reason = "production", f"no production version yet: promoted with {m} {d.new_value:.4f}"
+        d.stage = "production"
+        d.reason = f"no production version yet: promoted with {m} {d.new_value:.4f} ({d.compared_with()})"
         return d
     if not comparable or d.production_value is None:
         d.stage = "staging"
         d.reason = (f"staged: production v{production_version} was trained on a different catalogue, so it "
-                    "cannot be re-scored on these test pairs; promote by hand (`laser model promote`) if intended")
+                    "cannot be re-scored on these test pairs; promote by hand (`laser model promote`) if intended "
+                    f"({d.compared_with()})")
         return d
     gain = d.new_value - d.production_value
     if gain > config.min_improvement:
         d.stage = "production"
         d.reason = (f"promoted: {m} {d.new_value:.4f} vs production v{production_version} "
-                    f"{d.production_value:.4f} (gain {gain:+.4f} > margin {config.min_improvement:+.4f})")
+                    f"{d.production_value:.4f} (gain {gain:+.4f} > margin {config.min_improvement:+.4f}; "
+                    f"{d.compared_with()})")
     else:
         d.stage = "staging"
         d.reason = (f"staged: {m} {d.new_value:.4f} vs production v{production_version} "
-                    f"{d.production_value:.4f} (gain {gain:+.4f} <= margin {config.min_improvement:+.4f})")
+                    f"{d.production_value:.4f} (gain {gain:+.4f} <= margin {config.min_improvement:+.4f}; "
+                    f"{d.compared_with()})")
     return d

@@ -43,16 +43,21 @@ def rescore_version(version, dataset: SeqDataset, split: Split, train_config: La
 def promote(dataset: SeqDataset, split: Split, laser_metrics: MetricsReport, train_config: dict[str, Any],
             promotion: dict[str, Any], production_version_id: str | None = None, model_name: str = ""
             ) -> Annotated[PromotionDecision, "promotion_decision"]:
-    """Stage the new model version: ``staging`` when valid, ``production`` when it beats the current production
-    version (re-scored here, on the same test pairs) by the configured margin. ``production_version_id`` (the
+    """Stage the new model version: ``staging`` when valid, ``production`` when it beats the required baselines
+    (popularity by default; the ID model optionally) and the current production version (re-scored here), all on
+    the same test pairs, by the configured margins (laser_core.promotion). ``production_version_id`` (the
     production version when the run started) and ``model_name`` are parameters so that the step's cache follows
     the registry: a cached decision is reused only for the same model and the same production version."""
     cfg = PromotionConfig.model_validate(promotion)
     tcfg = LaserTrainConfig.model_validate(train_config)
     model = current_model()
-    popularity = laser_metrics.details.get("popularity")
+    # the baselines, scored by evaluate_laser on exactly the test pairs the new version was scored on
+    baselines = {"popularity": laser_metrics.details.get("popularity"),
+                 "id_model": laser_metrics.details.get("id_model"),
+                 "id_model_name": laser_metrics.details.get("id_model_name"),
+                 "users": laser_metrics.protocol.get("users")}
     if model is None:
-        decision = decide(cfg, laser_metrics.metrics, popularity=popularity)
+        decision = decide(cfg, laser_metrics.metrics, **baselines)
         decision.stage, decision.reason = None, "pipeline not bound to a ZenML Model: nothing to promote"
         return decision
     client = Client()
@@ -72,7 +77,7 @@ def promote(dataset: SeqDataset, split: Split, laser_metrics: MetricsReport, tra
         prod_metrics, why = rescore_version(production, dataset, split, tcfg)
     decision = decide(cfg, laser_metrics.metrics, production=prod_metrics,
                       production_version=None if production is None else production.name,
-                      comparable=production is None or prod_metrics is not None, popularity=popularity)
+                      comparable=production is None or prod_metrics is not None, **baselines)
     if why:
         decision.details["not_comparable"] = why
     decision.details.update(new_version=current.name, model=model.name)

@@ -1,48 +1,23 @@
 """The MLOps product on ZenML's embedded default (isolated store): the full pipeline through export and the
-promotion gate, caching, the Model Control Plane CLI, lineage, batch recommendations and the schedule error."""
+promotion gate, caching, the Model Control Plane CLI, lineage, batch recommendations and the schedule error.
+
+One full run (the module fixture ``trained``, model ``laser-mlops``) is shared and never changed: tests that
+change stages or add versions do it on a model of their own (``laser-mlops-seq``, ``-gate``, ``-cli``, ``-hp``),
+whose runs are served from the fixture's cache except ``promote``, so any order and any subset pass.
+(The gate itself, on hand-made metrics, is tested in test_promotion.py.)"""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from click.testing import CliRunner
 
 from laser_core.config import LaserConfig
-from laser_core.promotion import PromotionConfig, decide
 
 FULL_STEPS = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
               "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
 LASER_AND_AFTER = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
-
-
-# ------------------------------------------------------------------------------------------- the gate, no ZenML
-def test_gate_first_version_goes_to_production():
-    d = decide(PromotionConfig(), {"ndcg@10": 0.2})
-    assert d.valid and d.stage == "production" and "no production" in d.reason
-
-
-def test_gate_compares_with_production_by_margin():
-    cfg = PromotionConfig(metric="ndcg@10", min_improvement=0.01)
-    assert decide(cfg, {"ndcg@10": 0.215}, {"ndcg@10": 0.2}, "3").stage == "production"   # +0.015 > 0.01
-    staged = decide(cfg, {"ndcg@10": 0.205}, {"ndcg@10": 0.2}, "3")                        # +0.005
-    assert staged.stage == "staging" and "v3" in staged.reason
-    # equal is not better: a retrained identical model stays in staging at the default margin 0
-    assert decide(PromotionConfig(), {"ndcg@10": 0.2}, {"ndcg@10": 0.2}, "1").stage == "staging"
-    assert decide(PromotionConfig(min_improvement=-0.1), {"ndcg@10": 0.15}, {"ndcg@10": 0.2}, "1").stage == \
-        "production"
-
-
-def test_gate_invalid_and_not_comparable():
-    assert decide(PromotionConfig(), {"ndcg@10": math.nan}).stage is None
-    assert decide(PromotionConfig(), {"ndcg@10": 1.5}).stage is None
-    pop = decide(PromotionConfig(require_beats_popularity=True), {"ndcg@10": 0.1}, popularity={"ndcg@10": 0.12})
-    assert pop.stage is None and not pop.valid and "popularity" in pop.reason
-    other = decide(PromotionConfig(), {"ndcg@10": 0.3}, None, "2", comparable=False)
-    assert other.stage == "staging" and "different catalogue" in other.reason
-    with pytest.raises(KeyError, match="recall@99"):
-        decide(PromotionConfig(metric="recall@99"), {"ndcg@10": 0.1})
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -106,6 +81,20 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
     laser = Client().get_pipeline_run(run.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
     assert mv.run_metadata["laser_test"]["ndcg@10"] == pytest.approx(laser.metrics["ndcg@10"])
     assert decision.new_value == laser.metrics["ndcg@10"]
+    # the gate compared it with popularity (required by default) and the ID model, on the same 24 test users
+    assert decision.beats_baselines is True and decision.users == 24 and decision.id_model == "sasrec"
+    assert decision.popularity_value == laser.details["popularity"]["ndcg@10"] < decision.new_value
+    assert decision.id_model_value == laser.details["id_model"]["ndcg@10"]
+    assert "popularity" in decision.reason and "over the same 24 test users" in decision.reason
+    assert mv.run_metadata["id_model_test"]["ndcg@10"] == pytest.approx(decision.id_model_value)
+    # the ID model's score is the frozen SR encoder's on exactly Laser's (history, target) test pairs
+    from laser_core.sr import evaluate
+    from laser_core.train import test_examples
+
+    steps_ = Client().get_pipeline_run(run.id).steps
+    split = steps_["split_dataset"].outputs["split"][0].load()
+    sr_model = steps_["pretrain_sr"].outputs["sr_model"][0].load()
+    assert evaluate(sr_model, *test_examples(split, cfg.laser_train)) == pytest.approx(laser.details["id_model"])
     assert sum(laser.details["expert_counts"]) == 24            # every test user routed to one expert
     # every artifact of the run is linked to the model version and stored without pickle
     steps = Client().get_pipeline_run(run.id).steps
@@ -129,32 +118,74 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
 
 
 def test_caching_and_promotion_sequence(trained):
-    """Second run: everything cached except promote (production changed from none to v1), identical model →
-    staging. Third identical run: fully cached. A gate margin nobody can beat keeps a version in staging; a
-    negative margin lets the next one replace production. Production is re-scored on the same pairs each time."""
+    """On its own model (``laser-mlops-seq``): the first run is served from the fixture's cache except promote
+    and goes to production (none yet). Second run: everything cached except promote (production changed from none
+    to v1), identical model → staging. Third identical run: fully cached. A gate margin nobody can beat keeps a
+    version in staging; a negative margin lets the next one replace production. Production is re-scored on the
+    same pairs each time."""
     from zenml.client import Client
 
     from pipelines.run import run_training
 
-    cfg, first = trained
-    v1 = _decision(first).details["new_version"]
+    name = "laser-mlops-seq"
+    cfg = _config(name)
+    first = run_training(cfg)
+    assert _statuses(first) == {**{s: "cached" for s in FULL_STEPS}, "promote": "completed"}
+    d1 = _decision(first)
+    v1 = d1.details["new_version"]
+    assert d1.stage == "production" and _stage(name, v1) == "production"
     second = run_training(cfg)
     assert _statuses(second) == {**{s: "cached" for s in FULL_STEPS}, "promote": "completed"}
     d2 = _decision(second)
     # production (v1) re-scored on the same pairs gives exactly its recorded test metric
     assert d2.production_version == v1 and d2.production_value == d2.new_value
-    assert d2.stage == "staging" and _stage("laser-mlops", d2.details["new_version"]) == "staging"
+    assert d2.stage == "staging" and _stage(name, d2.details["new_version"]) == "staging"
+    assert f"production v{v1} " in d2.reason and "popularity" in d2.reason
     third = run_training(cfg)
     assert set(_statuses(third).values()) == {"cached"}
 
-    worse = run_training(_config("laser-mlops", promotion={"min_improvement": 0.5}))
+    worse = run_training(_config(name, promotion={"min_improvement": 0.5}))
     d3 = _decision(worse)
-    assert d3.stage == "staging" and _stage("laser-mlops", v1) == "production"
-    better = run_training(_config("laser-mlops", promotion={"min_improvement": -1.0}))
+    assert d3.stage == "staging" and _stage(name, v1) == "production"
+    better = run_training(_config(name, promotion={"min_improvement": -1.0}))
     d4 = _decision(better)
     assert d4.stage == "production"
-    assert Client().get_model_version("laser-mlops", "production").name == d4.details["new_version"]
-    assert _stage("laser-mlops", v1) == "archived"
+    assert Client().get_model_version(name, "production").name == d4.details["new_version"]
+    assert _stage(name, v1) == "archived"
+
+
+def test_gate_keeps_a_version_below_the_baselines_in_staging(trained, capsys):
+    """On its own model (``laser-mlops-gate``, no production version yet): a version that does not beat the
+    baselines by the configured margin (here 1.0, which nothing reaches) stays in staging with the reason, and
+    nothing goes to production. With ``require_beats_id_model`` the reason names both baselines."""
+    from zenml.client import Client
+
+    from laser_cli.main import _print_promotion
+    from pipelines.run import run_training
+
+    name = "laser-mlops-gate"
+    run = run_training(_config(name, promotion={"baseline_margin": 1.0, "require_beats_id_model": True}))
+    assert _statuses(run) == {**{s: "cached" for s in FULL_STEPS}, "promote": "completed"}
+    d = _decision(run)
+    laser = Client().get_pipeline_run(run.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
+    assert d.valid and d.stage == "staging" and d.beats_baselines is False
+    assert d.popularity_value == laser.details["popularity"]["ndcg@10"]
+    assert d.id_model_value == laser.details["id_model"]["ndcg@10"] and d.id_model == "sasrec" and d.users == 24
+    assert d.details["required_baselines"] == ["popularity", "id_model"]
+    for part in ("baseline gate", f"popularity ({d.popularity_value:.4f})",
+                 f"the ID model sasrec ({d.id_model_value:.4f})", "by more than +1.0000",
+                 "compared on ndcg@10 over the same 24 test users", "production none"):
+        assert part in d.reason, d.reason
+    version = d.details["new_version"]
+    assert _stage(name, version) == "staging"
+    with pytest.raises(KeyError):
+        Client().get_model_version(name, "production")
+    assert Client().get_model_version(name, version).run_metadata["promotion"]["reason"] == d.reason
+    # what `laser run` prints
+    capsys.readouterr()
+    _print_promotion(run)
+    assert f"Model {name} version {version}: staging — staged, not production (baseline gate)" in \
+        capsys.readouterr().out
 
 
 def test_laser_hyperparameter_reruns_only_laser_steps(trained):
@@ -194,7 +225,7 @@ def test_lineage_lists_every_artifact(trained):
     assert bad.exit_code != 0 and "no-such-model" in bad.output
 
 
-def test_model_cli_list_show_promote_diff(trained):
+def test_model_cli_list_show_diff(trained):
     from laser_cli.main import cli
 
     runner = CliRunner()
@@ -209,11 +240,57 @@ def test_model_cli_list_show_promote_diff(trained):
     a, b = versions[-1]["version"], versions[0]["version"]
     diff = json.loads(runner.invoke(cli, ["model", "diff", "laser-mlops", a, b, "--json"]).output)
     assert any(r["key"] == "laser_test.ndcg@10" for r in diff["metrics"])
-    moved = runner.invoke(cli, ["model", "promote", "laser-mlops", a, "--stage", "staging", "--force"])
-    assert moved.exit_code == 0 and f"v{a}: staging" in moved.output
-    assert _stage("laser-mlops", a) == "staging"
     missing = runner.invoke(cli, ["model", "show", "laser-mlops", "999"])
     assert missing.exit_code != 0 and "999" in missing.output
+
+
+def _one_line_error(result, *parts: str) -> None:
+    """A refused command: non-zero exit, no traceback, and one output line holding every part."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, RuntimeError), result.output
+    assert any(all(p in line for p in parts) for line in result.output.splitlines()), result.output
+
+
+def test_model_cli_promote_refusals_and_force(trained):
+    """On its own model (``laser-mlops-cli``; two runs served from the fixture's cache except promote: v1 in
+    production, v2 in staging). Production taken → a one-line error that says to use --force; a version with no
+    model and no metrics is refused even with --force; --force on a complete version archives the old one."""
+    from zenml.client import Client
+
+    from laser_cli.main import cli
+    from laser_cli.registry import PromotionError, promote_version
+    from pipelines.run import run_training
+
+    name = "laser-mlops-cli"
+    v1 = _decision(run_training(_config(name))).details["new_version"]
+    v2 = _decision(run_training(_config(name))).details["new_version"]
+    assert (_stage(name, v1), _stage(name, v2)) == ("production", "staging")
+    runner = CliRunner()
+
+    taken = runner.invoke(cli, ["model", "promote", name, v2, "--stage", "production"])
+    _one_line_error(taken, f"v{v1} is already in production", "--force")
+    with pytest.raises(PromotionError, match="--force"):
+        promote_version(name, v2, "production")
+    assert (_stage(name, v1), _stage(name, v2)) == ("production", "staging")
+
+    # a version with no model and no metrics (a run that died before training): refused, even with --force
+    empty = Client().create_model_version(name, name="empty").name
+    for stage in ("production", "staging"):
+        refused = runner.invoke(cli, ["model", "promote", name, empty, "--stage", stage, "--force"])
+        _one_line_error(refused, f"v{empty} cannot go to {stage}", "no laser_model", "no Laser test metrics")
+    assert (_stage(name, empty), _stage(name, v1), _stage(name, v2)) == (None, "production", "staging")
+
+    # --force with a complete version: it goes to production, the old production version is archived
+    forced = runner.invoke(cli, ["model", "promote", name, v2, "--stage", "production", "--force"])
+    assert forced.exit_code == 0 and f"v{v2}: production" in forced.output, forced.output
+    assert (_stage(name, v1), _stage(name, v2)) == ("archived", "production")
+    # archiving is always allowed, also beside another archived version and without --force
+    archived = runner.invoke(cli, ["model", "promote", name, empty, "--stage", "archived"])
+    assert archived.exit_code == 0 and f"v{empty}: archived" in archived.output, archived.output
+    assert (_stage(name, empty), _stage(name, v1)) == ("archived", "archived")
+    # the same stage again is a no-op
+    same = runner.invoke(cli, ["model", "promote", name, v2, "--stage", "production"])
+    assert same.exit_code == 0 and _stage(name, v2) == "production"
 
 
 def test_batch_recommendations_from_production(trained):
