@@ -204,11 +204,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from laser_core.export import sha256_file  # the one file-hash implementation (torch-free module)
+
+    return sha256_file(path)
 
 
 __all__ = ["backbone_fingerprint", "catalogue_fingerprint", "directory_files", "file_sha256", "fingerprint",

