@@ -386,8 +386,10 @@ def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecomm
     backbone's tokenizer (for token limits) and the model; load ``weights`` when given (and their item side's,
     :meth:`LaserModel.set_item_state`)."""
     plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
-    texts = [TextFormatter(items, plain_text).item_text(i) for i in range(len(items))] \
-        if spec.backbone.name in TINY else None
+    texts = None
+    if spec.backbone.name in TINY:  # one formatter for the whole catalogue (one per item was quadratic)
+        plain = TextFormatter(items, plain_text)
+        texts = [plain.item_text(i) for i in range(len(items))]
     backbone = load_backbone(spec.backbone, texts=texts)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
