@@ -191,8 +191,6 @@ def truncated_config(path: str, config: BackboneConfig):
     reads those layers' weights and skips the rest (the final norm is kept, so the output is the first N layers'
     hidden state through the model's own final norm). Works for any HF causal LM whose config names its layer
     count ``num_hidden_layers`` (Llama, Qwen, Mistral ...; GPT-2 maps ``n_layer`` to it)."""
-    import logging
-
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
@@ -204,8 +202,6 @@ def truncated_config(path: str, config: BackboneConfig):
     hf.num_hidden_layers = config.num_layers
     if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Qwen2/3, Gemma ...)
         hf.layer_types = hf.layer_types[:config.num_layers]
-    # the skipped layers' weights are "unused" by design: keep transformers from warning about each of them
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     return hf
 
 
