@@ -206,7 +206,8 @@ def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | Non
     backbone = float_backbone(spec.backbone, texts)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
-    sr = copy.deepcopy(sr_model).float().cpu().eval() if spec.bitune.prefix == "mformer" else None
+    needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"
+    sr = copy.deepcopy(sr_model).float().cpu().eval() if needs_sr else None
     model = LaserModel(backbone, sr, formatter, spec.bitune)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in weights.state.items()})
     if weights.item_state is not None:  # the weights that made the item table: the tower's item side
@@ -231,8 +232,7 @@ def _tower_module(model: LaserModel):
             self.item_weights = laser.item_weights
 
         def embed(self, item_ids, item_mask, input_ids, attention_mask, item_side) -> torch.Tensor:
-            prefix, _ = self.laser.prefix_from_ids(item_ids, item_mask, input_ids.shape[0], item_side=item_side)
-            return self.laser.forward_padded(input_ids, attention_mask, prefix, item_side=item_side)
+            return self.laser.embed(input_ids, attention_mask, item_ids, item_mask, item_side=item_side)[0]
 
     class MFormerTower(Tower):
         def forward(self, item_ids, item_mask, input_ids, attention_mask) -> torch.Tensor:
@@ -252,7 +252,13 @@ def _tower_module(model: LaserModel):
 
     towers = {(True, False): MFormerTower, (True, True): MFormerItemSideTower, (False, False): TextTower,
               (False, True): TextItemSideTower}
-    return towers[model.mformer is not None, model.item_weights is not None](model).eval()
+    return towers[model.reads_item_ids, _has_item_side(model)](model).eval()
+
+
+def _has_item_side(model: LaserModel) -> bool:
+    """Whether the tower has an ``item_side`` input: the item side has its own weights, or the model is fused
+    (item rows and user rows are built differently)."""
+    return model.item_weights is not None or model.config.fusion != "none"
 
 
 def popularity_from_sequences(sequences: Any, n_items: int) -> np.ndarray:
@@ -322,9 +328,8 @@ def _check_parity(tower_path: Path, model: LaserModel, histories: list[list[int]
         ids, text_mask = model.pad_tokens(token_ids)
         sr_ids, sr_mask = model.sr_inputs(histories)
         side = torch.tensor([len(h) == 1 for h in histories], dtype=torch.long)  # one-item rows as items
-        prefix, _ = model.prefix_from_ids(sr_ids, sr_mask, len(histories), item_side=side) \
-            if model.mformer is not None else model.prefix_from_ids(None, None, len(histories), item_side=side)
-        expected = model.forward_padded(ids, text_mask, prefix, item_side=side).numpy()
+        expected = model.embed(ids, text_mask, *((sr_ids, sr_mask) if model.reads_item_ids else (None, None)),
+                               item_side=side)[0].numpy()
     feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.numpy().astype(np.int64),
              "input_ids": ids.numpy(), "attention_mask": text_mask.numpy(), ITEM_SIDE: side.numpy()}
     sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
@@ -343,20 +348,20 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
     the backbone once. Returns the tower's manifest entry (file, inputs, output, opset)."""
     import torch
 
-    if model.config.prefix == "mformer" and type(model.sr).__name__ not in SUPPORTED_SR:
+    if model.reads_item_ids and type(model.sr).__name__ not in SUPPORTED_SR:
         raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
                                   f"encoders, not {type(model.sr).__name__} (setting sr.model)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tower = _tower_module(model)
-    hists = [[0, 1, 2], [3, 4]] if model.mformer is not None else [[0], [1]]
+    hists = [[0, 1, 2], [3, 4]] if model.reads_item_ids else [[0], [1]]
     token_ids = [model._encode(model.formatter.user_text(h)) for h in hists]
     token_ids[1] = token_ids[1][: max(2, len(token_ids[1]) - 3)]  # different lengths: padding is traced
     ids, text_mask = model.pad_tokens(token_ids)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     seq = torch.export.Dim("seq", min=1, max=1 << 16)
     text_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    if model.mformer is not None:
+    if model.reads_item_ids:
         sr_ids, sr_mask = model.sr_inputs(hists)
         sr_len = torch.export.Dim("sr_len", min=1, max=model.sr.config.max_len)
         args = (sr_ids, sr_mask.long(), ids, text_mask)
@@ -364,7 +369,7 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
         shapes = ({0: batch, 1: sr_len}, {0: batch, 1: sr_len}, *text_shapes)
     else:
         args, names, shapes = (ids, text_mask), ["input_ids", "attention_mask"], text_shapes
-    if model.item_weights is not None:  # one row of each side in the traced batch
+    if _has_item_side(model):  # one row of each side in the traced batch
         args, names, shapes = (*args, torch.tensor([1, 0])), [*names, ITEM_SIDE], (*shapes, {0: batch})
     n_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
     with torch.no_grad(), warnings.catch_warnings():
@@ -415,18 +420,19 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
         warnings.warn("these stage-2 weights carry no item_state (the weights that made the item table): new items "
                       "added to this bundle will be embedded with the user side's weights, not the table's; "
                       "re-run the stage-2 step to keep them", UserWarning, stacklevel=2)
-    if spec.bitune.prefix == "mformer":
+    if spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none":
         if sr_model is None:
-            raise ValueError("prefix 'mformer' needs the frozen ID-based recommender (sr_model)")
+            raise ValueError(f"prefix {spec.bitune.prefix!r} with fusion {spec.bitune.fusion!r} needs the frozen "
+                             "ID-based recommender (sr_model)")
         if type(sr_model).__name__ not in SUPPORTED_SR:
             raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
                                       f"encoders, not {type(sr_model).__name__} (setting sr.model)")
     out.mkdir(parents=True, exist_ok=True)
     try:
         model = reference_model(weights, sr_model, items)
-        if model.backbone.hidden_size != dim:
-            raise ValueError(f"the table's width {dim} differs from the backbone's hidden size "
-                             f"{model.backbone.hidden_size}")
+        if model.embedding_size != dim:
+            raise ValueError(f"the table's width {dim} differs from the model's embedding size "
+                             f"{model.embedding_size}")
         tok_info = _tokenizer_info(model.tokenizer,
                                    model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
                                    else model.eos_id, model.eos_id)
@@ -449,7 +455,7 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
             tower_entry = export_user_tower(model, out / USER_TOWER)
             sr_len = model.sr.config.max_len if model.sr is not None else 1
             hists = _sample_histories(n_items, sr_len, spec.text.history_len)
-            if model.mformer is None:
+            if not model.reads_item_ids:
                 hists = [h for h in hists if COLD_ITEM not in h]
             # the texts only need realistic lengths here: a history's known items (the first item for [cold])
             token_ids = [model._encode(model.formatter.user_text([i for i in h if i >= 0] or [0])) for h in hists]
@@ -467,10 +473,11 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
             "n_trained_items": int(n_items),
             "text": spec.text.model_dump(mode="json"),
             "sr": ({"model": sr_model.config.model, "max_len": int(sr_model.config.max_len)}
-                   if model.mformer is not None else None),
+                   if model.reads_item_ids else None),
             "bitune": {"prefix": spec.bitune.prefix, "pooling": spec.bitune.pooling,
                        "n_query": spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
-                       "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0},
+                       "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0,
+                       "fusion": spec.bitune.fusion},
             "backbone": {"name": spec.backbone.name, "trained_quantization": spec.backbone.quantization,
                          "exported_dtype": "float32",
                          "exported_weights": "unquantized" if spec.backbone.quantization == "none"

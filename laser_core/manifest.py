@@ -83,6 +83,7 @@ class BiTuneSection(_Section):
     pooling: Literal["suffix", "mean", "eos"]
     n_query: NonNegativeInt
     n_experts: NonNegativeInt
+    fusion: Literal["none", "concat"] = "none"  # bundles before the fusion variant have no such key
 
 
 class BackboneSection(_Section):
@@ -196,17 +197,21 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
                            f" is {row}, not n_items ({m.n_items})")
     if m.parity_max_abs_diff is not None and not math.isfinite(m.parity_max_abs_diff):
         bad("parity_max_abs_diff", f"must be finite, got {m.parity_max_abs_diff}")
-    mformer = m.bitune.prefix == "mformer"
+    fusion = m.bitune.fusion != "none"
+    mformer = m.bitune.prefix == "mformer" or fusion  # the tower reads the item-id history
     if mformer and m.sr is None:
-        bad("sr", "the M-Former prefix needs the SR encoder's settings (model, max_len), got null")
+        bad("sr", "the M-Former prefix and the fusion need the SR encoder's settings (model, max_len), got null")
     if not mformer and m.sr is not None:
         bad("sr", f"must be null for bitune.prefix {m.bitune.prefix!r}")
     if m.user_tower is not None:
         want = TOWER_INPUTS_MFORMER if mformer else TOWER_INPUTS_TEXT
-        if m.user_tower.inputs not in (want, [*want, ITEM_SIDE]):
-            bad("user_tower.inputs", f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights) "
-                                     f"for bitune.prefix {m.bitune.prefix!r}, got {m.user_tower.inputs}")
-        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights not in (None, "item_side"):
+        allowed = [[*want, ITEM_SIDE]] if fusion else [want, [*want, ITEM_SIDE]]
+        if m.user_tower.inputs not in allowed:
+            bad("user_tower.inputs", f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights or "
+                                     f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
+                                     f"got {m.user_tower.inputs}")
+        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights not in (None, "item_side") \
+                and not fusion:
             bad("cold_item.item_weights", f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
                                           f"got {m.cold_item.item_weights!r}")
     columns = [*ITEM_COLUMNS, *(["popularity"] if m.popularity else [])]

@@ -11,11 +11,30 @@ and the suffix is always the last position.
 
 Pooling alternatives for the paper's ablation: ``mean`` (mean of the text tokens' last hidden states, no
 suffix) and ``eos`` (a hard EOS token in place of the trainable suffix).
+
+Beyond the paper (each a switch of :class:`BiTuneConfig`, off by default):
+
+- ``embedding_transform: center | whiten``: the LLM's embeddings are anisotropic (suffix embeddings of
+  SmolLM2 have a mean pairwise cosine of ~0.96), so a softmax over cosines is near uniform. The transform
+  ``(h - mu) W`` (``W`` = identity for ``center``, the ZCA whitening matrix for ``whiten``) is fitted once on the
+  initial item table (:meth:`LaserModel.fit_embedding_transform`), frozen, applied to users and items alike,
+  and saved with the weights (so the exported towers carry it).
+- ``prefix_init: token_norm``: the prefix's output layer is rescaled at initialisation so that prefix rows have
+  the norm of the backbone's token embeddings (a random projection gives ~4x that, and the prefix then
+  dominates the frozen LLM before any training).
+- ``fusion: concat``: the user vector joins the frozen ID model's user vector and Laser's (normalised)
+  embedding times a learned weight ``w``; an item row joins the ID model's item vector and Laser's normalised
+  item embedding, plus one coordinate that gives every item row the same norm ``R``. The dot product is then
+  ``s_ID(u, i) + w cos(h_u, h_i)`` and, because item norms are equal, the cosine ranks exactly as it does, so
+  the item table, the exported scorer and the service stay cosine-based. The model starts at the ID model's
+  ranking plus the frozen LLM's similarity, and training (softmax cross-entropy on that dot product) only
+  has to add to it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +44,7 @@ import pandas as pd
 import torch
 from pydantic import ConfigDict, Field
 from torch import nn
+from torch.nn import functional as F
 
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
@@ -41,6 +61,14 @@ class BiTuneConfig(StrictConfig):
     prefix: Literal["mformer", "plain", "none"] = "mformer"
     pooling: Literal["suffix", "mean", "eos"] = "suffix"
     mformer: MFormerConfig = Field(default_factory=MFormerConfig)
+    prefix_init: Literal["default", "token_norm"] = Field(default="default", description=(
+        "token_norm: scale the prefix at initialisation to the mean norm of the backbone's token embeddings"))
+    embedding_transform: Literal["none", "center", "whiten"] = Field(default="none", description=(
+        "centre (or ZCA-whiten) the LLM embeddings of users and items, fitted once on the initial item table"))
+    fusion: Literal["none", "concat"] = Field(default="none", description=(
+        "concat: score = the frozen ID model's score + w x Laser's cosine (user and item vectors concatenated; "
+        "needs an ID model with dot-product scores: SASRec or BERT4Rec)"))
+    fusion_init_weight: float = Field(default=10.0, gt=0, description="w at initialisation (fusion: concat)")
 
 
 class LaserModel(nn.Module):
@@ -57,6 +85,8 @@ class LaserModel(nn.Module):
         # frozen parts are kept out of the module tree: state_dict() holds only what is trained
         object.__setattr__(self, "llm", backbone.model)
         object.__setattr__(self, "sr", sr_model)
+        if sr_model is None and (cfg.prefix == "mformer" or cfg.fusion != "none"):
+            raise ValueError(f"prefix {cfg.prefix!r} with fusion {cfg.fusion!r} needs the frozen ID-based recommender")
         if sr_model is not None:
             sr_model.eval()
             for p in sr_model.parameters():
@@ -65,11 +95,22 @@ class LaserModel(nn.Module):
         self.mformer: MFormer | None = None
         self.plain: PlainPrefix | None = None
         if cfg.prefix == "mformer":
-            if sr_model is None:
-                raise ValueError("prefix 'mformer' needs the frozen ID-based recommender")
             self.mformer = MFormer(cfg.mformer, sr_model.config.hidden_size, hidden)
         elif cfg.prefix == "plain":
             self.plain = PlainPrefix(cfg.mformer.n_query, hidden)
+        if cfg.prefix_init == "token_norm":
+            self._scale_prefix_to_tokens()
+        if cfg.embedding_transform != "none":  # fitted by fit_embedding_transform; identity until then
+            self.register_buffer("emb_shift", torch.zeros(hidden))
+            self.register_buffer("emb_map", torch.eye(hidden))
+            self.register_buffer("emb_fitted", torch.zeros(()))
+        self.fusion_log_weight: nn.Parameter | None = None
+        if cfg.fusion != "none":
+            with torch.no_grad():
+                vectors = torch.cat([sr_model.item_vectors(), sr_model.unknown_item_vector()[None]]).float()
+                radius2 = (vectors ** 2).sum(1).max() + 1.0
+            self.register_buffer("fusion_radius2", radius2, persistent=False)
+            self.fusion_log_weight = nn.Parameter(torch.tensor(math.log(cfg.fusion_init_weight)))
         eos_id = self.tokenizer.eos_token_id
         if eos_id is None:
             raise ValueError("the backbone's tokenizer has no EOS token")
@@ -85,6 +126,86 @@ class LaserModel(nn.Module):
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.input_embeddings()(ids)
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the user and item vectors: the LLM's hidden size, plus the ID model's vector and one norm
+        coordinate with ``fusion: concat``."""
+        if self.config.fusion == "none":
+            return self.backbone.hidden_size
+        return self.backbone.hidden_size + int(self.sr.item_vectors().shape[1]) + 1
+
+    @property
+    def reads_item_ids(self) -> bool:
+        """Whether the embedding reads the item-id history (the M-Former prefix, the fusion's ID vectors)."""
+        return self.mformer is not None or self.config.fusion != "none"
+
+    @torch.no_grad()
+    def _scale_prefix_to_tokens(self) -> None:
+        """Rescale the prefix's output so a prefix row's expected norm is the mean token-embedding norm. The
+        M-Former's projection reads a LayerNorm output (entries of unit variance), so ``E|Wx + b|^2 ~
+        |W|_F^2 + |b|^2``; the plain prefix's rows are scaled directly."""
+        target = float(self.backbone.input_embeddings().weight.float().norm(dim=1).mean())
+        if self.mformer is not None:
+            proj = self.mformer.proj
+            now = math.sqrt(float(proj.weight.float().pow(2).sum() + proj.bias.float().pow(2).sum()))
+            proj.weight.mul_(target / now)
+            proj.bias.mul_(target / now)
+        elif self.plain is not None:
+            rows = self.plain.prefix
+            rows.mul_(target / rows.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+    # ------------------------------------------------------------------ the embedding transform
+    def needs_transform_fit(self) -> bool:
+        return self.config.embedding_transform != "none" and not bool(self.emb_fitted)
+
+    @torch.no_grad()
+    def fit_embedding_transform(self, llm_table: torch.Tensor, eps: float = 1e-6) -> None:
+        """Fit the centering (and whitening) on LLM item embeddings ``[n, H]`` made before any transform (the
+        initial table of :meth:`embed_items` with ``fuse=False``); frozen from then on."""
+        x = llm_table.double()
+        mu = x.mean(0)
+        w = torch.eye(x.shape[1], dtype=torch.float64)
+        if self.config.embedding_transform == "whiten":
+            xc = x - mu
+            s, u = torch.linalg.eigh(xc.T @ xc / xc.shape[0])
+            w = (u * (1.0 / torch.sqrt(s.clamp(min=0) + eps * s.max()))) @ u.T
+        self.emb_shift.copy_(mu.float())
+        self.emb_map.copy_(w.float())
+        self.emb_fitted.fill_(1.0)
+
+    def transform_embeddings(self, h: torch.Tensor) -> torch.Tensor:
+        """``(h - mu) W`` of the fitted transform (identity without one)."""
+        if self.config.embedding_transform == "none":
+            return h
+        return (h - self.emb_shift) @ self.emb_map
+
+    # ------------------------------------------------------------------ the fusion
+    def fuse(self, h: torch.Tensor, item_ids: torch.Tensor, item_mask: torch.Tensor,
+             item_side: torch.Tensor | None = None) -> torch.Tensor:
+        """``fusion: concat``: user rows ``[u_ID, w n, 0]``, item rows (``item_side`` 1) ``[v_ID(i), n, r_i]``
+        with ``n`` the normalised LLM embedding, ``i`` the row's item (the last visible id; a cold item gets
+        the ID model's unknown-item vector) and ``r_i`` making every item row's norm ``R``."""
+        n = F.normalize(h, dim=-1)
+        users = torch.cat([self.sr.user_vectors(item_ids, item_mask).float(), self.fusion_log_weight.exp() * n,
+                           torch.zeros_like(n[:, :1])], dim=1)
+        if item_side is None:
+            return users
+        last = item_ids[:, -1]
+        cold = (last < 0) | ~item_mask[:, -1].bool()
+        vec = torch.where(cold[:, None], self.sr.unknown_item_vector()[None].float(),
+                          self.sr.item_vectors()[last.clamp(min=0)].float())
+        r = torch.sqrt((self.fusion_radius2 - (vec ** 2).sum(1) - 1.0).clamp(min=0.0))
+        items = torch.cat([vec, n, r[:, None]], dim=1)
+        return torch.where(item_side.bool()[:, None], items, users)
+
+    def fuse_items(self, llm_rows: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
+        """Item-table rows from (transformed) LLM item rows of catalogue ``items`` (fusion; else the rows)."""
+        if self.config.fusion == "none":
+            return llm_rows
+        ids, mask = self.sr_inputs([[int(i)] for i in items])
+        with torch.no_grad():
+            return self.fuse(llm_rows, ids, mask, torch.ones(len(ids), dtype=torch.long))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -128,38 +249,33 @@ class LaserModel(nn.Module):
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prefix(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, RouterOutput | None]:
-        B = len(histories)
-        if self.mformer is not None:
-            L = self.sr.config.max_len
-            ids = np.zeros((B, L), dtype=np.int64)
-            mask = np.zeros((B, L), dtype=bool)
-            for row, hist in enumerate(histories):
-                h = np.asarray(hist, dtype=np.int64)[-L:]
-                ids[row, L - len(h):] = h
-                mask[row, L - len(h):] = True
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-            with torch.no_grad():
-                collab = self.sr.encode(ids_t, mask_t)
-            return self.mformer(collab, mask_t)
-        if self.plain is not None:
-            return self.plain(B), None
-        return None, None
-
     # ------------------------------------------------------------------ forward
     def forward(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, RouterOutput | None]:
-        """Embeddings ``[B, H]`` (float32) for histories of item indices, and the router's output: the texts
-        left-padded (:meth:`pad_tokens`), the prefix from the histories, then :meth:`forward_padded`."""
+        """Embeddings ``[B, embedding_size]`` (float32) for histories of item indices, and the router's output:
+        the texts left-padded (:meth:`pad_tokens`), the SR inputs (:meth:`sr_inputs`), then :meth:`embed`."""
         ids, text_mask = self.pad_tokens(self.tokenize(histories))
-        prefix, route = self.prefix(histories)
-        return self.forward_padded(ids, text_mask, prefix), route
+        sr_ids, sr_mask = self.sr_inputs(histories) if self.sr is not None else (None, None)
+        return self.embed(ids, text_mask, sr_ids, sr_mask)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor | None,
+              item_mask: torch.Tensor | None, item_side: torch.Tensor | None = None, fuse: bool = True
+              ) -> tuple[torch.Tensor, RouterOutput | None]:
+        """The one embedding path from padded tensors (training, the item table, new items, the ONNX user
+        tower): the prefix (:meth:`prefix_from_ids`), the LLM (:meth:`forward_padded`), the embedding transform
+        and, with ``fuse`` (and ``fusion: concat``), the fusion with the ID model's vectors (:meth:`fuse`)."""
+        prefix, route = self.prefix_from_ids(item_ids, item_mask, input_ids.shape[0], item_side=item_side)
+        h = self.transform_embeddings(self.forward_padded(input_ids, attention_mask, prefix, item_side=item_side))
+        if fuse and self.config.fusion != "none":
+            h = self.fuse(h, item_ids, item_mask, item_side)
+        return h, route
 
     @torch.no_grad()
-    def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None) -> torch.Tensor:
+    def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None, fuse: bool = True
+                    ) -> torch.Tensor:
         """The item-embedding table rows for catalogue ``items`` (one-item histories, their trained IDs):
-        :meth:`embed_item_rows`, the path new items take too."""
+        :meth:`embed_item_rows`, the path new items take too. ``fuse=False``: the LLM rows only."""
         items = [int(i) for i in items]
-        return self.embed_item_rows(self.tokenize([[i] for i in items]), items, batch_size, progress)
+        return self.embed_item_rows(self.tokenize([[i] for i in items]), items, batch_size, progress, fuse=fuse)
 
     # ------------------------------------------------------------------ the item side's weights
     def set_item_state(self, state: dict[str, torch.Tensor] | None) -> None:
@@ -175,6 +291,11 @@ class LaserModel(nn.Module):
         side.mformer = copy.deepcopy(self.mformer)
         side.plain = copy.deepcopy(self.plain)
         side.suffix = nn.Parameter(self.suffix.detach().clone()) if self.suffix is not None else None
+        if self.fusion_log_weight is not None:
+            side.fusion_log_weight = nn.Parameter(self.fusion_log_weight.detach().clone())
+        for name in ("emb_shift", "emb_map", "emb_fitted"):
+            if hasattr(self, name):
+                side.register_buffer(name, getattr(self, name).clone())
         side.load_state_dict(state)  # strict: exactly this model's trainable keys
         side.requires_grad_(False)
         object.__setattr__(self, "item_weights", side.eval())
@@ -285,8 +406,8 @@ class LaserModel(nn.Module):
 
     @torch.no_grad()
     def embed_item_rows(self, token_ids: Sequence[Sequence[int]], item_ids: Sequence[int], batch_size: int = 16,
-                        progress=None) -> torch.Tensor:
-        """Item-table rows ``[n, H]``, the one item-embedding path (the table and new items alike): each item a
+                        progress=None, fuse: bool = True) -> torch.Tensor:
+        """Item-table rows ``[n, embedding_size]`` (``fuse=False``: the LLM part ``[n, H]``), the one item-embedding path (the table and new items alike): each item a
         one-item history, its item-template ``token_ids`` and, on the ID side, its catalogue index in
         ``item_ids`` or :attr:`COLD_ITEM_ID` for an item without a trained ID embedding (see
         :meth:`collab_vectors`), through the item side's weights (:meth:`set_item_state`). Batched by text
@@ -299,14 +420,13 @@ class LaserModel(nn.Module):
             raise ValueError(f"item ids {bad[:10]} are neither catalogue indices (0..{n_known - 1}) nor the cold "
                              f"item ({self.COLD_ITEM_ID})")
         order = np.argsort([len(t) for t in token_ids], kind="stable")
-        out = torch.empty(len(token_ids), self.backbone.hidden_size)
+        out = torch.empty(len(token_ids), self.embedding_size if fuse else self.backbone.hidden_size)
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
             ids, text_mask = self.pad_tokens([token_ids[i] for i in idx])
             sr_ids, sr_mask = self.sr_inputs([[item_ids[i]] for i in idx]) if self.sr is not None else (None, None)
             side = torch.ones(len(idx), dtype=torch.long)
-            prefix, _ = self.prefix_from_ids(sr_ids, sr_mask, len(idx), item_side=side)
-            out[torch.from_numpy(idx)] = self.forward_padded(ids, text_mask, prefix, item_side=side)
+            out[torch.from_numpy(idx)] = self.embed(ids, text_mask, sr_ids, sr_mask, item_side=side, fuse=fuse)[0]
             if progress is not None:
                 progress(len(idx))
         return out
@@ -320,7 +440,7 @@ class LaserModel(nn.Module):
         trained ID embedding. ``item_ids``: the rows' catalogue indices instead, for items that have one
         (re-embedding a catalogue item so reproduces its table row). Rows follow ``items``."""
         if len(items) == 0:
-            return torch.empty(0, self.backbone.hidden_size)
+            return torch.empty(0, self.embedding_size)
         formatter = TextFormatter(items.reset_index(drop=True), self.formatter.config, tokenizer=self.tokenizer)
         tokens = [self._encode(formatter.item_text(i)) for i in range(len(items))]
         ids = [self.COLD_ITEM_ID] * len(items) if item_ids is None else [int(i) for i in item_ids]
@@ -393,7 +513,8 @@ def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecomm
     backbone = load_backbone(spec.backbone, texts=texts)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
-    model = LaserModel(backbone, sr_model if spec.bitune.prefix == "mformer" else None, formatter, spec.bitune)
+    needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"
+    model = LaserModel(backbone, sr_model if needs_sr else None, formatter, spec.bitune)
     if weights is not None:
         model.load_state_dict(weights.state)
         model.set_item_state(weights.item_state)

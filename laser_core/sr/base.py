@@ -5,6 +5,11 @@
   (left-padded history tokens, see :mod:`laser_core.sr.batching`);
 - ``encode(item_ids, mask) -> [B, N, d]``: one vector per history position (what Laser's M-Former reads);
 - ``training_examples(sequences, rng)``: per-epoch training batches' raw material.
+
+Models whose scores are a dot product (SASRec, BERT4Rec) also expose the two sides of it, which is what Laser's
+fusion variant joins to its own vectors: ``user_vectors(item_ids, mask) -> [B, d']`` and ``item_vectors() ->
+[n_items, d']`` with ``full_sort_predict == user_vectors @ item_vectors().T``, and ``unknown_item_vector() ->
+[d']``, the item side of an item without a trained ID embedding (a cold item).
 """
 
 from __future__ import annotations
@@ -54,6 +59,18 @@ class SequentialRecommender(nn.Module):
 
     def encode(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def user_vectors(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, d']`` user vectors from left-padded item indices + mask (the most recent items last)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose dot-product user/item vectors")
+
+    def item_vectors(self) -> torch.Tensor:
+        """``[n_items, d']`` item vectors: ``full_sort_predict == user_vectors @ item_vectors().T``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose dot-product user/item vectors")
+
+    def unknown_item_vector(self) -> torch.Tensor:
+        """``[d']`` the item vector of an item without a trained ID embedding."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose dot-product user/item vectors")
 
     # -- helpers -------------------------------------------------------------------------------------
     def predict_batch(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:

@@ -76,3 +76,18 @@ class BERT4Rec(SequentialRecommender):
 
     def encode(self, item_ids, mask):
         return self.forward(tokens_from_ids(item_ids, mask))
+
+    def user_vectors(self, item_ids, mask):
+        """The output at an appended [MASK] after the last ``max_len - 1`` items, as :meth:`predict_batch`, with a
+        1 appended for the item bias."""
+        tokens = tokens_from_ids(item_ids, mask)[:, 1:]
+        tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], self.mask_token)], dim=1)
+        h = self.out(self.forward(tokens)[:, -1])
+        return torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+
+    def item_vectors(self):
+        return torch.cat([self._logits_weight(), self.out_bias[:, None]], dim=1)
+
+    def unknown_item_vector(self):
+        """The trained [MASK] embedding with a bias of 0."""
+        return torch.cat([self.item_emb.weight[self.mask_token], self.out_bias.new_zeros(1)])

@@ -37,3 +37,12 @@ class SASRec(SequentialRecommender):
 
     def encode(self, item_ids, mask):
         return self.forward(tokens_from_ids(item_ids, mask))
+
+    def user_vectors(self, item_ids, mask):
+        return self.encode(item_ids, mask)[:, -1]
+
+    def item_vectors(self):
+        return self.item_emb.weight[1:]
+
+    def unknown_item_vector(self):
+        return torch.zeros_like(self.item_emb.weight[0])  # the padding embedding: no ID information
