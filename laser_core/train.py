@@ -6,6 +6,17 @@ then validates by full ranking with the freshly recomputed table (which the next
 The best validation epoch's weights and table are kept. Stage 2: that table is frozen; the weights keep
 training against it, the best validation epoch is kept, and the test uses those weights and that table.
 
+Optimization (LaserTrainConfig; the defaults are the official Laser recipe): AdamW with weight decay on the
+>= 2-D weights only, gradient accumulation over ``grad_accumulation`` mini-batches (the epoch's last, partial
+group steps too, its losses scaled by its own size), and a learning rate set before every optimizer step from a
+global step counter (:func:`lr_at`: linear warm-up, then cosine decay to ``min_lr`` at the last planned step of
+the run; the plan is both stages' epochs x the optimizer steps per epoch). Stage 2 starts at the step where the
+planned stage 1 ends, so a run whose stages are two ``fit`` calls (the pipeline's steps) follows the same
+schedule as one call. Early stopping: a stage ends after ``patience`` epochs without a better validation
+NDCG@10. ``curve_every_users`` adds learning-curve validations inside the epochs (history entries with
+``"curve": True``; they never pick the best epoch). The step counter, the users trained (``users_seen``) and
+the history are in ``state.json``, so a resumed run continues the schedule and the patience count exactly.
+
 Training examples: each epoch samples ``users_per_epoch`` training users (all when unset) and, for each, a
 random cut of the user's training sequence: history = the items before the cut, target = the item at it (so
 every transition of a user can be seen over epochs, as with RecFormer/Laser's all-prefix data).
@@ -23,10 +34,12 @@ every frozen input of the item embeddings).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,8 +56,13 @@ from laser_core.sr.checkpoint import atomic_write, load_optimizer, save_optimize
 
 
 class LaserTrainConfig(StrictConfig):
-    """Paper: batch 4, lr 1e-4, Adam, 15 + 5 epochs, tau 0.05, lambda 0.01. CPU budgets shrink the epochs and
-    sample users per epoch; evaluation can be limited to a seeded sample of users."""
+    """Paper: batch 4, lr 1e-4, 15 + 5 epochs, tau 0.05, lambda 0.01. The defaults are the official Laser
+    recipe: AdamW (weight decay 0.05 on >= 2-D weights only), linear warm-up over 500 optimizer steps from
+    1e-6 to ``lr``, then cosine decay to 1e-5 at the run's last planned optimizer step, gradient accumulation
+    8 (effective batch 32), early stopping after 3 epochs without a better validation NDCG@10. ``optimizer:
+    adam, schedule: constant, grad_accumulation: 1, weight_decay: 0, patience: null`` is the plain loop (Adam at
+    a constant ``lr``, one step per mini-batch, every epoch trained). CPU budgets shrink the epochs and sample
+    users per epoch; evaluation can be limited to a seeded sample of users."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,6 +74,25 @@ class LaserTrainConfig(StrictConfig):
     lr: float = Field(default=1e-4, gt=0)
     tau: float = Field(default=0.05, gt=0)
     lb_weight: float = Field(default=0.01, ge=0)
+    optimizer: Literal["adamw", "adam"] = Field(default="adamw", description=(
+        "adamw: decoupled weight decay; adam: weight_decay as an L2 term (on the same >= 2-D weights)"))
+    weight_decay: float = Field(default=0.05, ge=0, description=(
+        "on >= 2-D weights only (no decay on biases, norms, the suffix vector, scalars)"))
+    schedule: Literal["cosine", "constant"] = Field(default="cosine", description=(
+        "cosine: linear warm-up from warmup_start_lr to lr over warmup_steps optimizer steps, then cosine decay "
+        "to min_lr at the run's last planned optimizer step; constant: lr throughout"))
+    warmup_steps: int = Field(default=500, ge=0, description="optimizer steps (capped to the planned steps)")
+    warmup_start_lr: float = Field(default=1e-6, ge=0)
+    min_lr: float = Field(default=1e-5, ge=0)
+    grad_accumulation: int = Field(default=8, ge=1, description=(
+        "mini-batches per optimizer step (effective batch = batch_size x grad_accumulation); the epoch's last, "
+        "partial group steps too"))
+    patience: int | None = Field(default=3, ge=1, description=(
+        "stop a stage after this many consecutive epochs without a better validation ndcg@10 than the stage's "
+        "best (None: train every epoch)"))
+    curve_every_users: int | None = Field(default=None, ge=1, description=(
+        "learning curve: validate every this many training users inside the epochs (history entries with "
+        "curve: true; they never pick the best epoch nor count for early stopping)"))
     users_per_epoch: int | None = Field(default=None, ge=1)
     valid_users: int | None = Field(default=None, ge=1, description="seeded sample for validation (None: all)")
     test_users: int | None = Field(default=None, ge=1, description="seeded sample for the test (None: all)")
@@ -79,6 +116,35 @@ class LaserTrainConfig(StrictConfig):
             raise ValueError(f"laser_train.processes = {self.processes} needs laser_train.accelerate: true "
                              "(the processes are launched through Hugging Face Accelerate)")
         return self
+
+
+def lr_at(step: int, planned: int, cfg: LaserTrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a run of ``planned`` optimizer steps.
+
+    ``cosine``: linear from ``warmup_start_lr`` (step 0) to ``lr`` (step W), W = ``warmup_steps`` capped to the
+    last planned step (so a short run still reaches ``lr``), then cosine from ``lr`` to ``min_lr`` at the last
+    planned step (``planned - 1``; later steps stay at ``min_lr``). ``constant``: ``lr``."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    last = max(planned - 1, 0)
+    warm = min(cfg.warmup_steps, last)
+    if step < warm:
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / warm
+    if last <= warm:
+        return cfg.lr
+    progress = min((step - warm) / (last - warm), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or Adam) over two groups: the >= 2-D weights with ``weight_decay``, the rest (biases, norms, the
+    suffix vector, scalars) without. Adam's weight decay is its L2 term."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=cfg.lr)   # the trainer sets each step's learning rate (lr_at)
 
 
 @dataclass
@@ -132,7 +198,7 @@ class LaserTrainer:
         self.model, self.split, self.cfg = model, split, config
         self.resume = resume
         self.wd = Path(workdir) if workdir is not None else None
-        self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr)
+        self.optimizer = build_optimizer(model.trainable_parameters(), config)
         self.accelerator = None
         self.rank, self.world = 0, 1
         self._forward = model
@@ -152,9 +218,13 @@ class LaserTrainer:
         self.train_users = np.array([u for u, t in enumerate(split.train) if len(t) >= 2], dtype=np.int64)
         if not len(self.train_users):
             raise ValueError("no user has 2 or more training items")
+        self.planned_steps = self.stage_steps(1) + self.stage_steps(2)
+        self.global_step = 0      # optimizer steps taken in the run (sets the learning rate; in state.json)
+        self.users_seen = 0       # training users of the run so far, all processes together (in state.json)
         self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
                      "eval_seconds": 0.0, "users_evaluated": 0}
         self._best_weights: dict[str, torch.Tensor] = {}
+        self._fitted_table: torch.Tensor | None = None
         if self.wd is None and workdir_root is not None:
             self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
 
@@ -176,9 +246,77 @@ class LaserTrainer:
         return fingerprint("laser-fit", {"run": self.run_hash(), "stages": sorted(int(s) for s in stages),
                                          "table": table})[:16]
 
-    def item_table(self) -> torch.Tensor:
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (on each process: its shard of the epoch's users)."""
+        n = len(self.train_users)
+        if self.cfg.users_per_epoch is not None:
+            n = min(n, self.cfg.users_per_epoch)
+        shard = -(-n // self.world)          # ceil: process 0's shard
+        batches = -(-shard // self.cfg.batch_size)
+        return -(-batches // self.cfg.grad_accumulation)
+
+    def stage_steps(self, stage: int) -> int:
+        """The optimizer steps the run plans for ``stage`` (0 for a skipped stage)."""
+        cfg = self.cfg
+        epochs = ((0 if cfg.skip_stage1 else cfg.stage1_epochs) if stage == 1
+                  else (0 if cfg.skip_stage2 else cfg.stage2_epochs))
+        return epochs * self.steps_per_epoch()
+
+    def current_lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return lr_at(self.global_step, self.planned_steps, self.cfg)
+
+    def _optimizer_step(self) -> None:
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def _loss(self, emb: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The main loss of a mini-batch (the load-balancing term is added by :meth:`train_epoch`): the IIC loss
+        (cosine / tau) or, for a fused model, softmax cross-entropy on the fused dot product (the ID model's
+        logits + w x cosine: the learned fusion weight plays the temperature's part)."""
+        if self.model.config.fusion != "none":
+            return torch.nn.functional.cross_entropy(emb @ table.T, targets)
+        return iic_loss(emb, table, targets, self.cfg.tau)
+
+    def fit_embedding_transform(self) -> None:
+        """Fit the model's embedding transform (``bitune.embedding_transform``) once, on the LLM rows of the
+        initial item table, and cache the item table of the fitted model (derived from those rows, no second
+        pass). No-op when there is none or it is fitted already (a resumed run, stage-1 weights)."""
+        model = self.model
+        if not model.needs_transform_fit():
+            return
+        was = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        items = range(self.split.n_items)
+        bar = tqdm(total=self.split.n_items, desc="item table (fit the transform)", unit="item",
+                   disable=not self.cfg.progress, leave=False)
+        raw = model.embed_items(items, self.cfg.item_batch_size, progress=bar.update, fuse=False)
+        bar.close()
+        model.fit_embedding_transform(raw)
+        table = model.fuse_items(model.transform_embeddings(raw), items)
+        self.cost["item_seconds"] += time.perf_counter() - t0
+        self.cost["items_encoded"] += self.split.n_items
+        model.train(was)
+        path = self._table_path()
+        if path is not None and self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_tensors({"table": table.contiguous()}, path)
+        self._fitted_table = table
+
+    def _table_path(self) -> Path | None:
         key = self.model.weights_fingerprint()[:24]
-        path = self.wd / "tables" / f"{key}.safetensors" if self.wd is not None else None
+        return self.wd / "tables" / f"{key}.safetensors" if self.wd is not None else None
+
+    def item_table(self) -> torch.Tensor:
+        path = self._table_path()
+        fitted, self._fitted_table = self._fitted_table, None
+        if fitted is not None:  # just made by fit_embedding_transform, for these weights
+            return fitted
         if path is not None and self.resume and path.is_file():
             return load_file(str(path))["table"]
         was = self.model.training
@@ -209,34 +347,59 @@ class LaserTrainer:
             targets.append(seq[cut])
         return hist, np.asarray(targets, dtype=np.int64)
 
-    def train_epoch(self, table: torch.Tensor, stage: int, epoch: int) -> float:
-        torch.manual_seed(self.cfg.seed * 100_003 + stage * 1_000 + epoch)
+    def train_epoch(self, table: torch.Tensor, stage: int, epoch: int,
+                    on_curve: Callable[[dict], None] | None = None) -> float:
+        """One epoch against ``table``; returns the mean mini-batch loss. The optimizer steps every
+        ``grad_accumulation`` mini-batches and after the last one; each loss is scaled by 1 / its group's size.
+        With ``curve_every_users`` and ``on_curve``, every time the run's users trained cross a multiple of it,
+        validates with ``table`` and passes ``on_curve`` a learning-curve entry."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed * 100_003 + stage * 1_000 + epoch)
         hist, targets = self.examples(stage, epoch)
+        n_epoch = len(hist)   # the epoch's users over all processes
         if self.world > 1:  # each process trains on its shard of the epoch's users (same seed everywhere)
             hist, targets = hist[self.rank::self.world], targets[self.rank::self.world]
         self.model.train()
         t0 = time.perf_counter()
+        paused = 0.0
         total, n_batches = 0.0, 0
         bar = tqdm(total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user",
-                   disable=not self.cfg.progress, leave=False)
+                   disable=not cfg.progress, leave=False)
         target_t = torch.from_numpy(targets)
-        for lo in range(0, len(hist), self.cfg.batch_size):
-            emb, route = self._forward(hist[lo:lo + self.cfg.batch_size])
-            loss = iic_loss(emb, table, target_t[lo:lo + self.cfg.batch_size], self.cfg.tau)
-            if route is not None and self.cfg.lb_weight > 0:
-                loss = loss + self.cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
-            self.optimizer.zero_grad(set_to_none=True)
+        bs, acc = cfg.batch_size, cfg.grad_accumulation
+        starts = range(0, len(hist), bs)
+        every = cfg.curve_every_users if on_curve is not None else None
+        seen0 = self.users_seen
+        self.optimizer.zero_grad(set_to_none=True)
+        for b, lo in enumerate(starts):
+            emb, route = self._forward(hist[lo:lo + bs])
+            loss = self._loss(emb, table, target_t[lo:lo + bs])
+            if route is not None and cfg.lb_weight > 0:
+                loss = loss + cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
+            group = min(acc, len(starts) - (b // acc) * acc)   # mini-batches in this optimizer step
+            scaled = loss / group
             if self.accelerator is not None:
-                self.accelerator.backward(loss)
+                self.accelerator.backward(scaled)
             else:
-                loss.backward()
-            self.optimizer.step()
+                scaled.backward()
+            if (b + 1) % acc == 0 or b + 1 == len(starts):
+                self._optimizer_step()
             total += float(loss.detach())
             n_batches += 1
             bar.update(len(emb))
             bar.set_postfix(loss=f"{total / n_batches:.4f}")
+            if every is not None:   # the same decision on every process (from the batch index alone)
+                before = seen0 + min(n_epoch, lo * self.world)
+                now = seen0 + min(n_epoch, (lo + bs) * self.world)
+                if now // every > before // every:
+                    t1 = time.perf_counter()
+                    on_curve({"stage": stage, "epoch": epoch, "users_seen": now, "valid": self.validate(table),
+                              "curve": True})
+                    self.model.train()
+                    paused += time.perf_counter() - t1
         bar.close()
-        self.cost["train_seconds"] += time.perf_counter() - t0
+        self.users_seen = seen0 + n_epoch
+        self.cost["train_seconds"] += time.perf_counter() - t0 - paused
         self.cost["users_trained"] += len(hist)
         return total / max(n_batches, 1)
 
@@ -286,10 +449,16 @@ class LaserTrainer:
                     self._best_weights = load_file(str(self.wd / "best.safetensors"))
                     best_table = load_file(str(self.wd / "best_table.safetensors"))["table"]
                 self.cost.update(state.get("cost", {}))
+                self.global_step = int(state.get("global_step", 0))
+                self.users_seen = int(state.get("users_seen", 0))
+        if self.model.needs_transform_fit():  # once, before any training (a resumed run has it in its weights)
+            self.fit_embedding_transform()
+            if not state["best"]:
+                self._best_weights = self._trainable_state()
 
         def record(stage: int, epoch: int, loss: float | None, valid: dict, table: torch.Tensor) -> None:
             nonlocal best_table
-            entry = {"stage": stage, "epoch": epoch, "loss": loss, "valid": valid}
+            entry = {"stage": stage, "epoch": epoch, "loss": loss, "valid": valid, "users_seen": self.users_seen}
             state["history"].append(entry)
             best = state["best"].get(str(stage))
             changed = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
@@ -297,10 +466,20 @@ class LaserTrainer:
                 state["best"][str(stage)] = {"epoch": epoch, "valid": valid}
                 self._best_weights = self._trainable_state()
                 best_table = table
-            state.update(stage=stage, epoch=epoch, best_changed=changed, cost=dict(self.cost))
+            state.update(stage=stage, epoch=epoch, best_changed=changed, cost=dict(self.cost),
+                         global_step=self.global_step, users_seen=self.users_seen)
             self._save(state, best_table)
             for cb in callbacks:
                 cb(stage, epoch, entry)
+
+        def patience_spent(stage: int) -> bool:
+            """``patience`` epochs of ``stage`` done since its best (from the state: survives a resume)."""
+            best = state["best"].get(str(stage))
+            if cfg.patience is None or best is None or state["stage"] != stage:
+                return False
+            return state["epoch"] - best["epoch"] >= cfg.patience
+
+        curve = state["history"].append if cfg.curve_every_users else None
 
         # ---- stage 1: refresh the table every epoch
         if not state["stage1_done"]:
@@ -309,7 +488,9 @@ class LaserTrainer:
                 if state["epoch"] < 0:  # epoch -1: the initial weights, so "best" is never worse than init
                     record(1, -1, None, self.validate(table), table)
                 for epoch in range(state["epoch"] + 1, cfg.stage1_epochs):
-                    loss = self.train_epoch(table, 1, epoch)
+                    if patience_spent(1):
+                        break
+                    loss = self.train_epoch(table, 1, epoch, on_curve=curve)
                     table = self.item_table()
                     record(1, epoch, loss, self.validate(table), table)
                 self.model.load_state_dict(self._best_weights)
@@ -322,10 +503,13 @@ class LaserTrainer:
         # ---- stage 2: the table is frozen
         if 2 in stages and not cfg.skip_stage2 and cfg.stage2_epochs > 0:
             if "2" not in state["best"]:
+                self.global_step = self.stage_steps(1)   # the schedule's stage-2 part, as in a separate fit
                 record(2, -1, None, self.validate(frozen), frozen)
             start = state["epoch"] + 1 if state["stage"] == 2 else 0
             for epoch in range(start, cfg.stage2_epochs):
-                loss = self.train_epoch(frozen, 2, epoch)
+                if patience_spent(2):
+                    break
+                loss = self.train_epoch(frozen, 2, epoch, on_curve=curve)
                 record(2, epoch, loss, self.validate(frozen), frozen)
             self.model.load_state_dict(self._best_weights)
         self.model.eval()

@@ -203,7 +203,7 @@ class LaserWeightsMaterializer(_FilesMixin):
         series: dict[str, list[tuple[float, float]]] = {}
         for entry in history:
             valid = entry.get("valid") or {}
-            if "ndcg@10" in valid:
+            if "ndcg@10" in valid and not entry.get("curve"):   # per epoch (learning-curve points left out)
                 series.setdefault(f"stage {entry['stage']}", []).append((float(entry["epoch"]),
                                                                          float(valid["ndcg@10"])))
         html = svg_line_chart(series, "Validation NDCG@10 per epoch", "epoch (-1: before training)", "NDCG@10")

@@ -20,6 +20,9 @@ from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate_split, fi
 from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
+# the plain loop (Adam at a constant lr, a step per mini-batch, no early stop) for the tests whose numbers were
+# set with it; LaserTrainConfig's defaults are the official recipe (tests/test_laser_recipe.py)
+PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +402,7 @@ def test_no_cache_reaches_the_bi_tuning_trainers(data, sr, monkeypatch):
 # NDCG@10 from 0.307 (epoch -1) by 0.035 to 0.045 for each of the seeds 0-5 tried; a trainer that does not
 # step the weights records exactly the epoch -1 value at every epoch (gain 0).
 LEARN = LaserTrainConfig(skip_stage1=True, stage2_epochs=2, batch_size=8, lr=1e-3, seed=0, progress=False,
-                         item_batch_size=40, eval_batch_size=32)
+                         item_batch_size=40, eval_batch_size=32, **PLAIN)
 LEARN_MARGIN = 0.02   # NDCG@10 over epoch -1 (0.307): about half the smallest gain seen, 5 users moved to rank 1
 
 
@@ -466,7 +469,7 @@ def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
 
 # --------------------------------------------------------------- accelerate launch jobs (laser_core.launch)
 LAUNCH = dict(stage1_epochs=1, stage2_epochs=1, lr=1e-3, users_per_epoch=32, valid_users=8, progress=False,
-              seed=3, item_batch_size=40, threads=1)
+              seed=3, item_batch_size=40, threads=1, **PLAIN)
 
 
 def _last_weights(root) -> dict[str, torch.Tensor]:

@@ -25,7 +25,9 @@ TINY_LASER = {
     "backbone": {"name": "tiny-random-llama", "quantization": "nf4"},
     "bitune": {"mformer": {"n_experts": 2, "n_query": 4, "width": 32, "n_layers": 2, "n_heads": 2}},
     "laser_train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 8, "users_per_epoch": 16,
-                    "valid_users": 16, "test_users": 32, "item_batch_size": 40, "progress": False},
+                    "valid_users": 16, "test_users": 32, "item_batch_size": 40, "progress": False,
+                    "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
+                    "grad_accumulation": 1, "patience": None},
 }
 LASER_STEPS = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser")
 
