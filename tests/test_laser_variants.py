@@ -170,3 +170,36 @@ def test_a_fused_model_exports_and_serves_the_torch_ranking(data, sr, tmp_path):
         assert got_rows == row.tolist()
     again = rec.item_embeddings(ds.items.iloc[[2, 4]], item_ids=[2, 4])
     np.testing.assert_allclose(again, table[[2, 4]].numpy(), atol=1e-3)
+
+
+def test_trainer_fits_the_transform_once_and_a_fused_model_trains_on_the_fused_dot_product(data, sr, tmp_path):
+    from laser_core.train import LaserTrainConfig, LaserTrainer
+
+    _, split = data
+    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=3e-3, users_per_epoch=48,
+                           valid_users=60, optimizer="adam", schedule="constant", grad_accumulation=1,
+                           weight_decay=0, patience=None, progress=False, curve_every_users=24)
+    model = make(data, sr, fusion="concat", embedding_transform="center")
+    w0 = float(model.fusion_log_weight.detach())
+    trainer = LaserTrainer(model, split, cfg, workdir=tmp_path / "run")
+    result = trainer.fit()
+    assert not model.needs_transform_fit()
+    assert float(model.emb_shift.abs().sum()) > 0
+    assert result.item_table.shape == (split.n_items, model.embedding_size)
+    assert float(model.fusion_log_weight.detach()) != w0  # the fusion weight is trained
+    curve = [h for h in result.history if h.get("curve")]
+    assert [h["users_seen"] for h in curve] == [24, 48, 72, 96]
+    # the fused loss is the softmax cross-entropy of the fused dot product
+    emb, _ = model([[1, 2], [3]])
+    t = torch.tensor([4, 5])
+    expected = torch.nn.functional.cross_entropy(emb @ result.item_table.T, t)
+    torch.testing.assert_close(trainer._loss(emb, result.item_table, t), expected)
+    # a resumed (finished) run reloads the fitted transform with the weights, and does not refit
+    again = make(data, sr, fusion="concat", embedding_transform="center")
+    calls = []
+    trainer2 = LaserTrainer(again, split, cfg, workdir=tmp_path / "run")
+    orig = trainer2.fit_embedding_transform
+    trainer2.fit_embedding_transform = lambda: (calls.append(1), orig())[1]
+    trainer2.fit()
+    assert calls == []
+    torch.testing.assert_close(again.emb_shift, model.emb_shift)
