@@ -3,11 +3,13 @@
     python bench/laser_benchmark.py --data-dir ../shared/data/amazon2018-scientific-recformer --name scientific \\
         --config configs/scientific.yaml [--workdir runs/laser-scientific]
 
-Reads the Laser settings (backbone, M-Former, text, training budget) from the YAML config, trains BERT4Rec (the
-frozen encoder) and SASRec with ``bench/sr_baselines.py``'s settings, Bi-Tunes Laser (resumable through
-``--workdir``), and writes ``bench/results/laser_<name>.json``: ``results.laser`` beside ``results.sasrec`` and
-``results.bert4rec``, plus ``budget`` (every setting that bounds the run) and ``cost`` (time, throughput,
-memory, trainable parameters).
+Reads the Laser settings (backbone, M-Former, text, training budget) from the YAML config, trains the frozen
+encoder (``sr.model``) and the other ID baselines with ``bench/sr_baselines.py``'s settings, Bi-Tunes Laser
+(resumable through ``--workdir``), and updates ``bench/results/laser_<name>.json``: ``results.<label>`` beside
+``results.sasrec``, ``results.bert4rec`` and ``results.popularity`` (all on the same test pairs), and
+``runs.<label>``: the command, every setting that bounds the run, its cost (time, throughput, memory), the wall
+time, and its history (validation NDCG@10 per epoch and, with ``laser_train.curve_every_users``, every that many
+training users). Several ``--label`` runs accumulate in one file.
 """
 
 from __future__ import annotations
@@ -69,79 +71,99 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "laser-bench"))
+    ap.add_argument("--label", default="laser", help="this run's row in the results (one JSON holds every run)")
     args = ap.parse_args(argv)
     cfg, ds, split = load_inputs(args)
     name = args.name or ds.name
     wd = Path(args.workdir)
     t_start = time.perf_counter()
+    path = Path(args.out) / f"laser_{name}.json"
+    out = json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
+    if out and "runs" not in out:  # a file from before labelled runs: its one run becomes a labelled one
+        old = {k: out.pop(k) for k in ("budget", "cost", "best", "history", "notes") if k in out}
+        old["results"] = out.get("results", {}).pop("laser", None)
+        out["runs"] = {"laser (2026-11, H=1, 30 layers, Adam 3e-5)": old}
+    out.setdefault("runs", {})
 
     def train_sr(model: str):
         sr = baseline_model(model, split, wd)
         print(f"{model} ready", flush=True)
         return sr
 
-    # The frozen encoder first; the other baseline after Laser's test, so a run cut short still has Laser's figures.
+    # The frozen encoder first; the other baselines after Laser's test, so a run cut short still has its figures.
     sr_models = {cfg.sr.model: train_sr(cfg.sr.model)}
     laser_cfg = cfg.laser_train
-    model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model])
-    trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label="laser")
-    t0 = time.perf_counter()
-    result = trainer.fit(callbacks=[lambda s, e, entry: print(f"stage {s} epoch {e}: valid ndcg@10 "
-                                                               f"{entry['valid']['ndcg@10']:.4f}", flush=True)])
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    laser = test_laser(result.model, result.item_table, split, laser_cfg)
-    test_s = time.perf_counter() - t0
     hist, targets = test_examples(split, laser_cfg)
-    results = {"laser": {k: laser[k] for k in KEEP}}
-    n_test = len(targets)
+    results = out.setdefault("results", {})
+    run: dict = {"config": str(Path(args.config).as_posix()),
+                 "command": "python bench/laser_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out["runs"][args.label] = run
+
+    scored: set[str] = set()  # baselines are scored once per process (on the same pairs as Laser)
 
     def write() -> Path:
         for m, sr in sr_models.items():
-            if m not in results:
+            if m not in scored:
                 r = evaluate(sr, hist, targets)
-                results[m] = {k: r[k] for k in KEEP}
-        if "popularity" not in results:
+                results[m], _ = {k: r[k] for k in KEEP}, scored.add(m)
+        if "popularity" not in scored:
             pop = evaluate(build_model(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
-            results["popularity"] = {k: pop[k] for k in KEEP}
-        fp32_vs_nf4 = Path(args.out) / f"laser_cost_{name}.json"
-        out = {
+            results["popularity"], _ = {k: pop[k] for k in KEEP}, scored.add("popularity")
+        out.update({
             "dataset": name,
             "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
                          "ranking": "full, over all items", "mask_history": False,
-                         "test_pairs": n_test, "test_users": laser_cfg.test_users or "all",
+                         "test_pairs": len(targets), "test_users": laser_cfg.test_users or "all",
                          "same_pairs_for_all_models": True},
-            "results": results,
-            "budget": {"backbone": cfg.backbone.model_dump(), "mformer": cfg.bitune.mformer.model_dump(),
-                       "prefix": cfg.bitune.prefix, "pooling": cfg.bitune.pooling, "text": cfg.text.model_dump(),
-                       "train": laser_cfg.model_dump(exclude={"progress"}), "frozen_encoder": cfg.sr.model,
-                       "config": str(Path(args.config).as_posix())},
-            "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
-                     "test_users_per_second": n_test / test_s,
-                     "total_seconds": round(time.perf_counter() - t_start, 1),
-                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20, "trainable": model.n_trainable(),
-                     "fp32_vs_nf4": ({"source": fp32_vs_nf4.name,
-                                      **json.loads(fp32_vs_nf4.read_text(encoding="utf8"))}
-                                     if fp32_vs_nf4.is_file() else None)},
-            "best": result.best,
-            "history": result.history,
             "paper": {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})},
-            "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-        }
-        dest = Path(args.out)
-        dest.mkdir(parents=True, exist_ok=True)
-        path = dest / f"laser_{name}.json"
+            "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__}})
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
         print(f"wrote {path}", flush=True)
         return path
 
+    model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model])
+    trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label=f"laser-{args.label}")
+    run["budget"] = {"backbone": cfg.backbone.model_dump(), "bitune": cfg.bitune.model_dump(),
+                     "text": cfg.text.model_dump(), "train": laser_cfg.model_dump(exclude={"progress"}),
+                     "frozen_encoder": cfg.sr.model}
+
+    def progress(stage: int, epoch: int, entry: dict) -> None:
+        print(f"stage {stage} epoch {epoch} users {entry.get('users_seen')}: valid ndcg@10 "
+              f"{entry['valid']['ndcg@10']:.4f}", flush=True)
+        run["history"] = trainer_history(trainer)
+        run["wall_seconds_so_far"] = round(time.perf_counter() - t_start, 1)
+        write()
+
+    t0 = time.perf_counter()
+    result = trainer.fit(callbacks=[progress])
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    laser = test_laser(result.model, result.item_table, split, laser_cfg)
+    test_s = time.perf_counter() - t0
+    results[args.label] = {k: laser[k] for k in KEEP}
+    run.update({"results": results[args.label], "best": result.best, "history": result.history,
+                "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
+                         "test_users_per_second": len(targets) / test_s,
+                         "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,
+                         "trainable": model.n_trainable()},
+                "wall_seconds": round(time.perf_counter() - t_start, 1)})
+    run.pop("wall_seconds_so_far", None)
     write()
     for m in ("bert4rec", "sasrec"):
         if m not in sr_models:
             sr_models[m] = train_sr(m)
     write()
-    print(json.dumps(results, indent=1))
+    print(json.dumps({k: v["ndcg@10"] for k, v in results.items()}, indent=1))
     return 0
+
+
+def trainer_history(trainer) -> list[dict]:
+    """The history the trainer has saved so far (its ``state.json``), for figures written while it runs."""
+    state = trainer.wd / "state.json" if trainer.wd is not None else None
+    if state is None or not state.is_file():
+        return []
+    return json.loads(state.read_text(encoding="utf8")).get("history", [])
 
 
 if __name__ == "__main__":
