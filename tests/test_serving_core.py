@@ -203,7 +203,7 @@ MANIFEST_CASES = {
                    "field \"files['items.parquet']\": must be a sha256 digest"),
     "columns": (lambda m: m["catalogue"].update(columns=["item_id", "title"]), "field 'catalogue.columns': must be"),
     "text": (lambda m: m["text"].update(history_len="3"), "field 'text.history_len': Input should be a valid integer"),
-    "sr": (lambda m: m.update(sr=None), "field 'sr': the M-Former prefix needs the SR encoder's settings"),
+    "sr": (lambda m: m.update(sr=None), "field 'sr': the M-Former prefix and the fusion need the SR encoder's settings"),
     "added rows": (lambda m: m.update(added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0}]),
                    "field 'added_items': n_trained_items (40) plus the added items (2) is 42, not n_items (40)"),
     "tower inputs": (lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
