@@ -55,6 +55,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change a config setting for this run (repeatable; an ablation row: "
+                         "--set bitune.prefix_init=default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
 
@@ -62,7 +65,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 def load_inputs(args: argparse.Namespace):
     """Torch threads, the run config, the dataset and its leave-one-out split, from :func:`add_common_args`."""
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, data_dir=args.data_dir)
+    cfg = load_config(args.config, data_dir=args.data_dir, overrides=args.overrides)
     ds = load_dataset(cfg.dataset)
     return cfg, ds, leave_one_out(ds)
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     laser_cfg = cfg.laser_train
     hist, targets = test_examples(split, laser_cfg)
     results = out.setdefault("results", {})
-    run: dict = {"config": str(Path(args.config).as_posix()),
+    run: dict = {"config": str(Path(args.config).as_posix()), "overrides": args.overrides,
                  "command": "python bench/laser_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out["runs"][args.label] = run
 
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     test_s = time.perf_counter() - t0
     results[args.label] = {k: laser[k] for k in KEEP}
     run.update({"results": results[args.label], "best": result.best, "history": result.history,
+                "fusion_weight": result.fusion_weight,
                 "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
                          "test_users_per_second": len(targets) / test_s,
                          "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,

@@ -102,6 +102,7 @@ def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | 
         click.echo(f"Scheduled {cfg.model_name()} training: {cron}")
         return
     _print_run(result)
+    _print_results(result)
     _print_promotion(result)
 
 
@@ -155,6 +156,29 @@ def _print_promotion(run_response) -> None:
         decision = steps["promote"].outputs["promotion_decision"][0].load()
         name, version = decision.details.get("model"), decision.details.get("new_version")
         click.echo(f"Model {name} version {version}: {decision.stage or 'no stage'} — {decision.reason}")
+
+
+def results_table(laser_metrics) -> str:
+    """Laser beside the baselines its test step scored on the same pairs (the frozen ID model, popularity)."""
+    details = laser_metrics.details
+    rows = [("laser", laser_metrics.metrics), (details.get("id_model_name") or "id model", details.get("id_model")),
+            ("popularity", details.get("popularity"))]
+    keys = ("ndcg@10", "recall@10", "mrr")
+    users = laser_metrics.protocol.get("users")
+    lines = [f"Test ({users:,} users, full ranking, the same pairs for every model):" if users else "Test:",
+             f"  {'model':<12}" + "".join(f"{k:>11}" for k in keys)]
+    for name, metrics in rows:
+        if metrics:
+            lines.append(f"  {name:<12}" + "".join(f"{metrics[k]:>11.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def _print_results(run_response) -> None:
+    from zenml.client import Client
+
+    steps = Client().get_pipeline_run(run_response.id).steps
+    if "evaluate_laser" in steps and steps["evaluate_laser"].outputs.get("laser_metrics"):
+        click.echo(results_table(steps["evaluate_laser"].outputs["laser_metrics"][0].load()))
 
 
 def _print_run(run_response) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -126,8 +127,29 @@ def read_yaml(path: Path) -> object:
     return yaml.load(path.read_text(encoding="utf8"), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
-def load_config(path: str | Path, data_dir: str | None = None) -> LaserConfig:
-    """Read a YAML config; ``data_dir`` (from the command line) overrides ``dataset.path``.
+def apply_overrides(raw: dict, overrides: Sequence[str], source: str) -> dict:
+    """``KEY.PATH=VALUE`` settings on top of a raw config (the value read as YAML: ``bitune.prefix=none``,
+    ``laser_train.lr=3e-4``, ``bitune.mformer.n_layers=2``); intermediate sections are created when missing."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"{source}: override {item!r} is not of the form section.key=value")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: override {item!r}: {part!r} is not a section")
+        try:
+            node[parts[-1]] = yaml.load(value, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({exc})") from exc
+    return raw
+
+
+def load_config(path: str | Path, data_dir: str | None = None, overrides: Sequence[str] = ()) -> LaserConfig:
+    """Read a YAML config; ``data_dir`` (from the command line) overrides ``dataset.path``; ``overrides``
+    (``section.key=value``, see :func:`apply_overrides`) change settings before validation.
 
     A relative ``dataset.path`` is resolved against the config file's folder. An empty file is an error (a run
     on nothing but defaults is never what was meant). ``data_dir`` with a config whose ``dataset.format`` is
@@ -149,6 +171,7 @@ def load_config(path: str | Path, data_dir: str | None = None) -> LaserConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, "
                           f"got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides, str(path))
     try:
         cfg = LaserConfig.model_validate(raw)
     except ValidationError as exc:

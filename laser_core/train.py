@@ -90,6 +90,10 @@ class LaserTrainConfig(StrictConfig):
     patience: int | None = Field(default=3, ge=1, description=(
         "stop a stage after this many consecutive epochs without a better validation ndcg@10 than the stage's "
         "best (None: train every epoch)"))
+    fusion_weight_grid: list[float] | None = Field(default=None, description=(
+        "fusion: concat: before any training, set the fusion weight w to the value of this grid with the best "
+        "validation NDCG@10 (one pass over the validation users; every value's figure is kept in the fit's "
+        "fusion_weight record). None: w starts at bitune.fusion_init_weight"))
     curve_every_users: int | None = Field(default=None, ge=1, description=(
         "learning curve: validate every this many training users inside the epochs (history entries with "
         "curve: true; they never pick the best epoch nor count for early stopping)"))
@@ -109,6 +113,14 @@ class LaserTrainConfig(StrictConfig):
         "processes for `accelerate launch` when `accelerate` is on (one per GPU; on a CPU-only machine, gloo "
         "processes sharing the cores)"))
 
+
+    @model_validator(mode="after")
+    def _grid_is_positive(self) -> "LaserTrainConfig":
+        if self.fusion_weight_grid is not None and (not self.fusion_weight_grid
+                                                    or min(self.fusion_weight_grid) <= 0):
+            raise ValueError(f"laser_train.fusion_weight_grid must be a non-empty list of weights > 0, got "
+                             f"{self.fusion_weight_grid}")
+        return self
 
     @model_validator(mode="after")
     def _processes_need_accelerate(self) -> "LaserTrainConfig":
@@ -154,6 +166,7 @@ class LaserFitResult:
     best: dict[str, dict] = field(default_factory=dict)       # per stage: {"epoch", "valid"}
     history: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
+    fusion_weight: dict | None = None   # fusion_weight_grid: {"grid": {w: valid ndcg@10}, "chosen": w}
 
 
 def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -411,6 +424,34 @@ class LaserTrainer:
         self.cost["users_evaluated"] += len(self.valid[0])
         return out
 
+    @torch.no_grad()
+    def choose_fusion_weight(self, table: torch.Tensor) -> dict:
+        """``fusion_weight_grid``: the fused score is the ID model's score plus ``w`` x the LLM cosine
+        (:meth:`LaserModel.fuse`), so one pass over the validation users gives both parts and every ``w`` of the
+        grid is scored from them; sets the model's ``w`` to the best (the first on a tie)."""
+        model, grid = self.model, list(self.cfg.fusion_weight_grid or [])
+        t0 = time.perf_counter()
+        was = model.training
+        model.eval()
+        hist, targets = self.valid
+        d = model.sr.item_vectors().shape[1]
+        w0 = float(model.fusion_log_weight.exp())
+        users = torch.cat([model(list(hist[lo:lo + self.cfg.eval_batch_size]))[0]
+                           for lo in range(0, len(hist), self.cfg.eval_batch_size)])
+        model.train(was)
+        id_scores = users[:, :d] @ table[:, :d].T          # user rows [u_ID, w n, 0], item rows [v_ID, n, r]
+        cosines = (users[:, d:-1] / w0) @ table[:, d:-1].T
+        scores = {}
+        for w in grid:
+            acc = RankingAccumulator(ks=DEFAULT_KS)
+            acc.add(id_scores + w * cosines, targets)
+            scores[w] = acc.result()["ndcg@10"]
+        chosen = max(grid, key=lambda w: scores[w])
+        model.fusion_log_weight.data.fill_(math.log(chosen))
+        self.cost["eval_seconds"] += time.perf_counter() - t0
+        self.cost["users_evaluated"] += len(hist)
+        return {"grid": {str(w): v for w, v in scores.items()}, "chosen": chosen}
+
     # ----------------------------------------------------------- checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
@@ -481,11 +522,18 @@ class LaserTrainer:
 
         curve = state["history"].append if cfg.curve_every_users else None
 
+        def tune_fusion(table: torch.Tensor) -> None:
+            """Once, before any training: the validation-tuned fusion weight (``fusion_weight_grid``)."""
+            if cfg.fusion_weight_grid and self.model.config.fusion != "none" and "fusion_weight" not in state:
+                state["fusion_weight"] = self.choose_fusion_weight(table)
+                self._best_weights = self._trainable_state()
+
         # ---- stage 1: refresh the table every epoch
         if not state["stage1_done"]:
             if 1 in stages and not cfg.skip_stage1 and cfg.stage1_epochs > 0:
                 table = self.item_table()
                 if state["epoch"] < 0:  # epoch -1: the initial weights, so "best" is never worse than init
+                    tune_fusion(table)
                     record(1, -1, None, self.validate(table), table)
                 for epoch in range(state["epoch"] + 1, cfg.stage1_epochs):
                     if patience_spent(1):
@@ -504,6 +552,7 @@ class LaserTrainer:
         if 2 in stages and not cfg.skip_stage2 and cfg.stage2_epochs > 0:
             if "2" not in state["best"]:
                 self.global_step = self.stage_steps(1)   # the schedule's stage-2 part, as in a separate fit
+                tune_fusion(frozen)
                 record(2, -1, None, self.validate(frozen), frozen)
             start = state["epoch"] + 1 if state["stage"] == 2 else 0
             for epoch in range(start, cfg.stage2_epochs):
@@ -518,6 +567,7 @@ class LaserTrainer:
         cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
                                           if cost["train_seconds"] else None)
         return LaserFitResult(model=self.model, item_table=frozen, best=state["best"], history=state["history"],
+                              fusion_weight=state.get("fusion_weight"),
                               cost=cost)
 
 

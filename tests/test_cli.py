@@ -40,6 +40,26 @@ def test_run_rejects_bad_config(tmp_path):
     assert result.exit_code != 0 and "config file not found" in result.output
 
 
+def test_config_overrides_change_settings_before_validation():
+    import pytest
+
+    from laser_core.config import ConfigError, load_config
+
+    path = REPO / "configs" / "demo.yaml"
+    base = load_config(path)
+    cfg = load_config(path, overrides=["bitune.prefix=none", "laser_train.lr=3e-4", "backbone.num_layers=2",
+                                       "laser_train.fusion_weight_grid=[1, 2]"])
+    assert (cfg.bitune.prefix, cfg.laser_train.lr, cfg.backbone.num_layers) == ("none", 3e-4, 2)
+    assert cfg.laser_train.fusion_weight_grid == [1.0, 2.0]
+    assert cfg.bitune.pooling == base.bitune.pooling and cfg.sr == base.sr   # nothing else changes
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(path, overrides=["bitune.prefix"])
+    with pytest.raises(ConfigError, match="bitune.prefx"):   # validated like the file: unknown keys named
+        load_config(path, overrides=["bitune.prefx=none"])
+    with pytest.raises(ConfigError, match="'prefix' is not a section"):
+        load_config(path, overrides=["bitune.prefix.x=1"])
+
+
 def test_shipped_configs_parse():
     from laser_core.config import load_config
 

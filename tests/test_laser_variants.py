@@ -203,3 +203,32 @@ def test_trainer_fits_the_transform_once_and_a_fused_model_trains_on_the_fused_d
     trainer2.fit()
     assert calls == []
     torch.testing.assert_close(again.emb_shift, model.emb_shift)
+
+
+def test_fusion_weight_grid_picks_the_best_validation_weight_before_training(data, sr, tmp_path):
+    from laser_core.train import LaserTrainConfig, LaserTrainer
+
+    _, split = data
+    grid = [0.01, 1.0, 30.0, 1000.0]
+    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=0, batch_size=8, users_per_epoch=8, valid_users=80,
+                           fusion_weight_grid=grid, progress=False)
+    model = make(data, sr, fusion="concat", embedding_transform="center")
+    trainer = LaserTrainer(model, split, cfg, workdir=tmp_path / "run")
+    model.fit_embedding_transform(model.embed_items(range(split.n_items), fuse=False))
+    table = model.embed_items(range(split.n_items))
+    record = trainer.choose_fusion_weight(table)
+    assert float(model.fusion_log_weight.detach().exp()) == pytest.approx(record["chosen"])
+    # each grid figure is what validation gives with that weight (the full path: forward, cosine to the table)
+    for w in grid:
+        model.fusion_log_weight.data.fill_(float(np.log(w)))
+        assert trainer.validate(table)["ndcg@10"] == pytest.approx(record["grid"][str(w)], abs=1e-6)
+    assert record["grid"][str(record["chosen"])] == max(record["grid"].values())
+    assert len(set(record["grid"].values())) > 1   # the weight matters: the ID and LLM sides rank differently
+    # in a fit, the weight is chosen once before training and epoch -1 is validated with it
+    fresh = make(data, sr, fusion="concat", embedding_transform="center")
+    result = LaserTrainer(fresh, split, cfg, workdir=tmp_path / "fit").fit()
+    assert result.fusion_weight == record
+    assert result.history[0]["epoch"] == -1
+    assert result.history[0]["valid"]["ndcg@10"] == pytest.approx(max(record["grid"].values()), abs=1e-6)
+    with pytest.raises(ValueError, match="fusion_weight_grid"):
+        LaserTrainConfig(fusion_weight_grid=[0.0, 1.0])

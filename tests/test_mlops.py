@@ -162,7 +162,7 @@ def test_gate_keeps_a_version_below_the_baselines_in_staging(trained, capsys):
     nothing goes to production. With ``require_beats_id_model`` the reason names both baselines."""
     from zenml.client import Client
 
-    from laser_cli.main import _print_promotion
+    from laser_cli.main import _print_promotion, _print_results
     from pipelines.run import run_training
 
     name = "laser-mlops-gate"
@@ -183,8 +183,16 @@ def test_gate_keeps_a_version_below_the_baselines_in_staging(trained, capsys):
     with pytest.raises(KeyError):
         Client().get_model_version(name, "production")
     assert Client().get_model_version(name, version).run_metadata["promotion"]["reason"] == d.reason
-    # what `laser run` prints
+    # what `laser run` prints: the three models on the same test pairs, then the promotion
     capsys.readouterr()
+    _print_results(run)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "Test (24 users, full ranking, the same pairs for every model):"
+    assert table[1].split() == ["model", "ndcg@10", "recall@10", "mrr"]
+    for line, metrics in zip(table[2:], (laser.metrics, laser.details["id_model"], laser.details["popularity"])):
+        assert [float(x) for x in line.split()[1:]] == pytest.approx(
+            [metrics[k] for k in ("ndcg@10", "recall@10", "mrr")], abs=5e-5)
+    assert [line.split()[0] for line in table[2:]] == ["laser", "sasrec", "popularity"]
     _print_promotion(run)
     assert f"Model {name} version {version}: staging — staged, not production (baseline gate)" in \
         capsys.readouterr().out
