@@ -11,9 +11,10 @@ everything the training needs into a job folder, none of it pickled:
 then runs ``accelerate launch --num_processes N -m laser_core.launch <job>`` (``python -m laser_core.launch
 <job>`` is the same job in one process, without the launcher). Every process rebuilds the model from the folder
 and trains its shard of each epoch's users under DDP (:class:`~laser_core.train.LaserTrainer` with
-``accelerate``); process 0 writes ``out/weights.safetensors``, ``out/table.safetensors`` and ``out/result.json``
-(best epochs, history, cost), which :func:`fit_launched` reads back. A failed job raises
-:class:`LaunchError` with the command, its exit status and the end of its log (``job/launch.log``).
+``accelerate``; on ``laser_train.device``, where ``auto`` and ``cuda`` mean the process's own GPU); process 0
+writes ``out/weights.safetensors``, ``out/table.safetensors`` and ``out/result.json`` (best epochs, history,
+cost), which :func:`fit_launched` reads back. A failed job raises :class:`LaunchError` with the command, its exit
+status and the end of its log (``job/launch.log``).
 
 This replaces ZenML's ``run_with_accelerate``, which passes the step's parameters on a command line and reads
 its outputs back with cloudpickle.
@@ -99,7 +100,8 @@ def run_job(job: str | Path) -> dict:
     sr_model = load_model(job / "sr") if (job / "sr").is_dir() else None
     init = load_file(str(job / "init.safetensors")) if (job / "init.safetensors").is_file() else None
     model = build_laser(spec, items, sr_model,
-                        weights=LaserWeights(spec=spec, state=init) if init is not None else None)
+                        weights=LaserWeights(spec=spec, state=init) if init is not None else None,
+                        device=config.device)
     table = load_file(str(job / "table.safetensors"))["table"] if (job / "table.safetensors").is_file() else None
     trainer = LaserTrainer(model, split, config, workdir_root=meta.get("workdir_root"), label=meta["label"],
                            resume=bool(meta.get("resume", True)))

@@ -29,6 +29,9 @@ the frozen SR encoder's weights, the catalogue's item texts, the split's data, a
 and the given frozen table. ``resume=False`` reuses nothing (it trains from scratch and overwrites the folder).
 Item tables are cached in ``workdir/tables`` by :meth:`LaserModel.weights_fingerprint` (trainable weights and
 every frozen input of the item embeddings).
+
+Device (``device``): the trainer moves the model (backbone, SR encoder, M-Former, suffix) there; batches, tables
+and targets are used there, and the fit's item table comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from tqdm.auto import tqdm
 
 from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
+from laser_core.device import DEVICE_PATTERN, resolve_device
 from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
 from laser_core.model import LaserModel
@@ -105,6 +109,10 @@ class LaserTrainConfig(StrictConfig):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=(
+        "where the backbone, the frozen SR encoder, the M-Former, the suffix and every batch live: auto (CUDA "
+        "when available, else the CPU), cpu, cuda or cuda:N. Under `accelerate launch`, auto and cuda give each "
+        "process its own GPU (LOCAL_RANK). The backbone's compute_dtype auto is bfloat16 on CUDA"))
     accelerate: bool = Field(default=False, description=(
         "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
         "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
@@ -162,7 +170,7 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig)
 @dataclass
 class LaserFitResult:
     model: LaserModel
-    item_table: torch.Tensor
+    item_table: torch.Tensor                                  # on the CPU
     best: dict[str, dict] = field(default_factory=dict)       # per stage: {"epoch", "valid"}
     history: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
@@ -184,6 +192,7 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
     ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert)."""
     was = model.training
     model.eval()
+    item_table = item_table.to(model.device)
     acc = RankingAccumulator(ks=tuple(ks))
     order = np.argsort([len(h) for h in histories], kind="stable")  # length-sorted: less padding
     bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
@@ -209,6 +218,9 @@ class LaserTrainer:
         run, so a restarted pipeline step finds its own checkpoints). ``resume=False``: read nothing from there
         (no resumed or reloaded run, no cached item table), train from scratch."""
         self.model, self.split, self.cfg = model, split, config
+        self.device = resolve_device(config.device)
+        if model.device != self.device:   # before the optimizer: it holds the parameters it steps
+            model.to(self.device)
         self.resume = resume
         self.wd = Path(workdir) if workdir is not None else None
         self.optimizer = build_optimizer(model.trainable_parameters(), config)
@@ -219,7 +231,7 @@ class LaserTrainer:
             from accelerate import Accelerator, DistributedDataParallelKwargs
 
             # experts the router did not pick in a batch get no gradient: DDP must allow unused parameters
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu", kwargs_handlers=[
                 DistributedDataParallelKwargs(find_unused_parameters=True)])
             self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
             self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
@@ -248,8 +260,10 @@ class LaserTrainer:
         weights, backbone files, SR encoder weights, item texts, settings) and the split's data."""
         from laser_core.fingerprint import fingerprint, split_fingerprint
 
-        return fingerprint("laser-run", {
-            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes"}), "processes": self.world,
+        return fingerprint("laser-run", {  # the device, like the thread count, is where, not what (the compute
+            # dtype it implies is in the backbone's fingerprint)
+            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes", "device"}),
+            "processes": self.world,
             "start": self.model.weights_fingerprint(), "data": split_fingerprint(self.split)})[:16]
 
     def _fit_key(self, stages: Sequence[int], table: torch.Tensor | None) -> str:
@@ -378,7 +392,8 @@ class LaserTrainer:
         total, n_batches = 0.0, 0
         bar = tqdm(total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user",
                    disable=not cfg.progress, leave=False)
-        target_t = torch.from_numpy(targets)
+        target_t = torch.from_numpy(targets).to(self.device)
+        table = table.to(self.device)
         bs, acc = cfg.batch_size, cfg.grad_accumulation
         starts = range(0, len(hist), bs)
         every = cfg.curve_every_users if on_curve is not None else None
@@ -439,6 +454,7 @@ class LaserTrainer:
         users = torch.cat([model(list(hist[lo:lo + self.cfg.eval_batch_size]))[0]
                            for lo in range(0, len(hist), self.cfg.eval_batch_size)])
         model.train(was)
+        table = table.to(users.device)
         id_scores = users[:, :d] @ table[:, :d].T          # user rows [u_ID, w n, 0], item rows [v_ID, n, r]
         cosines = (users[:, d:-1] / w0) @ table[:, d:-1].T
         scores = {}
@@ -566,9 +582,8 @@ class LaserTrainer:
         cost["items_per_second"] = cost["items_encoded"] / cost["item_seconds"] if cost["item_seconds"] else None
         cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
                                           if cost["train_seconds"] else None)
-        return LaserFitResult(model=self.model, item_table=frozen, best=state["best"], history=state["history"],
-                              fusion_weight=state.get("fusion_weight"),
-                              cost=cost)
+        return LaserFitResult(model=self.model, item_table=frozen.cpu(), best=state["best"],
+                              history=state["history"], fusion_weight=state.get("fusion_weight"), cost=cost)
 
 
 def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig,
@@ -587,6 +602,7 @@ def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[S
         raise ValueError(f"k={k} is larger than the catalogue ({item_table.shape[0]} items)")
     was = model.training
     model.eval()
+    item_table = item_table.to(model.device)
     n = len(histories)
     top_i = np.zeros((n, k), dtype=np.int64)
     top_s = np.zeros((n, k), dtype=np.float32)
@@ -599,7 +615,7 @@ def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[S
             for row, i in enumerate(idx):
                 scores[row, torch.as_tensor(np.asarray(histories[i], dtype=np.int64))] = -torch.inf
         s, i_ = torch.topk(scores, k, dim=1)
-        top_i[idx], top_s[idx] = i_.numpy(), s.float().numpy()
+        top_i[idx], top_s[idx] = i_.cpu().numpy(), s.float().cpu().numpy()
     model.train(was)
     return top_i, top_s
 
