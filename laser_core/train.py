@@ -31,7 +31,10 @@ Item tables are cached in ``workdir/tables`` by :meth:`LaserModel.weights_finger
 every frozen input of the item embeddings).
 
 Device (``device``): the trainer moves the model (backbone, SR encoder, M-Former, suffix) there; batches, tables
-and targets are used there, and the fit's item table comes back on the CPU.
+and targets are used there, and the fit's item table comes back on the CPU. Data parallel (``accelerate`` with
+several processes): every process gets ``ceil(n / processes)`` of the epoch's ``n`` users (:func:`shard`, padded
+by wrapping around to the start as torch's ``DistributedSampler`` does), so every process runs the same number of
+mini-batches and optimizer steps and DDP's gradient all-reduces pair up.
 """
 
 from __future__ import annotations
@@ -177,6 +180,16 @@ class LaserFitResult:
     fusion_weight: dict | None = None   # fusion_weight_grid: {"grid": {w: valid ndcg@10}, "chosen": w}
 
 
+def shard(n: int, rank: int, world: int) -> np.ndarray:
+    """Process ``rank``'s share (indices) of ``n`` examples among ``world`` processes, as torch's
+    ``DistributedSampler`` (``drop_last=False``, no shuffling) deals them: the list is padded to a multiple of
+    ``world`` by wrapping around to its start, then dealt out in turn (``rank``, ``rank + world``, ...). Every
+    process gets ``ceil(n / world)`` examples; nothing repeats when ``world`` divides ``n``. So ``world``
+    processes with batch ``b`` take the optimizer steps of one process with batch ``world x b`` over the padded
+    list ``[0 .. n-1, 0, 1, ...]`` (DDP averages equal-sized shards' mean gradients)."""
+    return np.resize(np.arange(n), -(-n // world) * world)[rank::world]
+
+
 def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
     if k is None or k >= n:
         return np.arange(n)
@@ -274,12 +287,12 @@ class LaserTrainer:
                                          "table": table})[:16]
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (on each process: its shard of the epoch's users)."""
+        """Optimizer steps per epoch (on each process: its shard of the epoch's users, :func:`shard`)."""
         n = len(self.train_users)
         if self.cfg.users_per_epoch is not None:
             n = min(n, self.cfg.users_per_epoch)
-        shard = -(-n // self.world)          # ceil: process 0's shard
-        batches = -(-shard // self.cfg.batch_size)
+        per_process = -(-n // self.world)          # ceil: every process's shard
+        batches = -(-per_process // self.cfg.batch_size)
         return -(-batches // self.cfg.grad_accumulation)
 
     def stage_steps(self, stage: int) -> int:
@@ -384,8 +397,9 @@ class LaserTrainer:
         torch.manual_seed(cfg.seed * 100_003 + stage * 1_000 + epoch)
         hist, targets = self.examples(stage, epoch)
         n_epoch = len(hist)   # the epoch's users over all processes
-        if self.world > 1:  # each process trains on its shard of the epoch's users (same seed everywhere)
-            hist, targets = hist[self.rank::self.world], targets[self.rank::self.world]
+        if self.world > 1:  # each process trains on its equal shard of the epoch's users (same seed everywhere)
+            keep = shard(n_epoch, self.rank, self.world)
+            hist, targets = [hist[i] for i in keep], targets[keep]
         self.model.train()
         t0 = time.perf_counter()
         paused = 0.0
@@ -416,7 +430,8 @@ class LaserTrainer:
             n_batches += 1
             bar.update(len(emb))
             bar.set_postfix(loss=f"{total / n_batches:.4f}")
-            if every is not None:   # the same decision on every process (from the batch index alone)
+            if every is not None:   # the same decision on every process (from the batch index alone); the
+                # users trained count the epoch's users once (a shard's wrapped-around repeats are not new)
                 before = seen0 + min(n_epoch, lo * self.world)
                 now = seen0 + min(n_epoch, (lo + bs) * self.world)
                 if now // every > before // every:

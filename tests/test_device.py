@@ -1,11 +1,13 @@
 """The GPU path without a GPU: one device setting places the backbone, the frozen SR encoder, the M-Former, the
 suffix and every batch (checked on the CPU and, for the placement logic, on PyTorch's shape-only ``meta``
-device)."""
+device), and data-parallel shards of equal size, so an uneven user count neither hangs DDP nor changes the
+arithmetic (two gloo processes against the one-process run it stands for)."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from laser_core.llm import BackboneConfig
 from laser_core.mformer import MFormerConfig
 from laser_core.model import BiTuneConfig, LaserSpec, build_laser
 from laser_core.sr import SRConfig, TrainConfig, fit
-from laser_core.train import LaserTrainConfig, LaserTrainer
+from laser_core.train import LaserTrainConfig, LaserTrainer, shard
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
 PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
@@ -139,3 +141,52 @@ def test_the_trainer_places_the_model_on_its_device(data, sr):
     assert trainer.device == model.device == torch.device("cpu")
     result = trainer.fit(stages=(1,))
     assert result.item_table.device == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------- equal DDP shards
+def test_shards_are_equal_and_wrap_around_like_distributed_sampler():
+    assert [s.tolist() for s in (shard(7, 0, 2), shard(7, 1, 2))] == [[0, 2, 4, 6], [1, 3, 5, 0]]
+    assert [s.tolist() for s in (shard(2, r, 3) for r in range(3))] == [[0], [1], [0]]
+    for n in range(1, 12):
+        for world in (1, 2, 3, 4):
+            parts = [shard(n, r, world) for r in range(world)]
+            assert {len(p) for p in parts} == {-(-n // world)}
+            dealt = np.stack(parts, axis=1).ravel()   # dealt back in turn: the padded list
+            assert dealt.tolist() == [i % n for i in range(len(dealt))]
+            if n % world == 0:
+                assert all((p == np.arange(n)[r::world]).all() for r, p in enumerate(parts))
+
+
+def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on_the_padded_users(
+        data, sr, tmp_path):
+    """9 users per epoch on two gloo processes with batch 4. Dealt ``hist[rank::2]`` they were 5 and 4 users:
+    two mini-batches on one process, one on the other, so the extra backward's all-reduce had no partner (a hang,
+    or a pairing with another collective). Padded (:func:`shard`), each process gets 5 users (the first one
+    twice over the two shards) and two mini-batches, and the job ends within the timeout. The two processes take
+    the optimizer steps of one process trained with batch 8 on the padded list of 10 users (the epoch's 9 users,
+    then the first again); ``users_seen`` counts the 9 users."""
+    from laser_core.launch import fit_launched
+
+    from test_laser import _last_weights, assert_same_trained_weights
+
+    ds, split = data
+    base = dict(stage1_epochs=1, stage2_epochs=0, lr=1e-3, users_per_epoch=9, valid_users=8, progress=False,
+                seed=3, item_batch_size=64, threads=1, lb_weight=0.0, device="cpu", **PLAIN)
+    torch.set_num_threads(1)
+    one = LaserTrainer(build_laser(spec(), ds.items, sr), split, LaserTrainConfig(**base, batch_size=8),
+                       workdir_root=tmp_path / "one")
+    sample = one.examples
+
+    def padded(stage: int, epoch: int):   # torch's DistributedSampler padding: wrap around to the start
+        hist, targets = sample(stage, epoch)
+        order = np.resize(np.arange(len(hist)), len(hist) + len(hist) % 2)
+        return [hist[i] for i in order], targets[order]
+
+    one.examples = padded
+    one.fit(stages=(1,))
+    job = fit_launched(ds.items, split, sr, spec(), LaserTrainConfig(**base, batch_size=4, accelerate=True),
+                       stages=(1,), processes=2, workdir_root=tmp_path / "two", timeout=240)
+    assert job.processes == 2
+    assert [h["users_seen"] for h in job.history] == [0, 9]
+    assert_same_trained_weights(_last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"),
+                                build_laser(spec(), ds.items, sr).state_dict())
