@@ -177,7 +177,7 @@ class LaserModel(nn.Module):
         """Rescale the prefix's output so a prefix row's expected norm is the mean token-embedding norm. The
         M-Former's projection reads a LayerNorm output (entries of unit variance), so ``E|Wx + b|^2 ~
         |W|_F^2 + |b|^2``; the plain prefix's rows are scaled directly."""
-        target = float(self.backbone.input_embeddings().weight.float().norm(dim=1).mean())
+        target = self.backbone.token_embedding_norm()
         if self.mformer is not None:
             proj = self.mformer.proj
             now = math.sqrt(float(proj.weight.float().pow(2).sum() + proj.bias.float().pow(2).sum()))
@@ -535,18 +535,23 @@ def item_state_beside(table_state: dict[str, torch.Tensor], state: dict[str, tor
     return None if same else {k: v.detach().cpu().clone().contiguous() for k, v in table_state.items()}
 
 
+def tokenizer_texts(spec: LaserSpec, items: pd.DataFrame) -> list[str] | None:
+    """The texts a tiny backbone's tokenizer is trained on (the catalogue's item texts without token limits;
+    :func:`laser_core.llm.backbones.resolve_backbone`), None for any other backbone."""
+    if spec.backbone.name not in TINY:
+        return None
+    plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+    plain = TextFormatter(items, plain_text)  # one formatter for the whole catalogue (one per item was quadratic)
+    return [plain.item_text(i) for i in range(len(items))]
+
+
 def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecommender | None,
                 weights: LaserWeights | None = None, device: str | torch.device | None = "auto") -> LaserModel:
     """Load the backbone (tiny ones get a tokenizer trained on the item texts) onto ``device`` (a device
     setting, :mod:`laser_core.device`; the model and ``sr_model`` follow it there), build the formatter with the
     backbone's tokenizer (for token limits) and the model; load ``weights`` when given (and their item side's,
     :meth:`LaserModel.set_item_state`)."""
-    plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
-    texts = None
-    if spec.backbone.name in TINY:  # one formatter for the whole catalogue (one per item was quadratic)
-        plain = TextFormatter(items, plain_text)
-        texts = [plain.item_text(i) for i in range(len(items))]
-    backbone = load_backbone(spec.backbone, texts=texts, device=device)
+    backbone = load_backbone(spec.backbone, texts=tokenizer_texts(spec, items), device=device)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
     needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"

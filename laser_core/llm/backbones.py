@@ -6,7 +6,10 @@ Names:
 - ``tiny-random-llama`` / ``tiny-random-gpt2``: built from a config with a byte-level BPE tokenizer trained on the
   fly from the dataset's texts (tests and CI; no download);
 - anything else: a local HF folder, or a hub id (used only when the user is online; ``HF_HUB_OFFLINE=1`` makes
-  transformers refuse). ``trust_remote_code`` (ChatGLM-style models) only when the config allows it.
+  transformers refuse). ``trust_remote_code`` (ChatGLM-style models) only when the config allows it;
+- a *packed* folder (:mod:`laser_core.llm.pack`: NF4 weights that plain torch dequantizes, the token-embedding
+  rows a run reads): loaded with ``quantization: none``, dequantized into the compute dtype (the GPU run's
+  SmolLM2, where bitsandbytes is not installed).
 
 Loading: ``quantization: nf4`` (default; bitsandbytes 4-bit NF4, float32 compute on CPU, bfloat16 on GPU),
 ``int8`` or ``none``, straight onto the device asked for (:mod:`laser_core.device`; ``compute_dtype: auto``
@@ -77,6 +80,7 @@ class Backbone:
     path: str
     config: BackboneConfig
     compute_dtype: torch.dtype | None = None   # as loaded (None: resolved from the config, see _compute_dtype)
+    token_norm: float | None = None   # the mean token-embedding norm of the source model (packed folders)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -96,6 +100,13 @@ class Backbone:
     def device(self) -> torch.device:
         """Where the backbone computes (its input embeddings: where token ids and input embeddings go)."""
         return self.input_embeddings().weight.device
+
+    def token_embedding_norm(self) -> float:
+        """The mean norm of the token-embedding rows: of the source model for a packed folder (which keeps
+        only the rows its texts use), else of the loaded embedding matrix."""
+        if self.token_norm is not None:
+            return float(self.token_norm)
+        return float(self.input_embeddings().weight.float().norm(dim=1).mean())
 
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
@@ -225,6 +236,17 @@ def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[s
     path = resolve_backbone(cfg, texts)
     target = resolve_device(device)
     dtype = _compute_dtype(cfg, target)
+    from laser_core.llm.pack import is_packed, load_packed
+
+    if is_packed(path):
+        if cfg.quantization != "none":
+            raise ValueError(f"{path} is a packed backbone (NF4 already, dequantized with plain torch): set "
+                             f"backbone.quantization: none, not {cfg.quantization!r}")
+        hf = truncated_config(path, cfg) if cfg.num_layers is not None else None
+        model, tokenizer, meta = load_packed(path, dtype, target, config=hf,
+                                             trust_remote_code=cfg.trust_remote_code)
+        return _frozen(Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype,
+                                token_norm=meta["token_norm"]))
     # an explicit map: without one, transformers puts a bitsandbytes model on the current GPU whatever was asked
     kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "device_map": {"": str(target)}}
     if cfg.quantization == "nf4":
@@ -237,13 +259,20 @@ def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[s
         kwargs["config"] = truncated_config(path, cfg)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    return _frozen(Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype))
+
+
+def _frozen(backbone: Backbone) -> Backbone:
+    """Every parameter frozen, every dropout 0, train mode (see the module docstring), gradient checkpointing
+    as configured."""
+    model = backbone.model
     for p in model.parameters():
         p.requires_grad_(False)
     _zero_dropout(model)
     model.train()  # functionally eval (no dropout); see the module docstring for why not eval()
-    if cfg.gradient_checkpointing:
+    if backbone.config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype)
+    return backbone
 
 
 def quantized_linear_share(model: nn.Module) -> tuple[int, int]:
