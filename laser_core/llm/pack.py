@@ -17,7 +17,7 @@ The format (``laser_pack.json`` describes a folder; nothing is pickled):
   quantization" of QLoRA, here in the log domain): per tensor ``lo`` and ``step`` (float32), per block a byte
   ``q`` with ``s = 2 ** (lo + q x step)``, rounded *up* from the block's absmax (so ``s`` is at most
   ``2 ** step`` ~ 1-2 % above it, and no value is clipped). 4.125 bits per weight: SmolLM2-135M's 30
-  decoder layers (106 M weights) take 54.7 MB (bitsandbytes' NF4 with float32 absmax: 56.4 MB);
+  decoder layers (106 M weights) take 54.7 MB (bitsandbytes' NF4 with float32 absmax: 59.7 MB);
 - the **token embeddings**: only the rows of the token ids given to :func:`pack_backbone` (the texts a run
   reads) in the same NF4 format, and the rows of the tokenizer's special tokens in float32 (the EOS row is
   where Laser's trainable suffix starts, and the suffix is the token read out: with a 4-bit EOS row the
