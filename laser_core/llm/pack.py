@@ -123,7 +123,7 @@ def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, scale_range: torch
 
 
 # ------------------------------------------------------------------------------------------------- packing
-def _embedding_name(names: Iterable[str], config: dict) -> str:
+def _embedding_name(names: Iterable[str]) -> str:
     candidates = [n for n in names if n.endswith("embed_tokens.weight") or n.endswith("wte.weight")]
     if len(candidates) != 1:
         raise ValueError(f"cannot tell the token-embedding weight among {sorted(names)[:8]}...: found "
@@ -158,7 +158,7 @@ def pack_backbone(source: str | Path, out_dir: str | Path, token_ids: Iterable[i
     tokenizer = AutoTokenizer.from_pretrained(src)
     handles = [safe_open(str(p), "pt") for p in weight_files]
     where = {name: h for h in handles for name in h.keys()}
-    emb_name = _embedding_name(where, config)
+    emb_name = _embedding_name(where)
     tied = bool(config.get("tie_word_embeddings", False))
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
