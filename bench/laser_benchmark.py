@@ -40,13 +40,14 @@ PAPER_LASER = {"scientific": {"recall@10": 0.1396, "ndcg@10": 0.0970, "mrr": 0.0
 KEEP = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr")
 
 
-def baseline_model(model: str, split, workdir: Path):
-    """An ID-based model with ``bench/sr_baselines.py``'s settings, trained (or resumed) under
-    ``workdir/sr-<model>``: the frozen encoder and the baselines of a benchmark run, and what
-    ``bench/laser_diagnose.py`` reloads from the same folder."""
+def baseline_model(model: str, split, workdir: Path, epochs: int = 200):
+    """An ID-based model with ``bench/sr_baselines.py``'s settings (at most ``epochs`` epochs, early stopping
+    after 10 without a better validation NDCG@10), trained (or resumed) under ``workdir/sr-<model>``: the frozen
+    encoder and the baselines of a benchmark run, what ``bench/laser_diagnose.py`` reloads from the same folder
+    and what ``bench/gpu/pack.py`` packs."""
     spec = DEFAULTS[model]
     return fit(SRConfig(model=model, **spec["model"]),
-               TrainConfig(epochs=200, patience=10, progress=False, **spec["train"]), split,
+               TrainConfig(epochs=epochs, patience=10, progress=False, **spec["train"]), split,
                workdir=Path(workdir) / f"sr-{model}").model
 
 
@@ -105,20 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     scored: set[str] = set()  # baselines are scored once per process (on the same pairs as Laser)
 
     def write() -> Path:
-        for m, sr in sr_models.items():
-            if m not in scored:
-                r = evaluate(sr, hist, targets)
-                results[m], _ = {k: r[k] for k in KEEP}, scored.add(m)
-        if "popularity" not in scored:
-            pop = evaluate(build_model(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
-            results["popularity"], _ = {k: pop[k] for k in KEEP}, scored.add("popularity")
+        score_baselines(sr_models, split, hist, targets, results, scored)
         out.update({
-            "dataset": name,
-            "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
-                         "ranking": "full, over all items", "mask_history": False,
-                         "test_pairs": len(targets), "test_users": laser_cfg.test_users or "all",
-                         "same_pairs_for_all_models": True},
-            "paper": {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})},
+            "dataset": name, "protocol": protocol(laser_cfg, len(targets)), "paper": paper_figures(name),
             "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__}})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
@@ -127,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model])
     trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label=f"laser-{args.label}")
-    run["budget"] = {"backbone": cfg.backbone.model_dump(), "bitune": cfg.bitune.model_dump(),
-                     "text": cfg.text.model_dump(), "train": laser_cfg.model_dump(exclude={"progress"}),
-                     "frozen_encoder": cfg.sr.model}
+    run["budget"] = budget(cfg)
 
     def progress(stage: int, epoch: int, entry: dict) -> None:
         print(f"stage {stage} epoch {epoch} users {entry.get('users_seen')}: valid ndcg@10 "
@@ -144,14 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     laser = test_laser(result.model, result.item_table, split, laser_cfg)
     test_s = time.perf_counter() - t0
-    results[args.label] = {k: laser[k] for k in KEEP}
-    run.update({"results": results[args.label], "best": result.best, "history": result.history,
-                "fusion_weight": result.fusion_weight,
-                "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
-                         "test_users_per_second": len(targets) / test_s,
-                         "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,
-                         "trainable": model.n_trainable()},
-                "wall_seconds": round(time.perf_counter() - t_start, 1)})
+    run.update(fit_record(result, model, laser, fit_s, test_s, len(targets)))
+    results[args.label] = run["results"]
+    run["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     run.pop("wall_seconds_so_far", None)
     write()
     for m in ("bert4rec", "sasrec"):
@@ -160,6 +143,49 @@ def main(argv: list[str] | None = None) -> int:
     write()
     print(json.dumps({k: v["ndcg@10"] for k, v in results.items()}, indent=1))
     return 0
+
+
+def score_baselines(sr_models: dict, split, hist, targets, results: dict, scored: set[str]) -> None:
+    """``results[m]``: each ID model of ``sr_models`` and the popularity baseline (fitted on ``split``'s training
+    sequences) scored on the test pairs ``(hist, targets)`` that Laser is scored on; those in ``scored`` are
+    skipped (and the newly scored added)."""
+    for m, sr in sr_models.items():
+        if m not in scored:
+            r = evaluate(sr, hist, targets)
+            results[m], _ = {k: r[k] for k in KEEP}, scored.add(m)
+    if "popularity" not in scored:
+        pop = evaluate(build_model(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
+        results["popularity"], _ = {k: pop[k] for k in KEEP}, scored.add("popularity")
+
+
+def protocol(laser_cfg, n_pairs: int) -> dict:
+    """The evaluation protocol of a results file (every model on the same ``n_pairs`` test pairs)."""
+    return {"split": "leave-one-out (last = test, second-to-last = validation)",
+            "ranking": "full, over all items", "mask_history": False,
+            "test_pairs": n_pairs, "test_users": laser_cfg.test_users or "all",
+            "same_pairs_for_all_models": True}
+
+
+def paper_figures(name: str) -> dict:
+    """The published figures for dataset ``name`` (LASER_SPEC.md §4), Laser's and the baselines'."""
+    return {"laser": PAPER_LASER.get(name), **PAPER.get(name, {})}
+
+
+def budget(cfg) -> dict:
+    """Every setting that bounds a Laser run: backbone, Bi-Tuning, text, training, the frozen encoder."""
+    return {"backbone": cfg.backbone.model_dump(), "bitune": cfg.bitune.model_dump(),
+            "text": cfg.text.model_dump(), "train": cfg.laser_train.model_dump(exclude={"progress"}),
+            "frozen_encoder": cfg.sr.model}
+
+
+def fit_record(result, model, laser: dict, fit_s: float, test_s: float, n_pairs: int) -> dict:
+    """A finished Laser run's entry: its test figures, best epochs, history, fusion weight and cost."""
+    return {"results": {k: laser[k] for k in KEEP}, "best": result.best, "history": result.history,
+            "fusion_weight": result.fusion_weight,
+            "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
+                     "test_users_per_second": n_pairs / test_s,
+                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,
+                     "trainable": model.n_trainable()}}
 
 
 def trainer_history(trainer) -> list[dict]:

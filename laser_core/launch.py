@@ -10,10 +10,12 @@ everything the training needs into a job folder, none of it pickled:
 
 then runs ``accelerate launch --num_processes N -m laser_core.launch <job>`` (``python -m laser_core.launch
 <job>`` is the same job in one process, without the launcher). Every process rebuilds the model from the folder
-and trains its shard of each epoch's users under DDP (:class:`~laser_core.train.LaserTrainer` with
-``accelerate``); process 0 writes ``out/weights.safetensors``, ``out/table.safetensors`` and ``out/result.json``
-(best epochs, history, cost), which :func:`fit_launched` reads back. A failed job raises
-:class:`LaunchError` with the command, its exit status and the end of its log (``job/launch.log``).
+and trains its equal shard of each epoch's users under DDP (:class:`~laser_core.train.LaserTrainer` with
+``accelerate``; on ``laser_train.device``, where ``auto`` and ``cuda`` mean the process's own GPU); process 0
+writes ``out/weights.safetensors``, ``out/table.safetensors`` and ``out/result.json`` (best epochs, history,
+cost), which :func:`fit_launched` reads back. A failed job raises :class:`LaunchError` with the command, its exit
+status and the end of its log (``job/launch.log``); so does a job that outlives ``timeout`` seconds (the
+launcher and its workers are stopped).
 
 This replaces ZenML's ``run_with_accelerate``, which passes the step's parameters on a command line and reads
 its outputs back with cloudpickle.
@@ -21,9 +23,11 @@ its outputs back with cloudpickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,7 +103,8 @@ def run_job(job: str | Path) -> dict:
     sr_model = load_model(job / "sr") if (job / "sr").is_dir() else None
     init = load_file(str(job / "init.safetensors")) if (job / "init.safetensors").is_file() else None
     model = build_laser(spec, items, sr_model,
-                        weights=LaserWeights(spec=spec, state=init) if init is not None else None)
+                        weights=LaserWeights(spec=spec, state=init) if init is not None else None,
+                        device=config.device)
     table = load_file(str(job / "table.safetensors"))["table"] if (job / "table.safetensors").is_file() else None
     trainer = LaserTrainer(model, split, config, workdir_root=meta.get("workdir_root"), label=meta["label"],
                            resume=bool(meta.get("resume", True)))
@@ -140,14 +145,28 @@ def read_result(job: Path) -> LaunchedFit:
                        history=result["history"], cost=result["cost"], processes=int(result["processes"]))
 
 
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
+    """Stop a launched job: SIGTERM to the launcher's process group (torchrun then stops its workers, which run in
+    sessions of their own), SIGKILL to the group after ``grace`` seconds. Returns the exit status."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
 def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommender | None, spec: LaserSpec,
                  config: LaserTrainConfig, stages: Sequence[int], weights: dict[str, torch.Tensor] | None = None,
                  table: torch.Tensor | None = None, workdir_root: str | Path | None = None, label: str = "laser",
                  processes: int | None = None, job_dir: str | Path | None = None,
-                 extra_args: Sequence[str] = (), resume: bool = True) -> LaunchedFit:
+                 extra_args: Sequence[str] = (), resume: bool = True, timeout: float | None = None) -> LaunchedFit:
     """Write the job, run it under ``accelerate launch`` with ``processes`` (default ``config.processes``)
     processes, and read back process 0's output. The job folder is temporary unless ``job_dir`` is given.
-    ``resume=False``: the trainer reuses no checkpoint under ``workdir_root`` (see :class:`LaserTrainer`)."""
+    ``resume=False``: the trainer reuses no checkpoint under ``workdir_root`` (see :class:`LaserTrainer`).
+    ``timeout``: seconds after which the job (the launcher and every worker) is killed and LaunchError raised."""
     processes = processes or config.processes
     tmp = None
     if job_dir is None:
@@ -164,10 +183,20 @@ def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommen
             env["OMP_NUM_THREADS"] = str(config.threads)
         log_path = job / "launch.log"
         with open(log_path, "wb") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        if rc != 0 or not (job / "out" / "result.json").is_file():
+            # its own process group, stopped on a timeout or an interrupt (_stop)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            timed_out = False
+            try:
+                rc = proc.wait(timeout=timeout)
+            except BaseException as exc:
+                rc = _stop(proc)
+                if not isinstance(exc, subprocess.TimeoutExpired):
+                    raise
+                timed_out = True
+        if timed_out or rc != 0 or not (job / "out" / "result.json").is_file():
             tail = log_path.read_text(encoding="utf8", errors="replace")[-4000:]
-            raise LaunchError(f"Bi-Tuning job failed (exit status {rc}): {' '.join(cmd)}\n"
+            what = f"timed out after {timeout:g} s (killed)" if timed_out else f"failed (exit status {rc})"
+            raise LaunchError(f"Bi-Tuning job {what}: {' '.join(cmd)}\n"
                               f"--- end of {log_path} ---\n{tail}")
         return read_result(job)
     finally:

@@ -29,6 +29,11 @@ Beyond the paper (each a switch of :class:`BiTuneConfig`, off by default):
   the item table, the exported scorer and the service stay cosine-based. The model starts at the ID model's
   ranking plus the frozen LLM's similarity, and training (softmax cross-entropy on that dot product) only
   has to add to it.
+
+Device: the model computes where its backbone is (:attr:`LaserModel.device`); ``model.to(device)`` (or
+:meth:`LaserModel.to_device` with a device setting of :mod:`laser_core.device`) moves the trainable parts and
+the frozen ones kept outside the module tree (the backbone, the SR encoder, the item side's weights) together,
+and every tensor the model builds (token ids, masks, SR inputs, item-table rows) is made on that device.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from torch.nn import functional as F
 
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
+from laser_core.device import resolve_device
 from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
 from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
@@ -115,13 +121,39 @@ class LaserModel(nn.Module):
         if eos_id is None:
             raise ValueError("the backbone's tokenizer has no EOS token")
         self.eos_id = int(eos_id)
-        eos = self.embed_tokens(torch.tensor([self.eos_id]))[0].detach().float().clone()
+        eos = self.embed_tokens(torch.tensor([self.eos_id], device=backbone.device))[0].detach().float().clone()
         # the suffix starts as the EOS embedding (the paper's "hard EOS" alternative) and is then trained
         self.suffix = nn.Parameter(eos.clone()) if cfg.pooling == "suffix" else None
         self.register_buffer("eos_embedding", eos, persistent=False)
         self._item_ids_cache: dict[int, list[int]] = {}
         # the item side's own weights (set_item_state); None: the item side uses this model's weights
         object.__setattr__(self, "item_weights", None)
+        self.to(backbone.device)   # built on the CPU (the same initial weights everywhere), computes by its LLM
+
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: its backbone's device (the inputs it builds are made there)."""
+        return self.backbone.device
+
+    def to(self, *args, **kwargs) -> "LaserModel":
+        """``nn.Module.to`` for the trainable parts; with a device, the frozen parts kept outside the module tree
+        (the backbone, the SR encoder, the item side's weights) move there too, in place. Their dtypes stay (the
+        backbone's compute dtype is a loading setting: ``backbone.compute_dtype``)."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        super().to(*args, **kwargs)
+        if device is not None:
+            if self.backbone.device != device:
+                self.llm.to(device)
+            for part in (self.sr, self.item_weights):
+                if part is not None:
+                    part.to(device)
+        return self
+
+    def to_device(self, device: str | torch.device | None = "auto") -> "LaserModel":
+        """Move the whole model (see :meth:`to`) to a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``;
+        :func:`laser_core.device.resolve_device`)."""
+        return self.to(resolve_device(device))
 
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -145,7 +177,7 @@ class LaserModel(nn.Module):
         """Rescale the prefix's output so a prefix row's expected norm is the mean token-embedding norm. The
         M-Former's projection reads a LayerNorm output (entries of unit variance), so ``E|Wx + b|^2 ~
         |W|_F^2 + |b|^2``; the plain prefix's rows are scaled directly."""
-        target = float(self.backbone.input_embeddings().weight.float().norm(dim=1).mean())
+        target = self.backbone.token_embedding_norm()
         if self.mformer is not None:
             proj = self.mformer.proj
             now = math.sqrt(float(proj.weight.float().pow(2).sum() + proj.bias.float().pow(2).sum()))
@@ -165,7 +197,7 @@ class LaserModel(nn.Module):
         initial table of :meth:`embed_items` with ``fuse=False``); frozen from then on."""
         x = llm_table.double()
         mu = x.mean(0)
-        w = torch.eye(x.shape[1], dtype=torch.float64)
+        w = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
         if self.config.embedding_transform == "whiten":
             xc = x - mu
             s, u = torch.linalg.eigh(xc.T @ xc / xc.shape[0])
@@ -205,7 +237,7 @@ class LaserModel(nn.Module):
             return llm_rows
         ids, mask = self.sr_inputs([[int(i)] for i in items])
         with torch.no_grad():
-            return self.fuse(llm_rows, ids, mask, torch.ones(len(ids), dtype=torch.long))
+            return self.fuse(llm_rows, ids, mask, torch.ones(len(ids), dtype=torch.long, device=ids.device))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -351,7 +383,7 @@ class LaserModel(nn.Module):
 
     def sr_inputs(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``(item_ids, mask)`` ``[B, max_len]`` of the most recent ``max_len`` items, as
-        :meth:`prefix` builds them (negative ids stay: cold items)."""
+        :meth:`prefix` builds them (negative ids stay: cold items), on the model's device."""
         L = self.sr.config.max_len if self.sr is not None else 1
         ids = np.zeros((len(histories), L), dtype=np.int64)
         mask = np.zeros((len(histories), L), dtype=bool)
@@ -359,10 +391,11 @@ class LaserModel(nn.Module):
             h = np.asarray(hist, dtype=np.int64)[-L:]
             ids[row, L - len(h):] = h
             mask[row, L - len(h):] = True
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def pad_tokens(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``(input_ids, attention_mask)`` ``[B, T]`` as :meth:`forward` builds them."""
+        """Left-padded ``(input_ids, attention_mask)`` ``[B, T]`` as :meth:`forward` builds them, on the model's
+        device (built on the CPU, moved once)."""
         T = max(len(t) for t in token_ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         ids = torch.full((len(token_ids), T), pad_id, dtype=torch.long)
@@ -370,7 +403,7 @@ class LaserModel(nn.Module):
         for row, t in enumerate(token_ids):
             ids[row, T - len(t):] = torch.tensor(list(t), dtype=torch.long)
             text_mask[row, T - len(t):] = 1
-        return ids, text_mask
+        return ids.to(self.device), text_mask.to(self.device)
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        prefix: torch.Tensor | None, item_side: torch.Tensor | None = None) -> torch.Tensor:
@@ -420,13 +453,15 @@ class LaserModel(nn.Module):
             raise ValueError(f"item ids {bad[:10]} are neither catalogue indices (0..{n_known - 1}) nor the cold "
                              f"item ({self.COLD_ITEM_ID})")
         order = np.argsort([len(t) for t in token_ids], kind="stable")
-        out = torch.empty(len(token_ids), self.embedding_size if fuse else self.backbone.hidden_size)
+        out = torch.empty(len(token_ids), self.embedding_size if fuse else self.backbone.hidden_size,
+                          device=self.device)
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
             ids, text_mask = self.pad_tokens([token_ids[i] for i in idx])
             sr_ids, sr_mask = self.sr_inputs([[item_ids[i]] for i in idx]) if self.sr is not None else (None, None)
-            side = torch.ones(len(idx), dtype=torch.long)
-            out[torch.from_numpy(idx)] = self.embed(ids, text_mask, sr_ids, sr_mask, item_side=side, fuse=fuse)[0]
+            side = torch.ones(len(idx), dtype=torch.long, device=self.device)
+            rows = self.embed(ids, text_mask, sr_ids, sr_mask, item_side=side, fuse=fuse)[0]
+            out[torch.from_numpy(idx).to(self.device)] = rows
             if progress is not None:
                 progress(len(idx))
         return out
@@ -440,7 +475,7 @@ class LaserModel(nn.Module):
         trained ID embedding. ``item_ids``: the rows' catalogue indices instead, for items that have one
         (re-embedding a catalogue item so reproduces its table row). Rows follow ``items``."""
         if len(items) == 0:
-            return torch.empty(0, self.embedding_size)
+            return torch.empty(0, self.embedding_size, device=self.device)
         formatter = TextFormatter(items.reset_index(drop=True), self.formatter.config, tokenizer=self.tokenizer)
         tokens = [self._encode(formatter.item_text(i)) for i in range(len(items))]
         ids = [self.COLD_ITEM_ID] * len(items) if item_ids is None else [int(i) for i in item_ids]
@@ -500,17 +535,23 @@ def item_state_beside(table_state: dict[str, torch.Tensor], state: dict[str, tor
     return None if same else {k: v.detach().cpu().clone().contiguous() for k, v in table_state.items()}
 
 
+def tokenizer_texts(spec: LaserSpec, items: pd.DataFrame) -> list[str] | None:
+    """The texts a tiny backbone's tokenizer is trained on (the catalogue's item texts without token limits;
+    :func:`laser_core.llm.backbones.resolve_backbone`), None for any other backbone."""
+    if spec.backbone.name not in TINY:
+        return None
+    plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+    plain = TextFormatter(items, plain_text)  # one formatter for the whole catalogue (one per item was quadratic)
+    return [plain.item_text(i) for i in range(len(items))]
+
+
 def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecommender | None,
-                weights: LaserWeights | None = None) -> LaserModel:
-    """Load the backbone (tiny ones get a tokenizer trained on the item texts), build the formatter with the
+                weights: LaserWeights | None = None, device: str | torch.device | None = "auto") -> LaserModel:
+    """Load the backbone (tiny ones get a tokenizer trained on the item texts) onto ``device`` (a device
+    setting, :mod:`laser_core.device`; the model and ``sr_model`` follow it there), build the formatter with the
     backbone's tokenizer (for token limits) and the model; load ``weights`` when given (and their item side's,
     :meth:`LaserModel.set_item_state`)."""
-    plain_text = spec.text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
-    texts = None
-    if spec.backbone.name in TINY:  # one formatter for the whole catalogue (one per item was quadratic)
-        plain = TextFormatter(items, plain_text)
-        texts = [plain.item_text(i) for i in range(len(items))]
-    backbone = load_backbone(spec.backbone, texts=texts)
+    backbone = load_backbone(spec.backbone, texts=tokenizer_texts(spec, items), device=device)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
     needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"

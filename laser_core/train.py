@@ -29,6 +29,12 @@ the frozen SR encoder's weights, the catalogue's item texts, the split's data, a
 and the given frozen table. ``resume=False`` reuses nothing (it trains from scratch and overwrites the folder).
 Item tables are cached in ``workdir/tables`` by :meth:`LaserModel.weights_fingerprint` (trainable weights and
 every frozen input of the item embeddings).
+
+Device (``device``): the trainer moves the model (backbone, SR encoder, M-Former, suffix) there; batches, tables
+and targets are used there, and the fit's item table comes back on the CPU. Data parallel (``accelerate`` with
+several processes): every process gets ``ceil(n / processes)`` of the epoch's ``n`` users (:func:`shard`, padded
+by wrapping around to the start as torch's ``DistributedSampler`` does), so every process runs the same number of
+mini-batches and optimizer steps and DDP's gradient all-reduces pair up.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from tqdm.auto import tqdm
 
 from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
+from laser_core.device import DEVICE_PATTERN, resolve_device
 from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
 from laser_core.model import LaserModel
@@ -105,6 +112,10 @@ class LaserTrainConfig(StrictConfig):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=(
+        "where the backbone, the frozen SR encoder, the M-Former, the suffix and every batch live: auto (CUDA "
+        "when available, else the CPU), cpu, cuda or cuda:N. Under `accelerate launch`, auto and cuda give each "
+        "process its own GPU (LOCAL_RANK). The backbone's compute_dtype auto is bfloat16 on CUDA"))
     accelerate: bool = Field(default=False, description=(
         "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
         "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
@@ -162,11 +173,21 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig)
 @dataclass
 class LaserFitResult:
     model: LaserModel
-    item_table: torch.Tensor
+    item_table: torch.Tensor                                  # on the CPU
     best: dict[str, dict] = field(default_factory=dict)       # per stage: {"epoch", "valid"}
     history: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
     fusion_weight: dict | None = None   # fusion_weight_grid: {"grid": {w: valid ndcg@10}, "chosen": w}
+
+
+def shard(n: int, rank: int, world: int) -> np.ndarray:
+    """Process ``rank``'s share (indices) of ``n`` examples among ``world`` processes, as torch's
+    ``DistributedSampler`` (``drop_last=False``, no shuffling) deals them: the list is padded to a multiple of
+    ``world`` by wrapping around to its start, then dealt out in turn (``rank``, ``rank + world``, ...). Every
+    process gets ``ceil(n / world)`` examples; nothing repeats when ``world`` divides ``n``. So ``world``
+    processes with batch ``b`` take the optimizer steps of one process with batch ``world x b`` over the padded
+    list ``[0 .. n-1, 0, 1, ...]`` (DDP averages equal-sized shards' mean gradients)."""
+    return np.resize(np.arange(n), -(-n // world) * world)[rank::world]
 
 
 def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -184,6 +205,7 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
     ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert)."""
     was = model.training
     model.eval()
+    item_table = item_table.to(model.device)
     acc = RankingAccumulator(ks=tuple(ks))
     order = np.argsort([len(h) for h in histories], kind="stable")  # length-sorted: less padding
     bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
@@ -209,6 +231,9 @@ class LaserTrainer:
         run, so a restarted pipeline step finds its own checkpoints). ``resume=False``: read nothing from there
         (no resumed or reloaded run, no cached item table), train from scratch."""
         self.model, self.split, self.cfg = model, split, config
+        self.device = resolve_device(config.device)
+        if model.device != self.device:   # before the optimizer: it holds the parameters it steps
+            model.to(self.device)
         self.resume = resume
         self.wd = Path(workdir) if workdir is not None else None
         self.optimizer = build_optimizer(model.trainable_parameters(), config)
@@ -219,7 +244,7 @@ class LaserTrainer:
             from accelerate import Accelerator, DistributedDataParallelKwargs
 
             # experts the router did not pick in a batch get no gradient: DDP must allow unused parameters
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu", kwargs_handlers=[
                 DistributedDataParallelKwargs(find_unused_parameters=True)])
             self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
             self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
@@ -248,8 +273,10 @@ class LaserTrainer:
         weights, backbone files, SR encoder weights, item texts, settings) and the split's data."""
         from laser_core.fingerprint import fingerprint, split_fingerprint
 
-        return fingerprint("laser-run", {
-            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes"}), "processes": self.world,
+        return fingerprint("laser-run", {  # the device, like the thread count, is where, not what (the compute
+            # dtype it implies is in the backbone's fingerprint)
+            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes", "device"}),
+            "processes": self.world,
             "start": self.model.weights_fingerprint(), "data": split_fingerprint(self.split)})[:16]
 
     def _fit_key(self, stages: Sequence[int], table: torch.Tensor | None) -> str:
@@ -260,12 +287,12 @@ class LaserTrainer:
                                          "table": table})[:16]
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (on each process: its shard of the epoch's users)."""
+        """Optimizer steps per epoch (on each process: its shard of the epoch's users, :func:`shard`)."""
         n = len(self.train_users)
         if self.cfg.users_per_epoch is not None:
             n = min(n, self.cfg.users_per_epoch)
-        shard = -(-n // self.world)          # ceil: process 0's shard
-        batches = -(-shard // self.cfg.batch_size)
+        per_process = -(-n // self.world)          # ceil: every process's shard
+        batches = -(-per_process // self.cfg.batch_size)
         return -(-batches // self.cfg.grad_accumulation)
 
     def stage_steps(self, stage: int) -> int:
@@ -370,15 +397,17 @@ class LaserTrainer:
         torch.manual_seed(cfg.seed * 100_003 + stage * 1_000 + epoch)
         hist, targets = self.examples(stage, epoch)
         n_epoch = len(hist)   # the epoch's users over all processes
-        if self.world > 1:  # each process trains on its shard of the epoch's users (same seed everywhere)
-            hist, targets = hist[self.rank::self.world], targets[self.rank::self.world]
+        if self.world > 1:  # each process trains on its equal shard of the epoch's users (same seed everywhere)
+            keep = shard(n_epoch, self.rank, self.world)
+            hist, targets = [hist[i] for i in keep], targets[keep]
         self.model.train()
         t0 = time.perf_counter()
         paused = 0.0
         total, n_batches = 0.0, 0
         bar = tqdm(total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user",
                    disable=not cfg.progress, leave=False)
-        target_t = torch.from_numpy(targets)
+        target_t = torch.from_numpy(targets).to(self.device)
+        table = table.to(self.device)
         bs, acc = cfg.batch_size, cfg.grad_accumulation
         starts = range(0, len(hist), bs)
         every = cfg.curve_every_users if on_curve is not None else None
@@ -401,7 +430,8 @@ class LaserTrainer:
             n_batches += 1
             bar.update(len(emb))
             bar.set_postfix(loss=f"{total / n_batches:.4f}")
-            if every is not None:   # the same decision on every process (from the batch index alone)
+            if every is not None:   # the same decision on every process (from the batch index alone); the
+                # users trained count the epoch's users once (a shard's wrapped-around repeats are not new)
                 before = seen0 + min(n_epoch, lo * self.world)
                 now = seen0 + min(n_epoch, (lo + bs) * self.world)
                 if now // every > before // every:
@@ -439,6 +469,7 @@ class LaserTrainer:
         users = torch.cat([model(list(hist[lo:lo + self.cfg.eval_batch_size]))[0]
                            for lo in range(0, len(hist), self.cfg.eval_batch_size)])
         model.train(was)
+        table = table.to(users.device)
         id_scores = users[:, :d] @ table[:, :d].T          # user rows [u_ID, w n, 0], item rows [v_ID, n, r]
         cosines = (users[:, d:-1] / w0) @ table[:, d:-1].T
         scores = {}
@@ -566,9 +597,8 @@ class LaserTrainer:
         cost["items_per_second"] = cost["items_encoded"] / cost["item_seconds"] if cost["item_seconds"] else None
         cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
                                           if cost["train_seconds"] else None)
-        return LaserFitResult(model=self.model, item_table=frozen, best=state["best"], history=state["history"],
-                              fusion_weight=state.get("fusion_weight"),
-                              cost=cost)
+        return LaserFitResult(model=self.model, item_table=frozen.cpu(), best=state["best"],
+                              history=state["history"], fusion_weight=state.get("fusion_weight"), cost=cost)
 
 
 def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig,
@@ -587,6 +617,7 @@ def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[S
         raise ValueError(f"k={k} is larger than the catalogue ({item_table.shape[0]} items)")
     was = model.training
     model.eval()
+    item_table = item_table.to(model.device)
     n = len(histories)
     top_i = np.zeros((n, k), dtype=np.int64)
     top_s = np.zeros((n, k), dtype=np.float32)
@@ -599,7 +630,7 @@ def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[S
             for row, i in enumerate(idx):
                 scores[row, torch.as_tensor(np.asarray(histories[i], dtype=np.int64))] = -torch.inf
         s, i_ = torch.topk(scores, k, dim=1)
-        top_i[idx], top_s[idx] = i_.numpy(), s.float().numpy()
+        top_i[idx], top_s[idx] = i_.cpu().numpy(), s.float().cpu().numpy()
     model.train(was)
     return top_i, top_s
 

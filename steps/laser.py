@@ -36,8 +36,9 @@ def _fit(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, spe
                            weights=weights.state if weights is not None else None, table=table,
                            workdir_root=checkpoint_root("laser"), label=label, resume=resume)
         logger.info("Stage %d ran as an accelerate job of %d process(es)", stage, fit.processes)
-        return build_laser(spec, dataset.items, sr_model, weights=LaserWeights(spec=spec, state=fit.state)), fit
-    model = build_laser(spec, dataset.items, sr_model, weights=weights)
+        return build_laser(spec, dataset.items, sr_model, weights=LaserWeights(spec=spec, state=fit.state),
+                           device=cfg.device), fit
+    model = build_laser(spec, dataset.items, sr_model, weights=weights, device=cfg.device)
     trainer = LaserTrainer(model, split, cfg, workdir_root=checkpoint_root("laser"), label=label, resume=resume)
     return model, trainer.fit(stages=(stage,), table=table)
 
@@ -90,7 +91,7 @@ def evaluate_laser(dataset: SeqDataset, split: Split, sr_model: SequentialRecomm
     baselines the promotion gate compares with are scored on exactly the same test (history, target) pairs:
     popularity, and the ID model (the frozen SR encoder Laser reads, ranking on its own)."""
     cfg = LaserTrainConfig.model_validate(train_config)
-    model = build_laser(laser_model.spec, dataset.items, sr_model, weights=laser_model)
+    model = build_laser(laser_model.spec, dataset.items, sr_model, weights=laser_model, device=cfg.device)
     stats: dict = {}
     metrics = test_laser(model, item_table.table, split, cfg, stats=stats)
     hist, targets = test_examples(split, cfg)

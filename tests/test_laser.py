@@ -341,7 +341,7 @@ def test_the_run_key_covers_the_data_and_every_setting_not_only_sizes(data, sr):
     assert LaserTrainer(make(data, sr), replace(split, train=train), cfg).run_hash() != key
     for change in ({"tau": 0.07}, {"lb_weight": 0.0}, {"eval_batch_size": 3}, {"item_batch_size": 3}):
         assert LaserTrainer(make(data, sr), split, cfg.model_copy(update=change)).run_hash() != key, change
-    quiet = cfg.model_copy(update={"progress": True, "threads": 1})   # no effect on results: same key
+    quiet = cfg.model_copy(update={"progress": True, "threads": 1, "device": "cpu"})   # where, not what: same key
     assert LaserTrainer(make(data, sr), split, quiet).run_hash() == key
 
 
@@ -479,6 +479,23 @@ def _last_weights(root) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def assert_same_trained_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor],
+                                init: dict[str, torch.Tensor]) -> None:
+    """``one`` and ``two`` agree within 1e-5 and moved away from ``init``. The attention key biases are left out:
+    their true gradient is 0 (softmax ignores a constant added to every key score), so Adam turns float noise
+    into full-size steps."""
+    moved = 0.0
+    for k, v in one.items():
+        a, b, v0 = v.clone(), two[k].clone(), init[k].clone()
+        if k.endswith("in_proj_bias"):  # [q | k | v]: drop the key part
+            w = a.shape[0] // 3
+            keep = torch.cat([torch.arange(w), torch.arange(2 * w, 3 * w)])
+            a, b, v0 = a[keep], b[keep], v0[keep]
+        assert torch.allclose(a, b, atol=1e-5), (k, float((a - b).abs().max()))
+        moved = max(moved, float((a - v0).abs().max()))
+    assert moved > 1e-4   # the comparison is about trained weights, not the initial ones
+
+
 def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path):
     """`accelerate launch --num_processes 1` over a job folder (Parquet/safetensors/JSON, no pickle) gives
     bit-identical weights, table and history to the trainer in this process; stage 2 takes its inputs back."""
@@ -511,8 +528,7 @@ def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path
 def test_two_launched_processes_train_as_one_process_with_the_combined_batch(data, sr, tmp_path):
     """Two gloo processes (torchrun via `accelerate launch`) with batch 8 each take the same optimizer steps as
     one process with batch 16: DDP averages the shards' gradients (load balancing off: it is not a per-row
-    mean). Compared on the last epoch's weights. The attention key biases are left out: their true gradient is
-    0 (softmax ignores a constant added to every key score), so Adam turns float noise into full-size steps."""
+    mean). Compared on the last epoch's weights (:func:`assert_same_trained_weights`)."""
     from laser_core.launch import fit_launched
 
     ds, split = data
@@ -523,18 +539,8 @@ def test_two_launched_processes_train_as_one_process_with_the_combined_batch(dat
     job = fit_launched(ds.items, split, sr, spec(), LaserTrainConfig(**base, batch_size=8, accelerate=True),
                        stages=(1,), processes=2, workdir_root=tmp_path / "two")
     assert job.processes == 2
-    one, two = _last_weights(tmp_path / "one"), _last_weights(tmp_path / "two")
-    init = make(data, sr).state_dict()
-    moved = 0.0
-    for k, v in one.items():
-        a, b, v0 = v.clone(), two[k].clone(), init[k].clone()
-        if k.endswith("in_proj_bias"):  # [q | k | v]: drop the key part
-            w = a.shape[0] // 3
-            keep = torch.cat([torch.arange(w), torch.arange(2 * w, 3 * w)])
-            a, b, v0 = a[keep], b[keep], v0[keep]
-        assert torch.allclose(a, b, atol=1e-5), (k, float((a - b).abs().max()))
-        moved = max(moved, float((a - v0).abs().max()))
-    assert moved > 1e-4   # the comparison is about trained weights, not the initial ones
+    assert_same_trained_weights(_last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"),
+                                make(data, sr).state_dict())
 
 
 def test_a_failing_launched_job_names_the_command_and_the_error(data, sr):

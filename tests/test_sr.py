@@ -250,3 +250,14 @@ def test_the_pretrain_step_passes_resume_to_the_trainer(small_split, monkeypatch
     assert summary["epochs_run"] == 2
     for k, v in first.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]) and torch.equal(v, fresh.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("model", NEURAL + ["popularity"])
+def test_inference_inputs_are_made_on_the_models_device(model):
+    """A frozen encoder moved to a GPU with Laser is scored there (the baselines of the GPU run): the inputs of
+    ``score`` and ``evaluate`` follow the model's weights (the meta device stands in for a GPU here)."""
+    m = tiny(model) if model != "popularity" else build_model(SRConfig(model="popularity"), N_ITEMS)
+    assert m.device == torch.device("cpu")
+    m.to("meta")
+    assert m.device.type == "meta"
+    assert {v.device.type for v in m.predict_inputs([[1, 2], [3]]).values()} == {"meta"}

@@ -6,10 +6,14 @@ Names:
 - ``tiny-random-llama`` / ``tiny-random-gpt2``: built from a config with a byte-level BPE tokenizer trained on the
   fly from the dataset's texts (tests and CI; no download);
 - anything else: a local HF folder, or a hub id (used only when the user is online; ``HF_HUB_OFFLINE=1`` makes
-  transformers refuse). ``trust_remote_code`` (ChatGLM-style models) only when the config allows it.
+  transformers refuse). ``trust_remote_code`` (ChatGLM-style models) only when the config allows it;
+- a *packed* folder (:mod:`laser_core.llm.pack`: NF4 weights that plain torch dequantizes, the token-embedding
+  rows a run reads): loaded with ``quantization: none``, dequantized into the compute dtype (the GPU run's
+  SmolLM2, where bitsandbytes is not installed).
 
 Loading: ``quantization: nf4`` (default; bitsandbytes 4-bit NF4, float32 compute on CPU, bfloat16 on GPU),
-``int8`` or ``none``. Every parameter is frozen. The model is kept in ``train()`` mode with every dropout set to
+``int8`` or ``none``, straight onto the device asked for (:mod:`laser_core.device`; ``compute_dtype: auto``
+follows it). Every parameter is frozen. The model is kept in ``train()`` mode with every dropout set to
 0, which is functionally eval mode: bitsandbytes 0.50.2's NF4 CPU path repacks the weights in place on an
 eval-mode no-grad forward, after which gradients to the inputs (our prefix) are exactly zero.
 """
@@ -29,6 +33,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from laser_core.configbase import StrictConfig
+from laser_core.device import resolve_device
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = ("tiny-random-llama", "tiny-random-gpt2")
@@ -54,7 +59,8 @@ class BackboneConfig(StrictConfig):
 
     name: str = SMOLLM2
     quantization: Literal["nf4", "int8", "none"] = "nf4"
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description=(
+        "auto: bfloat16 on a CUDA device, float32 on the CPU (the device the backbone is loaded on)"))
     cache_dir: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -73,6 +79,8 @@ class Backbone:
     tokenizer: object         # a transformers tokenizer
     path: str
     config: BackboneConfig
+    compute_dtype: torch.dtype | None = None   # as loaded (None: resolved from the config, see _compute_dtype)
+    token_norm: float | None = None   # the mean token-embedding norm of the source model (packed folders)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -88,6 +96,18 @@ class Backbone:
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone computes (its input embeddings: where token ids and input embeddings go)."""
+        return self.input_embeddings().weight.device
+
+    def token_embedding_norm(self) -> float:
+        """The mean norm of the token-embedding rows: of the source model for a packed folder (which keeps
+        only the rows its texts use), else of the loaded embedding matrix."""
+        if self.token_norm is not None:
+            return float(self.token_norm)
+        return float(self.input_embeddings().weight.float().norm(dim=1).mean())
+
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
 
@@ -99,7 +119,7 @@ class Backbone:
             from laser_core.fingerprint import backbone_fingerprint
 
             settings = {**self.config.model_dump(mode="json", exclude={"cache_dir"}),
-                        "resolved_compute_dtype": str(_compute_dtype(self.config))}
+                        "resolved_compute_dtype": str(self.compute_dtype or _compute_dtype(self.config))}
             self._fingerprint = backbone_fingerprint(self.path, settings, model=self.model,
                                                      tokenizer=self.tokenizer)
         return self._fingerprint
@@ -167,9 +187,10 @@ def resolve_backbone(config: BackboneConfig, texts: Iterable[str] | None = None)
     return name  # a hub id: transformers resolves it (and refuses when HF_HUB_OFFLINE=1)
 
 
-def _compute_dtype(config: BackboneConfig) -> torch.dtype:
+def _compute_dtype(config: BackboneConfig, device: str | torch.device | None = None) -> torch.dtype:
+    """The compute dtype of ``config`` on ``device`` (a device setting; None: ``auto``)."""
     if config.compute_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
     return getattr(torch, config.compute_dtype)
 
 
@@ -205,14 +226,29 @@ def truncated_config(path: str, config: BackboneConfig):
     return hf
 
 
-def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[str] | None = None) -> Backbone:
-    """Load the configured backbone frozen, quantized as configured."""
+def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[str] | None = None,
+                  device: str | torch.device | None = None) -> Backbone:
+    """Load the configured backbone frozen, quantized as configured, onto ``device`` (a device setting of
+    :func:`laser_core.device.resolve_device`; None: ``auto``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     cfg = config if isinstance(config, BackboneConfig) else BackboneConfig.model_validate(config or {})
     path = resolve_backbone(cfg, texts)
-    dtype = _compute_dtype(cfg)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    target = resolve_device(device)
+    dtype = _compute_dtype(cfg, target)
+    from laser_core.llm.pack import is_packed, load_packed
+
+    if is_packed(path):
+        if cfg.quantization != "none":
+            raise ValueError(f"{path} is a packed backbone (NF4 already, dequantized with plain torch): set "
+                             f"backbone.quantization: none, not {cfg.quantization!r}")
+        hf = truncated_config(path, cfg) if cfg.num_layers is not None else None
+        model, tokenizer, meta = load_packed(path, dtype, target, config=hf,
+                                             trust_remote_code=cfg.trust_remote_code)
+        return _frozen(Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype,
+                                token_norm=meta["token_norm"]))
+    # an explicit map: without one, transformers puts a bitsandbytes model on the current GPU whatever was asked
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "device_map": {"": str(target)}}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
@@ -223,13 +259,20 @@ def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[s
         kwargs["config"] = truncated_config(path, cfg)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    return _frozen(Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype))
+
+
+def _frozen(backbone: Backbone) -> Backbone:
+    """Every parameter frozen, every dropout 0, train mode (see the module docstring), gradient checkpointing
+    as configured."""
+    model = backbone.model
     for p in model.parameters():
         p.requires_grad_(False)
     _zero_dropout(model)
     model.train()  # functionally eval (no dropout); see the module docstring for why not eval()
-    if cfg.gradient_checkpointing:
+    if backbone.config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg)
+    return backbone
 
 
 def quantized_linear_share(model: nn.Module) -> tuple[int, int]:

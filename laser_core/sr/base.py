@@ -73,9 +73,21 @@ class SequentialRecommender(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not expose dot-product user/item vectors")
 
     # -- helpers -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (the CPU for a model without any)."""
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
     def predict_batch(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Inference batch for histories of item indices (time-ascending)."""
         return {"input_ids": pad_left(histories, self.config.max_len)}
+
+    def predict_inputs(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """:meth:`predict_batch` on the model's device (a frozen encoder moved to a GPU with Laser is scored
+        there)."""
+        return {k: v.to(self.device) for k, v in self.predict_batch(histories).items()}
 
     @torch.no_grad()
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -83,7 +95,7 @@ class SequentialRecommender(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.full_sort_predict(self.predict_batch(histories))
+            return self.full_sort_predict(self.predict_inputs(histories))
         finally:
             self.train(was_training)
 

@@ -59,7 +59,7 @@ def evaluate(model: SequentialRecommender, histories: Sequence[np.ndarray], targ
     try:
         for lo in range(0, len(histories), batch_size):
             hist = histories[lo:lo + batch_size]
-            scores = model.full_sort_predict(model.predict_batch(hist))
+            scores = model.full_sort_predict(model.predict_inputs(hist))
             acc.add(scores, targets[lo:lo + batch_size], exclude=hist if mask_history else None)
     finally:
         model.train(was_training)
