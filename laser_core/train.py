@@ -105,6 +105,11 @@ class LaserTrainConfig(StrictConfig):
         "learning curve: validate every this many training users inside the epochs (history entries with "
         "curve: true; they never pick the best epoch nor count for early stopping)"))
     users_per_epoch: int | None = Field(default=None, ge=1)
+    group_by_length: int | None = Field(default=None, ge=1, description=(
+        "length-grouped batches (as transformers' group_by_length): the epoch's shuffled users are cut into "
+        "groups of this many, each group is sorted by history length and dealt into optimizer steps (batch_size "
+        "x grad_accumulation x processes users), and the steps are shuffled. The same examples, far less "
+        "padding (on Scientific at H = 50, groups of 512: 2.6x fewer padded tokens). None: random batches"))
     valid_users: int | None = Field(default=None, ge=1, description="seeded sample for validation (None: all)")
     test_users: int | None = Field(default=None, ge=1, description="seeded sample for the test (None: all)")
     item_batch_size: int = Field(default=16, ge=1)
@@ -262,6 +267,8 @@ class LaserTrainer:
         self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
                      "eval_seconds": 0.0, "users_evaluated": 0}
         self._best_weights: dict[str, torch.Tensor] = {}
+        self._best_table: torch.Tensor | None = None
+        self.state: dict = {}     # the current fit's state (what state.json holds)
         self._fitted_table: torch.Tensor | None = None
         if self.wd is None and workdir_root is not None:
             self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
@@ -385,7 +392,19 @@ class LaserTrainer:
             cut = int(rng.integers(1, len(seq)))  # history seq[:cut] (>= 1 item), target seq[cut]
             hist.append(seq[:cut])
             targets.append(seq[cut])
-        return hist, np.asarray(targets, dtype=np.int64)
+        targets = np.asarray(targets, dtype=np.int64)
+        group = self.cfg.group_by_length
+        if group is None:
+            return hist, targets
+        n = len(hist)
+        lengths = np.array([len(h) for h in hist])
+        order = np.concatenate([lo + np.argsort(-lengths[lo:lo + group], kind="stable")
+                                for lo in range(0, n, group)])
+        step = self.cfg.batch_size * self.cfg.grad_accumulation * self.world
+        full = n // step * step   # whole optimizer steps are shuffled; a last partial one stays last
+        steps = [order[lo:lo + step] for lo in range(0, full, step)]
+        order = np.concatenate([*(steps[i] for i in rng.permutation(len(steps))), order[full:]])
+        return [hist[i] for i in order], targets[order]
 
     def train_epoch(self, table: torch.Tensor, stage: int, epoch: int,
                     on_curve: Callable[[dict], None] | None = None) -> float:
@@ -523,6 +542,8 @@ class LaserTrainer:
                 self.cost.update(state.get("cost", {}))
                 self.global_step = int(state.get("global_step", 0))
                 self.users_seen = int(state.get("users_seen", 0))
+        self.state = state
+        self._best_table = best_table
         if self.model.needs_transform_fit():  # once, before any training (a resumed run has it in its weights)
             self.fit_embedding_transform()
             if not state["best"]:
@@ -537,7 +558,7 @@ class LaserTrainer:
             if changed:
                 state["best"][str(stage)] = {"epoch": epoch, "valid": valid}
                 self._best_weights = self._trainable_state()
-                best_table = table
+                best_table = self._best_table = table
             state.update(stage=stage, epoch=epoch, best_changed=changed, cost=dict(self.cost),
                          global_step=self.global_step, users_seen=self.users_seen)
             self._save(state, best_table)
@@ -593,12 +614,26 @@ class LaserTrainer:
                 record(2, epoch, loss, self.validate(frozen), frozen)
             self.model.load_state_dict(self._best_weights)
         self.model.eval()
+        return self._result(frozen)
+
+    def _result(self, table: torch.Tensor) -> LaserFitResult:
         cost = dict(self.cost)
         cost["items_per_second"] = cost["items_encoded"] / cost["item_seconds"] if cost["item_seconds"] else None
         cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
                                           if cost["train_seconds"] else None)
-        return LaserFitResult(model=self.model, item_table=frozen.cpu(), best=state["best"],
-                              history=state["history"], fusion_weight=state.get("fusion_weight"), cost=cost)
+        return LaserFitResult(model=self.model, item_table=table.cpu(), best=self.state["best"],
+                              history=self.state["history"], fusion_weight=self.state.get("fusion_weight"),
+                              cost=cost)
+
+    def best_so_far(self) -> LaserFitResult:
+        """A fit stopped between epochs (an exception from a callback, e.g. a time limit): the best validation
+        epoch so far, as :meth:`fit` would return it had the run ended there: its weights loaded into the model
+        (eval mode) and its item table (in stage 2: the frozen table)."""
+        if self._best_table is None or not self.state.get("best"):
+            raise RuntimeError("no validated epoch yet: fit() stopped before its first validation")
+        self.model.load_state_dict(self._best_weights)
+        self.model.eval()
+        return self._result(self._best_table)
 
 
 def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig,

@@ -255,6 +255,10 @@ def test_run_trains_tests_writes_and_resumes(built, tmp_path):
     assert _entries(first["runs"]["laser"]) == [(1, -1), (1, 0)]
     assert {"sasrec", "bert4rec", "popularity"} <= set(first["results"])
     assert first["calls"][-1]["runs"]["laser"]["epochs_trained"] == 1
+    # stopped runs are tested at their best validation epoch so far, and say so
+    assert first["runs"]["laser"]["partial"]["epochs_done"] == [1, 0]
+    assert first["results"]["laser"] == first["runs"]["laser"]["results"]
+    assert np.isfinite(first["results"]["laser"]["ndcg@10"])
 
     out2 = tmp_path / "out2"
     assert gpu_run.main(common + ["--out", str(out2)]) == 0
@@ -264,6 +268,7 @@ def test_run_trains_tests_writes_and_resumes(built, tmp_path):
     for label in ("laser", "laser-fusion"):
         run = second["runs"][label]
         assert run["status"] == "complete" and _entries(run) == expected   # no epoch trained twice
+        assert "partial" not in run
         assert set(run["results"]) >= {"recall@10", "ndcg@10", "mrr"}
         assert second["results"][label] == run["results"]
     assert second["runs"]["laser-fusion"]["fusion_weight"]["chosen"] in (1.0, 5.0)
@@ -297,3 +302,37 @@ def test_run_sh_runs_the_same_entry_point(built, tmp_path):
     result = json.loads((tmp_path / "out" / "laser_tinysci_gpu.json").read_text())
     assert result["runs"]["laser-fusion"]["device"] == "cpu"
     assert np.isfinite(result["results"]["laser-fusion"]["ndcg@10"])
+
+
+def test_shares_give_every_run_a_figure_and_a_failed_run_does_not_stop_the_next(built, tmp_path, monkeypatch):
+    """--shares: a run at the end of its share is tested at its best epoch so far and the next run starts (here
+    laser's share is ~0 s: it stops after its epoch -1 validation); a run that raises is recorded, not fatal."""
+    pack, wd = built["pack"], tmp_path / "work"
+    common = ["--pack", str(pack), "--workdir", str(wd), "--threads", "1", "--time-limit", "100000"]
+    assert gpu_run.main(common + ["--out", str(tmp_path / "o1"), "--shares", "1e-9,1"]) == 0
+    got = json.loads((tmp_path / "o1" / "laser_tinysci_gpu.json").read_text())
+    laser, fused = got["runs"]["laser"], got["runs"]["laser-fusion"]
+    assert laser["status"] == "incomplete" and _entries(laser) == [(1, -1)]
+    assert laser["partial"]["stopped"] == "the run's share of the time limit"
+    assert got["calls"][-1]["runs"]["laser"]["epochs_trained"] == 0
+    assert fused["status"] == "complete" and "partial" not in fused
+    assert {"laser", "laser-fusion", "sasrec"} <= set(got["results"])
+    with pytest.raises(SystemExit, match="one positive weight per run"):
+        gpu_run.main(common + ["--out", str(tmp_path / "o0"), "--shares", "1"])
+
+    real = gpu_run.build_laser
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: a planted failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gpu_run, "build_laser", flaky)
+    assert gpu_run.main(common + ["--out", str(tmp_path / "o2"), "--workdir", str(tmp_path / "work2")]) == 0
+    got = json.loads((tmp_path / "o2" / "laser_tinysci_gpu.json").read_text())
+    assert got["runs"]["laser"]["status"] == "failed" and "a planted failure" in got["runs"]["laser"]["error"]
+    assert got["calls"][-1]["runs"]["laser"]["stopped"].startswith("failed: RuntimeError")
+    assert got["runs"]["laser-fusion"]["status"] == "complete" and "laser-fusion" in got["results"]
+    assert got["status"].startswith("incomplete")

@@ -349,3 +349,28 @@ def test_adam_option_and_a_model_without_two_dim_weights():
     assert [(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups] == \
         [(0.1, [(3, 2)]), (0.0, [(2,)])]
     assert np.isclose(opt.param_groups[0]["lr"], 1e-4)
+
+
+# ---------------------------------------------------------------------------------- length grouping
+def test_group_by_length_deals_the_same_examples_into_steps_of_similar_length(data, sr):
+    base = cfg_(batch_size=4, grad_accumulation=2)
+    grouped = cfg_(batch_size=4, grad_accumulation=2, group_by_length=24)
+    plain = LaserTrainer(make(data, sr), data[1], base)
+    sorted_ = LaserTrainer(make(data, sr), data[1], grouped)
+    assert plain.run_hash() != sorted_.run_hash()   # a different run, and its own checkpoints
+    h0, t0 = plain.examples(1, 3)
+    h1, t1 = sorted_.examples(1, 3)
+    pairs = lambda h, t: sorted((tuple(x.tolist()), int(y)) for x, y in zip(h, t))   # noqa: E731
+    assert pairs(h0, t0) == pairs(h1, t1)             # the same cuts and targets, another order
+    step = 8
+    full = len(h1) // step * step
+
+    def padded(h):   # the items a padded batch of 4 holds, summed over the epoch
+        return sum(max(len(x) for x in h[lo:lo + 4]) * len(h[lo:lo + 4]) for lo in range(0, len(h), 4))
+
+    assert padded(h1) < padded(h0)
+    for lo in range(0, full, step):                   # each whole step comes from one length-sorted group
+        lens = [len(x) for x in h1[lo:lo + step]]
+        assert lens == sorted(lens, reverse=True)
+    assert sorted_.examples(1, 3)[1].tolist() == t1.tolist()   # seeded
+    assert sorted_.examples(1, 4)[1].tolist() != t1.tolist()

@@ -12,7 +12,12 @@ as the CPU benchmark). The same script runs on the CPU (tests/test_gpu_pack.py, 
 
 Time budget (``--time-limit`` seconds from the start of the call, default 480, well inside a 9-minute call):
 after every epoch's checkpoint, the run stops when the time left would not hold another epoch (the longest so
-far) plus the test; it then writes what it has (``status: incomplete``) and exits 0. Calling again resumes:
+far) plus the test; it then tests its best validation epoch so far (``results`` with ``partial``: the epochs it
+was trained for), writes what it has (``status: incomplete``) and exits 0. ``--shares 3,2`` splits the time
+between the runs (each run's share of the time left when it starts, the shares of the runs after it counted):
+a run that reaches the end of its share is stopped and tested the same way and the next run starts, so one call
+gives every run a figure. A run that fails is recorded with its traceback and the next run starts. Calling
+again resumes:
 the trainer's checkpoints (``--workdir``, per run ``<label>-<run hash>``: the trainable weights, optimizer,
 step counter, history, best epoch and table after every epoch) continue the run where it stopped, finished
 epochs are never trained again, and a finished run only reloads its best weights and is tested again. A call
@@ -32,6 +37,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,7 +59,13 @@ from laser_core.train import LaserTrainer, test_examples, test_laser  # noqa: E4
 
 
 class TimeUp(Exception):
-    """Raised after an epoch's checkpoint when the time left would not hold another epoch and the test."""
+    """Raised after an epoch's checkpoint when the time left would not hold another epoch and the test.
+    ``whole_call``: the call's time (or epoch count) is spent, so later runs do not start; else only this run's
+    share of it is (``--shares``)."""
+
+    def __init__(self, why: str, whole_call: bool = True) -> None:
+        super().__init__(why)
+        self.whole_call = whole_call
 
 
 class Budget:
@@ -65,9 +77,13 @@ class Budget:
         self.epoch_seconds = 0.0   # the longest epoch of this call (training + table + validation)
         self.eval_seconds_per_user = 0.0
         self.epochs = 0            # epochs trained in this call (all runs)
+        self.run_deadline: float | None = None   # perf_counter() time at which the current run's share ends
 
     def left(self) -> float:
         return float("inf") if self.limit is None else self.limit - (time.perf_counter() - self.start)
+
+    def run_left(self) -> float:
+        return float("inf") if self.run_deadline is None else self.run_deadline - time.perf_counter()
 
     def test_seconds(self, n_pairs: int) -> float:
         return self.eval_seconds_per_user * n_pairs * 1.2
@@ -99,6 +115,12 @@ def machine() -> dict:
     return info
 
 
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -115,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change a setting of every run (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    ap.add_argument("--shares", default=None, metavar="W1,W2,...",
+                    help="split the time limit between the runs in these proportions (one weight per run)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [label for label in labels if label not in manifest["runs"]]
     if unknown:
         raise SystemExit(f"runs {unknown} are not in the pack (it has {list(manifest['runs'])})")
+    shares = [float(w) for w in args.shares.split(",")] if args.shares else None
+    if shares is not None and (len(shares) != len(labels) or min(shares) <= 0):
+        raise SystemExit(f"--shares needs one positive weight per run ({len(labels)}: {labels})")
     filename = f"laser_{name}_gpu.json"
     kept = wd / filename
     out = json.loads(kept.read_text(encoding="utf8")) if kept.is_file() else {}
@@ -142,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         call["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        if torch.cuda.is_available():
+            call["cuda_max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         states = [runs.get(label, {}).get("status") for label in labels]
         out["status"] = "complete" if all(s == "complete" for s in states) else \
             "incomplete: call again to resume (checkpoints in the workdir)"
@@ -177,61 +206,88 @@ def main(argv: list[str] | None = None) -> int:
             call["runs"][label] = "not started: time limit"
             continue
         t_run = time.perf_counter()
-        model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model], device=laser_cfg.device)
-        trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label=label)
-        last = [time.perf_counter()]
-        trained = [0]
+        i = labels.index(label)
+        if shares is not None and clock.limit is not None:   # this run's share of the time left
+            clock.run_deadline = t_run + clock.left() * shares[i] / sum(shares[i:])
 
-        def progress(stage: int, epoch: int, entry: dict, label=label, run=run, trainer=trainer) -> None:
-            now = time.perf_counter()
-            if epoch >= 0:
-                clock.epoch_seconds = max(clock.epoch_seconds, now - last[0])
-                clock.epochs += 1
-                trained[0] += 1
-            last[0] = now
-            cost = trainer.cost
-            if cost["users_evaluated"]:
-                clock.eval_seconds_per_user = cost["eval_seconds"] / cost["users_evaluated"]
-            print(f"{label}: stage {stage} epoch {epoch} loss {entry.get('loss')} valid ndcg@10 "
-                  f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s)", flush=True)
-            run.update(status="incomplete", history=trainer_history(trainer), device=str(trainer.device))
-            write()
-            if not clock.enough_for(clock.epoch_seconds + clock.test_seconds(len(targets))):
-                raise TimeUp("time limit")
-            if args.epochs_per_call is not None and clock.epochs >= args.epochs_per_call:
-                raise TimeUp("epochs per call")
+        def train_and_test(cfg=cfg, label=label, run=run, ds=ds, split=split, targets=targets,
+                           laser_cfg=laser_cfg):
+            """Build, Bi-Tune (stopped by the clock or not) and test one run: (stop, result, model, trainer,
+            test figures, fit seconds, test seconds)."""
+            model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model], device=laser_cfg.device)
+            trainer = LaserTrainer(model, split, laser_cfg, workdir_root=wd, label=label)
+            last = [time.perf_counter()]
 
-        try:
+            def progress(stage: int, epoch: int, entry: dict, label=label, run=run, trainer=trainer) -> None:
+                now = time.perf_counter()
+                if epoch >= 0:
+                    clock.epoch_seconds = max(clock.epoch_seconds, now - last[0])
+                    clock.epochs += 1
+                    trained[0] += 1
+                last[0] = now
+                cost = trainer.cost
+                if cost["users_evaluated"]:
+                    clock.eval_seconds_per_user = cost["eval_seconds"] / cost["users_evaluated"]
+                print(f"{label}: stage {stage} epoch {epoch} loss {entry.get('loss')} valid ndcg@10 "
+                      f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s)", flush=True)
+                run.update(status="incomplete", history=trainer_history(trainer), device=str(trainer.device))
+                write()
+                need = clock.epoch_seconds + clock.test_seconds(len(targets))
+                if not clock.enough_for(need):
+                    raise TimeUp("time limit")
+                if clock.run_left() < need + clock.margin:
+                    raise TimeUp("the run's share of the time limit", whole_call=False)
+                if args.epochs_per_call is not None and clock.epochs >= args.epochs_per_call:
+                    raise TimeUp("epochs per call")
+
+            stop: TimeUp | None = None
             t0 = time.perf_counter()
-            result = trainer.fit(callbacks=[progress])
+            try:
+                result = trainer.fit(callbacks=[progress])
+            except TimeUp as why:
+                stop, result = why, trainer.best_so_far()
             fit_s = time.perf_counter() - t0
-        except TimeUp as stop:
-            call["runs"][label] = {"stopped": str(stop), "epochs_trained": trained[0],
-                                   "seconds": round(time.perf_counter() - t_run, 1)}
-            score_baselines(sr_models, split, hist, targets, results, scored)
+            t0 = time.perf_counter()
+            laser = test_laser(result.model, result.item_table, split, laser_cfg)
+            return stop, result, model, trainer, laser, fit_s, time.perf_counter() - t0
+
+        trained = [0]
+        try:
+            stop, result, model, trainer, laser, fit_s, test_s = train_and_test()
+        except Exception as err:   # noqa: BLE001 - one run's failure must not cost the others their figures
+            run.update(status="failed", error=traceback.format_exc()[-4000:])
+            call["runs"][label] = {"stopped": f"failed: {type(err).__name__}: {err}"[:500],
+                                   "epochs_trained": trained[0], "seconds": round(time.perf_counter() - t_run, 1)}
             write()
-            print(f"{label}: stopped ({stop}) after {trained[0]} epochs this call; call again to resume",
-                  flush=True)
-            for rest in labels[labels.index(label) + 1:]:
-                runs.setdefault(rest, {}).setdefault("status", "not started")
-                call["runs"][rest] = f"not started: {stop}"
-            break
-        t0 = time.perf_counter()
-        laser = test_laser(result.model, result.item_table, split, laser_cfg)
-        test_s = time.perf_counter() - t0
-        run.update(fit_record(result, model, laser, fit_s, test_s, len(targets)), status="complete",
-                   device=str(trainer.device))
+            print(f"{label}: FAILED\n{run['error']}", flush=True)
+            _free()
+            continue
+        run.update(fit_record(result, model, laser, fit_s, test_s, len(targets)), device=str(trainer.device),
+                   status="complete" if stop is None else "incomplete")
+        run.pop("error", None)
+        if stop is None:
+            run.pop("partial", None)
+        else:   # the best validation epoch so far, tested: a figure at the budget this call had
+            run["partial"] = {"stopped": str(stop), "users_trained": result.cost["users_trained"],
+                              "epochs_done": [(e["stage"], e["epoch"]) for e in result.history
+                                              if not e.get("curve")][-1]}
         results[label] = run["results"]
-        call["runs"][label] = {"stopped": "finished", "epochs_trained": trained[0],
+        call["runs"][label] = {"stopped": "finished" if stop is None else str(stop), "epochs_trained": trained[0],
                                "seconds": round(time.perf_counter() - t_run, 1)}
         score_baselines(sr_models, split, hist, targets, results, scored)
         write()
         print(f"{label}: test ndcg@10 {laser['ndcg@10']:.4f} recall@10 {laser['recall@10']:.4f} "
-              f"mrr {laser['mrr']:.4f}", flush=True)
+              f"mrr {laser['mrr']:.4f}" + ("" if stop is None else f" (stopped: {stop}; best epoch so far)"),
+              flush=True)
+        if stop is not None and stop.whole_call:
+            print(f"{label}: stopped ({stop}) after {trained[0]} epochs this call; call again to resume",
+                  flush=True)
+            for rest in labels[i + 1:]:
+                runs.setdefault(rest, {}).setdefault("status", "not started")
+                call["runs"][rest] = f"not started: {stop}"
+            break
         del model, trainer, result
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free()
     if not scored and data_cache:   # nothing trained this call: the baselines still get their figures
         ds, split = next(iter(data_cache.values()))
         score_baselines(sr_models, split, hist, targets, results, scored)
