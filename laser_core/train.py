@@ -265,6 +265,7 @@ class LaserTrainer:
         self.global_step = 0      # optimizer steps taken in the run (sets the learning rate; in state.json)
         self.users_seen = 0       # training users of the run so far, all processes together (in state.json)
         self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
+                     "nonfinite_batches": 0, "skipped_steps": 0,
                      "eval_seconds": 0.0, "users_evaluated": 0}
         self._best_weights: dict[str, torch.Tensor] = {}
         self._best_table: torch.Tensor | None = None
@@ -314,10 +315,17 @@ class LaserTrainer:
         return lr_at(self.global_step, self.planned_steps, self.cfg)
 
     def _optimizer_step(self) -> None:
+        """One optimizer step at the schedule's learning rate; skipped (as a loss scaler skips it) when a
+        gradient is not finite, so one bad mini-batch cannot turn the weights into NaN. The step counter (and so
+        the schedule) advances either way; ``cost["skipped_steps"]`` counts the skips."""
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.cost["skipped_steps"] += 1
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
 
@@ -445,10 +453,14 @@ class LaserTrainer:
                 scaled.backward()
             if (b + 1) % acc == 0 or b + 1 == len(starts):
                 self._optimizer_step()
-            total += float(loss.detach())
-            n_batches += 1
+            value = float(loss.detach())
+            if math.isfinite(value):   # the epoch's mean loss is over finite mini-batch losses
+                total += value
+                n_batches += 1
+            else:
+                self.cost["nonfinite_batches"] += 1
             bar.update(len(emb))
-            bar.set_postfix(loss=f"{total / n_batches:.4f}")
+            bar.set_postfix(loss=f"{total / max(n_batches, 1):.4f}")
             if every is not None:   # the same decision on every process (from the batch index alone); the
                 # users trained count the epoch's users once (a shard's wrapped-around repeats are not new)
                 before = seen0 + min(n_epoch, lo * self.world)
@@ -463,7 +475,7 @@ class LaserTrainer:
         self.users_seen = seen0 + n_epoch
         self.cost["train_seconds"] += time.perf_counter() - t0 - paused
         self.cost["users_trained"] += len(hist)
-        return total / max(n_batches, 1)
+        return total / n_batches if n_batches else float("nan")
 
     def validate(self, table: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()

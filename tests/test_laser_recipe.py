@@ -374,3 +374,24 @@ def test_group_by_length_deals_the_same_examples_into_steps_of_similar_length(da
         assert lens == sorted(lens, reverse=True)
     assert sorted_.examples(1, 3)[1].tolist() == t1.tolist()   # seeded
     assert sorted_.examples(1, 4)[1].tolist() != t1.tolist()
+
+
+# ------------------------------------------------------------------------------- non-finite guard
+def test_a_nonfinite_loss_skips_its_step_and_leaves_the_weights_finite(data, sr):
+    trainer = LaserTrainer(make(data, sr), data[1], cfg_(**{**PLAIN, "batch_size": 8, "users_per_epoch": 32}))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real, calls = trainer._loss, []
+
+    def poisoned(emb, table, targets):   # the second mini-batch's loss is NaN (as a bad bf16 batch would be)
+        calls.append(1)
+        loss = real(emb, table, targets)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    trainer._loss = poisoned
+    table = trainer.item_table()
+    loss = trainer.train_epoch(table, 1, 0)
+    assert len(calls) == 4 and math.isfinite(loss)
+    assert (trainer.cost["nonfinite_batches"], trainer.cost["skipped_steps"], trainer.global_step) == (1, 1, 4)
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in after)   # the three good steps did train

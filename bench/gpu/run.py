@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 if cost["users_evaluated"]:
                     clock.eval_seconds_per_user = cost["eval_seconds"] / cost["users_evaluated"]
                 print(f"{label}: stage {stage} epoch {epoch} loss {entry.get('loss')} valid ndcg@10 "
-                      f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s)", flush=True)
+                      f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s; non-finite batches "
+                      f"{cost['nonfinite_batches']}, skipped steps {cost['skipped_steps']})", flush=True)
                 run.update(status="incomplete", history=trainer_history(trainer), device=str(trainer.device))
                 write()
                 need = clock.epoch_seconds + clock.test_seconds(len(targets))
