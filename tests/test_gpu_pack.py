@@ -336,3 +336,24 @@ def test_shares_give_every_run_a_figure_and_a_failed_run_does_not_stop_the_next(
     assert got["calls"][-1]["runs"]["laser"]["stopped"].startswith("failed: RuntimeError")
     assert got["runs"]["laser-fusion"]["status"] == "complete" and "laser-fusion" in got["results"]
     assert got["status"].startswith("incomplete")
+
+
+def test_merge_takes_each_run_from_its_last_call_and_refuses_other_pairs(tmp_path):
+    merge = _module("gpu_merge", ROOT / "bench" / "gpu" / "merge.py")
+
+    def doc(runs: dict, ndcg: float, pairs: int = 5) -> dict:
+        results = {k: {"ndcg@10": v} for k, v in runs.items()} | {"sasrec": {"ndcg@10": ndcg}}
+        return {"dataset": "d", "paper": {}, "machine": {}, "pack": {}, "protocol": {"test_pairs": pairs},
+                "results": results, "calls": [{"runs": list(runs)}],
+                "runs": {k: {"status": "incomplete"} for k in runs}}
+
+    files = []
+    for i, d in enumerate([doc({"a": 0.1, "b": 0.2}, 0.3), doc({"b": 0.25}, 0.31)]):
+        files.append(tmp_path / f"c{i}.json")
+        files[-1].write_text(json.dumps(d))
+    got = merge.merge(files)
+    assert {k: v["ndcg@10"] for k, v in got["results"].items()} == {"a": 0.1, "b": 0.25, "sasrec": 0.31}
+    assert [c["file"] for c in got["calls"]] == ["c0.json", "c1.json"] and got["status"] == "incomplete"
+    files[1].write_text(json.dumps(doc({"b": 0.25}, 0.31, pairs=6)))
+    with pytest.raises(SystemExit, match="other test pairs"):
+        merge.merge(files)
