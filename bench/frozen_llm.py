@@ -47,6 +47,7 @@ from laser_benchmark import add_common_args, baseline_model, load_inputs  # noqa
 
 from laser_core.metrics import RankingAccumulator  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
+from laser_core.train import test_examples  # noqa: E402
 from laser_core.sr.checkpoint import save_tensors  # noqa: E402
 
 KEEP = ("ndcg@10", "recall@10", "mrr")
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {dest}", flush=True)
 
     _, v_hist, v_targets = split.valid_examples()
-    _, t_hist, t_targets = split.test_examples()
+    t_hist, t_targets = test_examples(split, cfg.laser_train)   # Laser's test pairs (all, or its sample)
     layers = sorted({int(x) for x in args.layers.split(",") if x})
     tables = layer_tables(cfg, ds, layers, wd, args.item_batch_size)
     curve = out.setdefault("layer_curve", {})
