@@ -422,7 +422,14 @@ def _register_serving() -> None:
         register(cli)
 
 
+def _register_stack() -> None:
+    from laser_cli.stack import register
+
+    register(cli)
+
+
 _register_serving()
+_register_stack()
 
 
 def main() -> None:

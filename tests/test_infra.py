@@ -1,21 +1,30 @@
-"""The cluster stacks (infra/kubernetes, infra/kubeflow) and their run settings (pipelines/settings.py).
+"""The cluster stacks (`laser stack register kubernetes|kubeflow`, laser_cli/stack.py) and their run settings
+(pipelines/settings.py).
 
-Registration runs in-process against the session's isolated ZenML store (tests/conftest.py), with fake but
-well-formed values: nothing here reaches a cluster. The registration tests skip, naming the extra, where the
-orchestrator's Python requirements are not installed; the missing-extra message is checked where they are not.
+Registration runs the real command in-process against the session's isolated ZenML store (tests/conftest.py), with
+fake but well-formed values: nothing here reaches a cluster. It needs ZenML only (ZenML registers every
+integration's flavors, installed or not), so these tests run without the `kubernetes`/`kubeflow` extras; where an
+extra is missing they pass --no-requirements-check, and where it is installed they go through the check.
+Compiling the pipeline on a registered stack imports the orchestrator's client: those tests skip, naming the extra,
+where it is missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from laser_cli.main import cli
+from laser_cli.stack import EXTRAS, REGISTER_MODULES, register_group
 
 REPO = Path(__file__).resolve().parents[1]
-K8S_MODULE = "laser_infra_kubernetes_register_stack"   # the name infra/kubeflow/register_stack.py loads it under
 
 K8S_ENV = {
     "LASER_KUBE_CONTEXT": "test-cluster",
@@ -29,30 +38,45 @@ KUBEFLOW_ENV = {
     "LASER_CONTAINER_REGISTRY_URI": "europe-docker.pkg.dev/test-project/laser",
     "LASER_IMAGE_BUILDER": "kaniko",
 }
-EXTRA_MODULES = {"kubernetes": ("kubernetes",), "kubeflow": ("kfp", "kfp.kubernetes", "kubernetes")}
+STACK_VARS = sorted({p.envvar for cmd in register_group.commands.values() for p in cmd.params if p.envvar})
+STATUS = re.compile(r"^(created|updated|unchanged)(, active)? +(\S+)$")
 
 
-def _load(kind: str):
-    name = K8S_MODULE if kind == "kubernetes" else "laser_infra_kubeflow_register_stack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "infra" / kind / "register_stack.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def _installed(extra: str) -> bool:
+    from laser_cli.stack import _module_missing
+
+    return not any(_module_missing(m) for m in EXTRAS[extra][0])
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+def _require_extra(extra: str, register_only: bool = False) -> None:
+    """Skip unless the extra's modules (or, ``register_only``, those ZenML needs to register its orchestrator) are
+    installed; `make test` installs the kubernetes extra, which is all a kubeflow registration needs."""
+    for module in REGISTER_MODULES[extra] if register_only else EXTRAS[extra][0]:
+        needs = f"registering a {extra} stack needs {module}: pip install -e .[kubernetes]" if register_only else \
+            f"the `{extra}` extra is not installed ({module} is missing): pip install -e .[{extra}]"
+        pytest.importorskip(module, reason=f"{needs} (see infra/{extra}/README.md)")
 
 
-def _require_extra(extra: str) -> None:
-    for module in EXTRA_MODULES[extra]:
-        pytest.importorskip(module, reason=f"the `{extra}` extra is not installed ({module} is missing): "
-                                           f"pip install -e .[{extra}] (see infra/{extra}/README.md)")
+@pytest.fixture
+def clean_env(zenml_store, monkeypatch):
+    """No LASER_* stack variable from the outside: each test passes its own."""
+    for var in STACK_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _invoke(kind: str, args: list[str], env: dict[str, str], check: bool = True):
+    """``laser stack register KIND ARGS`` with ``env``; ``check``: skip --no-requirements-check where the extra is
+    installed (so the check itself runs there)."""
+    flag = [] if not check or _installed(kind) else ["--no-requirements-check"]
+    return CliRunner().invoke(cli, ["stack", "register", kind, *flag, *args], env=env)
+
+
+def _register(kind: str, args: list[str], env: dict[str, str]) -> dict[str, str]:
+    """Register; the statuses printed (component or stack name -> created/updated/unchanged[, active])."""
+    result = _invoke(kind, args, env)
+    assert result.exit_code == 0, result.output
+    found = [STATUS.match(line) for line in result.stdout.splitlines()]
+    return {m[3]: m[1] + (m[2] or "") for m in found if m}
 
 
 def _components(stack_name: str) -> dict[str, object]:
@@ -66,45 +90,53 @@ def _flavors(components: dict) -> dict[str, str]:
     return {ctype: c.flavor_name for ctype, c in components.items()}
 
 
-def test_kubernetes_stack_registers_idempotently(zenml_store):
-    _require_extra("kubernetes")
+def _no_stack(name: str) -> bool:
     from zenml.client import Client
 
-    mod = _load("kubernetes")
+    return not Client().list_stacks(name=name).items and not Client().list_stack_components(name=f"{name}-registry").items
+
+
+def test_kubernetes_stack_registers_idempotently(clean_env):
+    from zenml.client import Client
+
     env = {**K8S_ENV, "LASER_STACK_NAME": "laser-k8s-test"}
-    first = mod.register([], env)
-    assert set(first.statuses.values()) == {"created"} and len(first.statuses) == 5
+    first = _register("kubernetes", [], env)
+    assert set(first.values()) == {"created"} and len(first) == 5
     comps = _components("laser-k8s-test")
     assert _flavors(comps) == {"orchestrator": "kubernetes", "artifact_store": "s3",
                                "container_registry": "default", "image_builder": "local"}
     assert comps["orchestrator"].name == "laser-k8s-test-orchestrator"
     assert comps["orchestrator"].configuration["kubernetes_context"] == "test-cluster"
     assert comps["orchestrator"].configuration["kubernetes_namespace"] == "zenml"     # the documented default
+    assert "service_account_name" not in comps["orchestrator"].configuration
     assert comps["artifact_store"].configuration["path"] == "s3://laser-test-bucket/zenml"
     assert comps["container_registry"].configuration["uri"] == "registry.example.com/laser"
     assert Client().active_stack_model.name == "default"                              # not activated
 
-    again = mod.register([], env)
-    assert set(again.statuses.values()) == {"unchanged"}
+    again = _register("kubernetes", [], env)
+    assert set(again.values()) == {"unchanged"}
     assert {k: c.id for k, c in _components("laser-k8s-test").items()} == {k: c.id for k, c in comps.items()}
 
     # a changed value updates that component in place; a flag beats the environment variable
-    changed = mod.register(["--namespace", "laser-runs", "--s3-endpoint-url", "http://minio.local:9000"], env)
-    assert changed.statuses == {"laser-k8s-test-orchestrator": "updated", "laser-k8s-test-artifact-store": "updated",
-                                "laser-k8s-test-registry": "unchanged", "laser-k8s-test-image-builder": "unchanged",
-                                "laser-k8s-test": "unchanged"}
+    changed = _register("kubernetes", ["--namespace", "laser-runs", "--s3-endpoint-url", "http://minio.local:9000"],
+                        {**env, "LASER_K8S_NAMESPACE": "from-env", "LASER_K8S_SERVICE_ACCOUNT": "laser-sa"})
+    assert changed == {"laser-k8s-test-orchestrator": "updated", "laser-k8s-test-artifact-store": "updated",
+                       "laser-k8s-test-registry": "unchanged", "laser-k8s-test-image-builder": "unchanged",
+                       "laser-k8s-test": "unchanged"}
     comps2 = _components("laser-k8s-test")
     assert comps2["orchestrator"].id == comps["orchestrator"].id
     assert comps2["orchestrator"].configuration["kubernetes_namespace"] == "laser-runs"
+    assert comps2["orchestrator"].configuration["service_account_name"] == "laser-sa"
     assert comps2["artifact_store"].configuration["client_kwargs"] == {"endpoint_url": "http://minio.local:9000"}
 
 
-def test_kubeflow_stack_registers_idempotently(zenml_store):
-    _require_extra("kubeflow")
-    mod = _load("kubeflow")
+def test_kubeflow_stack_registers_idempotently(clean_env):
+    _require_extra("kubeflow", register_only=True)
+    from zenml.client import Client
+
     env = {**KUBEFLOW_ENV, "LASER_STACK_NAME": "laser-kubeflow-test"}
-    first = mod.register(["--user-namespace", "laser-team"], env)
-    assert set(first.statuses.values()) == {"created"}
+    first = _register("kubeflow", ["--user-namespace", "laser-team"], env)
+    assert set(first.values()) == {"created"}
     comps = _components("laser-kubeflow-test")
     assert _flavors(comps) == {"orchestrator": "kubeflow", "artifact_store": "gcp",
                                "container_registry": "default", "image_builder": "kaniko"}
@@ -115,57 +147,85 @@ def test_kubeflow_stack_registers_idempotently(zenml_store):
     assert comps["image_builder"].configuration["kubernetes_context"] == "test-cluster"
     assert comps["image_builder"].configuration["kubernetes_namespace"] == "zenml-kaniko"
     assert comps["artifact_store"].configuration["path"] == "gs://laser-test-bucket/zenml"
-    assert set(mod.register(["--user-namespace", "laser-team"], env).statuses.values()) == {"unchanged"}
+    try:
+        again = _register("kubeflow", ["--activate"], {**env, "LASER_KUBEFLOW_USER_NAMESPACE": "laser-team"})
+        assert again["laser-kubeflow-test"] == "unchanged, active"
+        assert set(again.values()) - {"unchanged, active"} == {"unchanged"}
+        assert Client().active_stack_model.name == "laser-kubeflow-test"
+    finally:
+        Client().activate_stack("default")
 
 
-def test_missing_variable_names_it(zenml_store, monkeypatch, capsys):
-    from zenml.client import Client
+def test_missing_settings_are_named_together(clean_env):
+    result = _invoke("kubernetes", ["--stack-name", "laser-miss"], {})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    for var, flag in (("LASER_KUBE_CONTEXT", "--kube-context"), ("LASER_ARTIFACT_STORE_PATH", "--artifact-store-path"),
+                      ("LASER_CONTAINER_REGISTRY_URI", "--registry-uri")):
+        assert f"{var} (or {flag})" in result.stderr
+    assert _no_stack("laser-miss")
 
-    k8s = _load("kubernetes")
-    env = {k: v for k, v in K8S_ENV.items() if k != "LASER_ARTIFACT_STORE_PATH"} | {"LASER_STACK_NAME": "laser-miss"}
-    with pytest.raises(k8s.MissingSettingError, match="LASER_ARTIFACT_STORE_PATH") as err:
-        k8s.register([], env)
-    assert "--artifact-store-path" in str(err.value)
-    # the command line: exit status 2 and the message on stderr, with nothing registered
-    for var in ("LASER_KUBE_CONTEXT", "LASER_ARTIFACT_STORE_PATH", "LASER_CONTAINER_REGISTRY_URI"):
-        monkeypatch.delenv(var, raising=False)
-    assert k8s.main(["--stack-name", "laser-miss"]) == 2
-    message = capsys.readouterr().err
-    assert all(v in message for v in ("LASER_KUBE_CONTEXT", "LASER_ARTIFACT_STORE_PATH",
-                                      "LASER_CONTAINER_REGISTRY_URI"))
-    assert not Client().list_stacks(name="laser-miss").items
-
-    kubeflow = _load("kubeflow")
     env = {k: v for k, v in KUBEFLOW_ENV.items() if k not in ("LASER_KUBEFLOW_HOST", "LASER_KUBE_CONTEXT")}
-    with pytest.raises(kubeflow.MissingSettingError, match="LASER_KUBEFLOW_HOST or LASER_KUBE_CONTEXT"):
-        kubeflow.register([], {**env, "LASER_IMAGE_BUILDER": "local"})
-    with pytest.raises(kubeflow.MissingSettingError, match="LASER_KUBE_CONTEXT"):      # kaniko needs a context
-        kubeflow.register(["--kubeflow-host", "https://kfp.example.com"], env)
+    result = _invoke("kubeflow", [], {**env, "LASER_IMAGE_BUILDER": "local"})
+    assert result.exit_code == 2
+    assert "LASER_KUBEFLOW_HOST (or --kubeflow-host) or LASER_KUBE_CONTEXT (or --kube-context)" in result.stderr
+    result = _invoke("kubeflow", ["--kubeflow-host", "https://kfp.example.com"], env)     # kaniko needs a context
+    assert result.exit_code == 2
+    assert "LASER_KUBE_CONTEXT (or --kube-context): the kaniko image builder" in result.stderr
 
 
-def test_bad_values_give_clear_errors(zenml_store):
-    k8s = _load("kubernetes")
-    with pytest.raises(k8s.RegistrationError, match="s3://"):
-        k8s.register(["--no-requirements-check", "--artifact-store-path", "/tmp/artifacts"], K8S_ENV)
-    with pytest.raises(SystemExit):      # argparse rejects an unknown image builder
-        k8s.register(["--image-builder", "buildah"], K8S_ENV)
-    with pytest.raises(k8s.RegistrationError, match="not one of"):
-        k8s.register([], {**K8S_ENV, "LASER_IMAGE_BUILDER": "buildah"})
+def test_bad_values_give_clear_errors(clean_env):
+    result = _invoke("kubernetes", ["--artifact-store-path", "/tmp/artifacts"], K8S_ENV)
+    assert result.exit_code == 2 and "'--artifact-store-path'" in result.stderr and "s3://" in result.stderr
+    result = _invoke("kubernetes", [], {**K8S_ENV, "LASER_IMAGE_BUILDER": "buildah"})
+    assert result.exit_code == 2 and "LASER_IMAGE_BUILDER" in result.stderr and "'buildah'" in result.stderr
     # a component name taken by another flavor is reported, not silently replaced
     env = {**K8S_ENV, "LASER_STACK_NAME": "laser-flip"}
-    k8s.register(["--no-requirements-check"], env)
-    with pytest.raises(k8s.RegistrationError, match="flavor 's3', not 'gcp'"):
-        k8s.register(["--no-requirements-check", "--artifact-store-path", "gs://other/zenml"], env)
+    _register("kubernetes", [], env)
+    result = _invoke("kubernetes", ["--artifact-store-path", "gs://other/zenml"], env)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "flavor 's3', not 'gcp'" in result.stderr
+    assert _components("laser-flip")["artifact_store"].configuration["path"] == "s3://laser-test-bucket/zenml"
 
 
 @pytest.mark.parametrize("kind", ["kubernetes", "kubeflow"])
-def test_missing_extra_is_reported(zenml_store, kind):
-    if all(_installed(m) for m in EXTRA_MODULES[kind]):
-        pytest.skip(f"the `{kind}` extra is installed here; the missing-extra message is checked where it is not")
-    mod = _load(kind)
-    env = K8S_ENV if kind == "kubernetes" else KUBEFLOW_ENV
-    with pytest.raises(mod.MissingExtraError, match=rf"\.\[{kind}\]"):
-        mod.register([], {**env, "LASER_STACK_NAME": f"laser-noextra-{kind}"})
+def test_missing_extra_is_reported(clean_env, monkeypatch, kind):
+    """Without the orchestrator's client (blocked here, so the test is the same where the extra is installed) the
+    command stops before touching the store and names the extra; --no-requirements-check registers anyway."""
+    env = {**(K8S_ENV if kind == "kubernetes" else KUBEFLOW_ENV), "LASER_STACK_NAME": f"laser-noextra-{kind}"}
+    with monkeypatch.context() as blocked:
+        for module in EXTRAS[kind][0]:
+            blocked.setitem(sys.modules, module, None)
+        result = _invoke(kind, [], env, check=False)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"-e '.[{kind}]'" in result.stderr and "--no-requirements-check" in result.stderr
+        if kind == "kubeflow":       # ZenML cannot validate a kubeflow orchestrator without the kubernetes client
+            result = _invoke(kind, ["--no-requirements-check"], env, check=False)
+            assert result.exit_code == 2 and "validates its configuration" in result.stderr
+            assert "-e '.[kubernetes]'" in result.stderr
+        assert _no_stack(f"laser-noextra-{kind}")
+    _require_extra(kind, register_only=True)
+    assert set(_register(kind, ["--no-requirements-check"], env).values()) == {"created"}
+
+
+def test_help_needs_neither_zenml_nor_the_extras():
+    code = """
+import sys, time
+for name in ("kubernetes", "kfp", "kfp.kubernetes"):
+    sys.modules[name] = None                      # as if the extras were not installed
+start = time.perf_counter()
+from laser_cli.main import cli
+for args in (["--help"], ["stack", "register", "kubeflow", "--help"], ["stack", "register", "kubernetes", "--help"]):
+    try:
+        cli(args, prog_name="laser")
+    except SystemExit as exc:
+        assert exc.code == 0, (args, exc.code)
+assert "zenml" not in sys.modules
+print(f"help in {time.perf_counter() - start:.2f} s")
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "stack  " in out.stdout and "LASER_KUBEFLOW_HOST" in out.stdout and "LASER_K8S_NAMESPACE" in out.stdout
 
 
 # --- pipelines/settings.py -------------------------------------------------------------------------------
@@ -272,7 +332,7 @@ def test_kubeflow_gpu_settings_warn():
 
 
 @pytest.mark.parametrize("kind", ["kubernetes", "kubeflow"])
-def test_settings_survive_compilation(zenml_store, kind):
+def test_settings_survive_compilation(clean_env, kind):
     """Compile (no run) the training pipeline on a registered cluster stack, as `laser run` would there."""
     _require_extra(kind)
     from zenml.client import Client
@@ -286,8 +346,7 @@ def test_settings_survive_compilation(zenml_store, kind):
     from pipelines.training import training_pipeline
 
     name = f"laser-{kind}-compile"
-    env = {**(K8S_ENV if kind == "kubernetes" else KUBEFLOW_ENV), "LASER_STACK_NAME": name}
-    _load(kind).register([], env)
+    _register(kind, [], {**(K8S_ENV if kind == "kubernetes" else KUBEFLOW_ENV), "LASER_STACK_NAME": name})
     # the bucket's integration (s3fs/gcsfs) is not needed to compile: use the local artifact store
     Client().update_stack(name, component_updates={StackComponentType.ARTIFACT_STORE: "default"})
     stack = Stack.from_model(Client().get_stack(name))
