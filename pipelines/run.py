@@ -61,7 +61,7 @@ def make_schedule(cron: str, config_path: str | Path | None = None, data_dir: st
             f"The active stack '{stack.name}' uses the '{orchestrator.flavor}' orchestrator, which cannot run "
             "schedules; nothing was run. Alternatives:\n"
             "  1. a schedulable stack from infra/ (Kubernetes or Kubeflow), e.g.\n"
-            "       python infra/kubernetes/register_stack.py   # see infra/kubernetes/README.md\n"
+            "       laser stack register kubernetes   # see infra/kubernetes/README.md\n"
             "       zenml stack set laser-k8s\n"
             "     then run the same command again;\n"
             "  2. your system's cron calling `laser run` (crontab -e), with this line:\n"
