@@ -156,11 +156,16 @@ def _module_missing(name: str) -> bool:
         return True
 
 
+def missing_modules(orchestrator_flavor: str, register_only: bool = False) -> list[str]:
+    """The orchestrator's Python modules (or, ``register_only``, those registering it needs) not importable here."""
+    modules = REGISTER_MODULES[orchestrator_flavor] if register_only else EXTRAS[orchestrator_flavor][0]
+    return [m for m in modules if _module_missing(m)]
+
+
 def check_extra(orchestrator_flavor: str, register_only: bool = False) -> None:
-    """Raise :class:`MissingExtraError` when the orchestrator's Python client is not importable here:
-    all of it, or (``register_only``) what registering it needs."""
-    modules, install = EXTRAS[orchestrator_flavor]
-    missing = [m for m in (REGISTER_MODULES[orchestrator_flavor] if register_only else modules) if _module_missing(m)]
+    """Raise :class:`MissingExtraError` naming the extra to install when :func:`missing_modules` finds any."""
+    install = EXTRAS[orchestrator_flavor][1]
+    missing = missing_modules(orchestrator_flavor, register_only)
     if not missing:
         return
     where = f"which {'is' if len(missing) == 1 else 'are'} not installed in this environment ({sys.executable})"

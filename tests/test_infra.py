@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from laser_cli.main import cli
-from laser_cli.stack import EXTRAS, REGISTER_MODULES, register_group
+from laser_cli.stack import EXTRAS, REGISTER_MODULES, missing_modules, register_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,6 @@ KUBEFLOW_ENV = {
 }
 STACK_VARS = sorted({p.envvar for cmd in register_group.commands.values() for p in cmd.params if p.envvar})
 STATUS = re.compile(r"^(created|updated|unchanged)(, active)? +(\S+)$")
-
-
-def _installed(extra: str) -> bool:
-    from laser_cli.stack import _module_missing
-
-    return not any(_module_missing(m) for m in EXTRAS[extra][0])
 
 
 def _require_extra(extra: str, register_only: bool = False) -> None:
@@ -67,7 +61,7 @@ def clean_env(zenml_store, monkeypatch):
 def _invoke(kind: str, args: list[str], env: dict[str, str], check: bool = True):
     """``laser stack register KIND ARGS`` with ``env``; ``check``: skip --no-requirements-check where the extra is
     installed (so the check itself runs there)."""
-    flag = [] if not check or _installed(kind) else ["--no-requirements-check"]
+    flag = ["--no-requirements-check"] if check and missing_modules(kind) else []
     return CliRunner().invoke(cli, ["stack", "register", kind, *flag, *args], env=env)
 
 
@@ -93,7 +87,8 @@ def _flavors(components: dict) -> dict[str, str]:
 def _no_stack(name: str) -> bool:
     from zenml.client import Client
 
-    return not Client().list_stacks(name=name).items and not Client().list_stack_components(name=f"{name}-registry").items
+    client = Client()
+    return not client.list_stacks(name=name).items and not client.list_stack_components(name=f"{name}-registry").items
 
 
 def test_kubernetes_stack_registers_idempotently(clean_env):
