@@ -75,30 +75,35 @@ def recommend(bundle: str, history: tuple[str, ...], k: int | None, exclude_hist
 @click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True),
               help="An export bundle directory (`laser export NAME:production --out DIR`).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
-@click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535),
+              help="0: any free port (the log line names it).")
+@click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1),
+              help="The largest k a request may ask for (also capped at the catalogue size).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1),
+              help="Larger request bodies get a 413.")
 @click.option("--popularity-fallback", is_flag=True,
               help="Answer an empty or all-unknown history with the most popular items instead of a 422.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--request-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds a client may stall mid-request (headers or body) before it gets a 408.")
-def serve(bundle: str, host: str, port: int, max_k: int, popularity_fallback: bool, threads: int | None,
-          request_timeout: float) -> None:
-    """HTTP JSON service: POST /recommend {"history": [...], "k": 10}, GET /health (Ctrl-C stops it)."""
+@click.option("--graceful-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds requests in flight get to finish after SIGTERM or Ctrl-C.")
+@click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+def serve(bundle: str, host: str, port: int, max_k: int, max_body_bytes: int, popularity_fallback: bool,
+          threads: int | None, graceful_timeout: float, access_log: bool) -> None:
+    """HTTP JSON service (FastAPI on uvicorn): POST /recommend {"history": [...], "k": 10}, GET /health, GET /ready,
+    API docs at /docs. SIGTERM or Ctrl-C shuts it down gracefully."""
     import logging
 
-    from laser_core.service import ListenError, make_server, serve_server
+    from laser_core.service import ListenError, bind, create_app, serve as serve_app
     from laser_core.serving import BundleError, Recommender
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads)
-        server = make_server(rec, host, port, max_k=max_k, request_timeout=request_timeout)  # bind first
+        app = create_app(rec, max_k=max_k, max_body_bytes=max_body_bytes)
+        sock = bind(host, port)  # before serving: a busy port is one clear error
     except (BundleError, ValueError, FileNotFoundError, ListenError) as exc:
         raise click.ClickException(str(exc)) from exc
-    bound_host, bound_port = server.server_address[:2]
-    click.echo(f"serving {rec.model_version} ({rec.n_items} items) on http://{bound_host}:{bound_port}")
-    serve_server(server)
+    serve_app(app, sock, timeout_graceful_shutdown=graceful_timeout, access_log=access_log)
 
 
 def register(cli: click.Group) -> None:

@@ -1,40 +1,48 @@
-"""A small HTTP JSON service over a recommender (standard library ``http.server`` + pydantic validation).
+"""The HTTP JSON service over a recommender: a FastAPI app (:func:`create_app`) served by uvicorn (:func:`serve`).
 
-Endpoints (docs/serving_http.md has examples):
+Endpoints (docs/serving_http.md has examples; the OpenAPI description is at ``/openapi.json``, the interactive
+docs at ``/docs``):
 
 - ``POST /recommend`` with ``{"history": [item_id, ...], "k": 10, "exclude_history": false}`` returns
   ``{"model_version", "items": [{"item_id", "title", "score", "rank"}], "dropped": [unknown ids]}``.
-- ``GET /health`` returns ``{"status": "ok", "model_version", "n_items"}``.
+- ``GET /health`` (liveness) returns ``{"status": "ok", "model_version", "n_items"}``.
+- ``GET /ready`` (readiness) returns 200 ``{"status": "ready", ...}`` while the app serves (after its startup),
+  503 ``{"error": "not_ready", ...}`` before that and once a shutdown has begun.
 
-Every response is JSON, carries the model version in the body and in an ``X-Model-Version`` header, and
-bad input always gets a 4xx that says what is wrong (never a traceback): 400 malformed JSON (also nested too
-deeply) or a validation error naming the field, 404 unknown path, 405 wrong method, 408 a client that stops
-sending mid-request for longer than ``request_timeout`` (the headers or the body), 411 no Content-Length, 413
-body too large, 422 when the recommender rejects the history (its ``ValueError`` message). Only a fault of the
-server is a 500 (a short JSON error, the traceback in the log); a client that goes away is never logged as
-one.
+Every response is JSON with the model version in an ``X-Model-Version`` header (and in the body of the answers
+above and of every error). Errors are ``{"error": kind, "message": ..., "model_version"[, "details"]}``: 400 a
+body that is not JSON (``malformed_json``: also one nested too deeply or not UTF-8) or that fails validation
+(``validation_error``; ``details`` names each field and its problem), 404 unknown path, 405 wrong method (with
+``Allow``), 413 a body over ``max_body_bytes``, 422 when the recommender rejects the history (its ``ValueError``
+message). Only a fault of the server is a 500: a short JSON error with a request id, the traceback in the log.
 
-The server is a ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive); the recommender's
-``recommend`` must be safe to call from several threads at once (onnxruntime's ``InferenceSession.run`` is).
+``recommend`` runs in the app's thread pool, so the recommender must be safe to call from several threads at
+once (onnxruntime's ``InferenceSession.run`` is). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
 import signal
+import socket
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo,
-                      field_validator)
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("laser.service")
 
@@ -42,10 +50,7 @@ MAX_HISTORY = 1000
 DEFAULT_K = 10
 DEFAULT_MAX_K = 100
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 1,000 history ids of ~1 KB each would still fit
-DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a client may stall mid-request (408 after it)
-# A refused body up to this size is read and discarded before closing, so the client reliably gets the 413
-# (closing a socket with unread data makes the kernel send a reset that can destroy the response in flight).
-_MAX_DRAIN_BYTES = 16 << 20
+DEFAULT_GRACEFUL_SHUTDOWN = 30.0  # seconds in-flight requests get after SIGTERM/SIGINT before they are cancelled
 
 
 @runtime_checkable
@@ -65,38 +70,75 @@ class RecommenderLike(Protocol):
 
 
 class RecommendRequest(BaseModel):
-    """The body of ``POST /recommend``; ``k``'s upper bound comes from the validation context."""
+    """The body of ``POST /recommend``. ``k``'s upper bound is the app's (:func:`create_app` validates with a
+    subclass that sets ``max_k``)."""
 
     model_config = ConfigDict(extra="forbid")
+    max_k: ClassVar[int | None] = None
+    max_k_reason: ClassVar[str] = "the server's max_k"
 
-    history: list[StrictStr] = Field(min_length=1, max_length=MAX_HISTORY)
-    k: StrictInt = Field(default=DEFAULT_K, ge=1)
-    exclude_history: StrictBool = False
+    history: list[StrictStr] = Field(min_length=1, max_length=MAX_HISTORY,
+                                     description="Catalogue item ids, oldest first; unknown ids are dropped.")
+    k: StrictInt = Field(default=DEFAULT_K, ge=1, description="Number of items to return (at most the server's "
+                         "max_k and the catalogue size).")
+    exclude_history: StrictBool = Field(default=False, description="Leave the history's items out.")
 
     @field_validator("k")
     @classmethod
-    def _k_within_limit(cls, k: int, info: ValidationInfo) -> int:
-        limit = (info.context or {}).get("max_k")
-        if limit is not None and k > limit:
-            raise ValueError(f"must be at most {limit} ({(info.context or {}).get('max_k_reason', 'max_k')})")
+    def _k_within_limit(cls, k: int) -> int:
+        if cls.max_k is not None and k > cls.max_k:
+            raise ValueError(f"must be at most {cls.max_k} ({cls.max_k_reason})")
         return k
 
 
-class RequestError(Exception):
-    """A client error answered with ``status`` and a JSON body ``{"error": kind, "message": ...}``."""
+# --------------------------------------------------------------------------- response models (OpenAPI docs)
+class RecommendedItemBody(BaseModel):
+    item_id: str
+    title: str | None
+    score: float
+    rank: int
 
-    def __init__(self, status: int, kind: str, message: str, details: list[dict[str, Any]] | None = None,
-                 close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.details = details
-        self.close = close
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    items: list[RecommendedItemBody]
+    dropped: list[str] = Field(description="History ids that are not in the catalogue.")
+    fallback: str | None = Field(default=None, description="Set (e.g. \"popularity\") when no history item "
+                                 "was known and the recommender answered with its fallback.")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_version: str
+    n_items: int
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description='The field\'s path, e.g. "k", "history[3]", or "body" for the whole body.')
+    problem: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="A short kind: validation_error, malformed_json, unprocessable_history, ...")
+    message: str
+    model_version: str
+    details: list[FieldProblem] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class ServiceJSONResponse(JSONResponse):
+    """JSON without NaN; a lone surrogate (a client may send ``"\\udc00"`` in an id that is then echoed in
+    ``dropped`` or an error) cannot be UTF-8: ``backslashreplace`` writes it as the JSON escape inside its string."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 def _format_loc(loc: Sequence[Any]) -> str:
-    """pydantic's error location as a path: ("history", 3) -> "history[3]"; () -> "body"."""
+    """pydantic's error location as a path: ("body", "history", 3) -> "history[3]"; ("body",) -> "body"."""
+    if loc and loc[0] == "body":
+        loc = loc[1:]
     text = ""
     for part in loc:
         if isinstance(part, int):
@@ -106,15 +148,26 @@ def _format_loc(loc: Sequence[Any]) -> str:
     return text or "body"
 
 
-def validation_details(exc: ValidationError) -> list[dict[str, str]]:
-    """One ``{"field", "problem"}`` per pydantic error, in a form a client can show."""
+def validation_details(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """One ``{"field", "problem"}`` per pydantic error (``ValidationError.errors()`` or FastAPI's
+    ``RequestValidationError.errors()``), in a form a client can show."""
     details = []
-    for err in exc.errors(include_url=False, include_input=False):
-        problem = err["msg"]
+    for err in errors:
+        problem = str(err["msg"])
         if problem.startswith("Value error, "):
             problem = problem[len("Value error, "):]
+        elif tuple(err["loc"]) == ("body",) and err["type"] in ("model_attributes_type", "dict_type"):
+            problem = _not_an_object(err.get("input"))
         details.append({"field": _format_loc(err["loc"]), "problem": problem})
     return details
+
+
+def _not_an_object(body: Any) -> str:
+    """The problem with a body that is not a JSON object (FastAPI passes a body it did not parse as bytes)."""
+    if isinstance(body, (bytes, bytearray)):
+        return "expected a JSON object; send it with Content-Type: application/json"
+    kind = "null" if body is None else {list: "array", str: "string", bool: "boolean"}.get(type(body), "number")
+    return f"expected a JSON object, got a JSON {kind}"
 
 
 def _get(obj: Any, name: str, default: Any = ...) -> Any:
@@ -150,358 +203,244 @@ def result_to_json(result: Any, model_version: str) -> dict[str, Any]:
     return body
 
 
-class LaserHTTPServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` holding the recommender and the request limits."""
+_ERROR_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                422: "unprocessable_history", 500: "internal_error", 503: "not_ready"}
+_ENDPOINTS = "POST /recommend, GET /health, GET /ready (API docs: GET /docs)"
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # the listen backlog: bursts of concurrent clients are queued, not refused
 
-    def __init__(self, address: tuple[str, int], recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
-        if max_k < 1:
-            raise ValueError(f"max_k must be >= 1, got {max_k}")
-        if max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-        if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
-        self.recommender = recommender
-        self.model_version = str(recommender.model_version)
-        # header-safe: printable ASCII only (no CR/LF can reach the header block)
-        self.model_version_header = "".join(c if 32 <= ord(c) < 127 else "?" for c in self.model_version)
-        self.n_items = int(recommender.n_items)
-        self.max_k = min(max_k, self.n_items) if self.n_items > 0 else max_k
-        self.max_k_reason = ("the catalogue size" if self.n_items and self.max_k == self.n_items
-                             else "the server's max_k")
+def error_response(model_version: str, status: int, message: str, kind: str | None = None,
+                   details: list[dict[str, str]] | None = None, headers: Mapping[str, str] | None = None
+                   ) -> ServiceJSONResponse:
+    """The service's error answer: ``{"error": kind, "message", "model_version"[, "details"]}``."""
+    body: dict[str, Any] = {"error": kind or _ERROR_KINDS.get(status, "error"), "message": message,
+                            "model_version": model_version}
+    if details:
+        body["details"] = details
+    return ServiceJSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+class _ServiceMiddleware:
+    """Pure ASGI: ``X-Model-Version`` and ``Cache-Control: no-store`` on every response, the request body limit
+    (413 from the declared Content-Length before anything is read, or as soon as a body without one passes the
+    limit), and the last line: a fault that escapes the app is logged with its traceback and answered with a short
+    500 JSON error (no traceback to the client)."""
+
+    def __init__(self, app: ASGIApp, model_version: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.model_version = model_version
+        # header-safe: printable ASCII only
+        self.header = "".join(c if 32 <= ord(c) < 127 else "?" for c in model_version)
         self.max_body_bytes = max_body_bytes
-        self.request_timeout = request_timeout
-        super().__init__(address, _Handler)
 
+    def too_large(self, what: str) -> str:
+        return f"request body is {what}; the limit is {self.max_body_bytes} bytes"
 
-_ROUTES: dict[str, tuple[str, ...]] = {"/recommend": ("POST",), "/health": ("GET",)}
-# a client that hung up, reset the connection, or stopped reading or sending for longer than request_timeout
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: LaserHTTPServer
-    protocol_version = "HTTP/1.1"  # keep-alive; every response carries a Content-Length
-    server_version = "laser-service"
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # a stalled client cannot hold a thread forever
-        super().setup()
-
-    # --- responses -------------------------------------------------------------------------------------
-    def _send_json(self, status: int, body: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None,
-                   close: bool = False) -> None:
-        # a lone surrogate (a client may send "\udc00" in an id that is then echoed in "dropped" or an error)
-        # cannot be UTF-8: backslashreplace writes it as the JSON escape \udc00 inside its string
-        payload = json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8", "backslashreplace")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("X-Model-Version", self.server.model_version_header)
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (extra_headers or {}).items():
-            self.send_header(name, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    def _send_error_json(self, status: int, kind: str, message: str, details: list[dict[str, Any]] | None = None,
-                         extra_headers: Mapping[str, str] | None = None, close: bool = False) -> None:
-        body: dict[str, Any] = {"error": kind, "message": message, "model_version": self.server.model_version}
-        if details:
-            body["details"] = details
-        self._send_json(status, body, extra_headers, close)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, oversized headers, unknown method) as JSON too."""
-        try:
-            short = HTTPStatus(code).phrase
-        except ValueError:
-            short = "error"
-        if not hasattr(self, "command") or self.command is None:
-            self.command = ""
-        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method http.server has no do_* for
-            self._send_error_json(405, "method_not_allowed", f"method {self.command!r} is not supported",
-                                  close=True)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        self._send_error_json(code, short.lower().replace(" ", "_"), message or explain or short, close=True)
+        started = False
 
-    def handle_one_request(self) -> None:
-        """http.server's request loop; a client that goes away while it is answered (an error answer included)
-        only closes its connection: socketserver would print the exception as a traceback."""
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                headers["X-Model-Version"] = self.header
+                headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            response = error_response(self.model_version, 413, self.too_large(f"{int(declared)} bytes"))
+            await response(scope, receive, send_with_headers)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # FastAPI passes an HTTPException raised here on
+                    raise HTTPException(413, self.too_large(f"over {received - 1} bytes"))
+            return message
+
         try:
-            super().handle_one_request()
-        except _CLIENT_GONE:
-            self.close_connection = True
-
-    def parse_request(self) -> bool:
-        """http.server's request-line and header parsing; a client that stalls inside its headers gets a 408
-        (http.server would drop the connection without an answer)."""
-        try:
-            return super().parse_request()
-        except TimeoutError:
-            self.send_error(408, f"no complete request headers within {self.server.request_timeout:g} s")
-            return False
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        logger.debug("%s - %s", self.address_string(), format % args)
-
-    # --- routing ---------------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        path = ""
-        try:
-            try:
-                path = urlsplit(self.path).path
-            except ValueError:  # e.g. an absolute-form target with a broken host ("http://[::1")
-                raise RequestError(400, "bad_request", f"malformed request target {self.path[:200]!r}",
-                                   close=True) from None
-            allowed = _ROUTES.get(path)
-            if allowed is None or self.command not in allowed or path != "/recommend":
-                # no body is wanted here: skip a declared one so the connection stays usable
-                reusable = self._skip_body()
-                if allowed is None:
-                    raise RequestError(404, "not_found", f"no endpoint at {path!r}; endpoints: "
-                                       + ", ".join(f"{m} {p}" for p, ms in _ROUTES.items() for m in ms),
-                                       close=not reusable)
-                if self.command not in allowed:
-                    raise RequestError(405, "method_not_allowed",
-                                       f"{path} accepts {', '.join(allowed)}, not {self.command}",
-                                       close=not reusable)
-                self._send_json(200, {"status": "ok", "model_version": self.server.model_version,
-                                      "n_items": self.server.n_items}, close=not reusable)
-            else:
-                self._recommend()
-        except RequestError as exc:
-            headers = {"Allow": ", ".join(_ROUTES[path])} if exc.status == 405 else None
-            self._send_error_json(exc.status, exc.kind, exc.message, exc.details, headers, exc.close)
-        except _CLIENT_GONE:  # the client went away, or stopped reading its answer for request_timeout
-            self.close_connection = True
-        except Exception:  # noqa: BLE001 - the service's last line: log it, answer a short 500
+            await self.app(scope, limited_receive, send_with_headers)
+        except Exception:
             request_id = uuid.uuid4().hex[:12]
-            logger.exception("unhandled error in %s %s (request %s)", self.command, path, request_id)
-            try:
-                self._send_error_json(500, "internal_error",
-                                      f"internal server error (request {request_id}; see the server log)",
-                                      close=True)
-            except OSError:
-                self.close_connection = True
-
-    def _skip_body(self) -> bool:
-        """Discard a declared body this endpoint does not use; False when the connection cannot be reused."""
-        if self.headers.get("Transfer-Encoding"):
-            return False
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return True
-        try:
-            length = int(raw)
-        except ValueError:
-            return False
-        if length < 0 or length > _MAX_DRAIN_BYTES:
-            return False
-        return self._discard(length)
-
-    # --- POST /recommend -------------------------------------------------------------------------------
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding"):
-            raise RequestError(411, "length_required",
-                               "chunked request bodies are not supported; send a Content-Length", close=True)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(411, "length_required", "POST /recommend needs a Content-Length header",
-                               close=True)
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise RequestError(400, "bad_request", f"invalid Content-Length {raw!r}", close=True) from None
-        limit = self.server.max_body_bytes
-        if length > limit:
-            if length <= _MAX_DRAIN_BYTES:
-                self._discard(length)
-            raise RequestError(413, "payload_too_large",
-                               f"request body is {length} bytes; the limit is {limit} bytes", close=True)
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            raise RequestError(408, "request_timeout", f"the request body stopped arriving: not all of its "
-                               f"{length} bytes came within {self.server.request_timeout:g} s", close=True) from None
-        if len(body) != length:
-            raise RequestError(400, "bad_request",
-                               f"request body ended after {len(body)} of {length} bytes", close=True)
-        return body
-
-    def _discard(self, length: int) -> bool:
-        """Read and drop ``length`` body bytes; False if the client stopped sending first."""
-        remaining = length
-        try:
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 16))
-                if not chunk:
-                    return False
-                remaining -= len(chunk)
-        except OSError:  # a timeout or reset while discarding: the error response is still attempted
-            return False
-        return True
-
-    def _parse(self, body: bytes) -> RecommendRequest:
-        try:
-            data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except UnicodeDecodeError as exc:
-            raise RequestError(400, "malformed_json",
-                               f"request body is not UTF-8: {exc.reason} at byte {exc.start}") from None
-        except json.JSONDecodeError as exc:
-            raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc.msg} "
-                               f"(line {exc.lineno}, column {exc.colno})") from None
-        except ValueError as exc:  # NaN / Infinity, an integer of more than 4,300 digits
-            raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
-        except RecursionError:  # arrays/objects nested about 1,000 deep exhaust the parser's recursion limit
-            raise RequestError(400, "malformed_json", "request body is nested too deeply to parse") from None
-        if not isinstance(data, dict):
-            kind = "null" if data is None else {list: "array", str: "string", bool: "boolean"}.get(
-                type(data), "number")
-            raise RequestError(400, "validation_error", f"body: expected a JSON object, got a JSON {kind}",
-                               [{"field": "body", "problem": f"expected a JSON object, got a JSON {kind}"}])
-        try:
-            return RecommendRequest.model_validate(
-                data, context={"max_k": self.server.max_k, "max_k_reason": self.server.max_k_reason})
-        except ValidationError as exc:
-            details = validation_details(exc)
-            message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
-            raise RequestError(400, "validation_error", message, details) from None
-
-    def _recommend(self) -> None:
-        request = self._parse(self._read_body())
-        recommender = self.server.recommender
-        try:
-            result = recommender.recommend(list(request.history), k=request.k,
-                                           exclude_history=request.exclude_history)
-        except ValueError as exc:
-            raise RequestError(422, "unprocessable_history",
-                               str(exc) or "the recommender rejected the history") from None
-        self._send_json(200, result_to_json(result, self.server.model_version))
+            logger.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"),
+                             request_id)
+            if started:  # the answer is under way: uvicorn closes the connection
+                raise
+            response = error_response(self.model_version, 500,
+                                      f"internal server error (request {request_id}; see the server log)")
+            await response(scope, receive, send_with_headers)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in JSON")
+def _install_error_handlers(app: FastAPI, model_version: str) -> None:
+    """The service's error JSON for FastAPI's validation errors and Starlette's HTTP errors."""
+    error = functools.partial(error_response, model_version)
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            reason = (bad_json.get("ctx") or {}).get("error", "invalid JSON")
+            return error(400, f"request body is not valid JSON: {reason} (at character "
+                                 f"{bad_json['loc'][-1]})", "malformed_json")
+        details = validation_details(errors)
+        return error(400, "; ".join(f"{d['field']}: {d['problem']}" for d in details),
+                             "validation_error", details)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        cause = exc.__cause__  # FastAPI's "error parsing the body" keeps json.loads' own error as the cause
+        if isinstance(cause, UnicodeDecodeError):
+            return error(400, f"request body is not UTF-8: {cause.reason} at byte {cause.start}",
+                                 "malformed_json")
+        if isinstance(cause, RecursionError):  # arrays/objects nested about 1,000 deep
+            return error(400, "request body is nested too deeply to parse", "malformed_json")
+        if isinstance(cause, ValueError):
+            return error(400, f"request body is not valid JSON: {cause}", "malformed_json")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint at {request.url.path!r}; endpoints: {_ENDPOINTS}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.url.path} accepts {allowed}, not {request.method}"
+        return error(exc.status_code, message, headers=exc.headers)
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
 
 
-class ListenError(OSError):
-    """The server cannot listen on the address asked for (busy port, unknown host, no permission)."""
+def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The service as a FastAPI app over a loaded recommender (serve it with :func:`serve`, or any ASGI server).
 
-
-def make_server(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 0, *,
-                max_k: int = DEFAULT_MAX_K, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> LaserHTTPServer:
-    """A bound (not yet serving) server; ``port=0`` picks a free port, read it from ``server.server_address``.
-
-    Run it with :func:`serve_server` (or ``server.serve_forever()`` in a thread, stopped with
-    ``server.shutdown()`` from another thread, then ``server.server_close()``). ``max_k`` caps ``k`` (also
-    capped at the catalogue size); ``max_body_bytes`` caps the request body (413 beyond it);
-    ``request_timeout`` is the socket timeout in seconds: a client that stalls mid-request that long gets a
-    408. An address that cannot be bound (e.g. a busy port) is a :class:`ListenError` with a one-line message.
+    ``max_k`` caps ``k`` (also capped at the catalogue size); ``max_body_bytes`` caps the request body (413
+    beyond it). ``GET /ready`` answers 200 from the app's startup (its lifespan) until ``app.state.ready`` is
+    cleared (:func:`serve` clears it when a shutdown signal arrives, the lifespan's end does too).
     """
     for name in ("recommend", "model_version", "n_items"):
         if not hasattr(recommender, name):
             raise TypeError(f"recommender {type(recommender).__name__} has no {name!r} (see RecommenderLike)")
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    model_version = str(recommender.model_version)
+    n_items = int(recommender.n_items)
+    limit = min(max_k, n_items) if n_items > 0 else max_k
+    request_model = type("RecommendRequest", (RecommendRequest,), {
+        "__module__": __name__, "__doc__": RecommendRequest.__doc__, "max_k": limit,
+        "max_k_reason": "the catalogue size" if n_items and limit == n_items else "the server's max_k"})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+
+    app = FastAPI(title="Laser recommendation service", version=model_version, lifespan=lifespan,
+                  default_response_class=ServiceJSONResponse, strict_content_type=False,
+                  description="Top-k recommendations for a history of catalogue item ids (an exported Laser "
+                              f"bundle; model {model_version}, {n_items} items).")
+    app.state.ready = False
+    app.state.recommender = recommender
+    errors = {status: {"model": ErrorResponse} for status in (400, 413, 422, 500)}
+    error = functools.partial(error_response, model_version)
+
+    def recommend(request: RecommendRequest) -> ServiceJSONResponse:
+        """Top ``k`` items for ``history``. 400 names each invalid field; 422 when no history item can be
+        used (unless the server answers those with its popularity fallback)."""
+        try:
+            result = recommender.recommend(list(request.history), k=request.k,
+                                           exclude_history=request.exclude_history)
+        except ValueError as exc:
+            return error(422, str(exc) or "the recommender rejected the history")
+        return ServiceJSONResponse(result_to_json(result, model_version))
+
+    # the app's own request model (its max_k), as an evaluated annotation (this module's are strings)
+    recommend.__annotations__["request"] = request_model
+    app.post("/recommend", response_model=RecommendResponse, responses=errors, summary="Recommend items")(recommend)
+
+    @app.get("/health", response_model=HealthResponse, summary="Liveness")
+    def health() -> ServiceJSONResponse:
+        """200 while the process serves requests."""
+        return ServiceJSONResponse({"status": "ok", "model_version": model_version, "n_items": n_items})
+
+    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": ErrorResponse}},
+             summary="Readiness")
+    def ready() -> ServiceJSONResponse:
+        """200 when the service takes traffic; 503 before its startup and once a shutdown has begun."""
+        if not app.state.ready:
+            return error(503, "the service is not ready (starting or shutting down)")
+        return ServiceJSONResponse({"status": "ready", "model_version": model_version, "n_items": n_items})
+
+    app.add_middleware(_ServiceMiddleware, model_version=model_version, max_body_bytes=max_body_bytes)
+    _install_error_handlers(app, model_version)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ serving
+class ListenError(OSError):
+    """The server cannot listen on the address asked for (busy port, unknown host, no permission)."""
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (``port=0``: a free one, see ``getsockname()``); a failure is one :class:`ListenError`."""
     try:
-        return LaserHTTPServer((host, port), recommender, max_k=max_k, max_body_bytes=max_body_bytes,
-                               request_timeout=request_timeout)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
     except OSError as exc:
         hint = " (another process is listening there: stop it or choose another port)" \
             if exc.errno == errno.EADDRINUSE else ""
         error = ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}")
         error.errno = exc.errno
         raise error from None
+    return sock
 
 
-def serve_server(server: LaserHTTPServer) -> None:
-    """Serve a bound server until Ctrl-C (or SIGTERM when called from the main thread), then close it."""
-    bound_host, bound_port = server.server_address[:2]
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def _terminate(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    logger.info("serving model %s (%d items) on http://%s:%d", server.model_version, server.n_items,
-                bound_host, bound_port)
+class _Server(uvicorn.Server):
+    """uvicorn's server; the first shutdown signal also turns ``/ready`` to 503 for requests still in flight."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.config.app.state.ready = False
+        super().handle_exit(sig, frame)
+
+
+def serve(app: FastAPI, sock: socket.socket, *, timeout_graceful_shutdown: float = DEFAULT_GRACEFUL_SHUTDOWN,
+          access_log: bool = False) -> None:
+    """Serve ``app`` with uvicorn on a bound socket (:func:`bind`) until SIGINT or SIGTERM, then shut down
+    gracefully: stop accepting, let requests in flight finish (at most ``timeout_graceful_shutdown`` seconds),
+    return normally. Logs ``serving model V (N items) on http://HOST:PORT`` once it listens."""
+    config = uvicorn.Config(app, log_level="info", access_log=access_log, server_header=False,
+                            timeout_graceful_shutdown=timeout_graceful_shutdown, log_config=None)
+    server = _Server(config)
+    host, port = sock.getsockname()[:2]
+    recommender = app.state.recommender
+    logger.info("serving model %s (%d items) on http://%s:%d", recommender.model_version, recommender.n_items,
+                host, port)
+    # uvicorn re-raises the signal that stopped it once it is done; a no-op handler meanwhile makes that a normal
+    # return (exit status 0) instead of a KeyboardInterrupt or a death by SIGTERM
+    main = threading.current_thread() is threading.main_thread()  # (uvicorn handles signals only there too)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        logger.info("shutting down")
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    logger.info("shut down")
 
-
-def serve(recommender: RecommenderLike, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Bind (:func:`make_server`; a busy port raises :class:`ListenError` before anything is served), then
-    :func:`serve_server` until Ctrl-C or SIGTERM."""
-    serve_server(make_server(recommender, host, port, **kwargs))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m laser_core.service --bundle DIR [--host H] [--port P]``: serve an exported bundle."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m laser_core.service", description=main.__doc__)
-    parser.add_argument("--bundle", required=True, help="an export bundle (laser_core.export.export_bundle)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port (the log line names it)")
-    parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
-                        help="seconds a client may stall mid-request before it gets a 408")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    parser.add_argument("--popularity-fallback", action="store_true",
-                        help="answer an all-unknown history with the most popular items instead of 422")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from laser_core.serving import BundleError, Recommender  # onnxruntime only; never torch
-
-    try:
-        recommender = Recommender.load(args.bundle, popularity_fallback=args.popularity_fallback,
-                                       threads=args.threads)
-        server = make_server(recommender, args.host, args.port, max_k=args.max_k,
-                             max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
-    except (BundleError, ListenError, ValueError) as exc:
-        parser.exit(1, f"{parser.prog}: error: {exc}\n")
-    serve_server(server)
-
-
-if __name__ == "__main__":
-    main()
