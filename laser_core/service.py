@@ -346,7 +346,7 @@ def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
             app.state.ready = False
 
     app = FastAPI(title="Laser recommendation service", version=model_version, lifespan=lifespan,
-                  default_response_class=ServiceJSONResponse, strict_content_type=False,
+                  default_response_class=ServiceJSONResponse, strict_content_type=False, redirect_slashes=False,
                   description="Top-k recommendations for a history of catalogue item ids (an exported Laser "
                               f"bundle; model {model_version}, {n_items} items).")
     app.state.ready = False

@@ -247,6 +247,7 @@ def test_unknown_path_and_wrong_method(svc):
     assert resp.status_code == 404 and resp.json()["error"] == "not_found" and "/nope" in resp.json()["message"]
     assert "POST /recommend" in resp.json()["message"]
     assert svc.post("/recommendations", json={"history": ["item1"]}).status_code == 404
+    assert svc.get("/health/", follow_redirects=False).status_code == 404  # no redirect to /health
     resp = svc.get("/recommend")
     assert resp.status_code == 405 and resp.headers["Allow"] == "POST" and "accepts POST" in resp.json()["message"]
     resp = svc.delete("/health")
