@@ -530,6 +530,20 @@ def test_a_busy_port_is_one_clear_error():
             bind("127.0.0.1", port)
 
 
+def test_laser_serve_rejects_a_bad_bundle_or_option_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from laser_cli.serving_cmds import serve as serve_command
+
+    res = CliRunner().invoke(serve_command, ["--bundle", str(tmp_path), "--port", "0"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(tmp_path) in lines[0], res.output
+    res = CliRunner().invoke(serve_command, ["--bundle", str(tmp_path), "--max-body-bytes", "0"])
+    assert res.exit_code == 2 and "--max-body-bytes" in res.output
+    assert "/ready" in CliRunner().invoke(serve_command, ["--help"]).output
+
+
 # ------------------------------------------------------------------------------------- a real exported bundle
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
