@@ -340,6 +340,22 @@ def test_health_and_readiness():
     assert c.get("/ready").status_code == 503  # after the shutdown
 
 
+def test_a_shutdown_signal_turns_readiness_off_at_once():
+    """uvicorn finishes the requests in flight after SIGTERM/SIGINT; /ready answers 503 from the signal on."""
+    import uvicorn
+
+    from laser_core.service import _Server
+
+    with client(CosineRecommender()) as c:
+        server = _Server(uvicorn.Config(c.app))
+        assert c.get("/ready").status_code == 200
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit
+        resp = c.get("/ready")
+        assert resp.status_code == 503 and resp.json()["error"] == "not_ready"
+        assert post(c, {"history": ["item1"], "k": 1}).status_code == 200  # still answering meanwhile
+
+
 def test_openapi_docs_describe_the_endpoints(svc):
     spec = svc.get("/openapi.json").json()
     assert set(spec["paths"]) == {"/recommend", "/health", "/ready"}
