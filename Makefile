@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export ORT_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all lint install clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: $(TEST_STAMP)
 
 test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+# ruff's lint rules (pyproject.toml [tool.ruff]); the format check is not on yet (issue 15)
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
                 entry[f"batch{batch}"] = cell
                 print(f"[{n_items} items, batch {batch}] " + ", ".join(
                     f"{fw} p50 {cell[f'{fw}_ms_p50']:.3f} ms" for fw in active), flush=True)
-            del session
+            session = None   # free it before the next size (a rebinding: the closures above read it)
         out["scorer"][str(n_items)] = entry
-        del table, table_t
+        table = table_t = None
 
     if not args.no_user_tower:
         out["user_tower"] = bench_user_tower(args)
@@ -333,7 +333,7 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
         out["ratio_onnxruntime_vs_torch_p50"] = round(out["onnxruntime_ms_p50"] / out["torch_ms_p50"], 3)
         out["recommend_e2e_note"] = ("Recommender.recommend: user text + tokenizers + user_tower.onnx + scorer.onnx "
                                      "+ result objects, onnxruntime intra-op threads = --threads")
-        del rec, tower
+        rec = tower = None
     print(f"[user tower] onnxruntime p50 {out['onnxruntime_ms_p50']:.1f} ms, torch p50 {out['torch_ms_p50']:.1f} ms, "
           f"recommend() p50 {out['recommend_e2e_ms_p50']:.1f} ms", flush=True)
     return out

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 import numpy as np
@@ -22,7 +23,7 @@ from laser_cli.serving_cmds import register
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
 from laser_core.export import (MANIFEST, export_bundle, export_scorer, l2_normalize, popularity_from_sequences,
-                               reference_model, write_manifest)
+                               reference_model)
 from laser_core.llm import BackboneConfig
 from laser_core.manifest import BundleManifest, verify_bundle
 from laser_core.mformer import MFormerConfig
