@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export ORT_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all lint format install clean
 
 install: $(STAMP)
 
@@ -41,9 +41,13 @@ test: $(TEST_STAMP)
 test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
-# ruff's lint rules (pyproject.toml [tool.ruff]); the format check is not on yet (issue 15)
+# ruff's lint rules and its formatter's check (pyproject.toml [tool.ruff]); `make format` rewrites the files
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -59,9 +59,12 @@ HISTORY_FORMS = ("last", "decay5")
 def frozen_spec(cfg, n_layers: int | None = None):
     """The config's Laser spec as the frozen LLM alone: no prefix, suffix pooling, the first ``n_layers``."""
     spec = cfg.laser_spec()
-    return spec.model_copy(update={
-        "bitune": spec.bitune.model_copy(update={"prefix": "none"}),
-        "backbone": spec.backbone.model_copy(update={"num_layers": n_layers})})
+    return spec.model_copy(
+        update={
+            "bitune": spec.bitune.model_copy(update={"prefix": "none"}),
+            "backbone": spec.backbone.model_copy(update={"num_layers": n_layers}),
+        }
+    )
 
 
 def _decoder(base) -> tuple[list, object]:
@@ -89,6 +92,7 @@ def layer_tables(cfg, ds, layers: list[int], wd: Path, batch_size: int) -> dict[
     def keep(n: int):
         def hook(_module, _inputs, output):
             captured[n] = (output[0] if isinstance(output, tuple) else output)[:, -1].detach()
+
         return hook
 
     handles = [blocks[n - 1].register_forward_hook(keep(n)) for n in layers if n < len(blocks)]
@@ -99,7 +103,7 @@ def layer_tables(cfg, ds, layers: list[int], wd: Path, batch_size: int) -> dict[
     try:
         with torch.no_grad():
             for lo in range(0, n_items, batch_size):
-                idx = order[lo:lo + batch_size]  # sorted by length: embed_items keeps this order inside the batch
+                idx = order[lo : lo + batch_size]  # sorted by length: embed_items keeps this order inside the batch
                 final = model.embed_items(idx.tolist(), batch_size)
                 rows = torch.from_numpy(idx)
                 for n in layers:
@@ -123,9 +127,12 @@ def cut_cost(cfg, ds, n_layers: int, table: torch.Tensor, batch_size: int, n: in
     t0 = time.perf_counter()
     rows = model.embed_items(items, batch_size)
     seconds = time.perf_counter() - t0
-    return {"items_per_second": n / seconds, "items_timed": n,
-            "backbone_memory_mb": round(model.backbone.memory_bytes() / 2**20, 1),
-            "max_abs_diff_to_one_pass_table": float((rows - table[:n]).abs().max())}
+    return {
+        "items_per_second": n / seconds,
+        "items_timed": n,
+        "backbone_memory_mb": round(model.backbone.memory_bytes() / 2**20, 1),
+        "max_abs_diff_to_one_pass_table": float((rows - table[:n]).abs().max()),
+    }
 
 
 def transform(table: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Tensor:
@@ -164,7 +171,7 @@ def metrics(scores: torch.Tensor, targets: np.ndarray) -> dict[str, float]:
 
 
 def sr_scores(model, histories, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([model.score(histories[lo:lo + batch_size]) for lo in range(0, len(histories), batch_size)])
+    return torch.cat([model.score(histories[lo : lo + batch_size]) for lo in range(0, len(histories), batch_size)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or ds.name
     dest = Path(args.out) / f"frozen_llm_{name}.json"
     out: dict = json.loads(dest.read_text(encoding="utf8")) if dest.is_file() else {}
-    out.update(dataset=name, config=args.config, backbone=cfg.backbone.name,
-               quantization=cfg.backbone.quantization, threads=args.threads)
-    out.setdefault("commands", []).append("python bench/frozen_llm.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                    else argv))
+    out.update(
+        dataset=name,
+        config=args.config,
+        backbone=cfg.backbone.name,
+        quantization=cfg.backbone.quantization,
+        threads=args.threads,
+    )
+    out.setdefault("commands", []).append(
+        "python bench/frozen_llm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
 
     def save() -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -192,19 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {dest}", flush=True)
 
     _, v_hist, v_targets = split.valid_examples()
-    t_hist, t_targets = test_examples(split, cfg.laser_train)   # Laser's test pairs (all, or its sample)
+    t_hist, t_targets = test_examples(split, cfg.laser_train)  # Laser's test pairs (all, or its sample)
     layers = sorted({int(x) for x in args.layers.split(",") if x})
     tables = layer_tables(cfg, ds, layers, wd, args.item_batch_size)
     curve = out.setdefault("layer_curve", {})
     for n in layers:
         row = {"valid_users": len(v_targets)}
         for kind in TRANSFORMS:
-            row[f"{kind}_last_item"] = metrics(history_similarity(transform(tables[n], kind), v_hist, "last"),
-                                               v_targets)
+            row[f"{kind}_last_item"] = metrics(
+                history_similarity(transform(tables[n], kind), v_hist, "last"), v_targets
+            )
         row["cost"] = cut_cost(cfg, ds, n, tables[n], args.item_batch_size)
         curve[str(n)] = row
-        print(f"layers {n}: " + ", ".join(f"{k} {row[f'{k}_last_item']['ndcg@10']:.4f}" for k in TRANSFORMS)
-              + f" ({row['cost']['items_per_second']:.1f} items/s)", flush=True)
+        print(
+            f"layers {n}: "
+            + ", ".join(f"{k} {row[f'{k}_last_item']['ndcg@10']:.4f}" for k in TRANSFORMS)
+            + f" ({row['cost']['items_per_second']:.1f} items/s)",
+            flush=True,
+        )
         save()
 
     if args.hybrid:
@@ -229,14 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         unit = transform(tables[best["layers"]], best["transform"])
         zsim_test = zscore(history_similarity(unit, t_hist, best["history"]))
         zs_test = zscore(sr_scores(sasrec, t_hist))
-        test = {"hybrid": metrics(zs_test + best["gamma"] * zsim_test, t_targets),
-                "sasrec": metrics(sr_scores(sasrec, t_hist), t_targets),
-                **({"bert4rec": metrics(sr_scores(bert4rec, t_hist), t_targets)} if bert4rec is not None else {}),
-                "frozen_llm_alone": metrics(zsim_test, t_targets)}
-        out["hybrid"] = {"chosen_on_validation": best, "valid_users": len(v_targets), "test_users": len(t_targets),
-                         "test": test, "sr_train_or_load_seconds": round(sr_seconds, 1),
-                         "valid_sasrec_alone": next(r for r in grid if r["gamma"] == 0.0),
-                         "grid": grid}
+        test = {
+            "hybrid": metrics(zs_test + best["gamma"] * zsim_test, t_targets),
+            "sasrec": metrics(sr_scores(sasrec, t_hist), t_targets),
+            **({"bert4rec": metrics(sr_scores(bert4rec, t_hist), t_targets)} if bert4rec is not None else {}),
+            "frozen_llm_alone": metrics(zsim_test, t_targets),
+        }
+        out["hybrid"] = {
+            "chosen_on_validation": best,
+            "valid_users": len(v_targets),
+            "test_users": len(t_targets),
+            "test": test,
+            "sr_train_or_load_seconds": round(sr_seconds, 1),
+            "valid_sasrec_alone": next(r for r in grid if r["gamma"] == 0.0),
+            "grid": grid,
+        }
         print(json.dumps(test, indent=1), flush=True)
         save()
     return 0

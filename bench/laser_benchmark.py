@@ -35,8 +35,14 @@ from laser_core.model import build_laser  # noqa: E402
 from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate, fit  # noqa: E402
 from laser_core.train import LaserTrainer, test_examples, test_laser  # noqa: E402
 
-PAPER_LASER = {"scientific": {"recall@10": 0.1396, "ndcg@10": 0.0970, "mrr": 0.0893,
-                              "trainable": {"bi_tuning_token_values": 135_000, "total": 183_300_000}}}
+PAPER_LASER = {
+    "scientific": {
+        "recall@10": 0.1396,
+        "ndcg@10": 0.0970,
+        "mrr": 0.0893,
+        "trainable": {"bi_tuning_token_values": 135_000, "total": 183_300_000},
+    }
+}
 KEEP = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr")
 
 
@@ -46,9 +52,12 @@ def baseline_model(model: str, split, workdir: Path, epochs: int = 200):
     encoder and the baselines of a benchmark run, what ``bench/laser_diagnose.py`` reloads from the same folder
     and what ``bench/gpu/pack.py`` packs."""
     spec = DEFAULTS[model]
-    return fit(SRConfig(model=model, **spec["model"]),
-               TrainConfig(epochs=epochs, patience=10, progress=False, **spec["train"]), split,
-               workdir=Path(workdir) / f"sr-{model}").model
+    return fit(
+        SRConfig(model=model, **spec["model"]),
+        TrainConfig(epochs=epochs, patience=10, progress=False, **spec["train"]),
+        split,
+        workdir=Path(workdir) / f"sr-{model}",
+    ).model
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -56,9 +65,14 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="change a config setting for this run (repeatable; an ablation row: "
-                         "--set bitune.prefix_init=default)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change a config setting for this run (repeatable; an ablation row: --set bitune.prefix_init=default)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
 
@@ -99,17 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     laser_cfg = cfg.laser_train
     hist, targets = test_examples(split, laser_cfg)
     results = out.setdefault("results", {})
-    run: dict = {"config": str(Path(args.config).as_posix()), "overrides": args.overrides,
-                 "command": "python bench/laser_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    run: dict = {
+        "config": str(Path(args.config).as_posix()),
+        "overrides": args.overrides,
+        "command": "python bench/laser_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     out["runs"][args.label] = run
 
     scored: set[str] = set()  # baselines are scored once per process (on the same pairs as Laser)
 
     def write() -> Path:
         score_baselines(sr_models, split, hist, targets, results, scored)
-        out.update({
-            "dataset": name, "protocol": protocol(laser_cfg, len(targets)), "paper": paper_figures(name),
-            "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__}})
+        out.update(
+            {
+                "dataset": name,
+                "protocol": protocol(laser_cfg, len(targets)),
+                "paper": paper_figures(name),
+                "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
+            }
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
         print(f"wrote {path}", flush=True)
@@ -120,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     run["budget"] = budget(cfg)
 
     def progress(stage: int, epoch: int, entry: dict) -> None:
-        print(f"stage {stage} epoch {epoch} users {entry.get('users_seen')}: valid ndcg@10 "
-              f"{entry['valid']['ndcg@10']:.4f}", flush=True)
+        print(
+            f"stage {stage} epoch {epoch} users {entry.get('users_seen')}: valid ndcg@10 "
+            f"{entry['valid']['ndcg@10']:.4f}",
+            flush=True,
+        )
         run["history"] = trainer_history(trainer)
         run["wall_seconds_so_far"] = round(time.perf_counter() - t_start, 1)
         write()
@@ -160,10 +185,14 @@ def score_baselines(sr_models: dict, split, hist, targets, results: dict, scored
 
 def protocol(laser_cfg, n_pairs: int) -> dict:
     """The evaluation protocol of a results file (every model on the same ``n_pairs`` test pairs)."""
-    return {"split": "leave-one-out (last = test, second-to-last = validation)",
-            "ranking": "full, over all items", "mask_history": False,
-            "test_pairs": n_pairs, "test_users": laser_cfg.test_users or "all",
-            "same_pairs_for_all_models": True}
+    return {
+        "split": "leave-one-out (last = test, second-to-last = validation)",
+        "ranking": "full, over all items",
+        "mask_history": False,
+        "test_pairs": n_pairs,
+        "test_users": laser_cfg.test_users or "all",
+        "same_pairs_for_all_models": True,
+    }
 
 
 def paper_figures(name: str) -> dict:
@@ -173,19 +202,31 @@ def paper_figures(name: str) -> dict:
 
 def budget(cfg) -> dict:
     """Every setting that bounds a Laser run: backbone, Bi-Tuning, text, training, the frozen encoder."""
-    return {"backbone": cfg.backbone.model_dump(), "bitune": cfg.bitune.model_dump(),
-            "text": cfg.text.model_dump(), "train": cfg.laser_train.model_dump(exclude={"progress"}),
-            "frozen_encoder": cfg.sr.model}
+    return {
+        "backbone": cfg.backbone.model_dump(),
+        "bitune": cfg.bitune.model_dump(),
+        "text": cfg.text.model_dump(),
+        "train": cfg.laser_train.model_dump(exclude={"progress"}),
+        "frozen_encoder": cfg.sr.model,
+    }
 
 
 def fit_record(result, model, laser: dict, fit_s: float, test_s: float, n_pairs: int) -> dict:
     """A finished Laser run's entry: its test figures, best epochs, history, fusion weight and cost."""
-    return {"results": {k: laser[k] for k in KEEP}, "best": result.best, "history": result.history,
-            "fusion_weight": result.fusion_weight,
-            "cost": {**result.cost, "fit_seconds": round(fit_s, 1), "test_seconds": round(test_s, 1),
-                     "test_users_per_second": n_pairs / test_s,
-                     "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,
-                     "trainable": model.n_trainable()}}
+    return {
+        "results": {k: laser[k] for k in KEEP},
+        "best": result.best,
+        "history": result.history,
+        "fusion_weight": result.fusion_weight,
+        "cost": {
+            **result.cost,
+            "fit_seconds": round(fit_s, 1),
+            "test_seconds": round(test_s, 1),
+            "test_users_per_second": n_pairs / test_s,
+            "backbone_memory_mb": model.backbone.memory_bytes() / 2**20,
+            "trainable": model.n_trainable(),
+        },
+    }
 
 
 def trainer_history(trainer) -> list[dict]:

@@ -71,8 +71,15 @@ VARIANTS: dict[str, dict] = {
     "none-fp32-6layers": {"quantization": "none", "compute_dtype": "float32", "num_layers": 6},
     "int8": {"quantization": "int8", "compute_dtype": "float32", "num_layers": None},
 }
-DEFAULT_VARIANTS = ["baseline", "nf4-bf16", "none-fp32", "none-bf16", "nf4-6layers", "none-bf16-6layers",
-                    "nf4-bf16-6layers"]
+DEFAULT_VARIANTS = [
+    "baseline",
+    "nf4-bf16",
+    "none-fp32",
+    "none-bf16",
+    "nf4-6layers",
+    "none-bf16-6layers",
+    "nf4-bf16-6layers",
+]
 BASELINE = "baseline"
 
 
@@ -109,7 +116,7 @@ class Sample:
         self.histories = []
         for i in pick:  # a random cut per user, as the training's examples
             seq = split.train[users[i]]
-            self.histories.append(seq[:int(rng.integers(1, len(seq)))])
+            self.histories.append(seq[: int(rng.integers(1, len(seq)))])
         self.targets = rng.integers(0, len(self.items), size=len(self.histories))
         self.batch_seed = seed
         self.user_batch = user_batch  # the users whose rows are compared for fidelity: the first batch
@@ -120,13 +127,14 @@ def item_batches(model: LaserModel, sample: Sample, batch: int) -> list[np.ndarr
     seeded random order (a time-capped variant is timed on an unbiased share of them)."""
     lengths = [len(t) for t in model.tokenize([[int(i)] for i in sample.items])]
     order = np.argsort(lengths, kind="stable")
-    batches = [order[lo:lo + batch] for lo in range(0, len(order), batch)]
+    batches = [order[lo : lo + batch] for lo in range(0, len(order), batch)]
     perm = np.random.default_rng(sample.batch_seed).permutation(len(batches))
     return [batches[i] for i in perm]
 
 
-def embed(model: LaserModel, sample: Sample, batches: list[np.ndarray], cap: float, row: dict
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(
+    model: LaserModel, sample: Sample, batches: list[np.ndarray], cap: float, row: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Item rows (NaN where a capped variant did not get to) and the first user batch's rows, at the initial
     weights; fills the items/s figures of ``row``."""
     model.eval()
@@ -145,7 +153,7 @@ def embed(model: LaserModel, sample: Sample, batches: list[np.ndarray], cap: flo
 @torch.no_grad()
 def user_rows(model: LaserModel, sample: Sample) -> torch.Tensor:
     model.eval()
-    emb, _ = model(sample.histories[:sample.user_batch])
+    emb, _ = model(sample.histories[: sample.user_batch])
     return emb.float()
 
 
@@ -189,7 +197,7 @@ class Runner:
         self.cfg, self.ds, self.sample, self.args = cfg, ds, sample, args
         torch.manual_seed(cfg.laser_train.seed)
         self.sr = build_model(cfg.sr, ds.n_items).eval()  # costs and fidelity do not need trained SR weights
-        self.state: dict[str, torch.Tensor] | None = None   # the first variant's trainable weights
+        self.state: dict[str, torch.Tensor] | None = None  # the first variant's trainable weights
         self.first: str | None = None
         self.tables: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (layers, items, users)
 
@@ -207,25 +215,36 @@ class Runner:
             same_mf = all(torch.equal(state[k], self.state[k]) for k in state if k.startswith("mformer."))
             same = same_mf and all(torch.equal(state[k], self.state[k]) for k in state)
             model.load_state_dict(self.state)
-            row["trainable_weights"] = ("equal to " if same else "copied from ") + self.first + \
-                ("" if same else f" (at build: M-Former {'equal' if same_mf else 'DIFFERENT'}, suffix differs)")
+            row["trainable_weights"] = (
+                ("equal to " if same else "copied from ")
+                + self.first
+                + ("" if same else f" (at build: M-Former {'equal' if same_mf else 'DIFFERENT'}, suffix differs)")
+            )
         return model
 
     def measure(self, name: str, overrides: dict, timed: bool = True) -> dict:
         backbone = backbone_for(self.cfg.backbone, overrides)
-        row: dict = {"variant": name, "overrides": overrides, "quantization": backbone.quantization,
-                     "compute_dtype": str(_compute_dtype(backbone)).replace("torch.", ""),
-                     "num_layers": backbone.num_layers}
+        row: dict = {
+            "variant": name,
+            "overrides": overrides,
+            "quantization": backbone.quantization,
+            "compute_dtype": str(_compute_dtype(backbone)).replace("torch.", ""),
+            "num_layers": backbone.num_layers,
+        }
         cap = self.args.time_cap if timed else 0.0
         model = None
         try:
             model = self.build(name, backbone, row)
             layers = int(model.llm.config.num_hidden_layers)
-            row.update(num_layers=layers, backbone_memory_mb=model.backbone.memory_bytes() / 2**20,
-                       trainable_total=model.n_trainable()["total"])
+            row.update(
+                num_layers=layers,
+                backbone_memory_mb=model.backbone.memory_bytes() / 2**20,
+                trainable_total=model.n_trainable()["total"],
+            )
             batches = item_batches(model, self.sample, self.args.item_batch)
-            row["mean_item_tokens"] = float(np.mean([len(t) for t in model.tokenize(
-                [[int(i)] for i in self.sample.items])]))
+            row["mean_item_tokens"] = float(
+                np.mean([len(t) for t in model.tokenize([[int(i)] for i in self.sample.items])])
+            )
             row["mean_user_tokens"] = float(np.mean([len(t) for t in model.tokenize(self.sample.histories)]))
             table, users = embed(model, self.sample, batches, cap, row)
             self.tables[name] = (layers, table, users)
@@ -243,16 +262,28 @@ class Runner:
         """Cosine of each variant's rows to the float32 unquantized model's with the same layer count."""
         refs: dict[int, dict] = {}
         for layers in sorted({self.tables[r["variant"]][0] for r in rows if r["variant"] in self.tables}):
-            ref = next((r["variant"] for r in rows if r["variant"] in self.tables
-                        and self.tables[r["variant"]][0] == layers and r["quantization"] == "none"
-                        and r["compute_dtype"] == "float32"), None)
+            ref = next(
+                (
+                    r["variant"]
+                    for r in rows
+                    if r["variant"] in self.tables
+                    and self.tables[r["variant"]][0] == layers
+                    and r["quantization"] == "none"
+                    and r["compute_dtype"] == "float32"
+                ),
+                None,
+            )
             info: dict = {"layers": layers, "variant": ref, "measured": ref is not None}
             if ref is None:
                 ref = f"none-fp32-{layers}layers-reference"
-                ref_row = self.measure(ref, {"quantization": "none", "compute_dtype": "float32",
-                                             "num_layers": layers}, timed=False)
-                info.update(variant=ref, load_seconds=ref_row.get("load_seconds"),
-                            trainable_weights=ref_row.get("trainable_weights"))
+                ref_row = self.measure(
+                    ref, {"quantization": "none", "compute_dtype": "float32", "num_layers": layers}, timed=False
+                )
+                info.update(
+                    variant=ref,
+                    load_seconds=ref_row.get("load_seconds"),
+                    trainable_weights=ref_row.get("trainable_weights"),
+                )
                 if "error" in ref_row:
                     info["error"] = ref_row["error"]
             refs[layers] = info
@@ -263,9 +294,15 @@ class Runner:
                 if r["variant"] in self.tables and self.tables[r["variant"]][0] == layers:
                     _, items, users = self.tables[r["variant"]]
                     it, us = cosines(items, ref_items), cosines(users, ref_users)
-                    r["fidelity"] = {"reference": ref, "item_cosine_mean": it["mean"], "item_cosine_min": it["min"],
-                                     "items_compared": it["n"], "user_cosine_mean": us["mean"],
-                                     "user_cosine_min": us["min"], "users_compared": us["n"]}
+                    r["fidelity"] = {
+                        "reference": ref,
+                        "item_cosine_mean": it["mean"],
+                        "item_cosine_min": it["min"],
+                        "items_compared": it["n"],
+                        "user_cosine_mean": us["mean"],
+                        "user_cosine_min": us["min"],
+                        "users_compared": us["n"],
+                    }
         return refs
 
 
@@ -278,7 +315,8 @@ def summarize(rows: list[dict], threshold: float) -> tuple[str | None, dict, dic
             ratios[r["variant"]] = {
                 "train_users_per_second": r["train_users_per_second"] / base["train_users_per_second"],
                 "items_per_second": r["items_per_second"] / base["items_per_second"],
-                "memory": r["backbone_memory_mb"] / base["backbone_memory_mb"]}
+                "memory": r["backbone_memory_mb"] / base["backbone_memory_mb"],
+            }
 
     def fid(r):
         return (r.get("fidelity") or {}).get("item_cosine_mean")
@@ -288,35 +326,49 @@ def summarize(rows: list[dict], threshold: float) -> tuple[str | None, dict, dic
         if not cands:
             return {"variant": None, "rule": rule}
         b = max(cands, key=lambda r: r["train_users_per_second"])
-        return {"variant": b["variant"], "rule": rule, "train_users_per_second": b["train_users_per_second"],
-                "train_speedup_vs_baseline": ratios[b["variant"]]["train_users_per_second"],
-                "items_speedup_vs_baseline": ratios[b["variant"]]["items_per_second"],
-                "item_cosine_mean": fid(b), "item_cosine_min": b["fidelity"]["item_cosine_min"],
-                "num_layers": b["num_layers"]}
+        return {
+            "variant": b["variant"],
+            "rule": rule,
+            "train_users_per_second": b["train_users_per_second"],
+            "train_speedup_vs_baseline": ratios[b["variant"]]["train_users_per_second"],
+            "items_speedup_vs_baseline": ratios[b["variant"]]["items_per_second"],
+            "item_cosine_mean": fid(b),
+            "item_cosine_min": b["fidelity"]["item_cosine_min"],
+            "num_layers": b["num_layers"],
+        }
 
     full = max((r["num_layers"] for r in ok), default=None)
-    best = pick(ok, f"the fastest training variant whose mean item cosine to the float32 model of the same layer "
-                    f"count is >= {threshold}")
-    best["full_depth"] = pick([r for r in ok if r["num_layers"] == full],
-                              f"the same among the variants with all {full} layers (a variant with fewer layers is "
-                              f"a different model: its cosine is to the float32 model of its own depth)")
+    best = pick(
+        ok,
+        f"the fastest training variant whose mean item cosine to the float32 model of the same layer "
+        f"count is >= {threshold}",
+    )
+    best["full_depth"] = pick(
+        [r for r in ok if r["num_layers"] == full],
+        f"the same among the variants with all {full} layers (a variant with fewer layers is "
+        f"a different model: its cosine is to the float32 model of its own depth)",
+    )
     return (base["variant"] if base else None), ratios, best
 
 
 def markdown(out: dict) -> str:
     b = out["budget"]
     m = out["machine"]
-    lines = [f"# Laser CPU cost per backbone variant: {out['dataset']} ({out['backbone']})", "",
-             f"{m['cpu_threads']} threads, {m['platform']}, torch {m['torch']}; history_len {b['history_len']}, "
-             f"title {b['title_max_tokens']} / category {b['category_max_tokens']} tokens, M-Former "
-             f"K={b['mformer']['n_experts']} L={b['mformer']['n_query']} width {b['mformer']['width']} "
-             f"{b['mformer']['n_layers']} layers {b['mformer']['n_heads']} heads; train batch {b['batch_size']}, "
-             f"item batch {b['item_batch_size']}; {b['items']} items, {b['users']} users, time cap "
-             f"{b['time_cap_seconds']} s per phase. Ratios are to `{out['baseline_variant']}`; fidelity is the "
-             f"cosine of item rows to the float32 unquantized model with the same layer count.", "",
-             "| variant | quant | compute | layers | memory MB | items/s | train users/s | x items/s | x train | "
-             "x memory | item cos mean | item cos min | user cos mean | note |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Laser CPU cost per backbone variant: {out['dataset']} ({out['backbone']})",
+        "",
+        f"{m['cpu_threads']} threads, {m['platform']}, torch {m['torch']}; history_len {b['history_len']}, "
+        f"title {b['title_max_tokens']} / category {b['category_max_tokens']} tokens, M-Former "
+        f"K={b['mformer']['n_experts']} L={b['mformer']['n_query']} width {b['mformer']['width']} "
+        f"{b['mformer']['n_layers']} layers {b['mformer']['n_heads']} heads; train batch {b['batch_size']}, "
+        f"item batch {b['item_batch_size']}; {b['items']} items, {b['users']} users, time cap "
+        f"{b['time_cap_seconds']} s per phase. Ratios are to `{out['baseline_variant']}`; fidelity is the "
+        f"cosine of item rows to the float32 unquantized model with the same layer count.",
+        "",
+        "| variant | quant | compute | layers | memory MB | items/s | train users/s | x items/s | x train | "
+        "x memory | item cos mean | item cos min | user cos mean | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
 
     def f(x, p=2):
         return "" if x is None else f"{x:.{p}f}"
@@ -328,26 +380,44 @@ def markdown(out: dict) -> str:
         if not note and (r.get("items_timed", 0) < b["items"] or r.get("users_timed", 0) < b["users"]):
             note = f"capped: {r.get('items_timed')} items, {r.get('users_timed')} users timed"
         note = note.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {name} | {r['quantization']} | {r['compute_dtype']} | {r.get('num_layers') or ''} | "
-                     f"{f(r.get('backbone_memory_mb'), 1)} | {f(r.get('items_per_second'))} | "
-                     f"{f(r.get('train_users_per_second'))} | {f(ra.get('items_per_second'))} | "
-                     f"{f(ra.get('train_users_per_second'))} | {f(ra.get('memory'))} | "
-                     f"{f(fd.get('item_cosine_mean'), 4)} | {f(fd.get('item_cosine_min'), 4)} | "
-                     f"{f(fd.get('user_cosine_mean'), 4)} | {note} |")
+        lines.append(
+            f"| {name} | {r['quantization']} | {r['compute_dtype']} | {r.get('num_layers') or ''} | "
+            f"{f(r.get('backbone_memory_mb'), 1)} | {f(r.get('items_per_second'))} | "
+            f"{f(r.get('train_users_per_second'))} | {f(ra.get('items_per_second'))} | "
+            f"{f(ra.get('train_users_per_second'))} | {f(ra.get('memory'))} | "
+            f"{f(fd.get('item_cosine_mean'), 4)} | {f(fd.get('item_cosine_min'), 4)} | "
+            f"{f(fd.get('user_cosine_mean'), 4)} | {note} |"
+        )
     best = out["best"]
-    lines += ["", f"Best ({best['rule']}): **{best['variant']}**"
-              + (f", {best['train_speedup_vs_baseline']:.2f}x the baseline's training users/s, mean item cosine "
-                 f"{best['item_cosine_mean']:.4f}" if best["variant"] else "") + ".",
-              f"Best at full depth: **{best['full_depth']['variant']}**"
-              + (f", {best['full_depth']['train_speedup_vs_baseline']:.2f}x, mean item cosine "
-                 f"{best['full_depth']['item_cosine_mean']:.4f}" if best["full_depth"]["variant"] else "") + "."]
+    lines += [
+        "",
+        f"Best ({best['rule']}): **{best['variant']}**"
+        + (
+            f", {best['train_speedup_vs_baseline']:.2f}x the baseline's training users/s, mean item cosine "
+            f"{best['item_cosine_mean']:.4f}"
+            if best["variant"]
+            else ""
+        )
+        + ".",
+        f"Best at full depth: **{best['full_depth']['variant']}**"
+        + (
+            f", {best['full_depth']['train_speedup_vs_baseline']:.2f}x, mean item cosine "
+            f"{best['full_depth']['item_cosine_mean']:.4f}"
+            if best["full_depth"]["variant"]
+            else ""
+        )
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "scientific_cpu.yaml"),
-                    help="the run config whose data, texts, M-Former, SR encoder and batch sizes are measured")
+    ap.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / "scientific_cpu.yaml"),
+        help="the run config whose data, texts, M-Former, SR encoder and batch sizes are measured",
+    )
     ap.add_argument("--data-dir", default=None, help="overrides the config's dataset.path")
     ap.add_argument("--name", default=None, help="results name (default: the dataset's)")
     ap.add_argument("--backbone", default=None, help="overrides backbone.name (e.g. tiny-random-llama)")
@@ -357,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history", type=int, default=None, help="overrides text.history_len")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: laser_train.batch_size)")
     ap.add_argument("--item-batch", type=int, default=None, help="default: laser_train.item_batch_size")
-    ap.add_argument("--time-cap", type=float, default=30.0,
-                    help="seconds per timed phase (items, training) of a variant, 0: none")
+    ap.add_argument(
+        "--time-cap", type=float, default=30.0, help="seconds per timed phase (items, training) of a variant, 0: none"
+    )
     ap.add_argument("--fidelity", type=float, default=0.99, help="mean item cosine a 'best' variant needs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -390,23 +461,45 @@ def main(argv: list[str] | None = None) -> int:
     baseline, ratios, best = summarize(rows, args.fidelity)
     name = args.name or ds.name
     mf = cfg.bitune.mformer
-    out = {"dataset": name, "backbone": cfg.backbone.name, "config": str(args.config),
-           "budget": {"history_len": cfg.text.history_len, "title_max_tokens": cfg.text.title_max_tokens,
-                      "category_max_tokens": cfg.text.category_max_tokens, "mformer": mf.model_dump(mode="json"),
-                      "prefix": cfg.bitune.prefix, "pooling": cfg.bitune.pooling,
-                      "sr": {"model": cfg.sr.model, "hidden_size": cfg.sr.hidden_size, "max_len": cfg.sr.max_len},
-                      "batch_size": lt.batch_size, "item_batch_size": args.item_batch, "lr": lt.lr, "tau": lt.tau,
-                      "lb_weight": lt.lb_weight, "items": len(sample.items), "users": len(sample.histories),
-                      "time_cap_seconds": args.time_cap, "seed": args.seed,
-                      "fidelity_threshold": args.fidelity},
-           "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "processor":
-                       platform.processor(), "python": platform.python_version(), "torch": torch.__version__,
-                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-           "variants": {n: VARIANTS[n] for n in names},
-           "fidelity_references": {str(k): v for k, v in refs.items()},
-           "results": {r["variant"]: r for r in rows},
-           "baseline_variant": baseline, "ratios_vs_baseline": ratios, "best": best,
-           "total_seconds": round(time.perf_counter() - t_start, 1)}
+    out = {
+        "dataset": name,
+        "backbone": cfg.backbone.name,
+        "config": str(args.config),
+        "budget": {
+            "history_len": cfg.text.history_len,
+            "title_max_tokens": cfg.text.title_max_tokens,
+            "category_max_tokens": cfg.text.category_max_tokens,
+            "mformer": mf.model_dump(mode="json"),
+            "prefix": cfg.bitune.prefix,
+            "pooling": cfg.bitune.pooling,
+            "sr": {"model": cfg.sr.model, "hidden_size": cfg.sr.hidden_size, "max_len": cfg.sr.max_len},
+            "batch_size": lt.batch_size,
+            "item_batch_size": args.item_batch,
+            "lr": lt.lr,
+            "tau": lt.tau,
+            "lb_weight": lt.lb_weight,
+            "items": len(sample.items),
+            "users": len(sample.histories),
+            "time_cap_seconds": args.time_cap,
+            "seed": args.seed,
+            "fidelity_threshold": args.fidelity,
+        },
+        "machine": {
+            "cpu_threads": args.threads,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "variants": {n: VARIANTS[n] for n in names},
+        "fidelity_references": {str(k): v for k, v in refs.items()},
+        "results": {r["variant"]: r for r in rows},
+        "baseline_variant": baseline,
+        "ratios_vs_baseline": ratios,
+        "best": best,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"laser_cost_{name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")

@@ -61,9 +61,13 @@ def anisotropy(table: torch.Tensor, n: int = 1000, seed: int = 0) -> dict[str, f
     raw = F.normalize(table[idx], dim=1)
     cen = F.normalize(table[idx] - table.mean(0), dim=1)
     rc, cc = (raw @ raw.T)[off], (cen @ cen.T)[off]
-    return {"pairwise_cos_mean": float(rc.mean()), "pairwise_cos_std": float(rc.std()),
-            "centered_pairwise_cos_mean": float(cc.mean()), "centered_pairwise_cos_std": float(cc.std()),
-            "sample": len(idx)}
+    return {
+        "pairwise_cos_mean": float(rc.mean()),
+        "pairwise_cos_std": float(rc.std()),
+        "centered_pairwise_cos_mean": float(cc.mean()),
+        "centered_pairwise_cos_std": float(cc.std()),
+        "sample": len(idx),
+    }
 
 
 KEEP = ("ndcg@10", "recall@10", "mrr")
@@ -72,7 +76,7 @@ KEEP = ("ndcg@10", "recall@10", "mrr")
 def initial_table(cfg, ds, split, sr, wd: Path) -> torch.Tensor:
     """The item table of the initial weights: the benchmark run's cached copy when there is one. Item texts are
     one-item histories, so the number of items in the user text (H) does not change the table."""
-    model = build_laser(cfg.laser_spec(), ds.items, sr)   # same seed: the benchmark's initial weights
+    model = build_laser(cfg.laser_spec(), ds.items, sr)  # same seed: the benchmark's initial weights
     key = model.weights_fingerprint()[:24]
     for path in sorted(wd.glob(f"laser-*/tables/{key}.safetensors")):
         return load_file(str(path))["table"]
@@ -100,43 +104,60 @@ def parse_curve(name: str) -> dict:
     m = re.fullmatch(r"h(\d+)_lr([0-9.e-]+)_tau([0-9.e-]+)_(\d+)x(\d+)", name)
     if not m:
         raise SystemExit(f"--curves: {name!r} is not h<H>_lr<lr>_tau<tau>_<chunks>x<users>")
-    return {"history_len": int(m[1]), "lr": float(m[2]), "tau": float(m[3]), "chunks": int(m[4]),
-            "users": int(m[5])}
+    return {"history_len": int(m[1]), "lr": float(m[2]), "tau": float(m[3]), "chunks": int(m[4]), "users": int(m[5])}
 
 
 def curve(name: str, cfg, ds, split, sr, table: torch.Tensor) -> dict:
     c = parse_curve(name)
     spec = cfg.laser_spec()
     spec = spec.model_copy(update={"text": spec.text.model_copy(update={"history_len": c["history_len"]})})
-    trainer = LaserTrainer(build_laser(spec, ds.items, sr), split, cfg.laser_train.model_copy(update={
-        "lr": c["lr"], "tau": c["tau"], "users_per_epoch": c["users"], "progress": False}))
+    trainer = LaserTrainer(
+        build_laser(spec, ds.items, sr),
+        split,
+        cfg.laser_train.model_copy(
+            update={"lr": c["lr"], "tau": c["tau"], "users_per_epoch": c["users"], "progress": False}
+        ),
+    )
     t0 = time.perf_counter()
     valid = trainer.validate(table)
-    points = [{"users_trained": 0, "loss": None, **{k: valid[k] for k in KEEP},
-               "validate_seconds": round(time.perf_counter() - t0, 1)}]
+    points = [
+        {
+            "users_trained": 0,
+            "loss": None,
+            **{k: valid[k] for k in KEEP},
+            "validate_seconds": round(time.perf_counter() - t0, 1),
+        }
+    ]
     print(name, points[-1], flush=True)
     for chunk in range(c["chunks"]):
         t0 = time.perf_counter()
         loss = trainer.train_epoch(table, 2, chunk)
         train_s = time.perf_counter() - t0
         valid = trainer.validate(table)
-        points.append({"users_trained": (chunk + 1) * c["users"], "loss": loss, **{k: valid[k] for k in KEEP},
-                       "train_seconds": round(train_s, 1)})
+        points.append(
+            {
+                "users_trained": (chunk + 1) * c["users"],
+                "loss": loss,
+                **{k: valid[k] for k in KEEP},
+                "train_seconds": round(train_s, 1),
+            }
+        )
         print(name, points[-1], flush=True)
-    return {**c, "valid_users": cfg.laser_train.valid_users, "batch_size": cfg.laser_train.batch_size,
-            "points": points}
+    return {**c, "valid_users": cfg.laser_train.valid_users, "batch_size": cfg.laser_train.batch_size, "points": points}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--workdir", required=True, help="the benchmark's --workdir (frozen SR model, cached table)")
-    ap.add_argument("--variants", default="",
-                    help="one stage-2 epoch each: base (the config's lr), lr3e-3, tau0.01, centered")
+    ap.add_argument(
+        "--variants", default="", help="one stage-2 epoch each: base (the config's lr), lr3e-3, tau0.01, centered"
+    )
     ap.add_argument("--similarity", action="store_true", help="item-item similarity of the initial table")
     ap.add_argument("--curves", default="", help="comma-separated h<H>_lr<lr>_tau<tau>_<chunks>x<users>")
-    ap.add_argument("--test-initial", action="store_true",
-                    help="score the initial weights and table on the config's test users")
+    ap.add_argument(
+        "--test-initial", action="store_true", help="score the initial weights and table on the config's test users"
+    )
     args = ap.parse_args(argv)
     cfg, ds, split = load_inputs(args)
     wd = Path(args.workdir)
@@ -164,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = build_laser(cfg.laser_spec(), ds.items, sr)
         metrics = test_laser(model, table, split, cfg.laser_train.model_copy(update={"progress": False}))
-        out["test_initial"] = {**{k: metrics[k] for k in KEEP}, "test_users": cfg.laser_train.test_users or "all",
-                               "history_len": cfg.text.history_len, "seconds": round(time.perf_counter() - t0, 1)}
+        out["test_initial"] = {
+            **{k: metrics[k] for k in KEEP},
+            "test_users": cfg.laser_train.test_users or "all",
+            "history_len": cfg.text.history_len,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print("test_initial", out["test_initial"], flush=True)
         save()
     for name_c in filter(None, args.curves.split(",")):
@@ -191,9 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         before = trainer.validate(table) if variant == "centered" else None
         loss = trainer.train_epoch(table, 2, 0)
         after = trainer.validate(table)
-        res = {"lr": lr, "tau": tau, "train_users": int(tcfg.users_per_epoch or 0), "epoch_mean_loss": loss,
-               "valid_ndcg@10": after["ndcg@10"], "valid_recall@10": after["recall@10"],
-               "seconds": round(time.perf_counter() - t0, 1)}
+        res = {
+            "lr": lr,
+            "tau": tau,
+            "train_users": int(tcfg.users_per_epoch or 0),
+            "epoch_mean_loss": loss,
+            "valid_ndcg@10": after["ndcg@10"],
+            "valid_recall@10": after["recall@10"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         if before is not None:
             res["valid_ndcg@10_before_training"] = before["ndcg@10"]
         out.setdefault("variants", {})[variant] = res

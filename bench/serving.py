@@ -87,16 +87,29 @@ def machine_info(threads: int) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))
+        mem_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
         mem_gib = round(mem_kb / 2**20, 1)
     except (OSError, StopIteration):
         mem_gib = None
-    return {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count(), "ram_gib": mem_gib,
-            "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
-            "numpy_blas": "OpenBLAS (OPENBLAS_NUM_THREADS pinned)", "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "nice": os.nice(0),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "ram_gib": mem_gib,
+        "threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numpy_blas": "OpenBLAS (OPENBLAS_NUM_THREADS pinned)",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "nice": os.nice(0),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def dir_bytes(root: Path) -> int:
@@ -109,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = threads  # read when the BLAS library loads, i.e. before numpy's first import
     if "numpy" in sys.modules:
-        print("warning: numpy was imported before the thread pin; OpenBLAS may use another thread count",
-              file=sys.stderr)
+        print(
+            "warning: numpy was imported before the thread pin; OpenBLAS may use another thread count", file=sys.stderr
+        )
 
     import numpy as np
     import onnxruntime as ort
@@ -125,12 +139,21 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_interop_threads(1)
     k = args.k
     command = "python bench/serving.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    out: dict = {"scorer": {}, "machine": machine_info(args.threads), "command": command.strip(),
-                 "settings": {"dim": args.dim, "k": k, "seed": args.seed, "batches": args.batches,
-                              "ratio_definition": "framework latency / numpy latency at the same percentile "
-                                                  "(< 1 means faster than numpy)",
-                              "timing": "time.perf_counter per call, numpy input in, numpy top-k out; "
-                                        "frameworks interleaved rep by rep after a warm-up"}}
+    out: dict = {
+        "scorer": {},
+        "machine": machine_info(args.threads),
+        "command": command.strip(),
+        "settings": {
+            "dim": args.dim,
+            "k": k,
+            "seed": args.seed,
+            "batches": args.batches,
+            "ratio_definition": "framework latency / numpy latency at the same percentile "
+            "(< 1 means faster than numpy)",
+            "timing": "time.perf_counter per call, numpy input in, numpy top-k out; "
+            "frameworks interleaved rep by rep after a warm-up",
+        },
+    }
 
     for n_items in args.sizes:
         rng = np.random.default_rng(args.seed)
@@ -212,9 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
                             cell[f"ratio_{fw}_vs_numpy_{q}"] = round(cell[f"{fw}_ms_{q}"] / cell[f"numpy_ms_{q}"], 3)
                 cell["agreement"] = check
                 entry[f"batch{batch}"] = cell
-                print(f"[{n_items} items, batch {batch}] " + ", ".join(
-                    f"{fw} p50 {cell[f'{fw}_ms_p50']:.3f} ms" for fw in active), flush=True)
-            session = None   # free it before the next size (a rebinding: the closures above read it)
+                print(
+                    f"[{n_items} items, batch {batch}] "
+                    + ", ".join(f"{fw} p50 {cell[f'{fw}_ms_p50']:.3f} ms" for fw in active),
+                    flush=True,
+                )
+            session = None  # free it before the next size (a rebinding: the closures above read it)
         out["scorer"][str(n_items)] = entry
         table = table_t = None
 
@@ -254,8 +280,11 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
     ds = load_dataset({"synthetic": {"n_users": 300, "n_items": n_items, "seed": args.seed}})
     torch.manual_seed(args.seed)
     sr = build_model(SRConfig(model="bert4rec"), ds.n_items).eval()
-    spec = LaserSpec(text=TextConfig(history_len=args.history, title_max_chars=80),
-                     backbone=BackboneConfig(name="smollm2-135m-instruct", quantization="none"), seed=args.seed)
+    spec = LaserSpec(
+        text=TextConfig(history_len=args.history, title_max_chars=80),
+        backbone=BackboneConfig(name="smollm2-135m-instruct", quantization="none"),
+        seed=args.seed,
+    )
     model = build_laser(spec, ds.items, sr)
     weights = LaserWeights(spec=spec, state={n: t.detach().clone() for n, t in model.state_dict().items()})
     del model
@@ -266,17 +295,25 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
     rows = rng.choice(ds.n_items, size=args.history, replace=False).tolist()
     history = [str(ds.items["item_id"].iloc[r]) for r in rows]
 
-    out: dict = {"backbone": "smollm2-135m-instruct (float32)", "catalogue_items": n_items,
-                 "history_items": args.history, "spec": {"text": spec.text.model_dump(mode="json"),
-                                                         "bitune_prefix": spec.bitune.prefix,
-                                                         "pooling": spec.bitune.pooling, "sr": "bert4rec"}}
+    out: dict = {
+        "backbone": "smollm2-135m-instruct (float32)",
+        "catalogue_items": n_items,
+        "history_items": args.history,
+        "spec": {
+            "text": spec.text.model_dump(mode="json"),
+            "bitune_prefix": spec.bitune.prefix,
+            "pooling": spec.bitune.pooling,
+            "sr": "bert4rec",
+        },
+    }
     with tempfile.TemporaryDirectory(prefix="laser-bundle-") as tmp:
         bundle = Path(tmp) / "bundle"
         t0 = time.perf_counter()
         export_bundle(weights, sr, ds.items, table, bundle, k=k, metadata={"model_version": "bench-untrained"})
         out["export_bundle_s"] = round(time.perf_counter() - t0, 1)
-        out["user_tower_onnx_bytes"] = sum(p.stat().st_size for p in bundle.iterdir()
-                                           if p.is_file() and p.name.startswith(USER_TOWER.split(".")[0]))
+        out["user_tower_onnx_bytes"] = sum(
+            p.stat().st_size for p in bundle.iterdir() if p.is_file() and p.name.startswith(USER_TOWER.split(".")[0])
+        )
         out["bundle_bytes"] = dir_bytes(bundle)
 
         token_ids = [ref._encode(ref.formatter.user_text(rows))]
@@ -296,8 +333,12 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         tower = ort.InferenceSession(str(bundle / USER_TOWER), so, providers=["CPUExecutionProvider"])
         out["onnx_session_load_s"] = round(time.perf_counter() - t0, 2)
-        all_feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.numpy().astype(np.int64),
-                     "input_ids": input_ids.numpy(), "attention_mask": attention.numpy()}
+        all_feeds = {
+            "item_ids": sr_ids.numpy(),
+            "item_mask": sr_mask.numpy().astype(np.int64),
+            "input_ids": input_ids.numpy(),
+            "attention_mask": attention.numpy(),
+        }
         feeds = {i.name: all_feeds[i.name] for i in tower.get_inputs()}
 
         def run_ort() -> np.ndarray:
@@ -331,29 +372,51 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
         out["torch_ms_p50"], out["torch_ms_p99"] = _percentiles(times["torch"])
         out["recommend_e2e_ms_p50"], out["recommend_e2e_ms_p99"] = _percentiles(times["recommend_e2e"])
         out["ratio_onnxruntime_vs_torch_p50"] = round(out["onnxruntime_ms_p50"] / out["torch_ms_p50"], 3)
-        out["recommend_e2e_note"] = ("Recommender.recommend: user text + tokenizers + user_tower.onnx + scorer.onnx "
-                                     "+ result objects, onnxruntime intra-op threads = --threads")
+        out["recommend_e2e_note"] = (
+            "Recommender.recommend: user text + tokenizers + user_tower.onnx + scorer.onnx "
+            "+ result objects, onnxruntime intra-op threads = --threads"
+        )
         rec = tower = None
-    print(f"[user tower] onnxruntime p50 {out['onnxruntime_ms_p50']:.1f} ms, torch p50 {out['torch_ms_p50']:.1f} ms, "
-          f"recommend() p50 {out['recommend_e2e_ms_p50']:.1f} ms", flush=True)
+    print(
+        f"[user tower] onnxruntime p50 {out['onnxruntime_ms_p50']:.1f} ms, torch p50 {out['torch_ms_p50']:.1f} ms, "
+        f"recommend() p50 {out['recommend_e2e_ms_p50']:.1f} ms",
+        flush=True,
+    )
     return out
 
 
 def user_tower_table(tower: dict, markdown_table) -> str:
     head = ["user tower (SmolLM2-135M, 1 user)", "p50 ms", "p99 ms", "vs torch (p50)"]
-    rows = [["onnxruntime (user_tower.onnx)", f"{tower['onnxruntime_ms_p50']:.1f}",
-             f"{tower['onnxruntime_ms_p99']:.1f}",
-             f"{tower['ratio_onnxruntime_vs_torch_p50']:.2f}"],
-            ["torch eager (float32)", f"{tower['torch_ms_p50']:.1f}", f"{tower['torch_ms_p99']:.1f}", "1.00"],
-            ["Recommender.recommend (tokenize + tower + scorer)", f"{tower['recommend_e2e_ms_p50']:.1f}",
-             f"{tower['recommend_e2e_ms_p99']:.1f}",
-             f"{tower['recommend_e2e_ms_p50'] / tower['torch_ms_p50']:.2f}"]]
+    rows = [
+        [
+            "onnxruntime (user_tower.onnx)",
+            f"{tower['onnxruntime_ms_p50']:.1f}",
+            f"{tower['onnxruntime_ms_p99']:.1f}",
+            f"{tower['ratio_onnxruntime_vs_torch_p50']:.2f}",
+        ],
+        ["torch eager (float32)", f"{tower['torch_ms_p50']:.1f}", f"{tower['torch_ms_p99']:.1f}", "1.00"],
+        [
+            "Recommender.recommend (tokenize + tower + scorer)",
+            f"{tower['recommend_e2e_ms_p50']:.1f}",
+            f"{tower['recommend_e2e_ms_p99']:.1f}",
+            f"{tower['recommend_e2e_ms_p50'] / tower['torch_ms_p50']:.2f}",
+        ],
+    ]
     return markdown_table(head, rows)
 
 
 def markdown_table_for(out: dict, markdown_table) -> str:
-    head = ["items", "batch", "onnxruntime p50 / p99 ms", "torch p50 / p99 ms", "numpy p50 / p99 ms",
-            "ort / numpy (p50)", "torch / numpy (p50)", "ONNX MB", "reps"]
+    head = [
+        "items",
+        "batch",
+        "onnxruntime p50 / p99 ms",
+        "torch p50 / p99 ms",
+        "numpy p50 / p99 ms",
+        "ort / numpy (p50)",
+        "torch / numpy (p50)",
+        "ONNX MB",
+        "reps",
+    ]
     rows = []
     for n_items, entry in out["scorer"].items():
         for key, cell in entry.items():
@@ -366,10 +429,19 @@ def markdown_table_for(out: dict, markdown_table) -> str:
                 return f"{cell[f'{fw}_ms_p50']:.3f} / {cell[f'{fw}_ms_p99']:.3f}"
 
             ort_ratio = cell.get("ratio_onnxruntime_vs_numpy_p50")
-            rows.append([f"{int(n_items):,}", key[len("batch"):], pair("onnxruntime"), pair("torch"), pair("numpy"),
-                         "n/a" if ort_ratio is None else f"{ort_ratio:.2f}",
-                         f"{cell['ratio_torch_vs_numpy_p50']:.2f}",
-                         f"{entry['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in entry else "n/a", str(cell["reps"])])
+            rows.append(
+                [
+                    f"{int(n_items):,}",
+                    key[len("batch") :],
+                    pair("onnxruntime"),
+                    pair("torch"),
+                    pair("numpy"),
+                    "n/a" if ort_ratio is None else f"{ort_ratio:.2f}",
+                    f"{cell['ratio_torch_vs_numpy_p50']:.2f}",
+                    f"{entry['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in entry else "n/a",
+                    str(cell["reps"]),
+                ]
+            )
     return markdown_table(head, rows)
 
 

@@ -55,15 +55,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: request kind -> share of the schedule (normalized); the expected statuses are in EXPECTED
 MIX: dict[str, float] = {
-    "recommend": 0.70, "recommend_some_unknown": 0.04, "health": 0.04, "all_unknown": 0.02,
-    "malformed_json": 0.015, "deep_json": 0.015, "validation_error": 0.02, "not_found": 0.01,
-    "wrong_method": 0.01, "too_large": 0.01,
-    "slow_sender": 0.04, "slow_reader": 0.04, "hang_up": 0.01,
+    "recommend": 0.70,
+    "recommend_some_unknown": 0.04,
+    "health": 0.04,
+    "all_unknown": 0.02,
+    "malformed_json": 0.015,
+    "deep_json": 0.015,
+    "validation_error": 0.02,
+    "not_found": 0.01,
+    "wrong_method": 0.01,
+    "too_large": 0.01,
+    "slow_sender": 0.04,
+    "slow_reader": 0.04,
+    "hang_up": 0.01,
 }
 EXPECTED: dict[str, set[int | None]] = {
-    "recommend": {200}, "recommend_some_unknown": {200}, "health": {200}, "all_unknown": {422},
-    "malformed_json": {400}, "deep_json": {400}, "validation_error": {400}, "not_found": {404},
-    "wrong_method": {405}, "too_large": {413}, "slow_sender": {200}, "slow_reader": {200},
+    "recommend": {200},
+    "recommend_some_unknown": {200},
+    "health": {200},
+    "all_unknown": {422},
+    "malformed_json": {400},
+    "deep_json": {400},
+    "validation_error": {400},
+    "not_found": {404},
+    "wrong_method": {405},
+    "too_large": {413},
+    "slow_sender": {200},
+    "slow_reader": {200},
     "hang_up": {None},  # None: no response expected
 }
 SLOW_KINDS = ("slow_sender", "slow_reader", "hang_up")
@@ -88,17 +106,32 @@ def build_tiny_bundle(out: Path, seed: int = 0) -> Path:
     data = load_dataset({"synthetic": {"n_users": 100, "n_items": 40, "n_user_types": 4, "seed": seed}})
     torch.manual_seed(seed)
     encoder = build_model(SRConfig(model="bert4rec", hidden_size=16, max_len=8), data.n_items).eval()
-    bitune = BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=1, n_heads=2,
-                                                dropout=0.0))
-    spec = LaserSpec(bitune=bitune, text=TextConfig(history_len=5),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"), seed=seed)
-    laser = LaserWeights(spec=spec, state={name: value.detach().clone() for name, value in
-                                           build_laser(spec, data.items, encoder).state_dict().items()})
+    bitune = BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=1, n_heads=2, dropout=0.0))
+    spec = LaserSpec(
+        bitune=bitune,
+        text=TextConfig(history_len=5),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+        seed=seed,
+    )
+    laser = LaserWeights(
+        spec=spec,
+        state={
+            name: value.detach().clone() for name, value in build_laser(spec, data.items, encoder).state_dict().items()
+        },
+    )
     with torch.inference_mode():
         table = reference_model(laser, encoder, data.items).embed_items(range(data.n_items))
     popularity = popularity_from_sequences(leave_one_out(data).train, data.n_items)
-    return export_bundle(laser, encoder, data.items, table, out, k=10, popularity=popularity,
-                         metadata={"model_version": "soak-tiny-untrained"})
+    return export_bundle(
+        laser,
+        encoder,
+        data.items,
+        table,
+        out,
+        k=10,
+        popularity=popularity,
+        metadata={"model_version": "soak-tiny-untrained"},
+    )
 
 
 def _proc_status(pid: int) -> dict[str, int]:
@@ -122,8 +155,7 @@ class ServerProcess:
     def __init__(self, command: Sequence[str], start_timeout: float = 180.0, cwd: Path = ROOT) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="laser-soak-server-", suffix=".log", delete=False)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(list(command), cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=self._log,
-                                     env=env)
+        self.proc = subprocess.Popen(list(command), cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=self._log, env=env)
         self.pid = self.proc.pid
         deadline = time.monotonic() + start_timeout
         while True:
@@ -133,8 +165,9 @@ class ServerProcess:
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the server did not start (exit status {self.proc.returncode}):\n"
-                                   f"{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"the server did not start (exit status {self.proc.returncode}):\n{self.log()[-3000:]}"
+                )
             time.sleep(0.1)
 
     def log(self) -> str:
@@ -161,8 +194,20 @@ class ServerProcess:
 
 def bundle_server_command(bundle: Path, threads: int) -> list[str]:
     """``laser serve`` (as ``python -m laser_cli.main serve``) on a free port of 127.0.0.1."""
-    return [sys.executable, "-m", "laser_cli.main", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-            "--port", "0", "--threads", str(threads)]
+    return [
+        sys.executable,
+        "-m",
+        "laser_cli.main",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--threads",
+        str(threads),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the clients
@@ -192,7 +237,7 @@ class Workload:
         return rng.sample(self.item_ids, rng.randint(1, min(12, len(self.item_ids))))
 
     def recommend_body(self, rng: random.Random) -> dict:
-        return {"history": self.history(rng), "k": rng.randint(1, self.max_k), "exclude_history": rng.random() < .3}
+        return {"history": self.history(rng), "k": rng.randint(1, self.max_k), "exclude_history": rng.random() < 0.3}
 
 
 def _read_response(sock: socket.socket, chunk: int = 65536, delay: float = 0.0) -> tuple[int, dict[str, str], bytes]:
@@ -220,8 +265,10 @@ def _read_response(sock: socket.socket, chunk: int = 65536, delay: float = 0.0) 
 
 
 def _post_head(path: str, length: int, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\nContent-Length: {length}"
-            f"\r\n{extra}\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\nContent-Length: {length}"
+        f"\r\n{extra}\r\n"
+    ).encode()
 
 
 class Client:
@@ -261,8 +308,7 @@ class Client:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _raw(self, send: Callable[[socket.socket], None], chunk: int = 65536, delay: float = 0.0
-             ) -> tuple[int, bytes]:
+    def _raw(self, send: Callable[[socket.socket], None], chunk: int = 65536, delay: float = 0.0) -> tuple[int, bytes]:
         with self._socket() as sock:
             send(sock)
             status, _, body = _read_response(sock, chunk, delay)
@@ -278,14 +324,26 @@ class Client:
             elif kind == "all_unknown":
                 body["history"] = ["no-such-item", f"ghost-{rng.randint(0, 9999)}"]
             elif kind == "validation_error":
-                body = rng.choice([{**body, "k": 0}, {**body, "k": "3"}, {"history": []}, {**body, "extra": 1},
-                                   {"history": [1, 2]}, [body], {**body, "k": work.max_k + 1000}])
+                body = rng.choice(
+                    [
+                        {**body, "k": 0},
+                        {**body, "k": "3"},
+                        {"history": []},
+                        {**body, "extra": 1},
+                        {"history": [1, 2]},
+                        [body],
+                        {**body, "k": work.max_k + 1000},
+                    ]
+                )
             return self._http("POST", "/recommend", json.dumps(body).encode())
         if kind == "health":
             return self._http("GET", "/health")
         if kind == "malformed_json":
-            return self._http("POST", "/recommend", rng.choice([b"{", b'{"history": [}', b"\xff\xfe", b"NaN",
-                                                                 b'{"history": ["a"], "k": 1e999}x']))
+            return self._http(
+                "POST",
+                "/recommend",
+                rng.choice([b"{", b'{"history": [}', b"\xff\xfe", b"NaN", b'{"history": ["a"], "k": 1e999}x']),
+            )
         if kind == "deep_json":
             depth = rng.choice([5_000, 50_000])
             return self._http("POST", "/recommend", b'{"history": ' + b"[" * depth + b"]" * depth + b"}")
@@ -298,21 +356,25 @@ class Client:
         if kind == "too_large":
             return self._raw(lambda s: s.sendall(_post_head("/recommend", 32 << 20)))
         if kind == "slow_sender":
+
             def dribble(sock: socket.socket) -> None:
                 sock.sendall(_post_head("/recommend", len(payload)))
                 step = max(1, len(payload) // 4)
                 for lo in range(0, len(payload), step):
                     time.sleep(0.05)
-                    sock.sendall(payload[lo:lo + step])
+                    sock.sendall(payload[lo : lo + step])
+
             return self._raw(dribble)
         if kind == "slow_reader":
+
             def late(sock: socket.socket) -> None:
                 sock.sendall(_post_head("/recommend", len(payload)) + payload)
                 time.sleep(0.3)
+
             return self._raw(late, chunk=16, delay=0.002)
         if kind == "hang_up":
             with self._socket() as sock:
-                sock.sendall(_post_head("/recommend", len(payload)) + payload[:len(payload) // 3])
+                sock.sendall(_post_head("/recommend", len(payload)) + payload[: len(payload) // 3])
             return None, b""
         raise ValueError(f"unknown request kind {kind!r}")
 
@@ -342,8 +404,9 @@ def schedule(n: int, seed: int, mix: dict[str, float] = MIX) -> list[str]:
     the same run for the same arguments)."""
     rng = random.Random(seed)
     kinds = list(mix)
-    plan = (kinds if n >= len(kinds) else []) + rng.choices(kinds, weights=[mix[k] for k in kinds],
-                                                            k=max(0, n - len(kinds)) if n >= len(kinds) else n)
+    plan = (kinds if n >= len(kinds) else []) + rng.choices(
+        kinds, weights=[mix[k] for k in kinds], k=max(0, n - len(kinds)) if n >= len(kinds) else n
+    )
     rng.shuffle(plan)
     return plan
 
@@ -358,13 +421,27 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def _latency_summary(latencies: Sequence[float]) -> dict:
     ms = [x * 1000 for x in latencies]
-    return {"n": len(ms), **{name: None if percentile(ms, q) is None else round(percentile(ms, q), 2)
-                             for name, q in (("p50_ms", .5), ("p90_ms", .9), ("p99_ms", .99), ("max_ms", 1.0))}}
+    return {
+        "n": len(ms),
+        **{
+            name: None if percentile(ms, q) is None else round(percentile(ms, q), 2)
+            for name, q in (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("max_ms", 1.0))
+        },
+    }
 
 
-def run_soak(server: ServerProcess, item_ids: list[str], max_k: int, requests: int, concurrency: int,
-             max_seconds: float, seed: int = 0, warmup: int = 640,
-             sample_every: float = 0.25, progress: bool = False) -> dict:
+def run_soak(
+    server: ServerProcess,
+    item_ids: list[str],
+    max_k: int,
+    requests: int,
+    concurrency: int,
+    max_seconds: float,
+    seed: int = 0,
+    warmup: int = 640,
+    sample_every: float = 0.25,
+    progress: bool = False,
+) -> dict:
     """Drive ``server`` with ``requests`` requests from ``concurrency`` threads; the report (see the module doc)."""
     work = Workload(server.host, server.port, item_ids, max_k)
 
@@ -444,18 +521,26 @@ def run_soak(server: ServerProcess, item_ids: list[str], max_k: int, requests: i
     return summarize(outcomes, requests, wall, snapshots, samples, server.log(), any(t.is_alive() for t in threads))
 
 
-def summarize(outcomes: list[Outcome], planned: int, wall: float, snapshots: dict[str, dict],
-              samples: list[dict], server_log: str, stuck_clients: bool) -> dict:
+def summarize(
+    outcomes: list[Outcome],
+    planned: int,
+    wall: float,
+    snapshots: dict[str, dict],
+    samples: list[dict],
+    server_log: str,
+    stuck_clients: bool,
+) -> dict:
     statuses = Counter("none" if o.status is None else str(o.status) for o in outcomes)
     by_kind: dict[str, dict] = {}
     for kind in MIX:
         mine = [o for o in outcomes if o.kind == kind]
         if mine:
-            by_kind[kind] = {"n": len(mine),
-                             "statuses": dict(sorted(Counter("none" if o.status is None else str(o.status)
-                                                             for o in mine).items())),
-                             "unexpected": sum(not o.expected for o in mine),
-                             **_latency_summary([o.latency_s for o in mine])}
+            by_kind[kind] = {
+                "n": len(mine),
+                "statuses": dict(sorted(Counter("none" if o.status is None else str(o.status) for o in mine).items())),
+                "unexpected": sum(not o.expected for o in mine),
+                **_latency_summary([o.latency_s for o in mine]),
+            }
     expects_answer = [o for o in outcomes if None not in EXPECTED[o.kind]]
     unanswered = sum(o.status is None for o in expects_answer)
     unexpected = [o for o in outcomes if not o.expected]
@@ -471,35 +556,54 @@ def summarize(outcomes: list[Outcome], planned: int, wall: float, snapshots: dic
     second_half = None if rss["middle"] is None or rss["end"] is None else round(rss["end"] - rss["middle"], 1)
     tracebacks = server_log.count("Traceback (most recent call last)")
     report = {
-        "requests": {"planned": planned, "sent": len(outcomes), "not_sent_time_bound": planned - len(outcomes),
-                     "answered": sum(o.status is not None for o in outcomes),
-                     "expecting_an_answer": len(expects_answer), "unanswered": unanswered,
-                     "hang_ups_by_design": len(outcomes) - len(expects_answer),
-                     "unexpected": len(unexpected)},
+        "requests": {
+            "planned": planned,
+            "sent": len(outcomes),
+            "not_sent_time_bound": planned - len(outcomes),
+            "answered": sum(o.status is not None for o in outcomes),
+            "expecting_an_answer": len(expects_answer),
+            "unanswered": unanswered,
+            "hang_ups_by_design": len(outcomes) - len(expects_answer),
+            "unexpected": len(unexpected),
+        },
         "served_ok_200": statuses.get("200", 0),
         "status_counts": dict(sorted(statuses.items())),
         "errors_5xx": sum(1 for o in outcomes if o.status is not None and o.status >= 500),
         "errors_by_status": {s: n for s, n in sorted(statuses.items()) if s != "200"},
         "wall_s": round(wall, 2),
         "throughput_rps": round(len(outcomes) / wall, 1) if wall > 0 else None,
-        "latency_ms": {"recommend": _latency_summary([o.latency_s for o in outcomes
-                                                      if o.kind == "recommend" and o.expected]),
-                       "all_fast_kinds": _latency_summary(fast)},
+        "latency_ms": {
+            "recommend": _latency_summary([o.latency_s for o in outcomes if o.kind == "recommend" and o.expected]),
+            "all_fast_kinds": _latency_summary(fast),
+        },
         "by_kind": by_kind,
-        "memory": {"rss_mib": rss, "growth_start_to_end_mib": growth, "growth_middle_to_end_mib": second_half,
-                   "threads": {n: snapshots.get(n, {}).get("threads") for n in ("start", "middle", "end")},
-                   "open_files": {n: snapshots.get(n, {}).get("open_files") for n in ("start", "middle", "end")},
-                   "samples": samples[:: max(1, len(samples) // 200)]},
-        "server_log": {"tracebacks": tracebacks,
-                       "unhandled_errors": server_log.count("unhandled error"),
-                       "warnings_or_errors": sum(1 for line in server_log.splitlines()
-                                                 if " WARNING " in line or " ERROR " in line)},
+        "memory": {
+            "rss_mib": rss,
+            "growth_start_to_end_mib": growth,
+            "growth_middle_to_end_mib": second_half,
+            "threads": {n: snapshots.get(n, {}).get("threads") for n in ("start", "middle", "end")},
+            "open_files": {n: snapshots.get(n, {}).get("open_files") for n in ("start", "middle", "end")},
+            "samples": samples[:: max(1, len(samples) // 200)],
+        },
+        "server_log": {
+            "tracebacks": tracebacks,
+            "unhandled_errors": server_log.count("unhandled error"),
+            "warnings_or_errors": sum(
+                1 for line in server_log.splitlines() if " WARNING " in line or " ERROR " in line
+            ),
+        },
         "stuck_clients": stuck_clients,
-        "first_traceback": server_log[server_log.find("Traceback"):][:3000] if tracebacks else None,
+        "first_traceback": server_log[server_log.find("Traceback") :][:3000] if tracebacks else None,
         "unexpected_examples": [{"kind": o.kind, "status": o.status, "problem": o.problem} for o in unexpected[:10]],
     }
-    report["passed"] = (report["errors_5xx"] == 0 and unanswered == 0 and not unexpected and tracebacks == 0
-                        and not stuck_clients and len(outcomes) == planned)
+    report["passed"] = (
+        report["errors_5xx"] == 0
+        and unanswered == 0
+        and not unexpected
+        and tracebacks == 0
+        and not stuck_clients
+        and len(outcomes) == planned
+    )
     return report
 
 
@@ -511,6 +615,7 @@ def markdown(report: dict) -> str:
 
     def num(value: float | None) -> str:
         return "" if value is None else f"{value:g}" if isinstance(value, int) else f"{value:.1f}"
+
     rec = report["latency_ms"]["recommend"]
     lines = [
         "# Soak of the HTTP service",
@@ -529,16 +634,31 @@ def markdown(report: dict) -> str:
         "Server memory (RSS, MiB) and resources: start (after a warm-up) / middle / end; growth start to end "
         f"{mem['growth_start_to_end_mib']} MiB, middle to end {mem['growth_middle_to_end_mib']} MiB.",
         "",
-        markdown_table(["", "start", "middle", "end", "peak"],
-                       [["RSS MiB", *(num(mem["rss_mib"][n]) for n in ("start", "middle", "end", "peak"))],
-                        ["threads", *(mem["threads"][n] for n in ("start", "middle", "end")), ""],
-                        ["open files", *(mem["open_files"][n] for n in ("start", "middle", "end")), ""]]),
+        markdown_table(
+            ["", "start", "middle", "end", "peak"],
+            [
+                ["RSS MiB", *(num(mem["rss_mib"][n]) for n in ("start", "middle", "end", "peak"))],
+                ["threads", *(mem["threads"][n] for n in ("start", "middle", "end")), ""],
+                ["open files", *(mem["open_files"][n] for n in ("start", "middle", "end")), ""],
+            ],
+        ),
         "Requests by kind (latency includes the deliberate delays of the slow kinds):",
         "",
-        markdown_table(["kind", "n", "statuses", "unexpected", "p50 ms", "p99 ms", "max ms"],
-                       [[kind, v["n"], ", ".join(f"{s}: {n}" for s, n in v["statuses"].items()), v["unexpected"],
-                         num(v["p50_ms"]), num(v["p99_ms"]), num(v["max_ms"])]
-                        for kind, v in report["by_kind"].items()]),
+        markdown_table(
+            ["kind", "n", "statuses", "unexpected", "p50 ms", "p99 ms", "max ms"],
+            [
+                [
+                    kind,
+                    v["n"],
+                    ", ".join(f"{s}: {n}" for s, n in v["statuses"].items()),
+                    v["unexpected"],
+                    num(v["p50_ms"]),
+                    num(v["p99_ms"]),
+                    num(v["max_ms"]),
+                ]
+                for kind, v in report["by_kind"].items()
+            ],
+        ),
     ]
     if report["unexpected_examples"]:
         lines += ["Unexpected outcomes (first 10):", ""]
@@ -547,8 +667,12 @@ def markdown(report: dict) -> str:
 
 
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "logical_cpus": os.cpu_count(),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "logical_cpus": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -557,12 +681,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending new requests after this")
     p.add_argument("--server-threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
-    p.add_argument("--warmup", type=int, default=640,
-                   help="POST /recommend requests (at full concurrency) before the start snapshot, not counted")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=640,
+        help="POST /recommend requests (at full concurrency) before the start snapshot, not counted",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bundle", type=Path, default=None, help="serve this bundle (default: build the tiny one)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json",
-                   help="the JSON report; the Markdown one is written beside it (.md)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results" / "soak.json",
+        help="the JSON report; the Markdown one is written beside it (.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -588,23 +720,42 @@ def main(argv: list[str] | None = None) -> int:
         item_ids = pd.read_parquet(bundle / manifest["catalogue"]["file"])["item_id"].astype(str).tolist()
         server = ServerProcess(bundle_server_command(bundle, args.server_threads))
         try:
-            print(f"server pid {server.pid} on {server.host}:{server.port}; {args.requests} requests ...",
-                  file=sys.stderr)
-            report = run_soak(server, item_ids, min(20, len(item_ids)), args.requests, args.concurrency,
-                              args.max_seconds, seed=args.seed, warmup=args.warmup,
-                              progress=True)
+            print(
+                f"server pid {server.pid} on {server.host}:{server.port}; {args.requests} requests ...", file=sys.stderr
+            )
+            report = run_soak(
+                server,
+                item_ids,
+                min(20, len(item_ids)),
+                args.requests,
+                args.concurrency,
+                args.max_seconds,
+                seed=args.seed,
+                warmup=args.warmup,
+                progress=True,
+            )
         finally:
             exit_status = server.stop()
             server.cleanup()
-    report = {"command": command.strip(), "machine": machine,
-              "config": {"requests": args.requests, "concurrency": args.concurrency,
-                         "max_seconds": args.max_seconds,
-                         "server_threads": args.server_threads, "warmup": args.warmup, "seed": args.seed,
-                         "bundle": "tiny (built in a temporary folder)" if args.bundle is None else str(args.bundle),
-                         "model_version": manifest["metadata"].get("model_version"),
-                         "n_items": manifest["n_items"], "mix": MIX,
-                         "expected": {k: sorted(v, key=str) for k, v in EXPECTED.items()}},
-              **report, "server_exit_status": exit_status}
+    report = {
+        "command": command.strip(),
+        "machine": machine,
+        "config": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_seconds": args.max_seconds,
+            "server_threads": args.server_threads,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "bundle": "tiny (built in a temporary folder)" if args.bundle is None else str(args.bundle),
+            "model_version": manifest["metadata"].get("model_version"),
+            "n_items": manifest["n_items"],
+            "mix": MIX,
+            "expected": {k: sorted(v, key=str) for k, v in EXPECTED.items()},
+        },
+        **report,
+        "server_exit_status": exit_status,
+    }
     report["passed"] = report["passed"] and exit_status == 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf8")

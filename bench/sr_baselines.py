@@ -31,16 +31,28 @@ from laser_core.sr import SRConfig, TrainConfig, evaluate_split, fit  # noqa: E4
 DEFAULTS: dict[str, dict] = {
     "popularity": {"model": {}, "train": {}},
     "gru4rec": {"model": {"hidden_size": 64, "dropout": 0.3}, "train": {"lr": 1e-3, "batch_size": 128}},
-    "sasrec": {"model": {"hidden_size": 64, "n_layers": 2, "n_heads": 2, "dropout": 0.5, "attn_dropout": 0.5},
-               "train": {"lr": 1e-3, "batch_size": 128}},
-    "bert4rec": {"model": {"hidden_size": 64, "n_layers": 2, "n_heads": 2, "dropout": 0.2, "attn_dropout": 0.2,
-                           "mask_prob": 0.2},
-                 "train": {"lr": 1e-3, "batch_size": 128}},
+    "sasrec": {
+        "model": {"hidden_size": 64, "n_layers": 2, "n_heads": 2, "dropout": 0.5, "attn_dropout": 0.5},
+        "train": {"lr": 1e-3, "batch_size": 128},
+    },
+    "bert4rec": {
+        "model": {
+            "hidden_size": 64,
+            "n_layers": 2,
+            "n_heads": 2,
+            "dropout": 0.2,
+            "attn_dropout": 0.2,
+            "mask_prob": 0.2,
+        },
+        "train": {"lr": 1e-3, "batch_size": 128},
+    },
 }
 
 PAPER = {  # LASER_SPEC.md §4, Scientific
-    "scientific": {"sasrec": {"recall@10": 0.1305, "ndcg@10": 0.0797, "mrr": 0.0696},
-                   "bert4rec": {"recall@10": 0.1061, "ndcg@10": 0.0790, "mrr": 0.0759}},
+    "scientific": {
+        "sasrec": {"recall@10": 0.1305, "ndcg@10": 0.0797, "mrr": 0.0696},
+        "bert4rec": {"recall@10": 0.1061, "ndcg@10": 0.0790, "mrr": 0.0759},
+    },
 }
 
 
@@ -77,28 +89,46 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         spec = {s: {**DEFAULTS[model][s], **overrides.get(model, {}).get(s, {})} for s in ("model", "train")}
         cfg = SRConfig(model=model, **spec["model"])
-        tcfg = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, progress=False,
-                           **spec["train"])
+        tcfg = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, progress=False, **spec["train"])
         t0 = time.perf_counter()
         workdir = Path(args.workdir) / f"{name}-{model}" if args.workdir else None
         res = fit(cfg, tcfg, split, workdir=workdir)
         total = time.perf_counter() - t0
         test = evaluate_split(res.model, split, "test")
-        results[model] = {**test, "valid_ndcg@10": res.best_valid.get("ndcg@10"), "best_epoch": res.best_epoch,
-                          "epochs_run": res.epochs_run, "seconds_per_epoch": round(res.mean_epoch_seconds, 2),
-                          "train_seconds_total": round(total, 1), "parameters": res.model.n_parameters(),
-                          "config": cfg.model_dump(), "train": tcfg.model_dump(exclude={"progress"})}
-        print(f"{model:<10} R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} MRR {test['mrr']:.4f} "
-              f"best epoch {res.best_epoch}/{res.epochs_run} {res.mean_epoch_seconds:.1f}s/epoch", flush=True)
+        results[model] = {
+            **test,
+            "valid_ndcg@10": res.best_valid.get("ndcg@10"),
+            "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run,
+            "seconds_per_epoch": round(res.mean_epoch_seconds, 2),
+            "train_seconds_total": round(total, 1),
+            "parameters": res.model.n_parameters(),
+            "config": cfg.model_dump(),
+            "train": tcfg.model_dump(exclude={"progress"}),
+        }
+        print(
+            f"{model:<10} R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} MRR {test['mrr']:.4f} "
+            f"best epoch {res.best_epoch}/{res.epochs_run} {res.mean_epoch_seconds:.1f}s/epoch",
+            flush=True,
+        )
 
-    out = {"dataset": name, "data_dir": os.path.abspath(args.data_dir), "stats": ds.stats(),
-           "protocol": {"split": "leave-one-out (last = test, second-to-last = validation)",
-                        "ranking": "full, over all items", "users": "test users", "mask_history": False,
-                        "ties": "expected under random order", "early_stopping": f"validation ndcg@10, "
-                        f"patience {args.patience}, at most {args.epochs} epochs", "seed": args.seed},
-           "machine": {"cpu_threads": args.threads, "platform": platform.platform(),
-                       "torch": torch.__version__},
-           "results": results, "paper": PAPER.get(name, {})}
+    out = {
+        "dataset": name,
+        "data_dir": os.path.abspath(args.data_dir),
+        "stats": ds.stats(),
+        "protocol": {
+            "split": "leave-one-out (last = test, second-to-last = validation)",
+            "ranking": "full, over all items",
+            "users": "test users",
+            "mask_history": False,
+            "ties": "expected under random order",
+            "early_stopping": f"validation ndcg@10, patience {args.patience}, at most {args.epochs} epochs",
+            "seed": args.seed,
+        },
+        "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
+        "results": results,
+        "paper": PAPER.get(name, {}),
+    }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"sr_{name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
@@ -110,18 +140,29 @@ def main(argv: list[str] | None = None) -> int:
 def render_markdown(out: dict) -> str:
     rows = []
     for model, r in out["results"].items():
-        rows.append([model, r["recall@10"], r["ndcg@10"], r["mrr"], r["recall@20"], r["ndcg@20"],
-                     f"{r['best_epoch']}/{r['epochs_run']}", f"{r['seconds_per_epoch']:.1f}",
-                     f"{r['train_seconds_total']:.0f}"])
+        rows.append(
+            [
+                model,
+                r["recall@10"],
+                r["ndcg@10"],
+                r["mrr"],
+                r["recall@20"],
+                r["ndcg@20"],
+                f"{r['best_epoch']}/{r['epochs_run']}",
+                f"{r['seconds_per_epoch']:.1f}",
+                f"{r['train_seconds_total']:.0f}",
+            ]
+        )
     for model, p in out.get("paper", {}).items():
         rows.append([f"{model} (paper)", p["recall@10"], p["ndcg@10"], p["mrr"], "", "", "", "", ""])
-    head = ["model", "Recall@10", "NDCG@10", "MRR", "Recall@20", "NDCG@20", "best/run epochs", "s/epoch",
-            "train s"]
+    head = ["model", "Recall@10", "NDCG@10", "MRR", "Recall@20", "NDCG@20", "best/run epochs", "s/epoch", "train s"]
     st = out["stats"]
-    return (f"# ID-based baselines on {out['dataset']}\n\n{st['users']:,} users, {st['items']:,} items, "
-            f"{st['interactions']:,} interactions. Protocol: {out['protocol']['split']}; "
-            f"{out['protocol']['ranking']}; no history masking; {out['protocol']['early_stopping']}; "
-            f"{out['machine']['cpu_threads']} CPU threads.\n\n" + markdown_table(head, rows))
+    return (
+        f"# ID-based baselines on {out['dataset']}\n\n{st['users']:,} users, {st['items']:,} items, "
+        f"{st['interactions']:,} interactions. Protocol: {out['protocol']['split']}; "
+        f"{out['protocol']['ranking']}; no history masking; {out['protocol']['early_stopping']}; "
+        f"{out['machine']['cpu_threads']} CPU threads.\n\n" + markdown_table(head, rows)
+    )
 
 
 if __name__ == "__main__":

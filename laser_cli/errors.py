@@ -42,8 +42,9 @@ PIPELINES = ("laser_training", "laser_batch_recommend")
 class PipelineFailed(Exception):
     """A pipeline run failed: ``failures`` holds (step name, the exception it raised) as far as they are known."""
 
-    def __init__(self, failures: list[tuple[str | None, BaseException]], run_name: str | None,
-                 error: BaseException) -> None:
+    def __init__(
+        self, failures: list[tuple[str | None, BaseException]], run_name: str | None, error: BaseException
+    ) -> None:
         self.failures = failures
         self.run_name = run_name
         self.error = error
@@ -97,8 +98,12 @@ def _write_log(exc: BaseException, extra: list[tuple[str, BaseException]]) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         now = dt.datetime.now()
         path = folder / f"laser-{now:%Y%m%d-%H%M%S}-{os.getpid()}.log"
-        parts = [f"laser {' '.join(sys.argv[1:])}", f"time: {now.isoformat(timespec='seconds')}",
-                 f"cwd: {os.getcwd()}", ""]
+        parts = [
+            f"laser {' '.join(sys.argv[1:])}",
+            f"time: {now.isoformat(timespec='seconds')}",
+            f"cwd: {os.getcwd()}",
+            "",
+        ]
         for title, err in extra:
             parts += [f"--- {title}", "".join(traceback.format_exception(err))]
         parts += ["--- the error the command ended with", "".join(traceback.format_exception(exc))]
@@ -133,8 +138,12 @@ def report(exc: BaseException, debug: bool = False) -> int:
         shown = cause if cause is not None else (exc.error if isinstance(exc, PipelineFailed) else exc)
         first = (str(shown).strip().splitlines() or [""])[0]
         first = first if len(first) <= 300 else first[:297] + "..."
-        click.echo(f"Error: unexpected {type(shown).__name__}: {first}" if first
-                   else f"Error: unexpected {type(shown).__name__}", err=True)
+        click.echo(
+            f"Error: unexpected {type(shown).__name__}: {first}"
+            if first
+            else f"Error: unexpected {type(shown).__name__}",
+            err=True,
+        )
     if isinstance(exc, PipelineFailed):
         steps = ", ".join(sorted({s for s, _ in failures if s})) or "?"
         run = exc.run_name

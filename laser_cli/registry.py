@@ -9,8 +9,19 @@ from typing import Any
 
 import click
 
-STEP_ORDER = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
-              "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote", "batch_recommend")
+STEP_ORDER = (
+    "load_dataset",
+    "validate_dataset",
+    "split_dataset",
+    "pretrain_sr",
+    "evaluate_sr",
+    "bi_tune_stage1",
+    "bi_tune_stage2",
+    "evaluate_laser",
+    "export_scorer",
+    "promote",
+    "batch_recommend",
+)
 STAGES = ("staging", "production", "archived")
 
 
@@ -52,8 +63,12 @@ def _metrics(mv) -> dict[str, Any]:
     cached in this version's run, so nothing was logged) read from its linked metrics artifacts."""
     meta = mv.run_metadata
     out = {}
-    for key, artifact in (("laser_test", "laser_metrics"), ("sr_test", "sr_metrics"),
-                          ("popularity_test", None), ("id_model_test", None)):
+    for key, artifact in (
+        ("laser_test", "laser_metrics"),
+        ("sr_test", "sr_metrics"),
+        ("popularity_test", None),
+        ("id_model_test", None),
+    ):
         if isinstance(meta.get(key), dict):
             out[key] = {k: v for k, v in meta[key].items()}
         elif artifact is not None and (art := mv.get_artifact(artifact)) is not None:
@@ -66,8 +81,14 @@ def _metrics(mv) -> dict[str, Any]:
 
 
 def version_summary(mv) -> dict[str, Any]:
-    return {"model": mv.model.name, "version": mv.name, "number": mv.number,
-            "stage": getattr(mv.stage, "value", mv.stage), "created": str(mv.created)[:19], **_metrics(mv)}
+    return {
+        "model": mv.model.name,
+        "version": mv.name,
+        "number": mv.number,
+        "stage": getattr(mv.stage, "value", mv.stage),
+        "created": str(mv.created)[:19],
+        **_metrics(mv),
+    }
 
 
 def list_models(name: str | None = None) -> list[dict[str, Any]]:
@@ -126,15 +147,19 @@ def promote_version(model: str, version: str, stage: str, force: bool = False) -
     if stage != "archived":
         missing = _servable(mv)
         if missing:
-            raise PromotionError(f"{model} v{mv.name} cannot go to {stage}: it has no {', no '.join(missing)} "
-                                 "(its training run did not finish, or stopped before Laser was evaluated)")
+            raise PromotionError(
+                f"{model} v{mv.name} cannot go to {stage}: it has no {', no '.join(missing)} "
+                "(its training run did not finish, or stopped before Laser was evaluated)"
+            )
         try:
             holder = _client().get_model_version(model, ModelStages(stage))
         except KeyError:
             holder = None
         if holder is not None and holder.id != mv.id and not force:
-            raise PromotionError(f"{model} v{holder.name} is already in {stage}; use --force to move it to "
-                                 f"archived and put v{mv.name} in {stage}")
+            raise PromotionError(
+                f"{model} v{holder.name} is already in {stage}; use --force to move it to "
+                f"archived and put v{mv.name} in {stage}"
+            )
     try:
         # several versions may be archived at once: force only matters for staging and production
         mv.set_stage(stage, force=force or stage == "archived")
@@ -205,8 +230,9 @@ def lineage(target: str) -> dict[str, Any]:
             raise KeyError(f"model version {name}:{mv.name} has no training run")
     run = client.get_pipeline_run(run.id)
     params = run.config.parameters or {}
-    steps = sorted(run.steps.items(),
-                   key=lambda kv: (STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else len(STEP_ORDER), kv[0]))
+    steps = sorted(
+        run.steps.items(), key=lambda kv: (STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else len(STEP_ORDER), kv[0])
+    )
     chain = []
     for name, step_run in steps:
         outputs = []
@@ -214,18 +240,37 @@ def lineage(target: str) -> dict[str, Any]:
             for art in arts:
                 producer = art.producer_step_run_id
                 produced_by = name if producer in (None, step_run.id) else f"{name} (cached; from step run {producer})"
-                outputs.append({"name": out_name, "artifact": art.name, "version": str(art.version),
-                                "id": str(art.id), "uri": art.uri, "type": str(art.type.value),
-                                "materializer": art.materializer.import_path if art.materializer else None,
-                                "produced_by": produced_by, "metadata": _scalar_metadata(art.run_metadata)})
+                outputs.append(
+                    {
+                        "name": out_name,
+                        "artifact": art.name,
+                        "version": str(art.version),
+                        "id": str(art.id),
+                        "uri": art.uri,
+                        "type": str(art.type.value),
+                        "materializer": art.materializer.import_path if art.materializer else None,
+                        "produced_by": produced_by,
+                        "metadata": _scalar_metadata(art.run_metadata),
+                    }
+                )
         chain.append({"step": name, "status": step_run.status.value, "outputs": outputs})
     dataset_cfg = params.get("dataset") or {}
-    return {"run": {"id": str(run.id), "name": run.name, "pipeline": run.pipeline.name if run.pipeline else None,
-                    "status": run.status.value, "created": str(run.created)[:19]},
-            "model_version": None if mv is None else version_summary(mv),
-            "raw_data": {"format": dataset_cfg.get("format"), "path": dataset_cfg.get("path"),
-                         "fingerprint": params.get("data_fingerprint")},
-            "chain": chain}
+    return {
+        "run": {
+            "id": str(run.id),
+            "name": run.name,
+            "pipeline": run.pipeline.name if run.pipeline else None,
+            "status": run.status.value,
+            "created": str(run.created)[:19],
+        },
+        "model_version": None if mv is None else version_summary(mv),
+        "raw_data": {
+            "format": dataset_cfg.get("format"),
+            "path": dataset_cfg.get("path"),
+            "fingerprint": params.get("data_fingerprint"),
+        },
+        "chain": chain,
+    }
 
 
 def lineage_text(info: dict[str, Any]) -> str:

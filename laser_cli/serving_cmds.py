@@ -17,12 +17,27 @@ def _items_group() -> click.Group:
         """Manage the item catalogue of an export bundle."""
 
     @items.command(name="add")
-    @click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True),
-                  help="The export bundle to extend (left untouched).")
-    @click.option("--items", "items_file", required=True, type=click.Path(dir_okay=False, exists=True),
-                  help="New items: .csv, .parquet or .jsonl with item_id, title[, brand, category].")
-    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                  help="Directory for the new bundle (absent or empty).")
+    @click.option(
+        "--bundle",
+        "bundle",
+        required=True,
+        type=click.Path(file_okay=False, exists=True),
+        help="The export bundle to extend (left untouched).",
+    )
+    @click.option(
+        "--items",
+        "items_file",
+        required=True,
+        type=click.Path(dir_okay=False, exists=True),
+        help="New items: .csv, .parquet or .jsonl with item_id, title[, brand, category].",
+    )
+    @click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Directory for the new bundle (absent or empty).",
+    )
     @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
     def add(bundle: str, items_file: str, out_dir: str, batch_size: int) -> None:
         """Add cold-start items (embedded from their text, no retraining) into a new bundle."""
@@ -40,17 +55,36 @@ def _items_group() -> click.Group:
 
 
 @click.command(name="recommend")
-@click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True),
-              help="An export bundle directory.")
-@click.option("--history", "history", multiple=True, metavar="ITEM_ID",
-              help="A history item id, oldest first; repeat the option for each item.")
+@click.option(
+    "--bundle",
+    "bundle",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="An export bundle directory.",
+)
+@click.option(
+    "--history",
+    "history",
+    multiple=True,
+    metavar="ITEM_ID",
+    help="A history item id, oldest first; repeat the option for each item.",
+)
 @click.option("-k", "k", type=click.IntRange(min=1), default=None, help="Number of items (default: the bundle's k).")
 @click.option("--exclude-history", is_flag=True, help="Leave the history's items out of the results.")
-@click.option("--popularity-fallback", is_flag=True,
-              help="Answer an empty or all-unknown history with the most popular items instead of failing.")
+@click.option(
+    "--popularity-fallback",
+    is_flag=True,
+    help="Answer an empty or all-unknown history with the most popular items instead of failing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def recommend(bundle: str, history: tuple[str, ...], k: int | None, exclude_history: bool,
-              popularity_fallback: bool, as_json: bool) -> None:
+def recommend(
+    bundle: str,
+    history: tuple[str, ...],
+    k: int | None,
+    exclude_history: bool,
+    popularity_fallback: bool,
+    as_json: bool,
+) -> None:
     """Recommend items for a history of catalogue item ids with an export bundle (onnxruntime)."""
     from laser_core.serving import BundleError, Recommender
 
@@ -72,23 +106,60 @@ def recommend(bundle: str, history: tuple[str, ...], k: int | None, exclude_hist
 
 
 @click.command(name="serve")
-@click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True),
-              help="An export bundle directory (`laser export NAME:production --out DIR`).")
+@click.option(
+    "--bundle",
+    "bundle",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="An export bundle directory (`laser export NAME:production --out DIR`).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535),
-              help="0: any free port (the log line names it).")
-@click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1),
-              help="The largest k a request may ask for (also capped at the catalogue size).")
-@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1),
-              help="Larger request bodies get a 413.")
-@click.option("--popularity-fallback", is_flag=True,
-              help="Answer an empty or all-unknown history with the most popular items instead of a 422.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(min=0, max=65535),
+    help="0: any free port (the log line names it).",
+)
+@click.option(
+    "--max-k",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The largest k a request may ask for (also capped at the catalogue size).",
+)
+@click.option(
+    "--max-body-bytes",
+    default=1 << 20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Larger request bodies get a 413.",
+)
+@click.option(
+    "--popularity-fallback",
+    is_flag=True,
+    help="Answer an empty or all-unknown history with the most popular items instead of a 422.",
+)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--graceful-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds requests in flight get to finish after SIGTERM or Ctrl-C.")
+@click.option(
+    "--graceful-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds requests in flight get to finish after SIGTERM or Ctrl-C.",
+)
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
-def serve(bundle: str, host: str, port: int, max_k: int, max_body_bytes: int, popularity_fallback: bool,
-          threads: int | None, graceful_timeout: float, access_log: bool) -> None:
+def serve(
+    bundle: str,
+    host: str,
+    port: int,
+    max_k: int,
+    max_body_bytes: int,
+    popularity_fallback: bool,
+    threads: int | None,
+    graceful_timeout: float,
+    access_log: bool,
+) -> None:
     """HTTP JSON service (FastAPI on uvicorn): POST /recommend {"history": [...], "k": 10}, GET /health, GET /ready,
     API docs at /docs. SIGTERM or Ctrl-C shuts it down gracefully."""
     import logging

@@ -48,8 +48,10 @@ class MissingExtraError(RegistrationError):
 # Python modules each orchestrator flavor needs on the machine that runs `laser run`, and how to install them.
 EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "kubernetes": (("kubernetes",), "pip install -c infra/kubernetes/requirements-kubernetes.lock -e '.[kubernetes]'"),
-    "kubeflow": (("kfp", "kfp.kubernetes", "kubernetes"),
-                 "pip install -c infra/kubeflow/requirements-kubeflow.lock -e '.[kubeflow]'"),
+    "kubeflow": (
+        ("kfp", "kfp.kubernetes", "kubernetes"),
+        "pip install -c infra/kubeflow/requirements-kubeflow.lock -e '.[kubeflow]'",
+    ),
 }
 # Those ZenML 0.98.0 needs to register it: the Kubeflow orchestrator's configuration validator builds its pod
 # settings with the kubernetes client (the Kubernetes orchestrator's needs nothing beyond ZenML).
@@ -77,43 +79,74 @@ class EnvOption(click.Option):
         return f"{self.envvar} (or {self.opts[0]})"
 
 
-def _option(flag: str, envvar: str, help: str, default: str | None = None, required: bool = False,
-            **kwargs: Any) -> Callable:
-    return click.option(flag, envvar=envvar, default=default, show_default=default is not None, cls=EnvOption,
-                        required_setting=required, help=help, **kwargs)
+def _option(
+    flag: str, envvar: str, help: str, default: str | None = None, required: bool = False, **kwargs: Any
+) -> Callable:
+    return click.option(
+        flag,
+        envvar=envvar,
+        default=default,
+        show_default=default is not None,
+        cls=EnvOption,
+        required_setting=required,
+        help=help,
+        **kwargs,
+    )
 
 
 def _artifact_store_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not value.startswith(tuple(ARTIFACT_STORE_FLAVORS)):
         raise click.BadParameter(
             f"{value!r}: a cluster stack needs a bucket both this machine and the pods can reach; use one of "
-            f"{', '.join(ARTIFACT_STORE_FLAVORS)} (a local path only works on the local stack)")
+            f"{', '.join(ARTIFACT_STORE_FLAVORS)} (a local path only works on the local stack)"
+        )
     return value
 
 
 def _stack_name(default: str) -> Callable:
-    return _option("--stack-name", "LASER_STACK_NAME", "name of the stack (the components get it as prefix)",
-                   default=default)
+    return _option(
+        "--stack-name", "LASER_STACK_NAME", "name of the stack (the components get it as prefix)", default=default
+    )
 
 
 # Options shared by the Kubernetes and the Kubeflow stacks, after each command's own.
 COMMON_OPTIONS = (
-    _option("--artifact-store-path", "LASER_ARTIFACT_STORE_PATH",
-            "artifact store root: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or abfs://...",
-            required=True, callback=_artifact_store_path),
+    _option(
+        "--artifact-store-path",
+        "LASER_ARTIFACT_STORE_PATH",
+        "artifact store root: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or abfs://...",
+        required=True,
+        callback=_artifact_store_path,
+    ),
     _option("--s3-endpoint-url", "LASER_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, Ceph...); unset = AWS S3"),
-    _option("--registry-uri", "LASER_CONTAINER_REGISTRY_URI",
-            "container registry the images are pushed to and the cluster pulls from, e.g. "
-            "123456789.dkr.ecr.eu-west-1.amazonaws.com, europe-docker.pkg.dev/proj/repo, docker.io/myuser",
-            required=True),
-    _option("--image-builder", "LASER_IMAGE_BUILDER", "local (Docker on this machine) or kaniko (a pod in the "
-            "cluster; needs kubectl and a kube context)", default="local", type=click.Choice(["local", "kaniko"])),
-    _option("--kaniko-namespace", "LASER_KANIKO_NAMESPACE", "existing namespace for the Kaniko build pods",
-            default="zenml-kaniko"),
+    _option(
+        "--registry-uri",
+        "LASER_CONTAINER_REGISTRY_URI",
+        "container registry the images are pushed to and the cluster pulls from, e.g. "
+        "123456789.dkr.ecr.eu-west-1.amazonaws.com, europe-docker.pkg.dev/proj/repo, docker.io/myuser",
+        required=True,
+    ),
+    _option(
+        "--image-builder",
+        "LASER_IMAGE_BUILDER",
+        "local (Docker on this machine) or kaniko (a pod in the cluster; needs kubectl and a kube context)",
+        default="local",
+        type=click.Choice(["local", "kaniko"]),
+    ),
+    _option(
+        "--kaniko-namespace",
+        "LASER_KANIKO_NAMESPACE",
+        "existing namespace for the Kaniko build pods",
+        default="zenml-kaniko",
+    ),
     click.option("--activate", is_flag=True, help="make the stack the active one afterwards (= `zenml stack set`)"),
-    click.option("--no-requirements-check", "no_requirements_check", is_flag=True,
-                 help="register even if the orchestrator's Python client (the package extra) is not installed "
-                      "here (a kubeflow stack still needs the kubernetes client to register)"),
+    click.option(
+        "--no-requirements-check",
+        "no_requirements_check",
+        is_flag=True,
+        help="register even if the orchestrator's Python client (the package extra) is not installed "
+        "here (a kubeflow stack still needs the kubernetes client to register)",
+    ),
 )
 
 
@@ -143,12 +176,13 @@ def require(ctx: click.Context, *alternatives: tuple[tuple[str, ...], str]) -> N
         if names not in lines and all(ctx.params.get(name) in (None, "") for name in names):
             lines[names] = " or ".join(params[name].setting() for name in names) + f": {why}"
     if lines:
-        raise click.UsageError(f"missing required setting{'s' if len(lines) > 1 else ''}:\n  "
-                               + "\n  ".join(lines.values()), ctx)
+        raise click.UsageError(
+            f"missing required setting{'s' if len(lines) > 1 else ''}:\n  " + "\n  ".join(lines.values()), ctx
+        )
 
 
 def _module_missing(name: str) -> bool:
-    if name in sys.modules:                # None there = the import is blocked
+    if name in sys.modules:  # None there = the import is blocked
         return sys.modules[name] is None
     try:
         return importlib.util.find_spec(name) is None
@@ -174,18 +208,20 @@ def check_extra(orchestrator_flavor: str, register_only: bool = False) -> None:
             f"registering the {orchestrator_flavor} orchestrator needs the Python module {', '.join(missing)} "
             f"(ZenML validates its configuration with it), {where}. Install the `{orchestrator_flavor}` extra from "
             f"the repository root: {install}; or, enough to register, the `kubernetes` extra: "
-            f"{EXTRAS['kubernetes'][1]}")
+            f"{EXTRAS['kubernetes'][1]}"
+        )
     raise MissingExtraError(
         f"the {orchestrator_flavor} orchestrator needs the Python module(s) {', '.join(missing)}, {where}. Install "
         f"the `{orchestrator_flavor}` extra from the repository root: {install}   (or pass --no-requirements-check "
-        f"to register the stack anyway)")
+        f"to register the stack anyway)"
+    )
 
 
 # --------------------------------------------------------------------------------------- registration
 @dataclass
 class Result:
     stack: str
-    statuses: dict[str, str] = field(default_factory=dict)   # component or stack name -> created/updated/unchanged
+    statuses: dict[str, str] = field(default_factory=dict)  # component or stack name -> created/updated/unchanged
     warnings: list[str] = field(default_factory=list)
 
     def report(self) -> str:
@@ -203,8 +239,10 @@ def artifact_store_component(path: str, s3_endpoint_url: str | None) -> tuple[st
 
 def image_builder_component(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if values["image_builder"] == "kaniko":
-        return "kaniko", {"kubernetes_context": values["kube_context"],
-                          "kubernetes_namespace": values["kaniko_namespace"]}
+        return "kaniko", {
+            "kubernetes_context": values["kube_context"],
+            "kubernetes_namespace": values["kaniko_namespace"],
+        }
     return "local", {}
 
 
@@ -215,35 +253,40 @@ def missing_integration_warning(flavor: str) -> str | None:
     if integration_registry.is_installed(flavor):
         return None
     reqs = " ".join(f"'{r}'" for r in integration_registry.select_integration_requirements(flavor))
-    return (f"warning: the `{flavor}` ZenML integration (the {flavor} artifact store) is not installed here; "
-            f"registration works without it, but running a pipeline on this stack needs it on this machine: "
-            f"`zenml integration install {flavor}` or pip install {reqs}")
+    return (
+        f"warning: the `{flavor}` ZenML integration (the {flavor} artifact store) is not installed here; "
+        f"registration works without it, but running a pipeline on this stack needs it on this machine: "
+        f"`zenml integration install {flavor}` or pip install {reqs}"
+    )
 
 
-def upsert_component(client: Any, name: str, component_type: Any, flavor: str,
-                     configuration: dict[str, Any]) -> str:
+def upsert_component(client: Any, name: str, component_type: Any, flavor: str, configuration: dict[str, Any]) -> str:
     """Create the component, or update it in place when its configuration differs: created/updated/unchanged."""
     from zenml.stack.utils import validate_stack_component_config
 
     try:
-        existing = client.get_stack_component(component_type=component_type, name_id_or_prefix=name,
-                                              allow_name_prefix_match=False)
+        existing = client.get_stack_component(
+            component_type=component_type, name_id_or_prefix=name, allow_name_prefix_match=False
+        )
     except KeyError:
-        client.create_stack_component(name=name, flavor=flavor, component_type=component_type,
-                                      configuration=configuration)
+        client.create_stack_component(
+            name=name, flavor=flavor, component_type=component_type, configuration=configuration
+        )
         return "created"
     if existing.flavor_name != flavor:
         kind = component_type.value.replace("_", "-")
         raise RegistrationError(
             f"the {kind} {name!r} exists with flavor {existing.flavor_name!r}, not {flavor!r}; a flavor cannot be "
             f"changed in place: remove it from its stacks and delete it (`zenml {kind} delete {name}`), or pick "
-            f"another --stack-name")
+            f"another --stack-name"
+        )
     wanted = validate_stack_component_config(configuration, flavor=flavor, component_type=component_type)
     wanted_dump = wanted.model_dump(mode="json", exclude_unset=True)
     if all(existing.configuration.get(k) == v for k, v in wanted_dump.items()):
         return "unchanged"
-    client.update_stack_component(name_id_or_prefix=existing.id, component_type=component_type,
-                                  configuration=configuration)
+    client.update_stack_component(
+        name_id_or_prefix=existing.id, component_type=component_type, configuration=configuration
+    )
     return "updated"
 
 
@@ -254,25 +297,28 @@ def upsert_stack(client: Any, name: str, components: Mapping[Any, str]) -> str:
         client.create_stack(name=name, components=dict(components))
         return "created"
     current = {ctype: [c.id for c in comps] for ctype, comps in stack.components.items()}
-    wanted = {ctype: [client.get_stack_component(component_type=ctype, name_id_or_prefix=comp,
-                                                 allow_name_prefix_match=False).id]
-              for ctype, comp in components.items()}
+    wanted = {
+        ctype: [
+            client.get_stack_component(component_type=ctype, name_id_or_prefix=comp, allow_name_prefix_match=False).id
+        ]
+        for ctype, comp in components.items()
+    }
     if all(current.get(ctype) == ids for ctype, ids in wanted.items()):
         return "unchanged"
     client.update_stack(name_id_or_prefix=stack.id, component_updates=dict(components))
     return "updated"
 
 
-def register_stack(values: Mapping[str, Any], orchestrator_flavor: str, orchestrator_config: dict[str, Any],
-                   client: Any = None) -> Result:
+def register_stack(
+    values: Mapping[str, Any], orchestrator_flavor: str, orchestrator_config: dict[str, Any], client: Any = None
+) -> Result:
     """Register the four components and the stack in the active ZenML store (or ``client``'s).
 
     ``values``: the command's parameters (stack_name, artifact_store_path, s3_endpoint_url, registry_uri,
     image_builder, kaniko_namespace, kube_context, activate, no_requirements_check).
     """
     check_extra(orchestrator_flavor, register_only=bool(values.get("no_requirements_check")))
-    store_flavor, store_config = artifact_store_component(values["artifact_store_path"],
-                                                          values.get("s3_endpoint_url"))
+    store_flavor, store_config = artifact_store_component(values["artifact_store_path"], values.get("s3_endpoint_url"))
     builder_flavor, builder_config = image_builder_component(values)
 
     from zenml.client import Client
@@ -280,10 +326,12 @@ def register_stack(values: Mapping[str, Any], orchestrator_flavor: str, orchestr
 
     client = client or Client()
     stack = values["stack_name"]
-    specs = {T.ORCHESTRATOR: ("orchestrator", orchestrator_flavor, orchestrator_config),
-             T.ARTIFACT_STORE: ("artifact-store", store_flavor, store_config),
-             T.CONTAINER_REGISTRY: ("registry", "default", {"uri": values["registry_uri"]}),
-             T.IMAGE_BUILDER: ("image-builder", builder_flavor, builder_config)}
+    specs = {
+        T.ORCHESTRATOR: ("orchestrator", orchestrator_flavor, orchestrator_config),
+        T.ARTIFACT_STORE: ("artifact-store", store_flavor, store_config),
+        T.CONTAINER_REGISTRY: ("registry", "default", {"uri": values["registry_uri"]}),
+        T.IMAGE_BUILDER: ("image-builder", builder_flavor, builder_config),
+    }
     names = {ctype: f"{stack}-{suffix}" for ctype, (suffix, _, _) in specs.items()}
     result = Result(stack=stack)
     for ctype, (_, flavor, config) in specs.items():
@@ -325,15 +373,17 @@ def _kube_context(help: str, required: bool = False) -> Callable:
     _stack_name("laser-k8s"),
     _kube_context("kubeconfig context of the cluster (`kubectl config get-contexts`)", required=True),
     _option("--namespace", "LASER_K8S_NAMESPACE", "namespace the pipeline pods run in", default="zenml"),
-    _option("--service-account", "LASER_K8S_SERVICE_ACCOUNT",
-            "service account of the orchestrator pod; unset = ZenML creates one with 'edit' rights"),
+    _option(
+        "--service-account",
+        "LASER_K8S_SERVICE_ACCOUNT",
+        "service account of the orchestrator pod; unset = ZenML creates one with 'edit' rights",
+    ),
 )
 @click.pass_context
 def register_kubernetes(ctx: click.Context, **values: Any) -> None:
     """The Kubernetes stack (default name laser-k8s): one pod per step (infra/kubernetes/README.md)."""
     require(ctx)
-    config: dict[str, Any] = {"kubernetes_context": values["kube_context"],
-                              "kubernetes_namespace": values["namespace"]}
+    config: dict[str, Any] = {"kubernetes_context": values["kube_context"], "kubernetes_namespace": values["namespace"]}
     if values["service_account"]:
         config["service_account_name"] = values["service_account"]
     _echo(register_stack(values, "kubernetes", config))
@@ -342,23 +392,41 @@ def register_kubernetes(ctx: click.Context, **values: Any) -> None:
 @register_group.command(name="kubeflow")
 @_with_options(
     _stack_name("laser-kubeflow"),
-    _option("--kubeflow-host", "LASER_KUBEFLOW_HOST",
-            "Kubeflow Pipelines API URL, e.g. https://kubeflow.example.com/pipeline (needed for multi-tenant "
-            "Kubeflow; unset = reach KFP through the kube context)"),
+    _option(
+        "--kubeflow-host",
+        "LASER_KUBEFLOW_HOST",
+        "Kubeflow Pipelines API URL, e.g. https://kubeflow.example.com/pipeline (needed for multi-tenant "
+        "Kubeflow; unset = reach KFP through the kube context)",
+    ),
     _kube_context("kubeconfig context of the cluster (needed when --kubeflow-host is unset, and for kaniko)"),
-    _option("--kubeflow-namespace", "LASER_KUBEFLOW_NAMESPACE", "namespace Kubeflow Pipelines is deployed in",
-            default="kubeflow"),
-    _option("--user-namespace", "LASER_KUBEFLOW_USER_NAMESPACE",
-            "Kubeflow profile namespace runs are created in (multi-tenant Kubeflow); unset = KFP's default"),
+    _option(
+        "--kubeflow-namespace",
+        "LASER_KUBEFLOW_NAMESPACE",
+        "namespace Kubeflow Pipelines is deployed in",
+        default="kubeflow",
+    ),
+    _option(
+        "--user-namespace",
+        "LASER_KUBEFLOW_USER_NAMESPACE",
+        "Kubeflow profile namespace runs are created in (multi-tenant Kubeflow); unset = KFP's default",
+    ),
 )
 @click.pass_context
 def register_kubeflow(ctx: click.Context, **values: Any) -> None:
     """The Kubeflow Pipelines stack (default name laser-kubeflow): a KFP run (infra/kubeflow/README.md)."""
-    require(ctx, (("kubeflow_host", "kube_context"),
-                  "the Kubeflow Pipelines API URL, or the kube context whose API proxy reaches KFP"))
+    require(
+        ctx,
+        (
+            ("kubeflow_host", "kube_context"),
+            "the Kubeflow Pipelines API URL, or the kube context whose API proxy reaches KFP",
+        ),
+    )
     config: dict[str, Any] = {"kubeflow_namespace": values["kubeflow_namespace"]}
-    for key, param in (("kubeflow_hostname", "kubeflow_host"), ("kubernetes_context", "kube_context"),
-                       ("user_namespace", "user_namespace")):
+    for key, param in (
+        ("kubeflow_hostname", "kubeflow_host"),
+        ("kubernetes_context", "kube_context"),
+        ("user_namespace", "user_namespace"),
+    ):
         if values[param]:
             config[key] = values[param]
     _echo(register_stack(values, "kubeflow", config))

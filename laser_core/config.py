@@ -110,8 +110,7 @@ class _YamlLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -119,7 +118,8 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def read_yaml(path: Path) -> object:
@@ -166,11 +166,14 @@ def load_config(path: str | Path, data_dir: str | None = None, overrides: Sequen
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
     if raw is None or raw == {}:
-        raise ConfigError(f"{path}: the config file is empty; a run needs at least a `dataset:` section "
-                          "(see configs/tiny.yaml for a complete example)")
+        raise ConfigError(
+            f"{path}: the config file is empty; a run needs at least a `dataset:` section "
+            "(see configs/tiny.yaml for a complete example)"
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, got {type(raw).__name__}"
+        )
     raw = apply_overrides(raw, overrides, str(path))
     try:
         cfg = LaserConfig.model_validate(raw)

@@ -8,10 +8,10 @@ exits with :data:`EXIT_INTERNAL` after writing its traceback to a log file.
 
 from __future__ import annotations
 
-EXIT_ERROR = 1      # a bad input with no more specific kind; also a failed check (``laser data validate``)
-EXIT_CONFIG = 2     # the command line or the run config (click's own usage errors use 2 as well)
-EXIT_DATA = 3       # the data: a malformed file, or a failed validation
-EXIT_MODEL = 4      # a model, bundle or registry entry: missing, tampered with, or not exportable
+EXIT_ERROR = 1  # a bad input with no more specific kind; also a failed check (``laser data validate``)
+EXIT_CONFIG = 2  # the command line or the run config (click's own usage errors use 2 as well)
+EXIT_DATA = 3  # the data: a malformed file, or a failed validation
+EXIT_MODEL = 4  # a model, bundle or registry entry: missing, tampered with, or not exportable
 EXIT_INTERNAL = 70  # anything else: a bug (EX_SOFTWARE of sysexits.h)
 
 

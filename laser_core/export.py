@@ -55,13 +55,13 @@ COLD_ITEM_TREATMENT = (
 #: which weights embed new items (``LaserWeights.cold_item_weights``); written to the manifest's ``cold_item``
 COLD_ITEM_WEIGHTS = {
     "item_side": f"the weights that made the item table (Laser's stage 1), held in {USER_TOWER} beside the user "
-                 f"side's (stage 2; the backbone is shared): input {ITEM_SIDE} = 1 embeds a row as an item, as "
-                 f"add_items does, 0 as a user; new items are embedded as the table's rows were",
+    f"side's (stage 2; the backbone is shared): input {ITEM_SIDE} = 1 embeds a row as an item, as "
+    f"add_items does, 0 as a user; new items are embedded as the table's rows were",
     "shared": "the user tower's weights, which also made the item table: new items are embedded as the table's "
-              "rows were",
+    "rows were",
     "user_side": "the user side's weights (stage 2); the weights that made the item table are not in the bundle "
-                 "(an export from before the item side was kept), so new items come from other weights than the "
-                 "table's rows",
+    "(an export from before the item side was kept), so new items come from other weights than the "
+    "table's rows",
 }
 
 
@@ -130,8 +130,12 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     if external:  # protobuf cannot hold 2 GiB: the table is raw float32 in "<name>.data" beside the graph
         data_file = path.name + ".data"
         normed_t.astype("<f4", copy=False).tofile(path.parent / data_file)
-        table_init = TensorProto(name="item_table_t", data_type=TensorProto.FLOAT, dims=list(normed_t.shape),
-                                 data_location=TensorProto.EXTERNAL)
+        table_init = TensorProto(
+            name="item_table_t",
+            data_type=TensorProto.FLOAT,
+            dims=list(normed_t.shape),
+            data_location=TensorProto.EXTERNAL,
+        )
         for key, value in (("location", data_file), ("offset", "0"), ("length", str(normed_t.nbytes))):
             entry = table_init.external_data.add()
             entry.key, entry.value = key, value
@@ -150,13 +154,21 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
         helper.make_node("TopK", ["cosines", "k"], ["scores", "indices"], axis=-1, largest=1, sorted=1),
     ]
     graph = helper.make_graph(
-        nodes, "laser_scorer",
+        nodes,
+        "laser_scorer",
         inputs=[helper.make_tensor_value_info("user_embedding", TensorProto.FLOAT, ["batch", dim])],
-        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", int(k)]),
-                 helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", int(k)])],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
-                              producer_name="laser", doc_string=f"Laser top-{k} cosine scorer over {n_items} items")
+        outputs=[
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", int(k)]),
+            helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", int(k)]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
+        producer_name="laser",
+        doc_string=f"Laser top-{k} cosine scorer over {n_items} items",
+    )
     model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path) if external else model, full_check=not external)
@@ -184,8 +196,7 @@ def float_backbone(config, texts=None):
     return Backbone(model=model, tokenizer=backbone.tokenizer, path=backbone.path, config=cfg)
 
 
-def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | None, items: pd.DataFrame
-                    ) -> LaserModel:
+def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | None, items: pd.DataFrame) -> LaserModel:
     """The torch :class:`~laser_core.model.LaserModel` that ``user_tower.onnx`` computes: the trained weights
     on :func:`float_backbone`, in eval mode (float32, CPU; no bitsandbytes). ``sr_model`` is copied, never
     changed."""
@@ -250,8 +261,12 @@ def _tower_module(model: LaserModel):
         def forward(self, input_ids, attention_mask, item_side) -> torch.Tensor:
             return self.embed(None, None, input_ids, attention_mask, item_side)
 
-    towers = {(True, False): MFormerTower, (True, True): MFormerItemSideTower, (False, False): TextTower,
-              (False, True): TextItemSideTower}
+    towers = {
+        (True, False): MFormerTower,
+        (True, True): MFormerItemSideTower,
+        (False, False): TextTower,
+        (False, True): TextItemSideTower,
+    }
     return towers[model.reads_item_ids, _has_item_side(model)](model).eval()
 
 
@@ -268,8 +283,10 @@ def popularity_from_sequences(sequences: Any, n_items: int) -> np.ndarray:
     for seq in sequences:
         seq = np.asarray(seq, dtype=np.int64)
         if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
-            raise ValueError(f"a sequence holds item index {int(seq.max() if seq.max() >= n_items else seq.min())}"
-                             f" outside 0..{n_items - 1}")
+            raise ValueError(
+                f"a sequence holds item index {int(seq.max() if seq.max() >= n_items else seq.min())}"
+                f" outside 0..{n_items - 1}"
+            )
         np.add.at(counts, seq, 1.0)
     return counts
 
@@ -279,8 +296,9 @@ def _catalogue(items: pd.DataFrame, n_rows: int, popularity: Any | None) -> pd.D
     if missing:
         raise ValueError(f"items lacks columns {missing} (needs {list(ITEM_COLUMNS)})")
     if len(items) != n_rows:
-        raise ValueError(f"items has {len(items)} rows but the table has {n_rows}: row i of items must describe "
-                         f"table row i")
+        raise ValueError(
+            f"items has {len(items)} rows but the table has {n_rows}: row i of items must describe table row i"
+        )
     cat = pd.DataFrame({c: items[c].fillna("").astype(str).to_numpy() for c in ITEM_COLUMNS})
     dup = cat["item_id"][cat["item_id"].duplicated()].unique().tolist()
     if dup:
@@ -290,8 +308,9 @@ def _catalogue(items: pd.DataFrame, n_rows: int, popularity: Any | None) -> pd.D
             popularity = popularity.detach().cpu().numpy()
         pop = np.asarray(popularity, dtype=np.float64).reshape(-1)
         if len(pop) != n_rows or not np.isfinite(pop).all() or (pop < 0).any():
-            raise ValueError(f"popularity must be {n_rows} finite non-negative numbers (one per table row), "
-                             f"got {len(pop)}")
+            raise ValueError(
+                f"popularity must be {n_rows} finite non-negative numbers (one per table row), got {len(pop)}"
+            )
         cat["popularity"] = pop
     return cat
 
@@ -301,11 +320,20 @@ def _tokenizer_info(tokenizer: Any, pad_id: int, eos_id: int) -> dict:
     skips it for BPE models unless forced) and the padding id."""
     cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if cleanup and backend is not None and type(backend.model).__name__ == "BPE" and not getattr(
-            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False):
+    if (
+        cleanup
+        and backend is not None
+        and type(backend.model).__name__ == "BPE"
+        and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    ):
         cleanup = False
-    return {"dir": TOKENIZER_DIR, "file": f"{TOKENIZER_DIR}/tokenizer.json", "pad_token_id": int(pad_id),
-            "eos_token_id": int(eos_id), "clean_up_tokenization_spaces": cleanup}
+    return {
+        "dir": TOKENIZER_DIR,
+        "file": f"{TOKENIZER_DIR}/tokenizer.json",
+        "pad_token_id": int(pad_id),
+        "eos_token_id": int(eos_id),
+        "clean_up_tokenization_spaces": cleanup,
+    }
 
 
 def _sample_histories(n_items: int, max_len: int, history_len: int | None) -> list[list[int]]:
@@ -315,12 +343,13 @@ def _sample_histories(n_items: int, max_len: int, history_len: int | None) -> li
     lengths = [1, 2, min(5, long), long]
     hists = [rng.integers(0, n_items, size=n).tolist() for n in lengths]
     hists.append([COLD_ITEM, *hists[1]])  # a cold item inside a history
-    hists.append([COLD_ITEM])             # a cold item alone (add_items)
+    hists.append([COLD_ITEM])  # a cold item alone (add_items)
     return hists
 
 
-def _check_parity(tower_path: Path, model: LaserModel, histories: list[list[int]], token_ids: list[list[int]],
-                  input_names: list[str]) -> float:
+def _check_parity(
+    tower_path: Path, model: LaserModel, histories: list[list[int]], token_ids: list[list[int]], input_names: list[str]
+) -> float:
     import onnxruntime as ort
     import torch
 
@@ -328,10 +357,16 @@ def _check_parity(tower_path: Path, model: LaserModel, histories: list[list[int]
         ids, text_mask = model.pad_tokens(token_ids)
         sr_ids, sr_mask = model.sr_inputs(histories)
         side = torch.tensor([len(h) == 1 for h in histories], dtype=torch.long)  # one-item rows as items
-        expected = model.embed(ids, text_mask, *((sr_ids, sr_mask) if model.reads_item_ids else (None, None)),
-                               item_side=side)[0].numpy()
-    feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.numpy().astype(np.int64),
-             "input_ids": ids.numpy(), "attention_mask": text_mask.numpy(), ITEM_SIDE: side.numpy()}
+        expected = model.embed(
+            ids, text_mask, *((sr_ids, sr_mask) if model.reads_item_ids else (None, None)), item_side=side
+        )[0].numpy()
+    feeds = {
+        "item_ids": sr_ids.numpy(),
+        "item_mask": sr_mask.numpy().astype(np.int64),
+        "input_ids": ids.numpy(),
+        "attention_mask": text_mask.numpy(),
+        ITEM_SIDE: side.numpy(),
+    }
     sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
     got = sess.run(["user_embedding"], {n: feeds[n] for n in input_names})[0]
     return float(np.abs(got - expected).max())
@@ -349,8 +384,10 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
     import torch
 
     if model.reads_item_ids and type(model.sr).__name__ not in SUPPORTED_SR:
-        raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
-                                  f"encoders, not {type(model.sr).__name__} (setting sr.model)")
+        raise NotImplementedError(
+            f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
+            f"encoders, not {type(model.sr).__name__} (setting sr.model)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tower = _tower_module(model)
@@ -376,16 +413,40 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
         # torch-internal deprecation noise and "axis name ... will not be used" notes from the exporter
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*The axis name.*", category=UserWarning)
-        torch.onnx.export(tower, args, str(path), dynamo=True, input_names=names, output_names=["user_embedding"],
-                          dynamic_shapes=shapes, opset_version=opset, external_data=n_bytes > (3 << 29),
-                          verbose=False)
-    return {"file": path.name, "inputs": names, "output": "user_embedding", "opset": opset,
-            "external_data": n_bytes > (3 << 29)}
+        torch.onnx.export(
+            tower,
+            args,
+            str(path),
+            dynamo=True,
+            input_names=names,
+            output_names=["user_embedding"],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            external_data=n_bytes > (3 << 29),
+            verbose=False,
+        )
+    return {
+        "file": path.name,
+        "inputs": names,
+        "output": "user_embedding",
+        "opset": opset,
+        "external_data": n_bytes > (3 << 29),
+    }
 
 
-def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None, items: pd.DataFrame, table: Any,
-                  out_dir: str | Path, k: int = 10, metadata: dict | None = None, user_tower: bool = True, *,
-                  popularity: Any | None = None, parity_tolerance: float = 1e-3) -> Path:
+def export_bundle(
+    weights: LaserWeights,
+    sr_model: SequentialRecommender | None,
+    items: pd.DataFrame,
+    table: Any,
+    out_dir: str | Path,
+    k: int = 10,
+    metadata: dict | None = None,
+    user_tower: bool = True,
+    *,
+    popularity: Any | None = None,
+    parity_tolerance: float = 1e-3,
+) -> Path:
     """Write a serving bundle for a trained Laser model to ``out_dir`` (which must be empty or absent).
 
     ``weights``: the trained :class:`~laser_core.model.LaserWeights`; ``sr_model``: the frozen ID-based
@@ -417,37 +478,50 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
     spec = weights.spec
     cold_item_weights = weights.cold_item_weights()
     if cold_item_weights == "user_side":
-        warnings.warn("these stage-2 weights carry no item_state (the weights that made the item table): new items "
-                      "added to this bundle will be embedded with the user side's weights, not the table's; "
-                      "re-run the stage-2 step to keep them", UserWarning, stacklevel=2)
+        warnings.warn(
+            "these stage-2 weights carry no item_state (the weights that made the item table): new items "
+            "added to this bundle will be embedded with the user side's weights, not the table's; "
+            "re-run the stage-2 step to keep them",
+            UserWarning,
+            stacklevel=2,
+        )
     if spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none":
         if sr_model is None:
-            raise ValueError(f"prefix {spec.bitune.prefix!r} with fusion {spec.bitune.fusion!r} needs the frozen "
-                             "ID-based recommender (sr_model)")
+            raise ValueError(
+                f"prefix {spec.bitune.prefix!r} with fusion {spec.bitune.fusion!r} needs the frozen "
+                "ID-based recommender (sr_model)"
+            )
         if type(sr_model).__name__ not in SUPPORTED_SR:
-            raise NotImplementedError(f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
-                                      f"encoders, not {type(sr_model).__name__} (setting sr.model)")
+            raise NotImplementedError(
+                f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
+                f"encoders, not {type(sr_model).__name__} (setting sr.model)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     try:
         model = reference_model(weights, sr_model, items)
         if model.embedding_size != dim:
-            raise ValueError(f"the table's width {dim} differs from the model's embedding size "
-                             f"{model.embedding_size}")
-        tok_info = _tokenizer_info(model.tokenizer,
-                                   model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
-                                   else model.eos_id, model.eos_id)
+            raise ValueError(f"the table's width {dim} differs from the model's embedding size {model.embedding_size}")
+        tok_info = _tokenizer_info(
+            model.tokenizer,
+            model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.eos_id,
+            model.eos_id,
+        )
         model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
         if not (out / tok_info["file"]).is_file():
-            raise ExportError(f"the backbone's tokenizer has no fast (tokenizers) version: {tok_info['file']} was "
-                              f"not written, and serving reads only that file")
+            raise ExportError(
+                f"the backbone's tokenizer has no fast (tokenizers) version: {tok_info['file']} was "
+                f"not written, and serving reads only that file"
+            )
         # serving formats and tokenizes without transformers: check it gives the torch model's token ids
         serving_tok = load_tokenizer(out / tok_info["file"], tok_info["clean_up_tokenization_spaces"])
         serving_fmt = TextFormatter(items, spec.text, tokenizer=serving_tok)
         for i in range(n_items):
             text = model.formatter.item_text(i)
             if serving_fmt.item_text(i) != text or serving_tok.encode(text) != model._encode(text):
-                raise ExportError(f"the saved tokenizer does not reproduce the model's text/token ids for item "
-                                  f"{catalogue['item_id'][i]!r} (row {i}): {text!r}")
+                raise ExportError(
+                    f"the saved tokenizer does not reproduce the model's text/token ids for item "
+                    f"{catalogue['item_id'][i]!r} (row {i}): {text!r}"
+                )
         export_scorer(arr, out / SCORER, k=int(k))
         tower_entry = None
         parity = None
@@ -472,26 +546,48 @@ def export_bundle(weights: LaserWeights, sr_model: SequentialRecommender | None,
             "n_items": int(n_items),
             "n_trained_items": int(n_items),
             "text": spec.text.model_dump(mode="json"),
-            "sr": ({"model": sr_model.config.model, "max_len": int(sr_model.config.max_len)}
-                   if model.reads_item_ids else None),
-            "bitune": {"prefix": spec.bitune.prefix, "pooling": spec.bitune.pooling,
-                       "n_query": spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
-                       "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0,
-                       "fusion": spec.bitune.fusion},
-            "backbone": {"name": spec.backbone.name, "trained_quantization": spec.backbone.quantization,
-                         "exported_dtype": "float32",
-                         "exported_weights": "unquantized" if spec.backbone.quantization == "none"
-                         else f"dequantized from {spec.backbone.quantization}"},
+            "sr": (
+                {"model": sr_model.config.model, "max_len": int(sr_model.config.max_len)}
+                if model.reads_item_ids
+                else None
+            ),
+            "bitune": {
+                "prefix": spec.bitune.prefix,
+                "pooling": spec.bitune.pooling,
+                "n_query": spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
+                "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0,
+                "fusion": spec.bitune.fusion,
+            },
+            "backbone": {
+                "name": spec.backbone.name,
+                "trained_quantization": spec.backbone.quantization,
+                "exported_dtype": "float32",
+                "exported_weights": "unquantized"
+                if spec.backbone.quantization == "none"
+                else f"dequantized from {spec.backbone.quantization}",
+            },
             "tokenizer": tok_info,
-            "scorer": {"file": SCORER, "k": int(k), "input": "user_embedding", "outputs": ["scores", "indices"],
-                       "opset": SCORER_OPSET},
+            "scorer": {
+                "file": SCORER,
+                "k": int(k),
+                "input": "user_embedding",
+                "outputs": ["scores", "indices"],
+                "opset": SCORER_OPSET,
+            },
             "user_tower": tower_entry,
             "parity_max_abs_diff": parity,
-            "catalogue": {"file": CATALOGUE, "columns": list(catalogue.columns),
-                          "row_order": "row i of the catalogue is row i of the scorer's table (its indices)"},
+            "catalogue": {
+                "file": CATALOGUE,
+                "columns": list(catalogue.columns),
+                "row_order": "row i of the catalogue is row i of the scorer's table (its indices)",
+            },
             "popularity": "popularity" in catalogue.columns,
-            "cold_item": {"item_id": COLD_ITEM, "treatment": COLD_ITEM_TREATMENT,
-                          "item_weights": cold_item_weights, "item_weights_note": COLD_ITEM_WEIGHTS[cold_item_weights]},
+            "cold_item": {
+                "item_id": COLD_ITEM,
+                "treatment": COLD_ITEM_TREATMENT,
+                "item_weights": cold_item_weights,
+                "item_weights_note": COLD_ITEM_WEIGHTS[cold_item_weights],
+            },
             "added_items": [],
             "metadata": metadata,
         }

@@ -107,10 +107,17 @@ def split_fingerprint(split) -> str:
     train = [np.asarray(t, dtype=np.int64) for t in split.train]
     lengths = np.asarray([len(t) for t in train], dtype=np.int64)
     flat = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
-    return fingerprint("split", {"users": [str(u) for u in split.users], "n_items": int(split.n_items),
-                                 "lengths": lengths, "train": flat,
-                                 "valid_target": np.asarray(split.valid_target, dtype=np.int64),
-                                 "test_target": np.asarray(split.test_target, dtype=np.int64)})
+    return fingerprint(
+        "split",
+        {
+            "users": [str(u) for u in split.users],
+            "n_items": int(split.n_items),
+            "lengths": lengths,
+            "train": flat,
+            "valid_target": np.asarray(split.valid_target, dtype=np.int64),
+            "test_target": np.asarray(split.test_target, dtype=np.int64),
+        },
+    )
 
 
 def module_fingerprint(module: torch.nn.Module | None, **extra: Any) -> str | None:
@@ -130,12 +137,14 @@ def sr_fingerprint(sr_model) -> str | None:
 def catalogue_fingerprint(formatter) -> str:
     """The formatted text of every catalogue item (titles, brands, categories as the template renders them,
     after truncation) and the text settings (history length, ...), which also shape the user texts."""
-    return fingerprint("catalogue", {"texts": [formatter.item_text(i) for i in range(len(formatter))],
-                                     "text": formatter.config})
+    return fingerprint(
+        "catalogue", {"texts": [formatter.item_text(i) for i in range(len(formatter))], "text": formatter.config}
+    )
 
 
-def backbone_fingerprint(path: str, settings: Mapping[str, Any], model: torch.nn.Module | None = None,
-                         tokenizer=None) -> str:
+def backbone_fingerprint(
+    path: str, settings: Mapping[str, Any], model: torch.nn.Module | None = None, tokenizer=None
+) -> str:
     """The frozen LLM: every file of its local folder (weights, config, tokenizer; hidden entries skipped),
     or, when ``path`` is not a folder (a hub id), the loaded ``model``'s state dict and the ``tokenizer``;
     plus the loading ``settings`` (quantization, compute dtype, ...)."""
@@ -144,8 +153,9 @@ def backbone_fingerprint(path: str, settings: Mapping[str, Any], model: torch.nn
         content: dict[str, Any] = {"files": directory_files(root)}
     else:
         if model is None or tokenizer is None:
-            raise ValueError(f"backbone {path!r} is not a local folder: its fingerprint needs the loaded model "
-                             "and tokenizer")
+            raise ValueError(
+                f"backbone {path!r} is not a local folder: its fingerprint needs the loaded model and tokenizer"
+            )
         content = {"state": dict(model.state_dict()), "tokenizer": _tokenizer_text(tokenizer)}
     return fingerprint("backbone", {**content, "settings": dict(settings)})
 
@@ -181,8 +191,11 @@ def file_sha256(path: Path) -> str:
 
     real = str(path.resolve())
     stamp = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-    memo = default_cache_dir() / "fingerprints" / (
-        hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+    memo = (
+        default_cache_dir()
+        / "fingerprints"
+        / (hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+    )
     try:
         saved = json.loads(memo.read_text(encoding="utf8"))
         if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
@@ -209,5 +222,13 @@ def _read_sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-__all__ = ["backbone_fingerprint", "catalogue_fingerprint", "directory_files", "file_sha256", "fingerprint",
-           "module_fingerprint", "split_fingerprint", "sr_fingerprint"]
+__all__ = [
+    "backbone_fingerprint",
+    "catalogue_fingerprint",
+    "directory_files",
+    "file_sha256",
+    "fingerprint",
+    "module_fingerprint",
+    "split_fingerprint",
+    "sr_fingerprint",
+]

@@ -64,10 +64,20 @@ class LaunchedFit:
     processes: int = 1
 
 
-def write_job(job: Path, items: pd.DataFrame, split: Split, sr_model: SequentialRecommender | None,
-              spec: LaserSpec, config: LaserTrainConfig, stages: Sequence[int],
-              weights: dict[str, torch.Tensor] | None = None, table: torch.Tensor | None = None,
-              workdir_root: str | Path | None = None, label: str = "laser", resume: bool = True) -> Path:
+def write_job(
+    job: Path,
+    items: pd.DataFrame,
+    split: Split,
+    sr_model: SequentialRecommender | None,
+    spec: LaserSpec,
+    config: LaserTrainConfig,
+    stages: Sequence[int],
+    weights: dict[str, torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
+    workdir_root: str | Path | None = None,
+    label: str = "laser",
+    resume: bool = True,
+) -> Path:
     """The job folder :func:`run_job` reads (see the module docstring)."""
     job = Path(job)
     job.mkdir(parents=True, exist_ok=True)
@@ -81,10 +91,20 @@ def write_job(job: Path, items: pd.DataFrame, split: Split, sr_model: Sequential
         save_tensors(dict(weights), job / "init.safetensors")
     if table is not None:
         save_tensors({"table": table}, job / "table.safetensors")
-    atomic_write(job / "job.json", json.dumps({
-        "format_version": JOB_FORMAT, "train": config.model_dump(mode="json"), "stages": list(stages),
-        "workdir_root": str(workdir_root) if workdir_root is not None else None, "label": label,
-        "resume": bool(resume)}, indent=1))
+    atomic_write(
+        job / "job.json",
+        json.dumps(
+            {
+                "format_version": JOB_FORMAT,
+                "train": config.model_dump(mode="json"),
+                "stages": list(stages),
+                "workdir_root": str(workdir_root) if workdir_root is not None else None,
+                "label": label,
+                "resume": bool(resume),
+            },
+            indent=1,
+        ),
+    )
     return job
 
 
@@ -93,21 +113,32 @@ def run_job(job: str | Path) -> dict:
     job = Path(job)
     meta = json.loads((job / "job.json").read_text(encoding="utf8"))
     if meta.get("format_version") != JOB_FORMAT:
-        raise LaunchError(f"{job / 'job.json'}: format_version {meta.get('format_version')!r}, "
-                          f"expected {JOB_FORMAT}")
+        raise LaunchError(f"{job / 'job.json'}: format_version {meta.get('format_version')!r}, expected {JOB_FORMAT}")
     config = LaserTrainConfig.model_validate(meta["train"]).model_copy(update={"accelerate": True})
     spec = LaserSpec.model_validate_json((job / "spec.json").read_text(encoding="utf8"))
     items = pd.read_parquet(job / "items.parquet")
-    split = Split.from_frame(pd.read_parquet(job / "split.parquet"),
-                             n_items=json.loads((job / "split.json").read_text(encoding="utf8"))["n_items"])
+    split = Split.from_frame(
+        pd.read_parquet(job / "split.parquet"),
+        n_items=json.loads((job / "split.json").read_text(encoding="utf8"))["n_items"],
+    )
     sr_model = load_model(job / "sr") if (job / "sr").is_dir() else None
     init = load_file(str(job / "init.safetensors")) if (job / "init.safetensors").is_file() else None
-    model = build_laser(spec, items, sr_model,
-                        weights=LaserWeights(spec=spec, state=init) if init is not None else None,
-                        device=config.device)
+    model = build_laser(
+        spec,
+        items,
+        sr_model,
+        weights=LaserWeights(spec=spec, state=init) if init is not None else None,
+        device=config.device,
+    )
     table = load_file(str(job / "table.safetensors"))["table"] if (job / "table.safetensors").is_file() else None
-    trainer = LaserTrainer(model, split, config, workdir_root=meta.get("workdir_root"), label=meta["label"],
-                           resume=bool(meta.get("resume", True)))
+    trainer = LaserTrainer(
+        model,
+        split,
+        config,
+        workdir_root=meta.get("workdir_root"),
+        label=meta["label"],
+        resume=bool(meta.get("resume", True)),
+    )
     result = trainer.fit(stages=tuple(meta["stages"]), table=table)
     out = {"best": result.best, "history": result.history, "cost": result.cost, "processes": trainer.world}
     if trainer.rank == 0:
@@ -121,13 +152,23 @@ def run_job(job: str | Path) -> dict:
     return out
 
 
-def launch_command(job: Path, processes: int, extra_args: Sequence[str] = (), threads: int | None = None
-                   ) -> list[str]:
+def launch_command(job: Path, processes: int, extra_args: Sequence[str] = (), threads: int | None = None) -> list[str]:
     """``accelerate launch`` of ``processes`` processes on this machine. One process runs in place (``--cpu``
     without CUDA); more run under torchrun (``--multi_gpu``: NCCL across GPUs, or gloo across CPU processes
     when there is no CUDA, since the trainer's Accelerator is then CPU-only)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if processes > 1:
         cmd.append("--multi_gpu")
     elif not torch.cuda.is_available():
@@ -140,9 +181,14 @@ def launch_command(job: Path, processes: int, extra_args: Sequence[str] = (), th
 def read_result(job: Path) -> LaunchedFit:
     out = Path(job) / "out"
     result = json.loads((out / "result.json").read_text(encoding="utf8"))
-    return LaunchedFit(state=load_file(str(out / "weights.safetensors")),
-                       item_table=load_file(str(out / "table.safetensors"))["table"], best=result["best"],
-                       history=result["history"], cost=result["cost"], processes=int(result["processes"]))
+    return LaunchedFit(
+        state=load_file(str(out / "weights.safetensors")),
+        item_table=load_file(str(out / "table.safetensors"))["table"],
+        best=result["best"],
+        history=result["history"],
+        cost=result["cost"],
+        processes=int(result["processes"]),
+    )
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
@@ -158,11 +204,23 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
     return proc.wait()
 
 
-def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommender | None, spec: LaserSpec,
-                 config: LaserTrainConfig, stages: Sequence[int], weights: dict[str, torch.Tensor] | None = None,
-                 table: torch.Tensor | None = None, workdir_root: str | Path | None = None, label: str = "laser",
-                 processes: int | None = None, job_dir: str | Path | None = None,
-                 extra_args: Sequence[str] = (), resume: bool = True, timeout: float | None = None) -> LaunchedFit:
+def fit_launched(
+    items: pd.DataFrame,
+    split: Split,
+    sr_model: SequentialRecommender | None,
+    spec: LaserSpec,
+    config: LaserTrainConfig,
+    stages: Sequence[int],
+    weights: dict[str, torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
+    workdir_root: str | Path | None = None,
+    label: str = "laser",
+    processes: int | None = None,
+    job_dir: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    resume: bool = True,
+    timeout: float | None = None,
+) -> LaunchedFit:
     """Write the job, run it under ``accelerate launch`` with ``processes`` (default ``config.processes``)
     processes, and read back process 0's output. The job folder is temporary unless ``job_dir`` is given.
     ``resume=False``: the trainer reuses no checkpoint under ``workdir_root`` (see :class:`LaserTrainer`).
@@ -174,11 +232,27 @@ def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommen
         job_dir = tmp
     job = Path(job_dir)
     try:
-        write_job(job, items, split, sr_model, spec, config.model_copy(update={"accelerate": True}), stages,
-                  weights=weights, table=table, workdir_root=workdir_root, label=label, resume=resume)
+        write_job(
+            job,
+            items,
+            split,
+            sr_model,
+            spec,
+            config.model_copy(update={"accelerate": True}),
+            stages,
+            weights=weights,
+            table=table,
+            workdir_root=workdir_root,
+            label=label,
+            resume=resume,
+        )
         cmd = launch_command(job, processes, extra_args, threads=config.threads)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
         if config.threads:
             env["OMP_NUM_THREADS"] = str(config.threads)
         log_path = job / "launch.log"
@@ -196,8 +270,7 @@ def fit_launched(items: pd.DataFrame, split: Split, sr_model: SequentialRecommen
         if timed_out or rc != 0 or not (job / "out" / "result.json").is_file():
             tail = log_path.read_text(encoding="utf8", errors="replace")[-4000:]
             what = f"timed out after {timeout:g} s (killed)" if timed_out else f"failed (exit status {rc})"
-            raise LaunchError(f"Bi-Tuning job {what}: {' '.join(cmd)}\n"
-                              f"--- end of {log_path} ---\n{tail}")
+            raise LaunchError(f"Bi-Tuning job {what}: {' '.join(cmd)}\n--- end of {log_path} ---\n{tail}")
         return read_result(job)
     finally:
         if tmp is not None:

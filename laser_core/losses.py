@@ -23,7 +23,7 @@ def load_balancing_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     whose argmax is expert j; ``P_j`` = mean router probability of expert j. Equals 1 for a perfectly uniform
     router and K when everything goes to one expert (as HF's ``load_balancing_loss_func`` with top-1)."""
     K = probs.shape[-1]
-    p = probs[mask.bool()]                                   # [M, K]
+    p = probs[mask.bool()]  # [M, K]
     if p.shape[0] == 0:
         return probs.sum() * 0.0
     f = F.one_hot(p.argmax(dim=-1), K).to(p.dtype).mean(0)  # [K]

@@ -22,12 +22,27 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from laser_core.data.text import TextConfig
-from laser_core.export import (COLD_ITEM, COLD_ITEM_WEIGHTS, FORMAT_VERSION, ITEM_COLUMNS, ITEM_SIDE, MANIFEST,
-                               sha256_file)
+from laser_core.export import (
+    COLD_ITEM,
+    COLD_ITEM_WEIGHTS,
+    FORMAT_VERSION,
+    ITEM_COLUMNS,
+    ITEM_SIDE,
+    MANIFEST,
+    sha256_file,
+)
 
 TOWER_INPUTS_MFORMER = ["item_ids", "item_mask", "input_ids", "attention_mask"]
 TOWER_INPUTS_TEXT = ["input_ids", "attention_mask"]
@@ -193,8 +208,11 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
             bad(f"added_items[{i}].first_row", f"{entry.first_row}, but the rows before it end at {row}")
         row += entry.n
     if row != m.n_items and m.n_trained_items <= m.n_items:
-        bad("added_items", f"n_trained_items ({m.n_trained_items}) plus the added items ({row - m.n_trained_items})"
-                           f" is {row}, not n_items ({m.n_items})")
+        bad(
+            "added_items",
+            f"n_trained_items ({m.n_trained_items}) plus the added items ({row - m.n_trained_items})"
+            f" is {row}, not n_items ({m.n_items})",
+        )
     if m.parity_max_abs_diff is not None and not math.isfinite(m.parity_max_abs_diff):
         bad("parity_max_abs_diff", f"must be finite, got {m.parity_max_abs_diff}")
     fusion = m.bitune.fusion != "none"
@@ -207,13 +225,18 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
         want = TOWER_INPUTS_MFORMER if mformer else TOWER_INPUTS_TEXT
         allowed = [[*want, ITEM_SIDE]] if fusion else [want, [*want, ITEM_SIDE]]
         if m.user_tower.inputs not in allowed:
-            bad("user_tower.inputs", f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights or "
-                                     f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
-                                     f"got {m.user_tower.inputs}")
-        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights not in (None, "item_side") \
-                and not fusion:
-            bad("cold_item.item_weights", f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
-                                          f"got {m.cold_item.item_weights!r}")
+            bad(
+                "user_tower.inputs",
+                f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights or "
+                f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
+                f"got {m.user_tower.inputs}",
+            )
+        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights not in (None, "item_side") and not fusion:
+            bad(
+                "cold_item.item_weights",
+                f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
+                f"got {m.cold_item.item_weights!r}",
+            )
     columns = [*ITEM_COLUMNS, *(["popularity"] if m.popularity else [])]
     if m.catalogue.columns != columns:
         bad("catalogue.columns", f"must be {columns} (popularity={m.popularity}), got {m.catalogue.columns}")
@@ -261,8 +284,7 @@ def validate_manifest(data: Any, source: str | Path = MANIFEST) -> BundleManifes
         raise BundleError(f"{source}: expected a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
     if "format_version" in data and not (type(version) is int and version == FORMAT_VERSION):
-        raise BundleError(f"{source}: format_version {version!r} is not supported (this laser reads "
-                          f"{FORMAT_VERSION})")
+        raise BundleError(f"{source}: format_version {version!r} is not supported (this laser reads {FORMAT_VERSION})")
     try:
         return BundleManifest.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -272,7 +294,8 @@ def validate_manifest(data: Any, source: str | Path = MANIFEST) -> BundleManifes
                 problems.append(err["msg"].removeprefix("Value error, "))
                 continue
             msg = {"missing": "missing", "extra_forbidden": "unknown field (not part of the manifest format)"}.get(
-                err["type"], err["msg"].removeprefix("Value error, "))
+                err["type"], err["msg"].removeprefix("Value error, ")
+            )
             shown = "" if err["type"] in ("missing", "extra_forbidden") else _describe_input(err.get("input"))
             problems.append(f"field {_field_name(err['loc'])!r}: {msg}{shown}")
         raise BundleError(f"{source}: invalid manifest: " + "; ".join(problems)) from None
@@ -299,8 +322,9 @@ def read_manifest(bundle_dir: str | Path) -> dict:
 def bundle_files(bundle_dir: str | Path) -> list[str]:
     """Every file under ``bundle_dir`` but its manifest, as sorted POSIX paths relative to it."""
     root = Path(bundle_dir)
-    return sorted(rel for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-                  if rel != MANIFEST)
+    return sorted(
+        rel for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if rel != MANIFEST
+    )
 
 
 def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None, hashes: bool = True) -> None:
@@ -312,8 +336,10 @@ def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None, hashes: 
     present = bundle_files(root)
     unlisted = [name for name in present if name not in listed]
     if unlisted:
-        raise BundleError(f"{root / unlisted[0]}: in the bundle folder but not listed in {MANIFEST} 'files' (every "
-                          f"bundle file must be listed with its sha256; unlisted: {unlisted[:10]})")
+        raise BundleError(
+            f"{root / unlisted[0]}: in the bundle folder but not listed in {MANIFEST} 'files' (every "
+            f"bundle file must be listed with its sha256; unlisted: {unlisted[:10]})"
+        )
     for name, digest in listed.items():
         path = root / name
         if not path.is_file():
@@ -347,21 +373,27 @@ def check_loaded(root: Path, manifest: dict, catalogue: Any, scorer: Any, tower:
     n_items, dim, k = manifest["n_items"], manifest["dim"], manifest["k"]
     cat_path = root / manifest["catalogue"]["file"]
     if list(catalogue.columns) != manifest["catalogue"]["columns"]:
-        raise BundleError(f"{cat_path}: columns {list(catalogue.columns)} differ from the manifest's "
-                          f"catalogue.columns {manifest['catalogue']['columns']}")
+        raise BundleError(
+            f"{cat_path}: columns {list(catalogue.columns)} differ from the manifest's "
+            f"catalogue.columns {manifest['catalogue']['columns']}"
+        )
     scorer_path = root / manifest["scorer"]["file"]
     shape = scorer_table_shape(scorer_path)
     if shape != (n_items, dim):
-        raise BundleError(f"{scorer_path}: item table is {list(shape)}, but the manifest says [n_items, dim] = "
-                          f"[{n_items}, {dim}]")
+        raise BundleError(
+            f"{scorer_path}: item table is {list(shape)}, but the manifest says [n_items, dim] = [{n_items}, {dim}]"
+        )
     inputs = {i.name: _static_dims(i.shape) for i in scorer.get_inputs()}
     outputs = {o.name: _static_dims(o.shape) for o in scorer.get_outputs()}
     if list(inputs) != ["user_embedding"] or sorted(outputs) != ["indices", "scores"]:
-        raise BundleError(f"{scorer_path}: inputs {list(inputs)} / outputs {sorted(outputs)} are not a Laser "
-                          f"scorer's (user_embedding -> scores, indices)")
+        raise BundleError(
+            f"{scorer_path}: inputs {list(inputs)} / outputs {sorted(outputs)} are not a Laser "
+            f"scorer's (user_embedding -> scores, indices)"
+        )
     if inputs["user_embedding"][1:] not in ([dim], [None]):
-        raise BundleError(f"{scorer_path}: input width {inputs['user_embedding'][1:]} differs from the manifest's "
-                          f"dim={dim}")
+        raise BundleError(
+            f"{scorer_path}: input width {inputs['user_embedding'][1:]} differs from the manifest's dim={dim}"
+        )
     if outputs["scores"][1:] not in ([k], [None]):
         raise BundleError(f"{scorer_path}: returns top-{outputs['scores'][1]}, but the manifest says k={k}")
     if tower is None:
@@ -369,11 +401,14 @@ def check_loaded(root: Path, manifest: dict, catalogue: Any, scorer: Any, tower:
     tower_path = root / manifest["user_tower"]["file"]
     names = [i.name for i in tower.get_inputs()]
     if sorted(names) != sorted(manifest["user_tower"]["inputs"]):
-        raise BundleError(f"{tower_path}: inputs {names} differ from the manifest's user_tower.inputs "
-                          f"{manifest['user_tower']['inputs']}")
+        raise BundleError(
+            f"{tower_path}: inputs {names} differ from the manifest's user_tower.inputs "
+            f"{manifest['user_tower']['inputs']}"
+        )
     tower_out = {o.name: _static_dims(o.shape) for o in tower.get_outputs()}
     if "user_embedding" not in tower_out:
         raise BundleError(f"{tower_path}: no 'user_embedding' output (outputs: {sorted(tower_out)})")
     if tower_out["user_embedding"][1:] not in ([dim], [None]):
-        raise BundleError(f"{tower_path}: output width {tower_out['user_embedding'][1:]} differs from the "
-                          f"manifest's dim={dim}")
+        raise BundleError(
+            f"{tower_path}: output width {tower_out['user_embedding'][1:]} differs from the manifest's dim={dim}"
+        )

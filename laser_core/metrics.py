@@ -32,8 +32,7 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def target_ranks(scores, targets, exclude: Sequence[Sequence[int]] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def target_ranks(scores, targets, exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(greater, equal)``: per row, how many items score strictly above the target, and how many
     *other* items tie with it. NaN scores are treated as -inf."""
     s = _as_numpy(scores).astype(np.float64, copy=True)
@@ -73,8 +72,9 @@ def _harmonic(n: np.ndarray) -> np.ndarray:
     return out
 
 
-def rank_metrics(greater: np.ndarray, equal: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
-                 ties: Ties = "expected") -> dict[str, np.ndarray]:
+def rank_metrics(
+    greater: np.ndarray, equal: np.ndarray, ks: Sequence[int] = DEFAULT_KS, ties: Ties = "expected"
+) -> dict[str, np.ndarray]:
     """Per-row metrics from ``target_ranks``' counts."""
     g = np.asarray(greater, dtype=np.int64)
     e = np.asarray(equal, dtype=np.int64)
@@ -99,8 +99,9 @@ def rank_metrics(greater: np.ndarray, equal: np.ndarray, ks: Sequence[int] = DEF
     return out
 
 
-def compute_metrics(scores, targets, ks: Sequence[int] = DEFAULT_KS, exclude=None,
-                    ties: Ties = "expected") -> dict[str, float]:
+def compute_metrics(
+    scores, targets, ks: Sequence[int] = DEFAULT_KS, exclude=None, ties: Ties = "expected"
+) -> dict[str, float]:
     """Mean metrics over the rows of one score matrix."""
     acc = RankingAccumulator(ks=tuple(ks), ties=ties)
     acc.add(scores, targets, exclude=exclude)

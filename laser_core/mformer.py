@@ -29,10 +29,10 @@ from laser_core.configbase import StrictConfig
 class MFormerConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
-    n_experts: int = Field(default=8, ge=1)      # K
-    n_query: int = Field(default=32, ge=1)       # L
-    width: int = Field(default=768, ge=8)        # d_m
-    n_layers: int = Field(default=12, ge=1)      # Z
+    n_experts: int = Field(default=8, ge=1)  # K
+    n_query: int = Field(default=32, ge=1)  # L
+    width: int = Field(default=768, ge=8)  # d_m
+    n_layers: int = Field(default=12, ge=1)  # Z
     n_heads: int = Field(default=12, ge=1)
     cross_attention_every: int = Field(default=2, ge=1)
     ffn_mult: int = Field(default=4, ge=1)
@@ -41,10 +41,10 @@ class MFormerConfig(StrictConfig):
 
 @dataclass
 class RouterOutput:
-    probs: torch.Tensor      # [B, N, K] per-position softmax
-    scores: torch.Tensor     # [B, K] mean over real positions
-    selected: torch.Tensor   # [B] top-1 expert
-    mask: torch.Tensor       # [B, N] real positions
+    probs: torch.Tensor  # [B, N, K] per-position softmax
+    scores: torch.Tensor  # [B, K] mean over real positions
+    selected: torch.Tensor  # [B] top-1 expert
+    mask: torch.Tensor  # [B, N] real positions
 
 
 class Router(nn.Module):
@@ -67,11 +67,13 @@ class QFormerBlock(nn.Module):
         self.cross = cross
         if cross:
             self.ln_cross = nn.LayerNorm(width)
-            self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True,
-                                                    kdim=sr_dim, vdim=sr_dim)
+            self.cross_attn = nn.MultiheadAttention(
+                width, heads, dropout=dropout, batch_first=True, kdim=sr_dim, vdim=sr_dim
+            )
         self.ln_ffn = nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn_mult * width, width))
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * width, width)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, collab: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,16 @@ class MFormer(nn.Module):
         self.router = Router(sr_dim, c.n_experts)
         self.experts = nn.Parameter(torch.randn(c.n_experts, c.n_query, c.width) * 0.02)
         self.blocks = nn.ModuleList(
-            QFormerBlock(c.width, c.n_heads, sr_dim, cross=(i % c.cross_attention_every == 0),
-                         ffn_mult=c.ffn_mult, dropout=c.dropout) for i in range(c.n_layers))
+            QFormerBlock(
+                c.width,
+                c.n_heads,
+                sr_dim,
+                cross=(i % c.cross_attention_every == 0),
+                ffn_mult=c.ffn_mult,
+                dropout=c.dropout,
+            )
+            for i in range(c.n_layers)
+        )
         self.ln = nn.LayerNorm(c.width)
         self.proj = nn.Linear(c.width, llm_hidden)
 
@@ -108,7 +118,7 @@ class MFormer(nn.Module):
 
 
 class PlainPrefix(nn.Module):
-    """"w/o M-Former": L trainable prefix vectors shared by every user (no collaborative information)."""
+    """ "w/o M-Former": L trainable prefix vectors shared by every user (no collaborative information)."""
 
     def __init__(self, n_query: int, llm_hidden: int) -> None:
         super().__init__()

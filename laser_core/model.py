@@ -67,21 +67,38 @@ class BiTuneConfig(StrictConfig):
     prefix: Literal["mformer", "plain", "none"] = "mformer"
     pooling: Literal["suffix", "mean", "eos"] = "suffix"
     mformer: MFormerConfig = Field(default_factory=MFormerConfig)
-    prefix_init: Literal["default", "token_norm"] = Field(default="default", description=(
-        "token_norm: scale the prefix at initialisation to the mean norm of the backbone's token embeddings"))
-    embedding_transform: Literal["none", "center", "whiten"] = Field(default="none", description=(
-        "centre (or ZCA-whiten) the LLM embeddings of users and items, fitted once on the initial item table"))
-    fusion: Literal["none", "concat"] = Field(default="none", description=(
-        "concat: score = the frozen ID model's score + w x Laser's cosine (user and item vectors concatenated; "
-        "needs an ID model with dot-product scores: SASRec or BERT4Rec)"))
+    prefix_init: Literal["default", "token_norm"] = Field(
+        default="default",
+        description=(
+            "token_norm: scale the prefix at initialisation to the mean norm of the backbone's token embeddings"
+        ),
+    )
+    embedding_transform: Literal["none", "center", "whiten"] = Field(
+        default="none",
+        description=(
+            "centre (or ZCA-whiten) the LLM embeddings of users and items, fitted once on the initial item table"
+        ),
+    )
+    fusion: Literal["none", "concat"] = Field(
+        default="none",
+        description=(
+            "concat: score = the frozen ID model's score + w x Laser's cosine (user and item vectors concatenated; "
+            "needs an ID model with dot-product scores: SASRec or BERT4Rec)"
+        ),
+    )
     fusion_init_weight: float = Field(default=10.0, gt=0, description="w at initialisation (fusion: concat)")
 
 
 class LaserModel(nn.Module):
     """Frozen backbone + frozen SR encoder; trainable: M-Former (or plain prefix) and the suffix vector."""
 
-    def __init__(self, backbone: Backbone, sr_model: SequentialRecommender | None, formatter: TextFormatter,
-                 config: BiTuneConfig | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        sr_model: SequentialRecommender | None,
+        formatter: TextFormatter,
+        config: BiTuneConfig | None = None,
+    ) -> None:
         super().__init__()
         self.config = cfg = config or BiTuneConfig()
         self.backbone = backbone
@@ -114,7 +131,7 @@ class LaserModel(nn.Module):
         if cfg.fusion != "none":
             with torch.no_grad():
                 vectors = torch.cat([sr_model.item_vectors(), sr_model.unknown_item_vector()[None]]).float()
-                radius2 = (vectors ** 2).sum(1).max() + 1.0
+                radius2 = (vectors**2).sum(1).max() + 1.0
             self.register_buffer("fusion_radius2", radius2, persistent=False)
             self.fusion_log_weight = nn.Parameter(torch.tensor(math.log(cfg.fusion_init_weight)))
         eos_id = self.tokenizer.eos_token_id
@@ -128,7 +145,7 @@ class LaserModel(nn.Module):
         self._item_ids_cache: dict[int, list[int]] = {}
         # the item side's own weights (set_item_state); None: the item side uses this model's weights
         object.__setattr__(self, "item_weights", None)
-        self.to(backbone.device)   # built on the CPU (the same initial weights everywhere), computes by its LLM
+        self.to(backbone.device)  # built on the CPU (the same initial weights everywhere), computes by its LLM
 
     # ------------------------------------------------------------------ device
     @property
@@ -213,21 +230,31 @@ class LaserModel(nn.Module):
         return (h - self.emb_shift) @ self.emb_map
 
     # ------------------------------------------------------------------ the fusion
-    def fuse(self, h: torch.Tensor, item_ids: torch.Tensor, item_mask: torch.Tensor,
-             item_side: torch.Tensor | None = None) -> torch.Tensor:
+    def fuse(
+        self, h: torch.Tensor, item_ids: torch.Tensor, item_mask: torch.Tensor, item_side: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``fusion: concat``: user rows ``[u_ID, w n, 0]``, item rows (``item_side`` 1) ``[v_ID(i), n, r_i]``
         with ``n`` the normalised LLM embedding, ``i`` the row's item (the last visible id; a cold item gets
         the ID model's unknown-item vector) and ``r_i`` making every item row's norm ``R``."""
         n = F.normalize(h, dim=-1)
-        users = torch.cat([self.sr.user_vectors(item_ids, item_mask).float(), self.fusion_log_weight.exp() * n,
-                           torch.zeros_like(n[:, :1])], dim=1)
+        users = torch.cat(
+            [
+                self.sr.user_vectors(item_ids, item_mask).float(),
+                self.fusion_log_weight.exp() * n,
+                torch.zeros_like(n[:, :1]),
+            ],
+            dim=1,
+        )
         if item_side is None:
             return users
         last = item_ids[:, -1]
         cold = (last < 0) | ~item_mask[:, -1].bool()
-        vec = torch.where(cold[:, None], self.sr.unknown_item_vector()[None].float(),
-                          self.sr.item_vectors()[last.clamp(min=0)].float())
-        r = torch.sqrt((self.fusion_radius2 - (vec ** 2).sum(1) - 1.0).clamp(min=0.0))
+        vec = torch.where(
+            cold[:, None],
+            self.sr.unknown_item_vector()[None].float(),
+            self.sr.item_vectors()[last.clamp(min=0)].float(),
+        )
+        r = torch.sqrt((self.fusion_radius2 - (vec**2).sum(1) - 1.0).clamp(min=0.0))
         items = torch.cat([vec, n, r[:, None]], dim=1)
         return torch.where(item_side.bool()[:, None], items, users)
 
@@ -250,8 +277,13 @@ class LaserModel(nn.Module):
         mformer = sum(p.numel() for p in self.mformer.parameters()) if self.mformer is not None else 0
         n_prefix = self.config.mformer.n_query if self.config.prefix != "none" else 0
         n_suffix = 1 if self.config.pooling == "suffix" else 0
-        return {"suffix": suffix, "plain_prefix": plain, "mformer": mformer, "total": suffix + plain + mformer,
-                "bi_tuning_token_values": (n_prefix + n_suffix) * self.backbone.hidden_size}
+        return {
+            "suffix": suffix,
+            "plain_prefix": plain,
+            "mformer": mformer,
+            "total": suffix + plain + mformer,
+            "bi_tuning_token_values": (n_prefix + n_suffix) * self.backbone.hidden_size,
+        }
 
     def weights_fingerprint(self) -> str:
         """A content hash of everything this model's outputs depend on (the item table's cache key, and part of
@@ -261,10 +293,17 @@ class LaserModel(nn.Module):
         from laser_core.fingerprint import catalogue_fingerprint, fingerprint, sr_fingerprint
 
         item_side = dict(self.item_weights.state_dict()) if self.item_weights is not None else None
-        return fingerprint("laser-model", {
-            "trainable": dict(self.state_dict()), "item_side": item_side, "bitune": self.config,
-            "backbone": self.backbone.content_fingerprint(), "sr": sr_fingerprint(self.sr),
-            "catalogue": catalogue_fingerprint(self.formatter)})
+        return fingerprint(
+            "laser-model",
+            {
+                "trainable": dict(self.state_dict()),
+                "item_side": item_side,
+                "bitune": self.config,
+                "backbone": self.backbone.content_fingerprint(),
+                "sr": sr_fingerprint(self.sr),
+                "catalogue": catalogue_fingerprint(self.formatter),
+            },
+        )
 
     def tokenize(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
         out = []
@@ -289,9 +328,15 @@ class LaserModel(nn.Module):
         sr_ids, sr_mask = self.sr_inputs(histories) if self.sr is not None else (None, None)
         return self.embed(ids, text_mask, sr_ids, sr_mask)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor | None,
-              item_mask: torch.Tensor | None, item_side: torch.Tensor | None = None, fuse: bool = True
-              ) -> tuple[torch.Tensor, RouterOutput | None]:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        item_ids: torch.Tensor | None,
+        item_mask: torch.Tensor | None,
+        item_side: torch.Tensor | None = None,
+        fuse: bool = True,
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
         """The one embedding path from padded tensors (training, the item table, new items, the ONNX user
         tower): the prefix (:meth:`prefix_from_ids`), the LLM (:meth:`forward_padded`), the embedding transform
         and, with ``fuse`` (and ``fusion: concat``), the fusion with the ID model's vectors (:meth:`fuse`)."""
@@ -302,8 +347,7 @@ class LaserModel(nn.Module):
         return h, route
 
     @torch.no_grad()
-    def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None, fuse: bool = True
-                    ) -> torch.Tensor:
+    def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None, fuse: bool = True) -> torch.Tensor:
         """The item-embedding table rows for catalogue ``items`` (one-item histories, their trained IDs):
         :meth:`embed_item_rows`, the path new items take too. ``fuse=False``: the LLM rows only."""
         items = [int(i) for i in items]
@@ -351,8 +395,9 @@ class LaserModel(nn.Module):
         cold = mask & (item_ids < 0)
         if name not in ("BERT4Rec", "SASRec"):
             if bool(cold.any()):
-                raise NotImplementedError(f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, "
-                                          f"not {name}")
+                raise NotImplementedError(
+                    f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, not {name}"
+                )
             return sr.encode(item_ids, mask)  # catalogue items only: the encoder's own path
         tokens = torch.where(mask & ~cold, item_ids + 1, torch.zeros_like(item_ids))
         emb = sr.item_emb(tokens)
@@ -360,8 +405,13 @@ class LaserModel(nn.Module):
         emb = torch.where(cold[..., None], unknown.to(emb.dtype), emb)
         return sr.encoder(emb, mask, causal=not sr.bidirectional)
 
-    def prefix_from_ids(self, item_ids: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int,
-                        item_side: torch.Tensor | None = None) -> tuple[torch.Tensor | None, RouterOutput | None]:
+    def prefix_from_ids(
+        self,
+        item_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        batch_size: int,
+        item_side: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, RouterOutput | None]:
         """The prefix ``[B, L, H]`` (or None) from left-padded SR inputs, as :meth:`prefix` computes it.
 
         ``item_side`` ``[B]`` (nonzero: the row is an item-table row) picks the item side's weights
@@ -389,8 +439,8 @@ class LaserModel(nn.Module):
         mask = np.zeros((len(histories), L), dtype=bool)
         for row, hist in enumerate(histories):
             h = np.asarray(hist, dtype=np.int64)[-L:]
-            ids[row, L - len(h):] = h
-            mask[row, L - len(h):] = True
+            ids[row, L - len(h) :] = h
+            mask[row, L - len(h) :] = True
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def pad_tokens(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,12 +451,17 @@ class LaserModel(nn.Module):
         ids = torch.full((len(token_ids), T), pad_id, dtype=torch.long)
         text_mask = torch.zeros((len(token_ids), T), dtype=torch.long)
         for row, t in enumerate(token_ids):
-            ids[row, T - len(t):] = torch.tensor(list(t), dtype=torch.long)
-            text_mask[row, T - len(t):] = 1
+            ids[row, T - len(t) :] = torch.tensor(list(t), dtype=torch.long)
+            text_mask[row, T - len(t) :] = 1
         return ids.to(self.device), text_mask.to(self.device)
 
-    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prefix: torch.Tensor | None, item_side: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_padded(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: torch.Tensor | None,
+        item_side: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Embeddings ``[B, H]`` from left-padded token ids + mask and a prefix: :meth:`forward`'s assembly
         (prefix, padding, text, suffix; position ids over real positions; the pooling). ``item_side`` as in
         :meth:`prefix_from_ids`: those rows get the item side's suffix."""
@@ -429,17 +484,24 @@ class LaserModel(nn.Module):
         embeds = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = self.backbone.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                    use_cache=False).last_hidden_state.float()
+        hidden = self.backbone.base(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state.float()
         if self.config.pooling == "mean":
             start = prefix.shape[1] if prefix is not None else 0
             m = text_mask.to(hidden.dtype)[..., None]
-            return (hidden[:, start:start + T] * m).sum(1) / m.sum(1)
+            return (hidden[:, start : start + T] * m).sum(1) / m.sum(1)
         return hidden[:, -1]
 
     @torch.no_grad()
-    def embed_item_rows(self, token_ids: Sequence[Sequence[int]], item_ids: Sequence[int], batch_size: int = 16,
-                        progress=None, fuse: bool = True) -> torch.Tensor:
+    def embed_item_rows(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        item_ids: Sequence[int],
+        batch_size: int = 16,
+        progress=None,
+        fuse: bool = True,
+    ) -> torch.Tensor:
         """Item-table rows ``[n, embedding_size]`` (``fuse=False``: the LLM part ``[n, H]``), the one item-embedding path (the table and new items alike): each item a
         one-item history, its item-template ``token_ids`` and, on the ID side, its catalogue index in
         ``item_ids`` or :attr:`COLD_ITEM_ID` for an item without a trained ID embedding (see
@@ -450,13 +512,16 @@ class LaserModel(nn.Module):
         n_known = self.sr.n_items if self.sr is not None else None
         bad = [i for i in item_ids if i != self.COLD_ITEM_ID and not (n_known is None or 0 <= i < n_known)]
         if bad:
-            raise ValueError(f"item ids {bad[:10]} are neither catalogue indices (0..{n_known - 1}) nor the cold "
-                             f"item ({self.COLD_ITEM_ID})")
+            raise ValueError(
+                f"item ids {bad[:10]} are neither catalogue indices (0..{n_known - 1}) nor the cold "
+                f"item ({self.COLD_ITEM_ID})"
+            )
         order = np.argsort([len(t) for t in token_ids], kind="stable")
-        out = torch.empty(len(token_ids), self.embedding_size if fuse else self.backbone.hidden_size,
-                          device=self.device)
+        out = torch.empty(
+            len(token_ids), self.embedding_size if fuse else self.backbone.hidden_size, device=self.device
+        )
         for lo in range(0, len(order), batch_size):
-            idx = order[lo:lo + batch_size]
+            idx = order[lo : lo + batch_size]
             ids, text_mask = self.pad_tokens([token_ids[i] for i in idx])
             sr_ids, sr_mask = self.sr_inputs([[item_ids[i]] for i in idx]) if self.sr is not None else (None, None)
             side = torch.ones(len(idx), dtype=torch.long, device=self.device)
@@ -467,8 +532,9 @@ class LaserModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def embed_cold_items(self, items: pd.DataFrame, batch_size: int = 16,
-                         item_ids: Sequence[int] | None = None) -> torch.Tensor:
+    def embed_cold_items(
+        self, items: pd.DataFrame, batch_size: int = 16, item_ids: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Embeddings ``[n, H]`` of items given by their text (columns title, brand, category), each as a
         one-item history as in training (:meth:`embed_item_rows`): the item template for the text and, for
         the M-Former, one visible cold-item position (see :meth:`collab_vectors`), since a new item has no
@@ -487,7 +553,7 @@ class LaserModel(nn.Module):
             self.item_weights.eval()  # frozen
         if self.sr is not None:
             self.sr.eval()  # frozen: no dropout, ever
-        self.llm.train()    # frozen, all dropout 0; see laser_core.llm.backbones for why not eval()
+        self.llm.train()  # frozen, all dropout 0; see laser_core.llm.backbones for why not eval()
         return self
 
 
@@ -526,12 +592,14 @@ class LaserWeights:
         return "user_side" if trained_on else "shared"
 
 
-def item_state_beside(table_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor] | None:
+def item_state_beside(
+    table_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
     """``table_state`` (the weights that made the item table) as the :attr:`LaserWeights.item_state` of weights
     ``state``: a copy, or None when the two are equal (nothing extra to keep)."""
-    same = table_state.keys() == state.keys() and all(torch.equal(table_state[k].detach().cpu(),
-                                                                  state[k].detach().cpu()) for k in state)
+    same = table_state.keys() == state.keys() and all(
+        torch.equal(table_state[k].detach().cpu(), state[k].detach().cpu()) for k in state
+    )
     return None if same else {k: v.detach().cpu().clone().contiguous() for k, v in table_state.items()}
 
 
@@ -545,8 +613,13 @@ def tokenizer_texts(spec: LaserSpec, items: pd.DataFrame) -> list[str] | None:
     return [plain.item_text(i) for i in range(len(items))]
 
 
-def build_laser(spec: LaserSpec, items: pd.DataFrame, sr_model: SequentialRecommender | None,
-                weights: LaserWeights | None = None, device: str | torch.device | None = "auto") -> LaserModel:
+def build_laser(
+    spec: LaserSpec,
+    items: pd.DataFrame,
+    sr_model: SequentialRecommender | None,
+    weights: LaserWeights | None = None,
+    device: str | torch.device | None = "auto",
+) -> LaserModel:
     """Load the backbone (tiny ones get a tokenizer trained on the item texts) onto ``device`` (a device
     setting, :mod:`laser_core.device`; the model and ``sr_model`` follow it there), build the formatter with the
     backbone's tokenizer (for token limits) and the model; load ``weights`` when given (and their item side's,

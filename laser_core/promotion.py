@@ -31,14 +31,20 @@ class PromotionConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     metric: str = "ndcg@10"
-    min_improvement: float = Field(default=0.0, description="absolute margin over production on `metric` "
-                                   "(promoted when new - production > margin)")
-    require_beats_popularity: bool = Field(default=True, description="production only when `metric` is above "
-                                           "popularity's on the same test pairs")
-    require_beats_id_model: bool = Field(default=False, description="production only when `metric` is above the "
-                                         "ID model's (the frozen SR encoder) on the same test pairs")
-    baseline_margin: float = Field(default=0.0, description="absolute margin over each required baseline "
-                                   "(beaten when new - baseline > margin)")
+    min_improvement: float = Field(
+        default=0.0, description="absolute margin over production on `metric` (promoted when new - production > margin)"
+    )
+    require_beats_popularity: bool = Field(
+        default=True, description="production only when `metric` is above popularity's on the same test pairs"
+    )
+    require_beats_id_model: bool = Field(
+        default=False,
+        description="production only when `metric` is above the "
+        "ID model's (the frozen SR encoder) on the same test pairs",
+    )
+    baseline_margin: float = Field(
+        default=0.0, description="absolute margin over each required baseline (beaten when new - baseline > margin)"
+    )
     enabled: bool = True
 
 
@@ -50,12 +56,12 @@ class PromotionDecision:
     production_version: str | None = None
     popularity_value: float | None = None
     id_model_value: float | None = None
-    id_model: str | None = None          # the ID model's name (sasrec, bert4rec, ...)
-    users: int | None = None             # test users (pairs) the new version and the baselines were scored on
+    id_model: str | None = None  # the ID model's name (sasrec, bert4rec, ...)
+    users: int | None = None  # test users (pairs) the new version and the baselines were scored on
     beats_baselines: bool | None = None  # None: no baseline required
     valid: bool = False
     comparable: bool = True
-    stage: str | None = None          # "production" | "staging" | None
+    stage: str | None = None  # "production" | "staging" | None
     reason: str = ""
     details: dict = field(default_factory=dict)
 
@@ -74,24 +80,35 @@ class PromotionDecision:
         required = set(self.details.get("required_baselines", []))
         parts = [f"popularity {_fmt(self.popularity_value)}" + (" (required)" if "popularity" in required else "")]
         if self.id_model_value is not None or "id_model" in required:
-            parts.append(f"ID model {self.id_model or ''} {_fmt(self.id_model_value)}".replace("  ", " ")
-                         + (" (required)" if "id_model" in required else ""))
+            parts.append(
+                f"ID model {self.id_model or ''} {_fmt(self.id_model_value)}".replace("  ", " ")
+                + (" (required)" if "id_model" in required else "")
+            )
         if self.production_version is None:
             parts.append("production none")
         else:
-            parts.append(f"production v{self.production_version} {_fmt(self.production_value)}"
-                         + ("" if self.comparable else " (not re-scorable here)"))
+            parts.append(
+                f"production v{self.production_version} {_fmt(self.production_value)}"
+                + ("" if self.comparable else " (not re-scorable here)")
+            )
         return f"compared on {self.metric} over {users}: " + ", ".join(parts)
 
     def to_markdown(self) -> str:
-        rows = [("metric", self.metric), ("test users", "-" if self.users is None else self.users),
-                ("new version", _fmt(self.new_value)),
-                ("production" + (f" (v{self.production_version})" if self.production_version else ""),
-                 _fmt(self.production_value)),
-                ("popularity", _fmt(self.popularity_value)),
-                ("ID model" + (f" ({self.id_model})" if self.id_model else ""), _fmt(self.id_model_value)),
-                ("beats required baselines", "-" if self.beats_baselines is None else self.beats_baselines),
-                ("valid", self.valid), ("comparable", self.comparable), ("stage", self.stage or "none")]
+        rows = [
+            ("metric", self.metric),
+            ("test users", "-" if self.users is None else self.users),
+            ("new version", _fmt(self.new_value)),
+            (
+                "production" + (f" (v{self.production_version})" if self.production_version else ""),
+                _fmt(self.production_value),
+            ),
+            ("popularity", _fmt(self.popularity_value)),
+            ("ID model" + (f" ({self.id_model})" if self.id_model else ""), _fmt(self.id_model_value)),
+            ("beats required baselines", "-" if self.beats_baselines is None else self.beats_baselines),
+            ("valid", self.valid),
+            ("comparable", self.comparable),
+            ("stage", self.stage or "none"),
+        ]
         body = "\n".join(f"| {a} | {b} |" for a, b in rows)
         return f"# Promotion decision\n\n| | |\n| --- | --- |\n{body}\n\n{self.reason}\n"
 
@@ -110,24 +127,44 @@ def _value(metrics: dict[str, float] | None, m: str) -> float | None:
     return float(metrics[m])
 
 
-def decide(config: PromotionConfig, new: dict[str, float], production: dict[str, float] | None = None,
-           production_version: str | None = None, comparable: bool = True,
-           popularity: dict[str, float] | None = None, id_model: dict[str, float] | None = None,
-           id_model_name: str | None = None, users: int | None = None) -> PromotionDecision:
+def decide(
+    config: PromotionConfig,
+    new: dict[str, float],
+    production: dict[str, float] | None = None,
+    production_version: str | None = None,
+    comparable: bool = True,
+    popularity: dict[str, float] | None = None,
+    id_model: dict[str, float] | None = None,
+    id_model_name: str | None = None,
+    users: int | None = None,
+) -> PromotionDecision:
     """Apply the gate. ``new`` / ``production`` / ``popularity`` / ``id_model`` are metric dicts on the same
     ``users`` test pairs (``production`` None when there is no production version; ``comparable`` False when it
     was trained on a different catalogue, so it could not be re-scored on these pairs)."""
     m = config.metric
     if m not in new:
         raise KeyError(f"promotion metric {m!r} not among the new version's metrics ({sorted(new)})")
-    required = [name for name, on in (("popularity", config.require_beats_popularity),
-                                      ("id_model", config.require_beats_id_model)) if on]
-    d = PromotionDecision(metric=m, new_value=float(new[m]), production_value=_value(production, m),
-                          production_version=production_version, popularity_value=_value(popularity, m),
-                          id_model_value=_value(id_model, m), id_model=id_model_name,
-                          users=None if users is None else int(users), comparable=comparable,
-                          details={"required_baselines": required, "baseline_margin": config.baseline_margin,
-                                   "min_improvement": config.min_improvement})
+    required = [
+        name
+        for name, on in (("popularity", config.require_beats_popularity), ("id_model", config.require_beats_id_model))
+        if on
+    ]
+    d = PromotionDecision(
+        metric=m,
+        new_value=float(new[m]),
+        production_value=_value(production, m),
+        production_version=production_version,
+        popularity_value=_value(popularity, m),
+        id_model_value=_value(id_model, m),
+        id_model=id_model_name,
+        users=None if users is None else int(users),
+        comparable=comparable,
+        details={
+            "required_baselines": required,
+            "baseline_margin": config.baseline_margin,
+            "min_improvement": config.min_improvement,
+        },
+    )
     if not _ok(d.new_value):
         d.reason = f"not promoted: {m} = {d.new_value} is not a valid metric value ({d.compared_with()})"
         return d
@@ -154,7 +191,7 @@ def decide(config: PromotionConfig, new: dict[str, float], production: dict[str,
         return d
     if not config.enabled:
         d.stage = "staging"
-        d.reason = (f"promotion to production disabled (promotion.enabled: false); staged ({d.compared_with()})")
+        d.reason = f"promotion to production disabled (promotion.enabled: false); staged ({d.compared_with()})"
         return d
     if production is None and production_version is None:
         d.stage = "production"
@@ -162,19 +199,25 @@ def decide(config: PromotionConfig, new: dict[str, float], production: dict[str,
         return d
     if not comparable or d.production_value is None:
         d.stage = "staging"
-        d.reason = (f"staged: production v{production_version} was trained on a different catalogue, so it "
-                    "cannot be re-scored on these test pairs; promote by hand (`laser model promote`) if intended "
-                    f"({d.compared_with()})")
+        d.reason = (
+            f"staged: production v{production_version} was trained on a different catalogue, so it "
+            "cannot be re-scored on these test pairs; promote by hand (`laser model promote`) if intended "
+            f"({d.compared_with()})"
+        )
         return d
     gain = d.new_value - d.production_value
     if gain > config.min_improvement:
         d.stage = "production"
-        d.reason = (f"promoted: {m} {d.new_value:.4f} vs production v{production_version} "
-                    f"{d.production_value:.4f} (gain {gain:+.4f} > margin {config.min_improvement:+.4f}; "
-                    f"{d.compared_with()})")
+        d.reason = (
+            f"promoted: {m} {d.new_value:.4f} vs production v{production_version} "
+            f"{d.production_value:.4f} (gain {gain:+.4f} > margin {config.min_improvement:+.4f}; "
+            f"{d.compared_with()})"
+        )
     else:
         d.stage = "staging"
-        d.reason = (f"staged: {m} {d.new_value:.4f} vs production v{production_version} "
-                    f"{d.production_value:.4f} (gain {gain:+.4f} <= margin {config.min_improvement:+.4f}; "
-                    f"{d.compared_with()})")
+        d.reason = (
+            f"staged: {m} {d.new_value:.4f} vs production v{production_version} "
+            f"{d.production_value:.4f} (gain {gain:+.4f} <= margin {config.min_improvement:+.4f}; "
+            f"{d.compared_with()})"
+        )
     return d

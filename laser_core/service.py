@@ -77,10 +77,14 @@ class RecommendRequest(BaseModel):
     max_k: ClassVar[int | None] = None
     max_k_reason: ClassVar[str] = "the server's max_k"
 
-    history: list[StrictStr] = Field(min_length=1, max_length=MAX_HISTORY,
-                                     description="Catalogue item ids, oldest first; unknown ids are dropped.")
-    k: StrictInt = Field(default=DEFAULT_K, ge=1, description="Number of items to return (at most the server's "
-                         "max_k and the catalogue size).")
+    history: list[StrictStr] = Field(
+        min_length=1, max_length=MAX_HISTORY, description="Catalogue item ids, oldest first; unknown ids are dropped."
+    )
+    k: StrictInt = Field(
+        default=DEFAULT_K,
+        ge=1,
+        description="Number of items to return (at most the server's max_k and the catalogue size).",
+    )
     exclude_history: StrictBool = Field(default=False, description="Leave the history's items out.")
 
     @field_validator("k")
@@ -103,8 +107,11 @@ class RecommendResponse(BaseModel):
     model_version: str
     items: list[RecommendedItemBody]
     dropped: list[str] = Field(description="History ids that are not in the catalogue.")
-    fallback: str | None = Field(default=None, description="Set (e.g. \"popularity\") when no history item "
-                                 "was known and the recommender answered with its fallback.")
+    fallback: str | None = Field(
+        default=None,
+        description='Set (e.g. "popularity") when no history item '
+        "was known and the recommender answered with its fallback.",
+    )
 
 
 class HealthResponse(BaseModel):
@@ -131,8 +138,9 @@ class ServiceJSONResponse(JSONResponse):
     ``dropped`` or an error) cannot be UTF-8: ``backslashreplace`` writes it as the JSON escape inside its string."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, allow_nan=False, ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8", "backslashreplace")
+        return json.dumps(content, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace"
+        )
 
 
 def _format_loc(loc: Sequence[Any]) -> str:
@@ -155,7 +163,7 @@ def validation_details(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, st
     for err in errors:
         problem = str(err["msg"])
         if problem.startswith("Value error, "):
-            problem = problem[len("Value error, "):]
+            problem = problem[len("Value error, ") :]
         elif tuple(err["loc"]) == ("body",) and err["type"] in ("model_attributes_type", "dict_type"):
             problem = _not_an_object(err.get("input"))
         details.append({"field": _format_loc(err["loc"]), "problem": problem})
@@ -192,10 +200,14 @@ def result_to_json(result: Any, model_version: str) -> dict[str, Any]:
         if not math.isfinite(score):
             raise ValueError(f"recommender returned a non-finite score {score} for item {_get(item, 'item_id')!r}")
         title = _get(item, "title", None)
-        out.append({"item_id": str(_get(item, "item_id")),
-                    "title": None if title is None else str(title),
-                    "score": score,
-                    "rank": int(_get(item, "rank", position))})
+        out.append(
+            {
+                "item_id": str(_get(item, "item_id")),
+                "title": None if title is None else str(title),
+                "score": score,
+                "rank": int(_get(item, "rank", position)),
+            }
+        )
     body: dict[str, Any] = {"model_version": model_version, "items": out, "dropped": [str(i) for i in dropped]}
     fallback = _get(result, "fallback", None)
     if fallback is not None:  # e.g. "popularity": no known item, the recommender answered with popular items
@@ -203,17 +215,32 @@ def result_to_json(result: Any, model_version: str) -> dict[str, Any]:
     return body
 
 
-_ERROR_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                422: "unprocessable_history", 500: "internal_error", 503: "not_ready"}
+_ERROR_KINDS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "unprocessable_history",
+    500: "internal_error",
+    503: "not_ready",
+}
 _ENDPOINTS = "POST /recommend, GET /health, GET /ready (API docs: GET /docs)"
 
 
-def error_response(model_version: str, status: int, message: str, kind: str | None = None,
-                   details: list[dict[str, str]] | None = None, headers: Mapping[str, str] | None = None
-                   ) -> ServiceJSONResponse:
+def error_response(
+    model_version: str,
+    status: int,
+    message: str,
+    kind: str | None = None,
+    details: list[dict[str, str]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ServiceJSONResponse:
     """The service's error answer: ``{"error": kind, "message", "model_version"[, "details"]}``."""
-    body: dict[str, Any] = {"error": kind or _ERROR_KINDS.get(status, "error"), "message": message,
-                            "model_version": model_version}
+    body: dict[str, Any] = {
+        "error": kind or _ERROR_KINDS.get(status, "error"),
+        "message": message,
+        "model_version": model_version,
+    }
     if details:
         body["details"] = details
     return ServiceJSONResponse(body, status_code=status, headers=dict(headers or {}))
@@ -270,12 +297,14 @@ class _ServiceMiddleware:
             await self.app(scope, limited_receive, send_with_headers)
         except Exception:
             request_id = uuid.uuid4().hex[:12]
-            logger.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"),
-                             request_id)
+            logger.exception(
+                "unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id
+            )
             if started:  # the answer is under way: uvicorn closes the connection
                 raise
-            response = error_response(self.model_version, 500,
-                                      f"internal server error (request {request_id}; see the server log)")
+            response = error_response(
+                self.model_version, 500, f"internal server error (request {request_id}; see the server log)"
+            )
             await response(scope, receive, send_with_headers)
 
 
@@ -288,17 +317,16 @@ def _install_error_handlers(app: FastAPI, model_version: str) -> None:
         bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
         if bad_json is not None:
             reason = (bad_json.get("ctx") or {}).get("error", "invalid JSON")
-            return error(400, f"request body is not valid JSON: {reason} (at character "
-                                 f"{bad_json['loc'][-1]})", "malformed_json")
+            return error(
+                400, f"request body is not valid JSON: {reason} (at character {bad_json['loc'][-1]})", "malformed_json"
+            )
         details = validation_details(errors)
-        return error(400, "; ".join(f"{d['field']}: {d['problem']}" for d in details),
-                             "validation_error", details)
+        return error(400, "; ".join(f"{d['field']}: {d['problem']}" for d in details), "validation_error", details)
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         cause = exc.__cause__  # FastAPI's "error parsing the body" keeps json.loads' own error as the cause
         if isinstance(cause, UnicodeDecodeError):
-            return error(400, f"request body is not UTF-8: {cause.reason} at byte {cause.start}",
-                                 "malformed_json")
+            return error(400, f"request body is not UTF-8: {cause.reason} at byte {cause.start}", "malformed_json")
         if isinstance(cause, RecursionError):  # arrays/objects nested about 1,000 deep
             return error(400, "request body is nested too deeply to parse", "malformed_json")
         if isinstance(cause, ValueError):
@@ -315,8 +343,9 @@ def _install_error_handlers(app: FastAPI, model_version: str) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
 
 
-def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
     """The service as a FastAPI app over a loaded recommender (serve it with :func:`serve`, or any ASGI server).
 
     ``max_k`` caps ``k`` (also capped at the catalogue size); ``max_body_bytes`` caps the request body (413
@@ -333,9 +362,16 @@ def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
     model_version = str(recommender.model_version)
     n_items = int(recommender.n_items)
     limit = min(max_k, n_items) if n_items > 0 else max_k
-    request_model = type("RecommendRequest", (RecommendRequest,), {
-        "__module__": __name__, "__doc__": RecommendRequest.__doc__, "max_k": limit,
-        "max_k_reason": "the catalogue size" if n_items and limit == n_items else "the server's max_k"})
+    request_model = type(
+        "RecommendRequest",
+        (RecommendRequest,),
+        {
+            "__module__": __name__,
+            "__doc__": RecommendRequest.__doc__,
+            "max_k": limit,
+            "max_k_reason": "the catalogue size" if n_items and limit == n_items else "the server's max_k",
+        },
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -345,10 +381,16 @@ def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
         finally:
             app.state.ready = False
 
-    app = FastAPI(title="Laser recommendation service", version=model_version, lifespan=lifespan,
-                  default_response_class=ServiceJSONResponse, strict_content_type=False, redirect_slashes=False,
-                  description="Top-k recommendations for a history of catalogue item ids (an exported Laser "
-                              f"bundle; model {model_version}, {n_items} items).")
+    app = FastAPI(
+        title="Laser recommendation service",
+        version=model_version,
+        lifespan=lifespan,
+        default_response_class=ServiceJSONResponse,
+        strict_content_type=False,
+        redirect_slashes=False,
+        description="Top-k recommendations for a history of catalogue item ids (an exported Laser "
+        f"bundle; model {model_version}, {n_items} items).",
+    )
     app.state.ready = False
     app.state.recommender = recommender
     errors = {status: {"model": ErrorResponse} for status in (400, 413, 422, 500)}
@@ -358,8 +400,7 @@ def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
         """Top ``k`` items for ``history``. 400 names each invalid field; 422 when no history item can be
         used (unless the server answers those with its popularity fallback)."""
         try:
-            result = recommender.recommend(list(request.history), k=request.k,
-                                           exclude_history=request.exclude_history)
+            result = recommender.recommend(list(request.history), k=request.k, exclude_history=request.exclude_history)
         except ValueError as exc:
             return error(422, str(exc) or "the recommender rejected the history")
         return ServiceJSONResponse(result_to_json(result, model_version))
@@ -373,8 +414,7 @@ def create_app(recommender: RecommenderLike, *, max_k: int = DEFAULT_MAX_K,
         """200 while the process serves requests."""
         return ServiceJSONResponse({"status": "ok", "model_version": model_version, "n_items": n_items})
 
-    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": ErrorResponse}},
-             summary="Readiness")
+    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": ErrorResponse}}, summary="Readiness")
     def ready() -> ServiceJSONResponse:
         """200 when the service takes traffic; 503 before its startup and once a shutdown has begun."""
         if not app.state.ready:
@@ -404,8 +444,11 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
             sock.close()
             raise
     except OSError as exc:
-        hint = " (another process is listening there: stop it or choose another port)" \
-            if exc.errno == errno.EADDRINUSE else ""
+        hint = (
+            " (another process is listening there: stop it or choose another port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
         error = ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}")
         error.errno = exc.errno
         raise error from None
@@ -420,18 +463,30 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(app: FastAPI, sock: socket.socket, *, timeout_graceful_shutdown: float = DEFAULT_GRACEFUL_SHUTDOWN,
-          access_log: bool = False) -> None:
+def serve(
+    app: FastAPI,
+    sock: socket.socket,
+    *,
+    timeout_graceful_shutdown: float = DEFAULT_GRACEFUL_SHUTDOWN,
+    access_log: bool = False,
+) -> None:
     """Serve ``app`` with uvicorn on a bound socket (:func:`bind`) until SIGINT or SIGTERM, then shut down
     gracefully: stop accepting, let requests in flight finish (at most ``timeout_graceful_shutdown`` seconds),
     return normally. Logs ``serving model V (N items) on http://HOST:PORT`` once it listens."""
-    config = uvicorn.Config(app, log_level="info", access_log=access_log, server_header=False,
-                            timeout_graceful_shutdown=timeout_graceful_shutdown, log_config=None)
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        access_log=access_log,
+        server_header=False,
+        timeout_graceful_shutdown=timeout_graceful_shutdown,
+        log_config=None,
+    )
     server = _Server(config)
     host, port = sock.getsockname()[:2]
     recommender = app.state.recommender
-    logger.info("serving model %s (%d items) on http://%s:%d", recommender.model_version, recommender.n_items,
-                host, port)
+    logger.info(
+        "serving model %s (%d items) on http://%s:%d", recommender.model_version, recommender.n_items, host, port
+    )
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler meanwhile makes that a normal
     # return (exit status 0) instead of a KeyboardInterrupt or a death by SIGTERM
     main = threading.current_thread() is threading.main_thread()  # (uvicorn handles signals only there too)
@@ -443,4 +498,3 @@ def serve(app: FastAPI, sock: socket.socket, *, timeout_graceful_shutdown: float
             signal.signal(sig, handler)
         sock.close()
     logger.info("shut down")
-

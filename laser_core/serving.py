@@ -30,8 +30,20 @@ import numpy as np
 import pandas as pd
 
 from laser_core.data.text import TextConfig, TextFormatter
-from laser_core.export import (CATALOGUE, COLD_ITEM, COLD_ITEM_WEIGHTS, ITEM_COLUMNS, ITEM_SIDE, MANIFEST, SCORER,
-                               export_scorer, l2_normalize, sha256_file, write_manifest)
+from laser_core.export import (
+    CATALOGUE,
+    COLD_ITEM,
+    COLD_ITEM_WEIGHTS,
+    ITEM_COLUMNS,
+    ITEM_SIDE,
+    MANIFEST,
+    SCORER,
+    export_scorer,
+    l2_normalize,
+    sha256_file,
+    write_manifest,
+)
+
 # the manifest's model and checks live in laser_core.manifest; these names stay importable from here
 from laser_core.manifest import BundleError, check_loaded, read_manifest, verify_bundle  # noqa: F401
 
@@ -43,9 +55,18 @@ class EmptyHistoryError(ValueError):
 # ------------------------------------------------------------------------------------------- tokenizer
 def _clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization`` (applied by its decode when the tokenizer asks for it)."""
-    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
-            .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
-            .replace(" 've", "'ve").replace(" 're", "'re"))
+    return (
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
 
 
 class ServingTokenizer:
@@ -108,8 +129,16 @@ class Recommendation:
 class Recommender:
     """A loaded bundle. ``recommend`` is safe to call from several threads (onnxruntime sessions are)."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, catalogue: pd.DataFrame, tokenizer: ServingTokenizer,
-                 scorer: Any, tower: Any | None, popularity_fallback: bool) -> None:
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: dict,
+        catalogue: pd.DataFrame,
+        tokenizer: ServingTokenizer,
+        scorer: Any,
+        tower: Any | None,
+        popularity_fallback: bool,
+    ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.catalogue = catalogue
@@ -136,8 +165,9 @@ class Recommender:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: str | Path, popularity_fallback: bool = False, verify: bool = True,
-             threads: int | None = None) -> "Recommender":
+    def load(
+        cls, bundle_dir: str | Path, popularity_fallback: bool = False, verify: bool = True, threads: int | None = None
+    ) -> "Recommender":
         """Load a bundle. ``popularity_fallback``: answer an empty (or all-unknown) history with the most
         popular training items instead of raising :class:`EmptyHistoryError` (the bundle must hold item
         popularity). ``verify``: check every file's sha256 against the manifest (the manifest itself is always
@@ -150,8 +180,10 @@ class Recommender:
         verify_bundle(root, manifest, hashes=verify)
         catalogue = _read_catalogue(root / manifest["catalogue"].get("file", CATALOGUE), manifest)
         if popularity_fallback and "popularity" not in catalogue.columns:
-            raise BundleError(f"{root}: popularity_fallback needs item popularity, and this bundle has none "
-                              f"(export it with popularity=...)")
+            raise BundleError(
+                f"{root}: popularity_fallback needs item popularity, and this bundle has none "
+                f"(export it with popularity=...)"
+            )
         tok = manifest["tokenizer"]
         tokenizer = load_tokenizer(root / tok["file"], tok.get("clean_up_tokenization_spaces", False))
         options = ort.SessionOptions()
@@ -209,8 +241,9 @@ class Recommender:
             raise BundleError(f"{self.bundle_dir}: the bundle has no user tower (exported with user_tower=False)")
         return self._tower
 
-    def _tower_feeds(self, histories: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]],
-                     item_side: bool = False) -> dict:
+    def _tower_feeds(
+        self, histories: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]], item_side: bool = False
+    ) -> dict:
         """The tower's inputs; ``item_side``: the rows are items (the item side's weights, where the tower has
         them), else users."""
         B = len(histories)
@@ -218,10 +251,13 @@ class Recommender:
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention = np.zeros((B, T), dtype=np.int64)
         for r, t in enumerate(token_ids):
-            input_ids[r, T - len(t):] = t
-            attention[r, T - len(t):] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": attention,
-                 ITEM_SIDE: np.full(B, int(item_side), dtype=np.int64)}
+            input_ids[r, T - len(t) :] = t
+            attention[r, T - len(t) :] = 1
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            ITEM_SIDE: np.full(B, int(item_side), dtype=np.int64),
+        }
         if "item_ids" in self._tower_inputs:
             L = self.sr_max_len
             item_ids = np.zeros((B, L), dtype=np.int64)
@@ -230,8 +266,8 @@ class Recommender:
                 h = np.asarray(hist, dtype=np.int64)[-L:]
                 # catalogue rows past the trained items were added cold: no trained ID embedding
                 h = np.where(h >= self.n_trained_items, COLD_ITEM, h)
-                item_ids[r, L - len(h):] = h
-                item_mask[r, L - len(h):] = 1
+                item_ids[r, L - len(h) :] = h
+                item_mask[r, L - len(h) :] = 1
             feeds["item_ids"], feeds["item_mask"] = item_ids, item_mask
         return {name: feeds[name] for name in self._tower_inputs}
 
@@ -243,8 +279,9 @@ class Recommender:
         token_ids = [self.tokenizer.encode(self.formatter.user_text(h)) for h in histories]
         return tower.run(["user_embedding"], self._tower_feeds(histories, token_ids))[0]
 
-    def item_embeddings(self, items: pd.DataFrame, item_ids: Sequence[int] | None = None,
-                        batch_size: int = 16) -> np.ndarray:
+    def item_embeddings(
+        self, items: pd.DataFrame, item_ids: Sequence[int] | None = None, batch_size: int = 16
+    ) -> np.ndarray:
         """Item-table rows ``[n, d]`` (not normalized) for ``items`` (title, brand, category), embedded as the
         table's rows are (``LaserModel.embed_item_rows``): each a one-item history of the item template, through
         the tower's item side (:attr:`cold_item_weights`), its ID position the cold item (``-1``) or, with
@@ -255,14 +292,16 @@ class Recommender:
             raise ValueError(f"{len(items)} items but {len(ids)} item ids")
         bad = [i for i in ids if i != COLD_ITEM and not 0 <= i < self.n_items]
         if bad:
-            raise ValueError(f"item ids {bad[:10]} are neither catalogue rows (0..{self.n_items - 1}) nor the cold "
-                             f"item ({COLD_ITEM})")
+            raise ValueError(
+                f"item ids {bad[:10]} are neither catalogue rows (0..{self.n_items - 1}) nor the cold "
+                f"item ({COLD_ITEM})"
+            )
         fmt = TextFormatter(items.reset_index(drop=True), self.text_config, tokenizer=self.tokenizer)
         token_ids = [self.tokenizer.encode(fmt.item_text(i)) for i in range(len(items))]
         emb = np.empty((len(items), int(self.manifest["dim"])), dtype=np.float32)
         order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths together: less padding
         for lo in range(0, len(items), batch_size):
-            idx = order[lo:lo + batch_size]
+            idx = order[lo : lo + batch_size]
             feeds = self._tower_feeds([[ids[i]] for i in idx], [token_ids[i] for i in idx], item_side=True)
             emb[idx] = tower.run(["user_embedding"], feeds)[0]
         return emb
@@ -293,8 +332,7 @@ class Recommender:
             raise ValueError(f"k must be an integer in 1..{self.n_items} (the catalogue size), got {k!r}")
         return int(k)
 
-    def recommend(self, history: Sequence[str], k: int | None = None, exclude_history: bool = False
-                  ) -> Recommendation:
+    def recommend(self, history: Sequence[str], k: int | None = None, exclude_history: bool = False) -> Recommendation:
         """The top-``k`` items (default: the bundle's k) for a history of catalogue item ids (oldest first).
 
         Unknown ids are dropped and reported in ``dropped``. The text reads the most recent ``history_len``
@@ -306,14 +344,16 @@ class Recommender:
         if not rows:
             if not self.popularity_fallback:
                 what = f"none of its {len(dropped)} item id(s) is in the catalogue" if dropped else "it is empty"
-                raise EmptyHistoryError(f"cannot recommend for this history: {what} (dropped: {dropped[:20]}); "
-                                        f"load the bundle with popularity_fallback=True to answer such requests "
-                                        f"with the most popular items")
+                raise EmptyHistoryError(
+                    f"cannot recommend for this history: {what} (dropped: {dropped[:20]}); "
+                    f"load the bundle with popularity_fallback=True to answer such requests "
+                    f"with the most popular items"
+                )
             return self._popular(k, dropped)
         H = self.text_config.history_len
-        n_text = len(rows) if H is None else min(H, len(rows))          # the text's most recent H items
+        n_text = len(rows) if H is None else min(H, len(rows))  # the text's most recent H items
         n_ids = min(self.sr_max_len, len(rows)) if self.sr_max_len else 0  # the ID side's most recent max_len
-        used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids):]]
+        used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids) :]]
         emb = self.user_embeddings([rows])
         exclude = set(rows) if exclude_history else set()
         need = k + len(exclude)
@@ -325,19 +365,28 @@ class Recommender:
             indices = np.argsort(-cos, kind="stable")[:need]
             scores = cos[indices]
         ranked = [(int(i), float(s)) for i, s in zip(indices, scores) if int(i) not in exclude][:k]
-        items = [RecommendedItem(self._ids[i], self._titles[i], s, rank, i) for rank, (i, s) in
-                 enumerate(ranked, start=1)]
-        return Recommendation(items=items, dropped=dropped, used=used, model_version=self.model_version,
-                              excluded=sorted({self._ids[r] for r in exclude}))
+        items = [
+            RecommendedItem(self._ids[i], self._titles[i], s, rank, i) for rank, (i, s) in enumerate(ranked, start=1)
+        ]
+        return Recommendation(
+            items=items,
+            dropped=dropped,
+            used=used,
+            model_version=self.model_version,
+            excluded=sorted({self._ids[r] for r in exclude}),
+        )
 
     def _popular(self, k: int, dropped: list[str]) -> Recommendation:
         pop = self._popularity
         total = float(pop.sum()) or 1.0
         order = np.argsort(-pop, kind="stable")[:k]  # ties: catalogue order
-        items = [RecommendedItem(self._ids[i], self._titles[i], float(pop[i] / total), rank, int(i))
-                 for rank, i in enumerate(order, start=1)]
-        return Recommendation(items=items, dropped=dropped, used=[], model_version=self.model_version,
-                              fallback="popularity")
+        items = [
+            RecommendedItem(self._ids[i], self._titles[i], float(pop[i] / total), rank, int(i))
+            for rank, i in enumerate(order, start=1)
+        ]
+        return Recommendation(
+            items=items, dropped=dropped, used=[], model_version=self.model_version, fallback="popularity"
+        )
 
 
 # ----------------------------------------------------------------------------------------- catalogue
@@ -353,7 +402,9 @@ def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
     for c in ITEM_COLUMNS:
         cat[c] = cat[c].fillna("").astype(str)
     if cat["item_id"].duplicated().any():
-        raise BundleError(f"{path}: duplicate item_id values {cat['item_id'][cat['item_id'].duplicated()].tolist()[:10]}")
+        raise BundleError(
+            f"{path}: duplicate item_id values {cat['item_id'][cat['item_id'].duplicated()].tolist()[:10]}"
+        )
     return cat
 
 
@@ -395,8 +446,7 @@ def read_items_file(path: str | Path) -> pd.DataFrame:
     raise ValueError(f"{path}: unsupported items file type {suffix!r} (use .csv, .parquet or .jsonl)")
 
 
-def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: str = "new_items"
-                     ) -> pd.DataFrame:
+def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: str = "new_items") -> pd.DataFrame:
     from laser_core.data.model import normalize_text
 
     if not isinstance(new_items, pd.DataFrame):
@@ -405,8 +455,9 @@ def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: s
         raise ValueError(f"{source} is empty")
     missing = [c for c in ("item_id", "title") if c not in new_items.columns]
     if missing:
-        raise ValueError(f"{source} lacks column(s) {missing} (needs item_id and title; brand and category are "
-                         f"optional)")
+        raise ValueError(
+            f"{source} lacks column(s) {missing} (needs item_id and title; brand and category are optional)"
+        )
     out = pd.DataFrame({"item_id": [normalize_text(v) for v in new_items["item_id"]]})
     for c in ("title", "brand", "category"):
         out[c] = [normalize_text(v) for v in new_items[c]] if c in new_items.columns else ""
@@ -445,8 +496,11 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     new = _clean_new_items(new_items, rec.catalogue)
     weights = rec.cold_item_weights
     if weights == "user_side":
-        warnings.warn(f"{src}: {COLD_ITEM_WEIGHTS[weights]}; re-export the model to add items as the table's rows "
-                      f"were made", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{src}: {COLD_ITEM_WEIGHTS[weights]}; re-export the model to add items as the table's rows were made",
+            UserWarning,
+            stacklevel=2,
+        )
     table = np.concatenate([rec.table(), l2_normalize(rec.item_embeddings(new, batch_size=batch_size))], axis=0)
     manifest = dict(rec.manifest)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,9 +518,15 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
         cat = pd.concat([cat, new_rows[list(cat.columns)]], ignore_index=True)
         cat.to_parquet(out / manifest["catalogue"]["file"], index=False)
         manifest["n_items"] = len(cat)
-        manifest["added_items"] = [*manifest.get("added_items", []),
-                                   {"n": len(new), "first_row": rec.n_items, "item_weights": weights,
-                                    "source_manifest_sha256": sha256_file(src / MANIFEST)}]
+        manifest["added_items"] = [
+            *manifest.get("added_items", []),
+            {
+                "n": len(new),
+                "first_row": rec.n_items,
+                "item_weights": weights,
+                "source_manifest_sha256": sha256_file(src / MANIFEST),
+            },
+        ]
         manifest.pop("files", None)
         write_manifest(out, manifest)
     except BaseException:

@@ -81,35 +81,68 @@ class LaserTrainConfig(StrictConfig):
     lr: float = Field(default=1e-4, gt=0)
     tau: float = Field(default=0.05, gt=0)
     lb_weight: float = Field(default=0.01, ge=0)
-    optimizer: Literal["adamw", "adam"] = Field(default="adamw", description=(
-        "adamw: decoupled weight decay; adam: weight_decay as an L2 term (on the same >= 2-D weights)"))
-    weight_decay: float = Field(default=0.05, ge=0, description=(
-        "on >= 2-D weights only (no decay on biases, norms, the suffix vector, scalars)"))
-    schedule: Literal["cosine", "constant"] = Field(default="cosine", description=(
-        "cosine: linear warm-up from warmup_start_lr to lr over warmup_steps optimizer steps, then cosine decay "
-        "to min_lr at the run's last planned optimizer step; constant: lr throughout"))
+    optimizer: Literal["adamw", "adam"] = Field(
+        default="adamw",
+        description=("adamw: decoupled weight decay; adam: weight_decay as an L2 term (on the same >= 2-D weights)"),
+    )
+    weight_decay: float = Field(
+        default=0.05,
+        ge=0,
+        description=("on >= 2-D weights only (no decay on biases, norms, the suffix vector, scalars)"),
+    )
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description=(
+            "cosine: linear warm-up from warmup_start_lr to lr over warmup_steps optimizer steps, then cosine decay "
+            "to min_lr at the run's last planned optimizer step; constant: lr throughout"
+        ),
+    )
     warmup_steps: int = Field(default=500, ge=0, description="optimizer steps (capped to the planned steps)")
     warmup_start_lr: float = Field(default=1e-6, ge=0)
     min_lr: float = Field(default=1e-5, ge=0)
-    grad_accumulation: int = Field(default=8, ge=1, description=(
-        "mini-batches per optimizer step (effective batch = batch_size x grad_accumulation); the epoch's last, "
-        "partial group steps too"))
-    patience: int | None = Field(default=3, ge=1, description=(
-        "stop a stage after this many consecutive epochs without a better validation ndcg@10 than the stage's "
-        "best (None: train every epoch)"))
-    fusion_weight_grid: list[float] | None = Field(default=None, description=(
-        "fusion: concat: before any training, set the fusion weight w to the value of this grid with the best "
-        "validation NDCG@10 (one pass over the validation users; every value's figure is kept in the fit's "
-        "fusion_weight record). None: w starts at bitune.fusion_init_weight"))
-    curve_every_users: int | None = Field(default=None, ge=1, description=(
-        "learning curve: validate every this many training users inside the epochs (history entries with "
-        "curve: true; they never pick the best epoch nor count for early stopping)"))
+    grad_accumulation: int = Field(
+        default=8,
+        ge=1,
+        description=(
+            "mini-batches per optimizer step (effective batch = batch_size x grad_accumulation); the epoch's last, "
+            "partial group steps too"
+        ),
+    )
+    patience: int | None = Field(
+        default=3,
+        ge=1,
+        description=(
+            "stop a stage after this many consecutive epochs without a better validation ndcg@10 than the stage's "
+            "best (None: train every epoch)"
+        ),
+    )
+    fusion_weight_grid: list[float] | None = Field(
+        default=None,
+        description=(
+            "fusion: concat: before any training, set the fusion weight w to the value of this grid with the best "
+            "validation NDCG@10 (one pass over the validation users; every value's figure is kept in the fit's "
+            "fusion_weight record). None: w starts at bitune.fusion_init_weight"
+        ),
+    )
+    curve_every_users: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "learning curve: validate every this many training users inside the epochs (history entries with "
+            "curve: true; they never pick the best epoch nor count for early stopping)"
+        ),
+    )
     users_per_epoch: int | None = Field(default=None, ge=1)
-    group_by_length: int | None = Field(default=None, ge=1, description=(
-        "length-grouped batches (as transformers' group_by_length): the epoch's shuffled users are cut into "
-        "groups of this many, each group is sorted by history length and dealt into optimizer steps (batch_size "
-        "x grad_accumulation x processes users), and the steps are shuffled. The same examples, far less "
-        "padding (on Scientific at H = 50, groups of 512: 2.6x fewer padded tokens). None: random batches"))
+    group_by_length: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "length-grouped batches (as transformers' group_by_length): the epoch's shuffled users are cut into "
+            "groups of this many, each group is sorted by history length and dealt into optimizer steps (batch_size "
+            "x grad_accumulation x processes users), and the steps are shuffled. The same examples, far less "
+            "padding (on Scientific at H = 50, groups of 512: 2.6x fewer padded tokens). None: random batches"
+        ),
+    )
     valid_users: int | None = Field(default=None, ge=1, description="seeded sample for validation (None: all)")
     test_users: int | None = Field(default=None, ge=1, description="seeded sample for the test (None: all)")
     item_batch_size: int = Field(default=16, ge=1)
@@ -117,32 +150,47 @@ class LaserTrainConfig(StrictConfig):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=(
-        "where the backbone, the frozen SR encoder, the M-Former, the suffix and every batch live: auto (CUDA "
-        "when available, else the CPU), cpu, cuda or cuda:N. Under `accelerate launch`, auto and cuda give each "
-        "process its own GPU (LOCAL_RANK). The backbone's compute_dtype auto is bfloat16 on CUDA"))
-    accelerate: bool = Field(default=False, description=(
-        "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
-        "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
-        "steps then run as `accelerate launch` jobs (laser_core.launch)"))
-    processes: int = Field(default=1, ge=1, description=(
-        "processes for `accelerate launch` when `accelerate` is on (one per GPU; on a CPU-only machine, gloo "
-        "processes sharing the cores)"))
-
+    device: str = Field(
+        default="auto",
+        pattern=DEVICE_PATTERN,
+        description=(
+            "where the backbone, the frozen SR encoder, the M-Former, the suffix and every batch live: auto (CUDA "
+            "when available, else the CPU), cpu, cuda or cuda:N. Under `accelerate launch`, auto and cuda give each "
+            "process its own GPU (LOCAL_RANK). The backbone's compute_dtype auto is bfloat16 on CUDA"
+        ),
+    )
+    accelerate: bool = Field(
+        default=False,
+        description=(
+            "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
+            "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
+            "steps then run as `accelerate launch` jobs (laser_core.launch)"
+        ),
+    )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "processes for `accelerate launch` when `accelerate` is on (one per GPU; on a CPU-only machine, gloo "
+            "processes sharing the cores)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _grid_is_positive(self) -> "LaserTrainConfig":
-        if self.fusion_weight_grid is not None and (not self.fusion_weight_grid
-                                                    or min(self.fusion_weight_grid) <= 0):
-            raise ValueError(f"laser_train.fusion_weight_grid must be a non-empty list of weights > 0, got "
-                             f"{self.fusion_weight_grid}")
+        if self.fusion_weight_grid is not None and (not self.fusion_weight_grid or min(self.fusion_weight_grid) <= 0):
+            raise ValueError(
+                f"laser_train.fusion_weight_grid must be a non-empty list of weights > 0, got {self.fusion_weight_grid}"
+            )
         return self
 
     @model_validator(mode="after")
     def _processes_need_accelerate(self) -> "LaserTrainConfig":
         if self.processes > 1 and not self.accelerate:
-            raise ValueError(f"laser_train.processes = {self.processes} needs laser_train.accelerate: true "
-                             "(the processes are launched through Hugging Face Accelerate)")
+            raise ValueError(
+                f"laser_train.processes = {self.processes} needs laser_train.accelerate: true "
+                "(the processes are launched through Hugging Face Accelerate)"
+            )
         return self
 
 
@@ -168,21 +216,23 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig)
     """AdamW (or Adam) over two groups: the >= 2-D weights with ``weight_decay``, the rest (biases, norms, the
     suffix vector, scalars) without. Adam's weight decay is its L2 term."""
     params = list(params)
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(groups, lr=cfg.lr)   # the trainer sets each step's learning rate (lr_at)
+    return kind(groups, lr=cfg.lr)  # the trainer sets each step's learning rate (lr_at)
 
 
 @dataclass
 class LaserFitResult:
     model: LaserModel
-    item_table: torch.Tensor                                  # on the CPU
-    best: dict[str, dict] = field(default_factory=dict)       # per stage: {"epoch", "valid"}
+    item_table: torch.Tensor  # on the CPU
+    best: dict[str, dict] = field(default_factory=dict)  # per stage: {"epoch", "valid"}
     history: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
-    fusion_weight: dict | None = None   # fusion_weight_grid: {"grid": {w: valid ndcg@10}, "chosen": w}
+    fusion_weight: dict | None = None  # fusion_weight_grid: {"grid": {w: valid ndcg@10}, "chosen": w}
 
 
 def shard(n: int, rank: int, world: int) -> np.ndarray:
@@ -202,9 +252,17 @@ def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: np.ndarray,
-                   item_table: torch.Tensor, batch_size: int = 16, ks: Sequence[int] = DEFAULT_KS,
-                   progress: bool = False, desc: str = "evaluate", stats: dict | None = None) -> dict[str, float]:
+def evaluate_laser(
+    model: LaserModel,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    item_table: torch.Tensor,
+    batch_size: int = 16,
+    ks: Sequence[int] = DEFAULT_KS,
+    progress: bool = False,
+    desc: str = "evaluate",
+    stats: dict | None = None,
+) -> dict[str, float]:
     """Full ranking over all items by cosine to the table (history masking off, as in the paper).
 
     ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert)."""
@@ -215,7 +273,7 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
     order = np.argsort([len(h) for h in histories], kind="stable")  # length-sorted: less padding
     bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
     for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
+        idx = order[lo : lo + batch_size]
         emb, route = model([histories[i] for i in idx])
         acc.add(cosine_scores(emb, item_table), targets[idx])
         if stats is not None and route is not None:
@@ -229,15 +287,22 @@ def evaluate_laser(model: LaserModel, histories: Sequence[np.ndarray], targets: 
 
 
 class LaserTrainer:
-    def __init__(self, model: LaserModel, split: Split, config: LaserTrainConfig,
-                 workdir: str | Path | None = None, workdir_root: str | Path | None = None,
-                 label: str = "laser", resume: bool = True) -> None:
+    def __init__(
+        self,
+        model: LaserModel,
+        split: Split,
+        config: LaserTrainConfig,
+        workdir: str | Path | None = None,
+        workdir_root: str | Path | None = None,
+        label: str = "laser",
+        resume: bool = True,
+    ) -> None:
         """Checkpoints go to ``workdir``, or to ``workdir_root/<label>-<run hash>`` (one folder per distinct
         run, so a restarted pipeline step finds its own checkpoints). ``resume=False``: read nothing from there
         (no resumed or reloaded run, no cached item table), train from scratch."""
         self.model, self.split, self.cfg = model, split, config
         self.device = resolve_device(config.device)
-        if model.device != self.device:   # before the optimizer: it holds the parameters it steps
+        if model.device != self.device:  # before the optimizer: it holds the parameters it steps
             model.to(self.device)
         self.resume = resume
         self.wd = Path(workdir) if workdir is not None else None
@@ -249,8 +314,10 @@ class LaserTrainer:
             from accelerate import Accelerator, DistributedDataParallelKwargs
 
             # experts the router did not pick in a batch get no gradient: DDP must allow unused parameters
-            self.accelerator = Accelerator(cpu=self.device.type == "cpu", kwargs_handlers=[
-                DistributedDataParallelKwargs(find_unused_parameters=True)])
+            self.accelerator = Accelerator(
+                cpu=self.device.type == "cpu",
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
             self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
             self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
             if self.world > 1:  # DDP over the trainable modules (the frozen backbone is outside the module tree)
@@ -262,14 +329,21 @@ class LaserTrainer:
         if not len(self.train_users):
             raise ValueError("no user has 2 or more training items")
         self.planned_steps = self.stage_steps(1) + self.stage_steps(2)
-        self.global_step = 0      # optimizer steps taken in the run (sets the learning rate; in state.json)
-        self.users_seen = 0       # training users of the run so far, all processes together (in state.json)
-        self.cost = {"item_seconds": 0.0, "items_encoded": 0, "train_seconds": 0.0, "users_trained": 0,
-                     "nonfinite_batches": 0, "skipped_steps": 0,
-                     "eval_seconds": 0.0, "users_evaluated": 0}
+        self.global_step = 0  # optimizer steps taken in the run (sets the learning rate; in state.json)
+        self.users_seen = 0  # training users of the run so far, all processes together (in state.json)
+        self.cost = {
+            "item_seconds": 0.0,
+            "items_encoded": 0,
+            "train_seconds": 0.0,
+            "users_trained": 0,
+            "nonfinite_batches": 0,
+            "skipped_steps": 0,
+            "eval_seconds": 0.0,
+            "users_evaluated": 0,
+        }
         self._best_weights: dict[str, torch.Tensor] = {}
         self._best_table: torch.Tensor | None = None
-        self.state: dict = {}     # the current fit's state (what state.json holds)
+        self.state: dict = {}  # the current fit's state (what state.json holds)
         self._fitted_table: torch.Tensor | None = None
         if self.wd is None and workdir_root is not None:
             self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
@@ -281,33 +355,42 @@ class LaserTrainer:
         weights, backbone files, SR encoder weights, item texts, settings) and the split's data."""
         from laser_core.fingerprint import fingerprint, split_fingerprint
 
-        return fingerprint("laser-run", {  # the device, like the thread count, is where, not what (the compute
-            # dtype it implies is in the backbone's fingerprint)
-            "train": self.cfg.model_dump(exclude={"progress", "threads", "processes", "device"}),
-            "processes": self.world,
-            "start": self.model.weights_fingerprint(), "data": split_fingerprint(self.split)})[:16]
+        return fingerprint(
+            "laser-run",
+            {  # the device, like the thread count, is where, not what (the compute
+                # dtype it implies is in the backbone's fingerprint)
+                "train": self.cfg.model_dump(exclude={"progress", "threads", "processes", "device"}),
+                "processes": self.world,
+                "start": self.model.weights_fingerprint(),
+                "data": split_fingerprint(self.split),
+            },
+        )[:16]
 
     def _fit_key(self, stages: Sequence[int], table: torch.Tensor | None) -> str:
         """``state.json``'s key for one ``fit`` call: the run plus the stages asked for and the given table."""
         from laser_core.fingerprint import fingerprint
 
-        return fingerprint("laser-fit", {"run": self.run_hash(), "stages": sorted(int(s) for s in stages),
-                                         "table": table})[:16]
+        return fingerprint(
+            "laser-fit", {"run": self.run_hash(), "stages": sorted(int(s) for s in stages), "table": table}
+        )[:16]
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (on each process: its shard of the epoch's users, :func:`shard`)."""
         n = len(self.train_users)
         if self.cfg.users_per_epoch is not None:
             n = min(n, self.cfg.users_per_epoch)
-        per_process = -(-n // self.world)          # ceil: every process's shard
+        per_process = -(-n // self.world)  # ceil: every process's shard
         batches = -(-per_process // self.cfg.batch_size)
         return -(-batches // self.cfg.grad_accumulation)
 
     def stage_steps(self, stage: int) -> int:
         """The optimizer steps the run plans for ``stage`` (0 for a skipped stage)."""
         cfg = self.cfg
-        epochs = ((0 if cfg.skip_stage1 else cfg.stage1_epochs) if stage == 1
-                  else (0 if cfg.skip_stage2 else cfg.stage2_epochs))
+        epochs = (
+            (0 if cfg.skip_stage1 else cfg.stage1_epochs)
+            if stage == 1
+            else (0 if cfg.skip_stage2 else cfg.stage2_epochs)
+        )
         return epochs * self.steps_per_epoch()
 
     def current_lr(self) -> float:
@@ -348,8 +431,13 @@ class LaserTrainer:
         model.eval()
         t0 = time.perf_counter()
         items = range(self.split.n_items)
-        bar = tqdm(total=self.split.n_items, desc="item table (fit the transform)", unit="item",
-                   disable=not self.cfg.progress, leave=False)
+        bar = tqdm(
+            total=self.split.n_items,
+            desc="item table (fit the transform)",
+            unit="item",
+            disable=not self.cfg.progress,
+            leave=False,
+        )
         raw = model.embed_items(items, self.cfg.item_batch_size, progress=bar.update, fuse=False)
         bar.close()
         model.fit_embedding_transform(raw)
@@ -377,8 +465,7 @@ class LaserTrainer:
         was = self.model.training
         self.model.eval()
         t0 = time.perf_counter()
-        bar = tqdm(total=self.split.n_items, desc="item table", unit="item", disable=not self.cfg.progress,
-                   leave=False)
+        bar = tqdm(total=self.split.n_items, desc="item table", unit="item", disable=not self.cfg.progress, leave=False)
         table = self.model.embed_items(range(self.split.n_items), self.cfg.item_batch_size, progress=bar.update)
         bar.close()
         self.cost["item_seconds"] += time.perf_counter() - t0
@@ -406,16 +493,16 @@ class LaserTrainer:
             return hist, targets
         n = len(hist)
         lengths = np.array([len(h) for h in hist])
-        order = np.concatenate([lo + np.argsort(-lengths[lo:lo + group], kind="stable")
-                                for lo in range(0, n, group)])
+        order = np.concatenate([lo + np.argsort(-lengths[lo : lo + group], kind="stable") for lo in range(0, n, group)])
         step = self.cfg.batch_size * self.cfg.grad_accumulation * self.world
-        full = n // step * step   # whole optimizer steps are shuffled; a last partial one stays last
-        steps = [order[lo:lo + step] for lo in range(0, full, step)]
+        full = n // step * step  # whole optimizer steps are shuffled; a last partial one stays last
+        steps = [order[lo : lo + step] for lo in range(0, full, step)]
         order = np.concatenate([*(steps[i] for i in rng.permutation(len(steps))), order[full:]])
         return [hist[i] for i in order], targets[order]
 
-    def train_epoch(self, table: torch.Tensor, stage: int, epoch: int,
-                    on_curve: Callable[[dict], None] | None = None) -> float:
+    def train_epoch(
+        self, table: torch.Tensor, stage: int, epoch: int, on_curve: Callable[[dict], None] | None = None
+    ) -> float:
         """One epoch against ``table``; returns the mean mini-batch loss. The optimizer steps every
         ``grad_accumulation`` mini-batches and after the last one; each loss is scaled by 1 / its group's size.
         With ``curve_every_users`` and ``on_curve``, every time the run's users trained cross a multiple of it,
@@ -423,7 +510,7 @@ class LaserTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 100_003 + stage * 1_000 + epoch)
         hist, targets = self.examples(stage, epoch)
-        n_epoch = len(hist)   # the epoch's users over all processes
+        n_epoch = len(hist)  # the epoch's users over all processes
         if self.world > 1:  # each process trains on its equal shard of the epoch's users (same seed everywhere)
             keep = shard(n_epoch, self.rank, self.world)
             hist, targets = [hist[i] for i in keep], targets[keep]
@@ -431,8 +518,9 @@ class LaserTrainer:
         t0 = time.perf_counter()
         paused = 0.0
         total, n_batches = 0.0, 0
-        bar = tqdm(total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user",
-                   disable=not cfg.progress, leave=False)
+        bar = tqdm(
+            total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user", disable=not cfg.progress, leave=False
+        )
         target_t = torch.from_numpy(targets).to(self.device)
         table = table.to(self.device)
         bs, acc = cfg.batch_size, cfg.grad_accumulation
@@ -441,11 +529,11 @@ class LaserTrainer:
         seen0 = self.users_seen
         self.optimizer.zero_grad(set_to_none=True)
         for b, lo in enumerate(starts):
-            emb, route = self._forward(hist[lo:lo + bs])
-            loss = self._loss(emb, table, target_t[lo:lo + bs])
+            emb, route = self._forward(hist[lo : lo + bs])
+            loss = self._loss(emb, table, target_t[lo : lo + bs])
             if route is not None and cfg.lb_weight > 0:
                 loss = loss + cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
-            group = min(acc, len(starts) - (b // acc) * acc)   # mini-batches in this optimizer step
+            group = min(acc, len(starts) - (b // acc) * acc)  # mini-batches in this optimizer step
             scaled = loss / group
             if self.accelerator is not None:
                 self.accelerator.backward(scaled)
@@ -454,21 +542,28 @@ class LaserTrainer:
             if (b + 1) % acc == 0 or b + 1 == len(starts):
                 self._optimizer_step()
             value = float(loss.detach())
-            if math.isfinite(value):   # the epoch's mean loss is over finite mini-batch losses
+            if math.isfinite(value):  # the epoch's mean loss is over finite mini-batch losses
                 total += value
                 n_batches += 1
             else:
                 self.cost["nonfinite_batches"] += 1
             bar.update(len(emb))
             bar.set_postfix(loss=f"{total / max(n_batches, 1):.4f}")
-            if every is not None:   # the same decision on every process (from the batch index alone); the
+            if every is not None:  # the same decision on every process (from the batch index alone); the
                 # users trained count the epoch's users once (a shard's wrapped-around repeats are not new)
                 before = seen0 + min(n_epoch, lo * self.world)
                 now = seen0 + min(n_epoch, (lo + bs) * self.world)
                 if now // every > before // every:
                     t1 = time.perf_counter()
-                    on_curve({"stage": stage, "epoch": epoch, "users_seen": now, "valid": self.validate(table),
-                              "curve": True})
+                    on_curve(
+                        {
+                            "stage": stage,
+                            "epoch": epoch,
+                            "users_seen": now,
+                            "valid": self.validate(table),
+                            "curve": True,
+                        }
+                    )
                     self.model.train()
                     paused += time.perf_counter() - t1
         bar.close()
@@ -479,8 +574,15 @@ class LaserTrainer:
 
     def validate(self, table: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
-        out = evaluate_laser(self.model, self.valid[0], self.valid[1], table, self.cfg.eval_batch_size,
-                             progress=self.cfg.progress, desc="validate")
+        out = evaluate_laser(
+            self.model,
+            self.valid[0],
+            self.valid[1],
+            table,
+            self.cfg.eval_batch_size,
+            progress=self.cfg.progress,
+            desc="validate",
+        )
         self.cost["eval_seconds"] += time.perf_counter() - t0
         self.cost["users_evaluated"] += len(self.valid[0])
         return out
@@ -497,11 +599,15 @@ class LaserTrainer:
         hist, targets = self.valid
         d = model.sr.item_vectors().shape[1]
         w0 = float(model.fusion_log_weight.exp())
-        users = torch.cat([model(list(hist[lo:lo + self.cfg.eval_batch_size]))[0]
-                           for lo in range(0, len(hist), self.cfg.eval_batch_size)])
+        users = torch.cat(
+            [
+                model(list(hist[lo : lo + self.cfg.eval_batch_size]))[0]
+                for lo in range(0, len(hist), self.cfg.eval_batch_size)
+            ]
+        )
         model.train(was)
         table = table.to(users.device)
-        id_scores = users[:, :d] @ table[:, :d].T          # user rows [u_ID, w n, 0], item rows [v_ID, n, r]
+        id_scores = users[:, :d] @ table[:, :d].T  # user rows [u_ID, w n, 0], item rows [v_ID, n, r]
         cosines = (users[:, d:-1] / w0) @ table[:, d:-1].T
         scores = {}
         for w in grid:
@@ -531,15 +637,25 @@ class LaserTrainer:
         atomic_write(self.wd / "state.json", json.dumps(state, indent=1))
 
     # ------------------------------------------------------------------ fit
-    def fit(self, callbacks: Sequence[Callable[[int, int, dict], None]] = (), stages: Sequence[int] = (1, 2),
-            table: torch.Tensor | None = None) -> LaserFitResult:
+    def fit(
+        self,
+        callbacks: Sequence[Callable[[int, int, dict], None]] = (),
+        stages: Sequence[int] = (1, 2),
+        table: torch.Tensor | None = None,
+    ) -> LaserFitResult:
         """Run the stages in ``stages`` (the pipeline runs them as two steps). Without stage 1 the frozen table
         is ``table`` when given (the stage-1 step's output), else the table of the current weights."""
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = {"run_hash": self._fit_key(stages, table), "stage": 1, "epoch": -1, "history": [], "best": {},
-                 "stage1_done": False}
+        state = {
+            "run_hash": self._fit_key(stages, table),
+            "stage": 1,
+            "epoch": -1,
+            "history": [],
+            "best": {},
+            "stage1_done": False,
+        }
         self._best_weights = self._trainable_state()
         best_table: torch.Tensor | None = None
         if self.resume and self.wd is not None and (self.wd / "state.json").is_file():
@@ -571,8 +687,14 @@ class LaserTrainer:
                 state["best"][str(stage)] = {"epoch": epoch, "valid": valid}
                 self._best_weights = self._trainable_state()
                 best_table = self._best_table = table
-            state.update(stage=stage, epoch=epoch, best_changed=changed, cost=dict(self.cost),
-                         global_step=self.global_step, users_seen=self.users_seen)
+            state.update(
+                stage=stage,
+                epoch=epoch,
+                best_changed=changed,
+                cost=dict(self.cost),
+                global_step=self.global_step,
+                users_seen=self.users_seen,
+            )
             self._save(state, best_table)
             for cb in callbacks:
                 cb(stage, epoch, entry)
@@ -615,7 +737,7 @@ class LaserTrainer:
         # ---- stage 2: the table is frozen
         if 2 in stages and not cfg.skip_stage2 and cfg.stage2_epochs > 0:
             if "2" not in state["best"]:
-                self.global_step = self.stage_steps(1)   # the schedule's stage-2 part, as in a separate fit
+                self.global_step = self.stage_steps(1)  # the schedule's stage-2 part, as in a separate fit
                 tune_fusion(frozen)
                 record(2, -1, None, self.validate(frozen), frozen)
             start = state["epoch"] + 1 if state["stage"] == 2 else 0
@@ -631,11 +753,17 @@ class LaserTrainer:
     def _result(self, table: torch.Tensor) -> LaserFitResult:
         cost = dict(self.cost)
         cost["items_per_second"] = cost["items_encoded"] / cost["item_seconds"] if cost["item_seconds"] else None
-        cost["train_users_per_second"] = (cost["users_trained"] / cost["train_seconds"]
-                                          if cost["train_seconds"] else None)
-        return LaserFitResult(model=self.model, item_table=table.cpu(), best=self.state["best"],
-                              history=self.state["history"], fusion_weight=self.state.get("fusion_weight"),
-                              cost=cost)
+        cost["train_users_per_second"] = (
+            cost["users_trained"] / cost["train_seconds"] if cost["train_seconds"] else None
+        )
+        return LaserFitResult(
+            model=self.model,
+            item_table=table.cpu(),
+            best=self.state["best"],
+            history=self.state["history"],
+            fusion_weight=self.state.get("fusion_weight"),
+            cost=cost,
+        )
 
     def best_so_far(self) -> LaserFitResult:
         """A fit stopped between epochs (an exception from a callback, e.g. a time limit): the best validation
@@ -648,17 +776,25 @@ class LaserTrainer:
         return self._result(self._best_table)
 
 
-def test_laser(model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig,
-               stats: dict | None = None) -> dict[str, float]:
+def test_laser(
+    model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig, stats: dict | None = None
+) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
     hist, targets = test_examples(split, config)
-    return evaluate_laser(model, hist, targets, item_table, config.eval_batch_size, progress=config.progress,
-                          desc="test", stats=stats)
+    return evaluate_laser(
+        model, hist, targets, item_table, config.eval_batch_size, progress=config.progress, desc="test", stats=stats
+    )
 
 
 @torch.no_grad()
-def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[Sequence[int]], k: int = 10,
-              batch_size: int = 16, exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def recommend(
+    model: LaserModel,
+    item_table: torch.Tensor,
+    histories: Sequence[Sequence[int]],
+    k: int = 10,
+    batch_size: int = 16,
+    exclude_history: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` item indices and cosine scores ``[n, k]`` for each history (batched by length)."""
     if k > item_table.shape[0]:
         raise ValueError(f"k={k} is larger than the catalogue ({item_table.shape[0]} items)")
@@ -670,7 +806,7 @@ def recommend(model: LaserModel, item_table: torch.Tensor, histories: Sequence[S
     top_s = np.zeros((n, k), dtype=np.float32)
     order = np.argsort([len(h) for h in histories], kind="stable")
     for lo in range(0, n, batch_size):
-        idx = order[lo:lo + batch_size]
+        idx = order[lo : lo + batch_size]
         emb, _ = model([histories[i] for i in idx])
         scores = cosine_scores(emb, item_table)
         if exclude_history:

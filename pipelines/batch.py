@@ -13,10 +13,17 @@ from steps.data import load_dataset
 
 
 @pipeline(name="laser_batch_recommend", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
-def batch_pipeline(dataset: dict[str, Any], data_fingerprint: str, batch: dict[str, Any],
-                   model_version: str = "") -> None:
+def batch_pipeline(
+    dataset: dict[str, Any], data_fingerprint: str, batch: dict[str, Any], model_version: str = ""
+) -> None:
     model = get_pipeline_context().model
     data = load_dataset(config=dataset, fingerprint=data_fingerprint)
-    batch_recommend(data, model.get_artifact("dataset"), model.get_artifact("sr_model"),
-                    model.get_artifact("laser_model"), model.get_artifact("item_table"),
-                    batch_config=batch, model_version=model_version)
+    batch_recommend(
+        data,
+        model.get_artifact("dataset"),
+        model.get_artifact("sr_model"),
+        model.get_artifact("laser_model"),
+        model.get_artifact("item_table"),
+        batch_config=batch,
+        model_version=model_version,
+    )

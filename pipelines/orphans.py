@@ -86,8 +86,7 @@ def find_orphaned_runs(older_than_hours: float | None = None) -> list[tuple[obje
     found = []
     page = 1
     while True:
-        runs = Client().list_pipeline_runs(in_progress=True, sort_by="asc:created", page=page, size=100,
-                                           hydrate=True)
+        runs = Client().list_pipeline_runs(in_progress=True, sort_by="asc:created", page=page, size=100, hydrate=True)
         for run in runs.items:
             if run.pipeline is None or run.pipeline.name not in PIPELINES or run.status.is_finished:
                 continue
@@ -126,8 +125,9 @@ def mark_failed(run, reason: str) -> None:
             store.update_run_step(step.id, StepRunUpdate(status=ExecutionStatus.FAILED, end_time=now))
     current = Client().get_pipeline_run(run.id)  # a failed step may already have failed the run: add the reason
     if not current.status.is_finished or current.status == ExecutionStatus.FAILED:
-        store.update_run(run.id, PipelineRunUpdate(status=ExecutionStatus.FAILED,
-                                                    status_reason=f"marked failed by laser: {reason}"))
+        store.update_run(
+            run.id, PipelineRunUpdate(status=ExecutionStatus.FAILED, status_reason=f"marked failed by laser: {reason}")
+        )
 
 
 def mark_orphaned_runs(older_than_hours: float | None = None, dry_run: bool = False) -> list[Orphan]:

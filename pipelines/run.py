@@ -20,8 +20,9 @@ class ScheduleError(RuntimeError):
 def _model(config: LaserConfig, version=None):
     from zenml import Model
 
-    return Model(name=config.model_name(), description=config.model.description, tags=config.model.tags or None,
-                 version=version)
+    return Model(
+        name=config.model_name(), description=config.model.description, tags=config.model.tags or None, version=version
+    )
 
 
 def production_version_id(model_name: str) -> str | None:
@@ -37,7 +38,7 @@ def production_version_id(model_name: str) -> str | None:
 
 def cron_line(cron: str, config_path: str | Path | None, data_dir: str | None = None) -> str:
     """The crontab line that runs ``laser run`` with this config on the system's cron."""
-    beside = Path(sys.executable).parent / "laser"   # the console script of this environment
+    beside = Path(sys.executable).parent / "laser"  # the console script of this environment
     laser = str(beside) if beside.is_file() else shutil.which("laser") or f"{sys.executable} -m laser_cli.main"
     cmd = f"{laser} run --config {shlex.quote(str(Path(config_path).resolve()))}" if config_path else f"{laser} run"
     if data_dir:
@@ -52,8 +53,10 @@ def make_schedule(cron: str, config_path: str | Path | None = None, data_dir: st
 
     fields = cron.split()
     if len(fields) != 5:
-        raise ScheduleError(f"--schedule {cron!r}: expected a cron expression with 5 fields "
-                            "(minute hour day-of-month month day-of-week), e.g. \"0 3 * * *\"")
+        raise ScheduleError(
+            f"--schedule {cron!r}: expected a cron expression with 5 fields "
+            '(minute hour day-of-month month day-of-week), e.g. "0 3 * * *"'
+        )
     stack = Client().active_stack
     orchestrator = stack.orchestrator
     if not orchestrator.config.is_schedulable:
@@ -65,7 +68,8 @@ def make_schedule(cron: str, config_path: str | Path | None = None, data_dir: st
             "       zenml stack set laser-k8s\n"
             "     then run the same command again;\n"
             "  2. your system's cron calling `laser run` (crontab -e), with this line:\n"
-            f"       {cron_line(cron, config_path, data_dir)}")
+            f"       {cron_line(cron, config_path, data_dir)}"
+        )
     return Schedule(cron_expression=cron)
 
 
@@ -78,8 +82,13 @@ def _infra_settings(config: LaserConfig, gpu_steps: list[str] | None = None) -> 
     return settings_for_config(config.infra, gpu_steps=gpu_steps)
 
 
-def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name: str | None = None,
-                 schedule=None, resume: bool = True):
+def run_training(
+    config: LaserConfig,
+    enable_cache: bool | None = None,
+    run_name: str | None = None,
+    schedule=None,
+    resume: bool = True,
+):
     """Run the training pipeline on the active ZenML stack, bound to the config's ZenML Model (a new version per
     run), and return the pipeline run response. ``schedule`` (from :func:`make_schedule`) registers it instead.
     ``resume=False`` (with ``enable_cache=False``: ``laser run --no-cache``): the training steps also reuse no
@@ -94,15 +103,22 @@ def run_training(config: LaserConfig, enable_cache: bool | None = None, run_name
     if schedule is not None:
         options["schedule"] = schedule
     pipe = training_pipeline.with_options(**options)
-    return pipe(dataset=config.dataset.model_dump(), validation=config.validation.model_dump(),
-                data_fingerprint=data_fingerprint(config.dataset), sr_model=config.sr.model_dump(),
-                sr_train=config.sr_train.model_dump(), laser=config.laser_spec().model_dump(),
-                laser_train=config.laser_train.model_dump(), export=config.export.model_dump(),
-                promotion=config.promotion.model_dump(),
-                production_version_id=(LOOKUP_AT_RUN if schedule is not None
-                                       else production_version_id(config.model_name())),
-                model_name=config.model_name(), stop_after=config.pipeline.stop_after,
-                fresh_data=schedule is not None, resume=resume)
+    return pipe(
+        dataset=config.dataset.model_dump(),
+        validation=config.validation.model_dump(),
+        data_fingerprint=data_fingerprint(config.dataset),
+        sr_model=config.sr.model_dump(),
+        sr_train=config.sr_train.model_dump(),
+        laser=config.laser_spec().model_dump(),
+        laser_train=config.laser_train.model_dump(),
+        export=config.export.model_dump(),
+        promotion=config.promotion.model_dump(),
+        production_version_id=(LOOKUP_AT_RUN if schedule is not None else production_version_id(config.model_name())),
+        model_name=config.model_name(),
+        stop_after=config.pipeline.stop_after,
+        fresh_data=schedule is not None,
+        resume=resume,
+    )
 
 
 def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
@@ -117,8 +133,10 @@ def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
     try:
         mv = Client().get_model_version(name, version)
     except KeyError as exc:
-        raise RuntimeError(f"model {name!r} has no {stage} version yet: run `laser run --config ...` first "
-                           f"(or `laser model promote {name} <version> --stage {stage}`)") from exc
+        raise RuntimeError(
+            f"model {name!r} has no {stage} version yet: run `laser run --config ...` first "
+            f"(or `laser model promote {name} <version> --stage {stage}`)"
+        ) from exc
     options: dict = {"enable_cache": False, "model": _model(config, version=mv.number)}
     options.update(_infra_settings(config, gpu_steps=["batch_recommend"]))
     if run_name:
@@ -127,5 +145,8 @@ def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
         options["schedule"] = schedule
         options["model"] = _model(config, version=version)  # resolved at each scheduled run
     return batch_pipeline.with_options(**options)(
-        dataset=config.dataset.model_dump(), data_fingerprint=data_fingerprint(config.dataset),
-        batch=config.batch.model_dump(), model_version=f"{name}:{mv.name}")
+        dataset=config.dataset.model_dump(),
+        data_fingerprint=data_fingerprint(config.dataset),
+        batch=config.batch.model_dump(),
+        model_version=f"{name}:{mv.name}",
+    )

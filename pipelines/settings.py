@@ -58,12 +58,13 @@ IMAGE_ENVIRONMENT = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 
-StackKind = str   # "local", "kubernetes", "kubeflow", or any other orchestrator flavor (treated as containerised)
+StackKind = str  # "local", "kubernetes", "kubeflow", or any other orchestrator flavor (treated as containerised)
 
 KUBEFLOW_GPU_WARNING = (
     "infra.gpus > 0 on a Kubeflow stack: ZenML 0.98.0's Kubeflow orchestrator drops step pod settings when it "
     "compiles the run, so the GPU steps get no GPU from ZenML (only ResourceSettings is recorded); see "
-    "infra/kubeflow/README.md, or use the Kubernetes stack for GPU Bi-Tuning")
+    "infra/kubeflow/README.md, or use the Kubernetes stack for GPU Bi-Tuning"
+)
 
 
 class Toleration(StrictConfig):
@@ -78,8 +79,13 @@ class Toleration(StrictConfig):
     toleration_seconds: int | None = None
 
     def as_k8s(self) -> dict[str, Any]:
-        d = {"key": self.key, "operator": self.operator, "value": self.value, "effect": self.effect,
-             "toleration_seconds": self.toleration_seconds}
+        d = {
+            "key": self.key,
+            "operator": self.operator,
+            "value": self.value,
+            "effect": self.effect,
+            "toleration_seconds": self.toleration_seconds,
+        }
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -134,8 +140,12 @@ def docker_settings(cfg: InfraConfig | None = None, stack_kind: StackKind = "kub
     )
 
 
-def bitune_step_settings(gpus: int, stack_kind: StackKind = "local", node_selector: dict[str, str] | None = None,
-                         tolerations: list[Toleration | dict[str, Any]] | None = None) -> dict[str, Any]:
+def bitune_step_settings(
+    gpus: int,
+    stack_kind: StackKind = "local",
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[Toleration | dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The ``settings`` dict of one GPU step: ``resources``, + pod settings on Kubernetes ({} for 0 GPUs)."""
     from zenml.config import ResourceSettings
 
@@ -172,8 +182,11 @@ def detect_stack_kind() -> StackKind:
     return orchestrators[0].flavor_name if orchestrators else "local"
 
 
-def settings_for_config(infra_cfg: dict[str, Any] | InfraConfig | None, stack_kind: StackKind | None = None,
-                        gpu_steps: Sequence[str] | None = None) -> dict[str, Any]:
+def settings_for_config(
+    infra_cfg: dict[str, Any] | InfraConfig | None,
+    stack_kind: StackKind | None = None,
+    gpu_steps: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for ``<pipeline>.with_options(**kwargs)``: ``settings`` and ``steps``.
 
     ``stack_kind`` defaults to the active stack's orchestrator flavor. ``gpu_steps`` overrides ``infra.gpu_steps``

@@ -21,12 +21,22 @@ from steps.sr import evaluate_sr, pretrain_sr
 
 
 @pipeline(name="laser_training", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
-def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_fingerprint: str,
-                      sr_model: dict[str, Any], sr_train: dict[str, Any], laser: dict[str, Any],
-                      laser_train: dict[str, Any], export: dict[str, Any] | None = None,
-                      promotion: dict[str, Any] | None = None, production_version_id: str | None = None,
-                      model_name: str = "",
-                      stop_after: str = "promote", fresh_data: bool = False, resume: bool = True) -> None:
+def training_pipeline(
+    dataset: dict[str, Any],
+    validation: dict[str, Any],
+    data_fingerprint: str,
+    sr_model: dict[str, Any],
+    sr_train: dict[str, Any],
+    laser: dict[str, Any],
+    laser_train: dict[str, Any],
+    export: dict[str, Any] | None = None,
+    promotion: dict[str, Any] | None = None,
+    production_version_id: str | None = None,
+    model_name: str = "",
+    stop_after: str = "promote",
+    fresh_data: bool = False,
+    resume: bool = True,
+) -> None:
     """``resume=False`` (``laser run --no-cache``): the training steps reuse no private checkpoint either."""
     # scheduled runs read the data again each time (the fingerprint was taken when the schedule was registered)
     loader = load_dataset.with_options(enable_cache=False) if fresh_data else load_dataset
@@ -45,5 +55,13 @@ def training_pipeline(dataset: dict[str, Any], validation: dict[str, Any], data_
     if stop_after == "laser":
         return
     export_scorer(data, split, model, laser_model, table, export_config=export or {})
-    promote(data, split, metrics, train_config=laser_train, promotion=promotion or {},
-            production_version_id=production_version_id, model_name=model_name, after=["export_scorer"])
+    promote(
+        data,
+        split,
+        metrics,
+        train_config=laser_train,
+        promotion=promotion or {},
+        production_version_id=production_version_id,
+        model_name=model_name,
+        after=["export_scorer"],
+    )

@@ -18,8 +18,9 @@ from steps.materializers import DataFrameMaterializer
 logger = get_logger(__name__)
 
 
-def map_histories(dataset: SeqDataset, catalogue: pd.DataFrame, users: list[str] | None
-                  ) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+def map_histories(
+    dataset: SeqDataset, catalogue: pd.DataFrame, users: list[str] | None
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
     """Each selected user's whole sequence in ``dataset``, as row indices of the model's ``catalogue``.
     Items the model has never seen are dropped (counted); users left with no known item are skipped."""
     row = {item: i for i, item in enumerate(catalogue["item_id"].astype(str))}
@@ -40,14 +41,28 @@ def map_histories(dataset: SeqDataset, catalogue: pd.DataFrame, users: list[str]
             continue
         out_users.append(u)
         out_hist.append(np.asarray(known, dtype=np.int64))
-    return out_users, out_hist, {"users": len(out_users), "unknown_items_dropped": dropped,
-                                 "users_skipped": len(skipped), "skipped_examples": skipped[:10]}
+    return (
+        out_users,
+        out_hist,
+        {
+            "users": len(out_users),
+            "unknown_items_dropped": dropped,
+            "users_skipped": len(skipped),
+            "skipped_examples": skipped[:10],
+        },
+    )
 
 
 @step(output_materializers={"recommendations": DataFrameMaterializer})
-def batch_recommend(dataset: SeqDataset, model_dataset: SeqDataset, sr_model: SequentialRecommender,
-                    laser_model: LaserWeights, item_table: ItemTable, batch_config: dict[str, Any],
-                    model_version: str = "") -> Annotated[pd.DataFrame, "recommendations"]:
+def batch_recommend(
+    dataset: SeqDataset,
+    model_dataset: SeqDataset,
+    sr_model: SequentialRecommender,
+    laser_model: LaserWeights,
+    item_table: ItemTable,
+    batch_config: dict[str, Any],
+    model_version: str = "",
+) -> Annotated[pd.DataFrame, "recommendations"]:
     """Top-k per user (``user_id, rank, item_id, title, score, model_version``) from the stored model."""
     from laser_core.config import BatchConfig
 
@@ -58,13 +73,15 @@ def batch_recommend(dataset: SeqDataset, model_dataset: SeqDataset, sr_model: Se
         raise ValueError("batch_recommend: no user has an item the model knows")
     top_i, top_s = recommend(model, item_table.table, histories, k=cfg.k, exclude_history=cfg.exclude_history)
     cat = model_dataset.items
-    frame = pd.DataFrame({
-        "user_id": np.repeat(users, cfg.k),
-        "rank": np.tile(np.arange(1, cfg.k + 1), len(users)),
-        "item_id": cat["item_id"].to_numpy()[top_i.ravel()],
-        "title": cat["title"].to_numpy()[top_i.ravel()],
-        "score": top_s.ravel(),
-        "model_version": model_version,
-    })
+    frame = pd.DataFrame(
+        {
+            "user_id": np.repeat(users, cfg.k),
+            "rank": np.tile(np.arange(1, cfg.k + 1), len(users)),
+            "item_id": cat["item_id"].to_numpy()[top_i.ravel()],
+            "title": cat["title"].to_numpy()[top_i.ravel()],
+            "score": top_s.ravel(),
+            "model_version": model_version,
+        }
+    )
     logger.info("Recommendations for %d users (%s)", len(users), info)
     return frame

@@ -11,7 +11,12 @@ from laser_core.data import loading
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split, leave_one_out
 from laser_core.data.validation import ValidationReport, validate
-from steps.materializers import JSONDictMaterializer, SeqDatasetMaterializer, SplitMaterializer, ValidationReportMaterializer
+from steps.materializers import (
+    JSONDictMaterializer,
+    SeqDatasetMaterializer,
+    SplitMaterializer,
+    ValidationReportMaterializer,
+)
 
 logger = get_logger(__name__)
 
@@ -22,34 +27,43 @@ def load_dataset(config: dict[str, Any], fingerprint: str) -> Annotated[SeqDatas
     cache: a changed file gives a new fingerprint and so a fresh load."""
     dataset = loading.load_dataset(config)
     stats = dataset.stats()
-    logger.info("Loaded %s: %d users, %d items, %d interactions (avg length %.2f)", dataset.name,
-                stats["users"], stats["items"], stats["interactions"], stats["avg_length"])
+    logger.info(
+        "Loaded %s: %d users, %d items, %d interactions (avg length %.2f)",
+        dataset.name,
+        stats["users"],
+        stats["items"],
+        stats["interactions"],
+        stats["avg_length"],
+    )
     return dataset
 
 
 @step(output_materializers=ValidationReportMaterializer)
-def validate_dataset(dataset: SeqDataset, config: dict[str, Any]
-                     ) -> Annotated[ValidationReport, "validation_report"]:
+def validate_dataset(dataset: SeqDataset, config: dict[str, Any]) -> Annotated[ValidationReport, "validation_report"]:
     """Run the Great Expectations suite. A failed validation saves the report as the ``validation_report``
     artifact and then stops the pipeline with an error that lists each failed expectation."""
     report = validate(dataset, config)
     if not report.success:
-        save_artifact(report, name="validation_report", materializer=ValidationReportMaterializer,
-                      tags=["failed-validation"])
+        save_artifact(
+            report, name="validation_report", materializer=ValidationReportMaterializer, tags=["failed-validation"]
+        )
         report.raise_for_failures()
-    logger.info("Validation passed: %d expectations (%s)", len(report.outcomes),
-                "; ".join(report.skipped) or "none skipped")
+    logger.info(
+        "Validation passed: %d expectations (%s)", len(report.outcomes), "; ".join(report.skipped) or "none skipped"
+    )
     return report
 
 
 @step(output_materializers={"split": SplitMaterializer, "split_report": JSONDictMaterializer})
-def split_dataset(dataset: SeqDataset, validation_report: ValidationReport
-                  ) -> tuple[Annotated[Split, "split"], Annotated[dict, "split_report"]]:
+def split_dataset(
+    dataset: SeqDataset, validation_report: ValidationReport
+) -> tuple[Annotated[Split, "split"], Annotated[dict, "split_report"]]:
     """Leave-one-out split (last = test, second-to-last = validation; users with < 3 items train only)."""
     if not validation_report.success:  # defensive: the validation step already stops failed runs
         raise ValueError(f"refusing to split {dataset.name!r}: its validation failed")
     split = leave_one_out(dataset)
     report = split.report()
-    logger.info("Split: %d evaluation users, %d train-only users (< 3 items)", report["eval_users"],
-                report["train_only_users"])
+    logger.info(
+        "Split: %d evaluation users, %d train-only users (< 3 items)", report["eval_users"], report["train_only_users"]
+    )
     return split, report

@@ -21,8 +21,14 @@ logger = get_logger(__name__)
 
 
 @step(output_materializers={"scorer_bundle": ExportBundleMaterializer})
-def export_scorer(dataset: SeqDataset, split: Split, sr_model: SequentialRecommender, laser_model: LaserWeights,
-                  item_table: ItemTable, export_config: dict[str, Any]) -> Annotated[ExportBundle, "scorer_bundle"]:
+def export_scorer(
+    dataset: SeqDataset,
+    split: Split,
+    sr_model: SequentialRecommender,
+    laser_model: LaserWeights,
+    item_table: ItemTable,
+    export_config: dict[str, Any],
+) -> Annotated[ExportBundle, "scorer_bundle"]:
     """The suffix-projected scorer and (optionally) the user tower as ONNX, with tokenizer, catalogue and a
     manifest naming the model version they came from."""
     from laser_core.config import ExportConfig
@@ -30,13 +36,37 @@ def export_scorer(dataset: SeqDataset, split: Split, sr_model: SequentialRecomme
 
     cfg = ExportConfig.model_validate(export_config)
     model = current_model()
-    metadata = ({"model_name": model.name, "model_version": f"{model.name}:{model.version}",
-                 "model_version_number": str(model.version)} if model is not None else {})
+    metadata = (
+        {
+            "model_name": model.name,
+            "model_version": f"{model.name}:{model.version}",
+            "model_version_number": str(model.version),
+        }
+        if model is not None
+        else {}
+    )
     out = Path(tempfile.mkdtemp(prefix="laser-export-"))
-    export_bundle(laser_model, sr_model, dataset.items, item_table.table, out, k=cfg.k, metadata=metadata,
-                  user_tower=cfg.user_tower, popularity=popularity_from_sequences(split.train, split.n_items))
+    export_bundle(
+        laser_model,
+        sr_model,
+        dataset.items,
+        item_table.table,
+        out,
+        k=cfg.k,
+        metadata=metadata,
+        user_tower=cfg.user_tower,
+        popularity=popularity_from_sequences(split.train, split.n_items),
+    )
     bundle = ExportBundle(out)
     logger.info("Exported %d files (%.1f MB) to the artifact store", len(bundle.files()), bundle.size_bytes() / 2**20)
-    log_model_metadata({"export": {"files": [f.as_posix() for f in bundle.files()], "bytes": bundle.size_bytes(),
-                                   "k": cfg.k, "user_tower": cfg.user_tower}})
+    log_model_metadata(
+        {
+            "export": {
+                "files": [f.as_posix() for f in bundle.files()],
+                "bytes": bundle.size_bytes(),
+                "k": cfg.k,
+                "user_tower": cfg.user_tower,
+            }
+        }
+    )
     return bundle

@@ -73,19 +73,32 @@ class SeqDatasetMaterializer(_FilesMixin):
 
     def load(self, data_type: type[Any]) -> SeqDataset:
         meta = self._read_json("dataset.json")
-        return SeqDataset.from_frames(meta["name"], self._read_parquet("items.parquet"),
-                                      self._read_parquet("interactions.parquet"), source=meta["source"])
+        return SeqDataset.from_frames(
+            meta["name"],
+            self._read_parquet("items.parquet"),
+            self._read_parquet("interactions.parquet"),
+            source=meta["source"],
+        )
 
     def extract_metadata(self, data: SeqDataset) -> dict[str, Any]:
         stats = data.stats()
-        return {"users": stats["users"], "items": stats["items"], "interactions": stats["interactions"],
-                "avg_length": round(stats["avg_length"], 4), "has_timestamps": stats["has_timestamps"],
-                "format": str(data.source.get("format", "")), "fingerprint": data.fingerprint()}
+        return {
+            "users": stats["users"],
+            "items": stats["items"],
+            "interactions": stats["interactions"],
+            "avg_length": round(stats["avg_length"], 4),
+            "has_timestamps": stats["has_timestamps"],
+            "format": str(data.source.get("format", "")),
+            "fingerprint": data.fingerprint(),
+        }
 
     def save_visualizations(self, data: SeqDataset) -> dict[str, VisualizationType]:
-        text = (f"# Dataset {data.name}\n\n" + markdown_table(["statistic", "value"], data.stats().items())
-                + "\nFirst items:\n\n" + markdown_table(list(data.items.columns),
-                                                          data.items.head(10).itertuples(index=False)))
+        text = (
+            f"# Dataset {data.name}\n\n"
+            + markdown_table(["statistic", "value"], data.stats().items())
+            + "\nFirst items:\n\n"
+            + markdown_table(list(data.items.columns), data.items.head(10).itertuples(index=False))
+        )
         return {self._write_text("summary.md", text): VisualizationType.MARKDOWN}
 
 
@@ -120,12 +133,15 @@ class ValidationReportMaterializer(_FilesMixin):
         return ValidationReport.from_dict(self._read_json("report.json"))
 
     def extract_metadata(self, data: ValidationReport) -> dict[str, Any]:
-        return {"success": data.success, "n_expectations": len(data.outcomes), "n_failed": len(data.failures),
-                "gx_version": data.gx_version}
+        return {
+            "success": data.success,
+            "n_expectations": len(data.outcomes),
+            "n_failed": len(data.failures),
+            "gx_version": data.gx_version,
+        }
 
     def save_visualizations(self, data: ValidationReport) -> dict[str, VisualizationType]:
         return {self._write_text("report.md", data.to_markdown()): VisualizationType.MARKDOWN}
-
 
 
 class SRModelMaterializer(_FilesMixin):
@@ -147,9 +163,14 @@ class SRModelMaterializer(_FilesMixin):
             return model_from_bytes(weights, fh.read())
 
     def extract_metadata(self, data: SequentialRecommender) -> dict[str, Any]:
-        return {"model": data.config.model, "n_items": data.n_items, "parameters": data.n_parameters(),
-                "hidden_size": data.config.hidden_size, "n_layers": data.config.n_layers,
-                "max_len": data.config.max_len}
+        return {
+            "model": data.config.model,
+            "n_items": data.n_items,
+            "parameters": data.n_parameters(),
+            "hidden_size": data.config.hidden_size,
+            "n_layers": data.config.n_layers,
+            "max_len": data.config.max_len,
+        }
 
 
 class LaserWeightsMaterializer(_FilesMixin):
@@ -172,22 +193,35 @@ class LaserWeightsMaterializer(_FilesMixin):
         self._write_tensors("weights.safetensors", data.state)
         if data.item_state is not None:
             self._write_tensors("item_weights.safetensors", data.item_state)
-        self._write_json("laser.json", {"spec": data.spec.model_dump(), "summary": data.summary,
-                                        "item_state": data.item_state is not None, "format_version": 1})
+        self._write_json(
+            "laser.json",
+            {
+                "spec": data.spec.model_dump(),
+                "summary": data.summary,
+                "item_state": data.item_state is not None,
+                "format_version": 1,
+            },
+        )
 
     def load(self, data_type: type[Any]) -> LaserWeights:
         meta = self._read_json("laser.json")
         item_state = self._read_tensors("item_weights.safetensors") if meta.get("item_state") else None
-        return LaserWeights(spec=LaserSpec.model_validate(meta["spec"]),
-                            state=self._read_tensors("weights.safetensors"), summary=meta["summary"],
-                            item_state=item_state)
+        return LaserWeights(
+            spec=LaserSpec.model_validate(meta["spec"]),
+            state=self._read_tensors("weights.safetensors"),
+            summary=meta["summary"],
+            item_state=item_state,
+        )
 
     def extract_metadata(self, data: LaserWeights) -> dict[str, Any]:
-        meta: dict[str, Any] = {"parameters": int(sum(v.numel() for v in data.state.values())),
-                                "backbone": data.spec.backbone.name,
-                                "quantization": data.spec.backbone.quantization,
-                                "prefix": data.spec.bitune.prefix, "pooling": data.spec.bitune.pooling,
-                                "cold_item_weights": data.cold_item_weights()}
+        meta: dict[str, Any] = {
+            "parameters": int(sum(v.numel() for v in data.state.values())),
+            "backbone": data.spec.backbone.name,
+            "quantization": data.spec.backbone.quantization,
+            "prefix": data.spec.bitune.prefix,
+            "pooling": data.spec.bitune.pooling,
+            "cold_item_weights": data.cold_item_weights(),
+        }
         for key in ("best_valid_ndcg@10", "stage", "best_epoch"):
             if data.summary.get(key) is not None:
                 meta[key] = data.summary[key]
@@ -203,9 +237,10 @@ class LaserWeightsMaterializer(_FilesMixin):
         series: dict[str, list[tuple[float, float]]] = {}
         for entry in history:
             valid = entry.get("valid") or {}
-            if "ndcg@10" in valid and not entry.get("curve"):   # per epoch (learning-curve points left out)
-                series.setdefault(f"stage {entry['stage']}", []).append((float(entry["epoch"]),
-                                                                         float(valid["ndcg@10"])))
+            if "ndcg@10" in valid and not entry.get("curve"):  # per epoch (learning-curve points left out)
+                series.setdefault(f"stage {entry['stage']}", []).append(
+                    (float(entry["epoch"]), float(valid["ndcg@10"]))
+                )
         html = svg_line_chart(series, "Validation NDCG@10 per epoch", "epoch (-1: before training)", "NDCG@10")
         return {self._write_text("valid_ndcg.html", html): VisualizationType.HTML}
 
@@ -219,8 +254,9 @@ class ItemTableMaterializer(_FilesMixin):
     def save(self, data: ItemTable) -> None:
         with self.artifact_store.open(self._path("table.safetensors"), "wb") as fh:
             fh.write(st_save({"table": data.table.contiguous()}))
-        self._write_json("table.json", {"weights_fingerprint": data.weights_fingerprint,
-                                        "shape": list(data.table.shape)})
+        self._write_json(
+            "table.json", {"weights_fingerprint": data.weights_fingerprint, "shape": list(data.table.shape)}
+        )
 
     def load(self, data_type: type[Any]) -> ItemTable:
         with self.artifact_store.open(self._path("table.safetensors"), "rb") as fh:
@@ -245,16 +281,21 @@ class MetricsReportMaterializer(_FilesMixin):
 
     def extract_metadata(self, data: MetricsReport) -> dict[str, Any]:
         meta: dict[str, Any] = {"model": data.model, "split": data.split}
-        meta.update({k: float(v) for k, v in data.headline(("recall@10", "ndcg@10", "mrr", "recall@20",
-                                                              "ndcg@20")).items()})
+        meta.update(
+            {k: float(v) for k, v in data.headline(("recall@10", "ndcg@10", "mrr", "recall@20", "ndcg@20")).items()}
+        )
         return meta
 
     def save_visualizations(self, data: MetricsReport) -> dict[str, VisualizationType]:
         out = {self._write_text("metrics.md", data.to_markdown()): VisualizationType.MARKDOWN}
         counts = data.details.get("expert_counts")
         if counts:
-            html = svg_bar_chart(counts, [f"E{i}" for i in range(len(counts))],
-                                 f"Router: expert selected per user ({data.split}, {sum(counts)} users)", "users")
+            html = svg_bar_chart(
+                counts,
+                [f"E{i}" for i in range(len(counts))],
+                f"Router: expert selected per user ({data.split}, {sum(counts)} users)",
+                "users",
+            )
             out[self._write_text("expert_usage.html", html)] = VisualizationType.HTML
         return out
 
@@ -272,8 +313,11 @@ class PromotionDecisionMaterializer(_FilesMixin):
         return PromotionDecision.from_dict(self._read_json("decision.json"))
 
     def extract_metadata(self, data: PromotionDecision) -> dict[str, Any]:
-        return {k: v for k, v in data.to_dict().items()
-                if k != "details" and v is not None and isinstance(v, (str, int, float, bool))}
+        return {
+            k: v
+            for k, v in data.to_dict().items()
+            if k != "details" and v is not None and isinstance(v, (str, int, float, bool))
+        }
 
     def save_visualizations(self, data: PromotionDecision) -> dict[str, VisualizationType]:
         return {self._write_text("decision.md", data.to_markdown()): VisualizationType.MARKDOWN}
@@ -330,9 +374,13 @@ class DataFrameMaterializer(_FilesMixin):
 
     def save_visualizations(self, data: pd.DataFrame) -> dict[str, VisualizationType]:
         head = data.head(20)
-        return {self._write_text("head.md", f"{len(data)} rows; first {len(head)}:\n\n"
-                                 + markdown_table(list(map(str, head.columns)), head.itertuples(index=False))):
-                VisualizationType.MARKDOWN}
+        return {
+            self._write_text(
+                "head.md",
+                f"{len(data)} rows; first {len(head)}:\n\n"
+                + markdown_table(list(map(str, head.columns)), head.itertuples(index=False)),
+            ): VisualizationType.MARKDOWN
+        }
 
 
 class JSONDictMaterializer(_FilesMixin):

@@ -21,8 +21,9 @@ from steps.mcp import current_model, log_model_metadata
 logger = get_logger(__name__)
 
 
-def rescore_version(version, dataset: SeqDataset, split: Split, train_config: LaserTrainConfig
-                    ) -> tuple[dict[str, float] | None, str]:
+def rescore_version(
+    version, dataset: SeqDataset, split: Split, train_config: LaserTrainConfig
+) -> tuple[dict[str, float] | None, str]:
     """Test metrics of a stored model version on *these* test pairs, or (None, why) when it cannot be scored
     here (another catalogue, or artifacts missing)."""
     arts = {}
@@ -40,9 +41,15 @@ def rescore_version(version, dataset: SeqDataset, split: Split, train_config: La
 
 
 @step(output_materializers={"promotion_decision": PromotionDecisionMaterializer})
-def promote(dataset: SeqDataset, split: Split, laser_metrics: MetricsReport, train_config: dict[str, Any],
-            promotion: dict[str, Any], production_version_id: str | None = None, model_name: str = ""
-            ) -> Annotated[PromotionDecision, "promotion_decision"]:
+def promote(
+    dataset: SeqDataset,
+    split: Split,
+    laser_metrics: MetricsReport,
+    train_config: dict[str, Any],
+    promotion: dict[str, Any],
+    production_version_id: str | None = None,
+    model_name: str = "",
+) -> Annotated[PromotionDecision, "promotion_decision"]:
     """Stage the new model version: ``staging`` when valid, ``production`` when it beats the required baselines
     (popularity by default; the ID model optionally) and the current production version (re-scored here), all on
     the same test pairs, by the configured margins (laser_core.promotion). ``production_version_id`` (the
@@ -52,10 +59,12 @@ def promote(dataset: SeqDataset, split: Split, laser_metrics: MetricsReport, tra
     tcfg = LaserTrainConfig.model_validate(train_config)
     model = current_model()
     # the baselines, scored by evaluate_laser on exactly the test pairs the new version was scored on
-    baselines = {"popularity": laser_metrics.details.get("popularity"),
-                 "id_model": laser_metrics.details.get("id_model"),
-                 "id_model_name": laser_metrics.details.get("id_model_name"),
-                 "users": laser_metrics.protocol.get("users")}
+    baselines = {
+        "popularity": laser_metrics.details.get("popularity"),
+        "id_model": laser_metrics.details.get("id_model"),
+        "id_model_name": laser_metrics.details.get("id_model_name"),
+        "users": laser_metrics.protocol.get("users"),
+    }
     if model is None:
         decision = decide(cfg, laser_metrics.metrics, **baselines)
         decision.stage, decision.reason = None, "pipeline not bound to a ZenML Model: nothing to promote"
@@ -75,9 +84,14 @@ def promote(dataset: SeqDataset, split: Split, laser_metrics: MetricsReport, tra
     prod_metrics, why = (None, "")
     if production is not None:
         prod_metrics, why = rescore_version(production, dataset, split, tcfg)
-    decision = decide(cfg, laser_metrics.metrics, production=prod_metrics,
-                      production_version=None if production is None else production.name,
-                      comparable=production is None or prod_metrics is not None, **baselines)
+    decision = decide(
+        cfg,
+        laser_metrics.metrics,
+        production=prod_metrics,
+        production_version=None if production is None else production.name,
+        comparable=production is None or prod_metrics is not None,
+        **baselines,
+    )
     if why:
         decision.details["not_comparable"] = why
     decision.details.update(new_version=current.name, model=model.name)

@@ -25,20 +25,32 @@ def checkpoint_root(kind: str = "sr") -> Path:
 
 
 @step(output_materializers={"sr_model": SRModelMaterializer, "sr_training": JSONDictMaterializer})
-def pretrain_sr(split: Split, model_config: dict[str, Any], train_config: dict[str, Any], resume: bool = True
-                ) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
+def pretrain_sr(
+    split: Split, model_config: dict[str, Any], train_config: dict[str, Any], resume: bool = True
+) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
     """Train the ID-based recommender with early stopping on validation NDCG@10; return the best epoch's model.
     A crashed run resumes from its last epoch (checkpoints under ``LASER_CACHE_DIR``, keyed on the settings and
     the split's content); ``resume=False`` (``laser run --no-cache``) trains from scratch."""
     cfg, tcfg = SRConfig.model_validate(model_config), TrainConfig.model_validate(train_config)
     workdir = checkpoint_root() / f"{cfg.model}-{config_hash(cfg, tcfg, split)}"
     result = fit(cfg, tcfg, split, workdir=workdir, resume=resume)
-    logger.info("%s: best epoch %d of %d, valid %s", cfg.model, result.best_epoch, result.epochs_run,
-                {k: round(v, 4) for k, v in result.best_valid.items() if k in ("recall@10", "ndcg@10", "mrr")})
-    summary = {"model": cfg.model, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-               "stopped_early": result.stopped_early, "best_valid": result.best_valid,
-               "mean_epoch_seconds": result.mean_epoch_seconds, "parameters": result.model.n_parameters(),
-               "history": result.history}
+    logger.info(
+        "%s: best epoch %d of %d, valid %s",
+        cfg.model,
+        result.best_epoch,
+        result.epochs_run,
+        {k: round(v, 4) for k, v in result.best_valid.items() if k in ("recall@10", "ndcg@10", "mrr")},
+    )
+    summary = {
+        "model": cfg.model,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "best_valid": result.best_valid,
+        "mean_epoch_seconds": result.mean_epoch_seconds,
+        "parameters": result.model.n_parameters(),
+        "history": result.history,
+    }
     return result.model, summary
 
 
@@ -46,10 +58,18 @@ def pretrain_sr(split: Split, model_config: dict[str, Any], train_config: dict[s
 def evaluate_sr(sr_model: SequentialRecommender, split: Split) -> Annotated[MetricsReport, "sr_metrics"]:
     """Full-ranking test metrics (history = training part + validation item; no history masking)."""
     metrics = evaluate_split(sr_model, split, "test")
-    report = MetricsReport(model=sr_model.config.model, split="test", metrics=metrics,
-                           protocol={"ranking": "full, over all items", "mask_history": False,
-                                     "split": "leave-one-out", "users": int(len(split.eval_users))},
-                           details={"parameters": sr_model.n_parameters()})
+    report = MetricsReport(
+        model=sr_model.config.model,
+        split="test",
+        metrics=metrics,
+        protocol={
+            "ranking": "full, over all items",
+            "mask_history": False,
+            "split": "leave-one-out",
+            "users": int(len(split.eval_users)),
+        },
+        details={"parameters": sr_model.n_parameters()},
+    )
     logger.info("%s test: %s", sr_model.config.model, report.headline())
     log_model_metadata({"sr_test": {"model": report.model, **report.headline()}})
     return report

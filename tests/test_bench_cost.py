@@ -10,8 +10,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--backbone", "tiny-random-llama", "--items", "16",
-        "--users", "16", "--threads", "1"]
+TINY = [
+    "--config",
+    str(ROOT / "configs" / "tiny.yaml"),
+    "--backbone",
+    "tiny-random-llama",
+    "--items",
+    "16",
+    "--users",
+    "16",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +77,21 @@ def test_two_variants_side_by_side(cost, tmp_path):
 def test_failed_variant_truncated_reference_and_cap(cost, tmp_path, monkeypatch):
     """A variant that cannot run records its error; a depth without a float32 variant gets a reference built; a
     tiny time cap times whole batches only."""
-    monkeypatch.setitem(cost.VARIANTS, "nf4-1layer", {"quantization": "nf4", "compute_dtype": "float32",
-                                                      "num_layers": 1})
-    out = run(cost, tmp_path, "--variants", "baseline,nf4-1layer,nf4-6layers", "--history", "2",
-              "--item-batch", "8", "--time-cap", "1e-6")
+    monkeypatch.setitem(
+        cost.VARIANTS, "nf4-1layer", {"quantization": "nf4", "compute_dtype": "float32", "num_layers": 1}
+    )
+    out = run(
+        cost,
+        tmp_path,
+        "--variants",
+        "baseline,nf4-1layer,nf4-6layers",
+        "--history",
+        "2",
+        "--item-batch",
+        "8",
+        "--time-cap",
+        "1e-6",
+    )
     rows = out["results"]
     assert "has only 2 decoder layers" in rows["nf4-6layers"]["error"]  # the tiny Llama has 2
     assert "nf4-6layers" not in out["ratios_vs_baseline"]

@@ -15,8 +15,14 @@ def test_data_stats_scientific():
     result = CliRunner().invoke(cli, ["data", "stats", str(root)])
     assert result.exit_code == 0, result.output
     out = result.output
-    for expected in ("users         11,041", "items         5,327", "interactions  76,896", "avg length    6.96",
-                     "11,039 evaluation users", "2 train-only"):
+    for expected in (
+        "users         11,041",
+        "items         5,327",
+        "interactions  76,896",
+        "avg length    6.96",
+        "11,039 evaluation users",
+        "2 train-only",
+    ):
         assert expected in out, out
     js = json.loads(CliRunner().invoke(cli, ["data", "stats", str(root), "--json"]).output)
     assert js["split"]["test_interactions"] == 11039
@@ -47,14 +53,21 @@ def test_config_overrides_change_settings_before_validation():
 
     path = REPO / "configs" / "demo.yaml"
     base = load_config(path)
-    cfg = load_config(path, overrides=["bitune.prefix=none", "laser_train.lr=3e-4", "backbone.num_layers=2",
-                                       "laser_train.fusion_weight_grid=[1, 2]"])
+    cfg = load_config(
+        path,
+        overrides=[
+            "bitune.prefix=none",
+            "laser_train.lr=3e-4",
+            "backbone.num_layers=2",
+            "laser_train.fusion_weight_grid=[1, 2]",
+        ],
+    )
     assert (cfg.bitune.prefix, cfg.laser_train.lr, cfg.backbone.num_layers) == ("none", 3e-4, 2)
     assert cfg.laser_train.fusion_weight_grid == [1.0, 2.0]
-    assert cfg.bitune.pooling == base.bitune.pooling and cfg.sr == base.sr   # nothing else changes
+    assert cfg.bitune.pooling == base.bitune.pooling and cfg.sr == base.sr  # nothing else changes
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(path, overrides=["bitune.prefix"])
-    with pytest.raises(ConfigError, match="bitune.prefx"):   # validated like the file: unknown keys named
+    with pytest.raises(ConfigError, match="bitune.prefx"):  # validated like the file: unknown keys named
         load_config(path, overrides=["bitune.prefx=none"])
     with pytest.raises(ConfigError, match="'prefix' is not a section"):
         load_config(path, overrides=["bitune.prefix.x=1"])
@@ -70,8 +83,10 @@ def test_shipped_configs_parse():
 
 def test_run_demo_style_config(tmp_path, zenml_store):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("dataset:\n  synthetic: {n_users: 120, n_items: 50, seed: 4}\n"
-                   "sr: {model: sasrec, hidden_size: 16}\nsr_train: {epochs: 2, progress: false}\n")
+    cfg.write_text(
+        "dataset:\n  synthetic: {n_users: 120, n_items: 50, seed: 4}\n"
+        "sr: {model: sasrec, hidden_size: 16}\nsr_train: {epochs: 2, progress: false}\n"
+    )
     result = CliRunner().invoke(cli, ["run", "--config", str(cfg), "--stop-after", "sr"])
     assert result.exit_code == 0, result.output
     assert "evaluate_sr" in result.output and "completed" in result.output

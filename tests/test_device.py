@@ -38,8 +38,11 @@ def sr(data):
 
 
 def spec(quant="nf4", **bitune) -> LaserSpec:
-    return LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization=quant))
+    return LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization=quant),
+    )
 
 
 def every_module(model):
@@ -50,6 +53,7 @@ def every_module(model):
 def record_input_devices(model, seen: list, stop_at=None):
     """Forward pre-hooks on every module recording ``(module class, device)`` of each tensor input; the hook on
     ``stop_at`` raises :class:`Stop` after recording (to stop a forward the device can not finish)."""
+
     def hook(module, args, kwargs):
         for v in [*args, *kwargs.values()]:
             if torch.is_tensor(v):
@@ -97,7 +101,7 @@ def test_every_input_of_every_module_is_on_the_models_device(data, sr, fusion):
         for h in handles:
             h.remove()
     kinds = {name for name, _ in seen}
-    assert {"MFormer", "LlamaModel", "Encoder"} <= kinds, kinds   # Encoder: the SR model's
+    assert {"MFormer", "LlamaModel", "Encoder"} <= kinds, kinds  # Encoder: the SR model's
     assert {d for _, d in seen} == {torch.device("cpu")}
     assert {emb.device, table.device, cold.device} == {torch.device("cpu")}
 
@@ -117,8 +121,11 @@ def test_to_moves_the_frozen_parts_too_and_inputs_are_made_on_the_new_device(dat
         tensors = [*part.parameters(), *part.buffers()]
         assert tensors and {t.device for t in tensors} == {meta}, name
     assert {t.device for t in [*model.pad_tokens([[1, 2], [3]]), *model.sr_inputs([[1, 2], [3]])]} == {meta}
-    for run in (lambda: model([split.train[0][:3], [4]]), lambda: model.embed_items([0, 1, 2]),
-                lambda: model.fuse_items(torch.zeros(2, model.backbone.hidden_size, device=meta), [0, 1])):
+    for run in (
+        lambda: model([split.train[0][:3], [4]]),
+        lambda: model.embed_items([0, 1, 2]),
+        lambda: model.fuse_items(torch.zeros(2, model.backbone.hidden_size, device=meta), [0, 1]),
+    ):
         seen: list = []
         handles = record_input_devices(model, seen, stop_at=model.backbone.base)
         try:
@@ -135,8 +142,17 @@ def test_to_moves_the_frozen_parts_too_and_inputs_are_made_on_the_new_device(dat
 def test_the_trainer_places_the_model_on_its_device(data, sr):
     ds, split = data
     model = build_laser(spec(), ds.items, sr, device="cpu")
-    cfg = LaserTrainConfig(device="cpu", stage1_epochs=1, stage2_epochs=0, batch_size=8, users_per_epoch=8,
-                           valid_users=8, progress=False, item_batch_size=64, **PLAIN)
+    cfg = LaserTrainConfig(
+        device="cpu",
+        stage1_epochs=1,
+        stage2_epochs=0,
+        batch_size=8,
+        users_per_epoch=8,
+        valid_users=8,
+        progress=False,
+        item_batch_size=64,
+        **PLAIN,
+    )
     trainer = LaserTrainer(model, split, cfg)
     assert trainer.device == model.device == torch.device("cpu")
     result = trainer.fit(stages=(1,))
@@ -151,14 +167,13 @@ def test_shards_are_equal_and_wrap_around_like_distributed_sampler():
         for world in (1, 2, 3, 4):
             parts = [shard(n, r, world) for r in range(world)]
             assert {len(p) for p in parts} == {-(-n // world)}
-            dealt = np.stack(parts, axis=1).ravel()   # dealt back in turn: the padded list
+            dealt = np.stack(parts, axis=1).ravel()  # dealt back in turn: the padded list
             assert dealt.tolist() == [i % n for i in range(len(dealt))]
             if n % world == 0:
                 assert all((p == np.arange(n)[r::world]).all() for r, p in enumerate(parts))
 
 
-def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on_the_padded_users(
-        data, sr, tmp_path):
+def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on_the_padded_users(data, sr, tmp_path):
     """9 users per epoch on two gloo processes with batch 4. Dealt ``hist[rank::2]`` they were 5 and 4 users:
     two mini-batches on one process, one on the other, so the extra backward's all-reduce had no partner (a hang,
     or a pairing with another collective). Padded (:func:`shard`), each process gets 5 users (the first one
@@ -170,23 +185,46 @@ def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on
     from test_laser import _last_weights, assert_same_trained_weights
 
     ds, split = data
-    base = dict(stage1_epochs=1, stage2_epochs=0, lr=1e-3, users_per_epoch=9, valid_users=8, progress=False,
-                seed=3, item_batch_size=64, threads=1, lb_weight=0.0, device="cpu", **PLAIN)
+    base = dict(
+        stage1_epochs=1,
+        stage2_epochs=0,
+        lr=1e-3,
+        users_per_epoch=9,
+        valid_users=8,
+        progress=False,
+        seed=3,
+        item_batch_size=64,
+        threads=1,
+        lb_weight=0.0,
+        device="cpu",
+        **PLAIN,
+    )
     torch.set_num_threads(1)
-    one = LaserTrainer(build_laser(spec(), ds.items, sr), split, LaserTrainConfig(**base, batch_size=8),
-                       workdir_root=tmp_path / "one")
+    one = LaserTrainer(
+        build_laser(spec(), ds.items, sr), split, LaserTrainConfig(**base, batch_size=8), workdir_root=tmp_path / "one"
+    )
     sample = one.examples
 
-    def padded(stage: int, epoch: int):   # torch's DistributedSampler padding: wrap around to the start
+    def padded(stage: int, epoch: int):  # torch's DistributedSampler padding: wrap around to the start
         hist, targets = sample(stage, epoch)
         order = np.resize(np.arange(len(hist)), len(hist) + len(hist) % 2)
         return [hist[i] for i in order], targets[order]
 
     one.examples = padded
     one.fit(stages=(1,))
-    job = fit_launched(ds.items, split, sr, spec(), LaserTrainConfig(**base, batch_size=4, accelerate=True),
-                       stages=(1,), processes=2, workdir_root=tmp_path / "two", timeout=240)
+    job = fit_launched(
+        ds.items,
+        split,
+        sr,
+        spec(),
+        LaserTrainConfig(**base, batch_size=4, accelerate=True),
+        stages=(1,),
+        processes=2,
+        workdir_root=tmp_path / "two",
+        timeout=240,
+    )
     assert job.processes == 2
     assert [h["users_seen"] for h in job.history] == [0, 9]
-    assert_same_trained_weights(_last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"),
-                                build_laser(spec(), ds.items, sr).state_dict())
+    assert_same_trained_weights(
+        _last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"), build_laser(spec(), ds.items, sr).state_dict()
+    )

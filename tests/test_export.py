@@ -12,8 +12,17 @@ import torch
 
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
-from laser_core.export import (COLD_ITEM, MANIFEST, export_bundle, export_scorer, export_user_tower,
-                               l2_normalize, popularity_from_sequences, reference_model, sha256_file)
+from laser_core.export import (
+    COLD_ITEM,
+    MANIFEST,
+    export_bundle,
+    export_scorer,
+    export_user_tower,
+    l2_normalize,
+    popularity_from_sequences,
+    reference_model,
+    sha256_file,
+)
 from laser_core.llm import BackboneConfig
 from laser_core.mformer import MFormerConfig
 from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser, item_state_beside
@@ -49,8 +58,11 @@ def sr(data):
 def weights_for(data, sr, quant="nf4", **bitune) -> LaserWeights:
     """Weights of a (untrained, randomly initialised) Laser model, as the training step hands them over."""
     ds, _ = data
-    spec = LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TEXT,
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization=quant))
+    spec = LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
+        text=TEXT,
+        backbone=BackboneConfig(name="tiny-random-llama", quantization=quant),
+    )
     model = build_laser(spec, ds.items, sr)
     with torch.no_grad():  # move the suffix off its EOS initialisation
         if model.suffix is not None:
@@ -72,8 +84,16 @@ def bundle(data, sr, trained, tmp_path_factory):
     ds, split = data
     weights, _, table = trained
     out = tmp_path_factory.mktemp("export") / "bundle"
-    return export_bundle(weights, sr, ds.items, table, out, k=10, metadata={"model_version": "test-1"},
-                         popularity=popularity_from_sequences(split.train, ds.n_items))
+    return export_bundle(
+        weights,
+        sr,
+        ds.items,
+        table,
+        out,
+        k=10,
+        metadata={"model_version": "test-1"},
+        popularity=popularity_from_sequences(split.train, ds.n_items),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- scorer
@@ -173,16 +193,24 @@ def test_user_tower_matches_torch_on_variable_length_histories(data, trained, bu
         ids, mask = ref.pad_tokens(ref.tokenize(hists))
         sr_ids, sr_mask = ref.sr_inputs(hists)
     tower = session(bundle / "user_tower.onnx")
-    feeds = {"item_ids": sr_ids.numpy(), "item_mask": sr_mask.long().numpy(), "input_ids": ids.numpy(),
-             "attention_mask": mask.numpy()}
+    feeds = {
+        "item_ids": sr_ids.numpy(),
+        "item_mask": sr_mask.long().numpy(),
+        "input_ids": ids.numpy(),
+        "attention_mask": mask.numpy(),
+    }
     assert [i.name for i in tower.get_inputs()] == manifest["user_tower"]["inputs"] == list(feeds)
     got = tower.run(["user_embedding"], feeds)[0]
     assert got.shape == (4, ref.backbone.hidden_size)
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     # a shorter SR window (dynamic L_sr) gives the same embedding: padding is masked
-    short = {**feeds, "item_ids": feeds["item_ids"][1:2, -1:], "item_mask": feeds["item_mask"][1:2, -1:],
-             "input_ids": ids[1:2, -len(ref.tokenize([[5]])[0]):].numpy(),
-             "attention_mask": np.ones((1, len(ref.tokenize([[5]])[0])), dtype=np.int64)}
+    short = {
+        **feeds,
+        "item_ids": feeds["item_ids"][1:2, -1:],
+        "item_mask": feeds["item_mask"][1:2, -1:],
+        "input_ids": ids[1:2, -len(ref.tokenize([[5]])[0]) :].numpy(),
+        "attention_mask": np.ones((1, len(ref.tokenize([[5]])[0])), dtype=np.int64),
+    }
     np.testing.assert_allclose(tower.run(["user_embedding"], short)[0][0], expected[1].numpy(), atol=1e-4)
     # then through the scorer: the same top-10 as torch
     scores, idx = session(bundle / "scorer.onnx").run(None, {"user_embedding": got})
@@ -231,8 +259,7 @@ def test_export_bundle_rejects_bad_input_before_the_slow_part(data, sr, trained,
 
 def test_gru4rec_encoder_is_a_clear_not_implemented(data, tmp_path):
     ds, split = data
-    gru = fit(SRConfig(model="gru4rec", hidden_size=16, max_len=8), TrainConfig(epochs=1, progress=False),
-              split).model
+    gru = fit(SRConfig(model="gru4rec", hidden_size=16, max_len=8), TrainConfig(epochs=1, progress=False), split).model
     weights = weights_for(data, gru, quant="none")
     with pytest.raises(NotImplementedError, match="not GRU4Rec \\(setting sr.model\\)"):
         export_bundle(weights, gru, ds.items, np.ones((ds.n_items, 64)), tmp_path / "b")
@@ -242,8 +269,9 @@ def test_gru4rec_encoder_is_a_clear_not_implemented(data, tmp_path):
         export_user_tower(ref, tmp_path / "t.onnx")
 
 
-@pytest.mark.parametrize(("sr_model", "prefix", "pooling"),
-                         [("sasrec", "mformer", "suffix"), (None, "plain", "mean"), (None, "none", "eos")])
+@pytest.mark.parametrize(
+    ("sr_model", "prefix", "pooling"), [("sasrec", "mformer", "suffix"), (None, "plain", "mean"), (None, "none", "eos")]
+)
 def test_other_encoders_prefixes_and_poolings_export_with_parity(data, sr_model, prefix, pooling, tmp_path):
     ds, _ = data
     sr_m = build_model(SRConfig(model=sr_model, hidden_size=16, max_len=8), ds.n_items).eval() if sr_model else None
@@ -267,17 +295,24 @@ def test_other_encoders_prefixes_and_poolings_export_with_parity(data, sr_model,
     assert not np.allclose(l2_normalize(got[0]), l2_normalize(got[1]), atol=1e-3)  # rows differ
 
 
-
 # ------------------------------------------------------------- the item side: the weights that made the table
-NEW_ITEMS = pd.DataFrame({"item_id": ["new-1", "new-2"], "title": ["Acme Trail Running Shoes", "Cast Iron Pan"],
-                          "brand": ["Acme", ""], "category": ["Shoes", "Kitchen"]})
+NEW_ITEMS = pd.DataFrame(
+    {
+        "item_id": ["new-1", "new-2"],
+        "title": ["Acme Trail Running Shoes", "Cast Iron Pan"],
+        "brand": ["Acme", ""],
+        "category": ["Shoes", "Kitchen"],
+    }
+)
 
 
 def initializer_bytes(path) -> int:
     import onnx
 
-    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in onnx.load(str(path)).graph.initializer)
+    return sum(
+        int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in onnx.load(str(path)).graph.initializer
+    )
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +323,21 @@ def two_sided(data, sr):
     stage1 = weights_for(data, sr, quant="none")
     g = torch.Generator().manual_seed(7)
     stage2 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in stage1.state.items()}
-    weights = LaserWeights(spec=stage1.spec, state=stage2, summary={"stage": 2, "best_epoch": 0},
-                           item_state=item_state_beside(stage1.state, stage2))
+    weights = LaserWeights(
+        spec=stage1.spec,
+        state=stage2,
+        summary={"stage": 2, "best_epoch": 0},
+        item_state=item_state_beside(stage1.state, stage2),
+    )
     items_only = reference_model(stage1, sr, ds.items)
     users_only = reference_model(LaserWeights(spec=stage1.spec, state=stage2), sr, ds.items)
-    return {"weights": weights, "both": reference_model(weights, sr, ds.items), "items_only": items_only,
-            "users_only": users_only, "table": items_only.embed_items(range(ds.n_items))}
+    return {
+        "weights": weights,
+        "both": reference_model(weights, sr, ds.items),
+        "items_only": items_only,
+        "users_only": users_only,
+        "table": items_only.embed_items(range(ds.n_items)),
+    }
 
 
 def test_item_rows_are_made_by_the_table_making_weights_in_torch(data, two_sided):
@@ -303,8 +347,9 @@ def test_item_rows_are_made_by_the_table_making_weights_in_torch(data, two_sided
     assert item_state_beside(two_sided["weights"].state, two_sided["weights"].state) is None  # equal: nothing kept
     rows = [0, 7, 23]
     # (a) catalogue items re-embedded through the cold-item path, with their trained ids, reproduce the table
-    torch.testing.assert_close(both.embed_cold_items(ds.items.iloc[rows], item_ids=rows), table[rows],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        both.embed_cold_items(ds.items.iloc[rows], item_ids=rows), table[rows], atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(both.embed_items(range(ds.n_items)), table, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"item ids \[40\] are neither catalogue indices \(0..39\)"):
         both.embed_cold_items(ds.items.iloc[:1], item_ids=[ds.n_items])
@@ -313,8 +358,9 @@ def test_item_rows_are_made_by_the_table_making_weights_in_torch(data, two_sided
     torch.testing.assert_close(cold, two_sided["items_only"].embed_cold_items(NEW_ITEMS), atol=1e-5, rtol=0)
     assert (cold - two_sided["users_only"].embed_cold_items(NEW_ITEMS)).abs().max() > 1e-2
     with torch.no_grad():  # users get the user side
-        torch.testing.assert_close(both([[1, 2, 3], [5]])[0], two_sided["users_only"]([[1, 2, 3], [5]])[0],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            both([[1, 2, 3], [5]])[0], two_sided["users_only"]([[1, 2, 3], [5]])[0], atol=1e-5, rtol=0
+        )
 
 
 def test_bundle_tower_carries_the_item_side_used_by_add_items(data, sr, two_sided, bundle, tmp_path):
@@ -333,13 +379,15 @@ def test_bundle_tower_carries_the_item_side_used_by_add_items(data, sr, two_side
     rec = Recommender.load(out)
     assert rec.cold_item_weights == "item_side"
     rows = [0, 7, 23]
-    np.testing.assert_allclose(rec.item_embeddings(rec.catalogue.iloc[rows], item_ids=rows), table[rows].numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        rec.item_embeddings(rec.catalogue.iloc[rows], item_ids=rows), table[rows].numpy(), atol=1e-4
+    )
     with pytest.raises(ValueError, match=r"item ids \[-2\] are neither catalogue rows"):
         rec.item_embeddings(rec.catalogue.iloc[:1], item_ids=[-2])
     extended = Recommender.load(add_items(out, NEW_ITEMS, tmp_path / "extended"))
-    np.testing.assert_allclose(extended.table()[-2:],
-                               l2_normalize(two_sided["items_only"].embed_cold_items(NEW_ITEMS).numpy()), atol=1e-4)
+    np.testing.assert_allclose(
+        extended.table()[-2:], l2_normalize(two_sided["items_only"].embed_cold_items(NEW_ITEMS).numpy()), atol=1e-4
+    )
     with torch.no_grad():
         users, _ = two_sided["users_only"]([[1, 2, 3], [5]])
     np.testing.assert_allclose(rec.user_embeddings([[1, 2, 3], [5]]), users.numpy(), atol=1e-4)
@@ -371,8 +419,9 @@ def test_text_only_tower_with_an_item_side_selects_it_per_row(data, tmp_path):
     stage1 = weights_for(data, None, quant="none", prefix="plain")
     g = torch.Generator().manual_seed(8)
     stage2 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in stage1.state.items()}
-    ref = reference_model(LaserWeights(spec=stage1.spec, state=stage2,
-                                       item_state=item_state_beside(stage1.state, stage2)), None, ds.items)
+    ref = reference_model(
+        LaserWeights(spec=stage1.spec, state=stage2, item_state=item_state_beside(stage1.state, stage2)), None, ds.items
+    )
     entry = export_user_tower(ref, tmp_path / "tower.onnx")
     assert entry["inputs"] == ["input_ids", "attention_mask", "item_side"]
     ids, mask = ref.pad_tokens(ref.tokenize([[4], [4], [1, 2, 3]]))
@@ -380,9 +429,9 @@ def test_text_only_tower_with_an_item_side_selects_it_per_row(data, tmp_path):
     with torch.no_grad():
         expected = ref.forward_padded(ids, mask, ref.prefix_from_ids(None, None, 3, item_side=side)[0], side)
         item = reference_model(stage1, None, ds.items).embed_items([4])
-    got = session(tmp_path / "tower.onnx").run(["user_embedding"], {"input_ids": ids.numpy(),
-                                                                    "attention_mask": mask.numpy(),
-                                                                    "item_side": side.numpy()})[0]
+    got = session(tmp_path / "tower.onnx").run(
+        ["user_embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "item_side": side.numpy()}
+    )[0]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     np.testing.assert_allclose(got[0], item[0].numpy(), atol=1e-4)  # the item row: the table-making weights
-    assert np.abs(got[0] - got[1]).max() > 1e-2                      # the same text as a user: the other side
+    assert np.abs(got[0] - got[1]).max() > 1e-2  # the same text as a user: the other side

@@ -22,8 +22,7 @@ from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextFormatter
 from laser_core.fingerprint import split_fingerprint
 from laser_core.llm.backbones import resolve_backbone
-from laser_core.llm.pack import (NF4_HALF_MAX_GAP, block_scales, dequantize_nf4, quantize_nf4, read_meta,
-                                 unpack_state)
+from laser_core.llm.pack import NF4_HALF_MAX_GAP, block_scales, dequantize_nf4, quantize_nf4, read_meta, unpack_state
 from laser_core.model import build_laser, tokenizer_texts
 from laser_core.sr import load_model
 
@@ -61,13 +60,22 @@ COMMON = """dataset: {format: recformer, name: tinysci}
 text: {history_len: 5, title_max_tokens: 8, category_max_tokens: 4}
 backbone: {name: tiny-random-llama, quantization: none}
 """
-FAITHFUL = COMMON + """sr: {model: bert4rec, hidden_size: 64}
+FAITHFUL = (
+    COMMON
+    + """sr: {model: bert4rec, hidden_size: 64}
 bitune:
   mformer: {n_experts: 2, n_query: 4, width: 32, n_layers: 2, n_heads: 2}
-""" + TRAIN
-FUSION = COMMON + """sr: {model: sasrec, hidden_size: 64, dropout: 0.5, attn_dropout: 0.5}
+"""
+    + TRAIN
+)
+FUSION = (
+    COMMON
+    + """sr: {model: sasrec, hidden_size: 64, dropout: 0.5, attn_dropout: 0.5}
 bitune: {prefix: none, embedding_transform: whiten, fusion: concat}
-""" + TRAIN + "  fusion_weight_grid: [1.0, 5.0]\n"
+"""
+    + TRAIN
+    + "  fusion_weight_grid: [1.0, 5.0]\n"
+)
 
 
 def write_recformer(root: Path, n_users: int = 90, n_items: int = 40, seed: int = 5) -> Path:
@@ -85,8 +93,10 @@ def write_recformer(root: Path, n_users: int = 90, n_items: int = 40, seed: int 
     for name, data in parts.items():
         (root / name).write_text(json.dumps(data), encoding="utf8")
     (root / "smap.json").write_text(json.dumps({f"I{i}": i for i in range(ds.n_items)}), encoding="utf8")
-    meta = {str(i): {"input": [{"title": r.title, "brand": r.brand, "category": r.category}]}
-            for i, r in enumerate(ds.items.itertuples())}
+    meta = {
+        str(i): {"input": [{"title": r.title, "brand": r.brand, "category": r.category}]}
+        for i, r in enumerate(ds.items.itertuples())
+    }
     (root / "meta.json").write_text(json.dumps(meta), encoding="utf8")
     return root
 
@@ -100,8 +110,9 @@ def built(tmp_path_factory):
     (tmp / "fusion.yaml").write_text(FUSION, encoding="utf8")
     runs = {"laser": tmp / "laser.yaml", "laser-fusion": tmp / "fusion.yaml"}
     torch.set_num_threads(1)
-    manifest = gpu_pack.build_pack(runs, tmp / "pack", tmp / "sr-work", data_dir=str(data), wheels="none",
-                                   sr_epochs=3, log=lambda *a: None)
+    manifest = gpu_pack.build_pack(
+        runs, tmp / "pack", tmp / "sr-work", data_dir=str(data), wheels="none", sr_epochs=3, log=lambda *a: None
+    )
     return {"tmp": tmp, "data": data, "pack": tmp / "pack", "manifest": manifest, "runs": runs}
 
 
@@ -128,15 +139,15 @@ def _check_nf4(w: torch.Tensor, q: dict, back: torch.Tensor) -> None:
     live = amax > 0
     assert bool((scales[live] >= amax[live] * (1 - 1e-6)).all())
     step = float(q["scale_range"][1])
-    assert bool((scales[live] <= amax[live] * 2 ** step * (1 + 1e-5)).all())
-    assert bool((back.reshape(-1)[:w.numel()][w.reshape(-1) == 0] == 0).all())   # zeros stay exact
+    assert bool((scales[live] <= amax[live] * 2**step * (1 + 1e-5)).all())
+    assert bool((back.reshape(-1)[: w.numel()][w.reshape(-1) == 0] == 0).all())  # zeros stay exact
 
 
 def test_nf4_round_trip_is_within_nf4_error():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(97, 130, generator=g) * 0.03
-    w[3] = 0.0                       # a zero block
-    w[5, 7] = 2.5                    # an outlier: its block's scale is large, the others' unaffected
+    w[3] = 0.0  # a zero block
+    w[5, 7] = 2.5  # an outlier: its block's scale is large, the others' unaffected
     q = quantize_nf4(w)
     assert q["codes"].dtype == torch.uint8 and q["codes"].numel() == -(-w.numel() // 64) * 32
     assert q["scales"].dtype == torch.uint8 and q["scales"].numel() == -(-w.numel() // 64)
@@ -166,7 +177,7 @@ def test_packed_weights_are_the_originals_within_nf4_error(built):
         elif name == emb:
             rows = (state[name] != 0).any(dim=1)
             kept = set(torch.nonzero(rows).flatten().tolist())
-            special = torch.tensor(sorted(tok.all_special_ids))   # exact: the suffix starts at the EOS row
+            special = torch.tensor(sorted(tok.all_special_ids))  # exact: the suffix starts at the EOS row
             assert torch.equal(state[name][special], w[special])
             rows[special] = False
             sub = w[rows]
@@ -198,7 +209,7 @@ def test_model_from_the_pack_equals_the_dequantized_model_and_is_close_to_the_or
     missing, unexpected = reference.llm.load_state_dict(unpack_state(built["pack"] / "backbone"), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing)
     for model in (original, reference):
-        model.load_state_dict(packed.state_dict())   # the same trainable weights everywhere
+        model.load_state_dict(packed.state_dict())  # the same trainable weights everywhere
     hists = [split.train[u][-k:] for u, k in [(0, 1), (1, 3), (2, 5), (7, 2), (9, 4)]]
     with torch.no_grad():
         got, _ = packed(hists)
@@ -235,8 +246,9 @@ def test_pack_holds_the_data_the_sr_checkpoints_and_the_configs(built, tmp_path)
         assert all(torch.equal(v, trained[k]) for k, v in packed.state_dict().items())
     # nothing pickled
     assert not [p for p in pack.rglob("*") if p.suffix in (".pt", ".pkl", ".pickle", ".bin", ".ckpt")]
-    assert gpu_pack.deterministic_tar_xz({"a": b"1", "b": b"2"}) == gpu_pack.deterministic_tar_xz({"b": b"2",
-                                                                                                  "a": b"1"})
+    assert gpu_pack.deterministic_tar_xz({"a": b"1", "b": b"2"}) == gpu_pack.deterministic_tar_xz(
+        {"b": b"2", "a": b"1"}
+    )
 
 
 def _entries(run: dict) -> list[tuple[int, int]]:
@@ -267,24 +279,25 @@ def test_run_trains_tests_writes_and_resumes(built, tmp_path):
     expected = [(1, -1), (1, 0), (1, 1), (2, -1), (2, 0)]
     for label in ("laser", "laser-fusion"):
         run = second["runs"][label]
-        assert run["status"] == "complete" and _entries(run) == expected   # no epoch trained twice
+        assert run["status"] == "complete" and _entries(run) == expected  # no epoch trained twice
         assert "partial" not in run
         assert set(run["results"]) >= {"recall@10", "ndcg@10", "mrr"}
         assert second["results"][label] == run["results"]
     assert second["runs"]["laser-fusion"]["fusion_weight"]["chosen"] in (1.0, 5.0)
     assert [c["runs"]["laser"]["epochs_trained"] for c in second["calls"]] == [1, 2]
     assert second["calls"][-1]["runs"]["laser-fusion"]["epochs_trained"] == 3
-    assert second["protocol"]["test_pairs"] == len(leave_one_out(load_dataset(
-        {"format": "recformer", "path": str(built["data"])})).eval_users)
+    assert second["protocol"]["test_pairs"] == len(
+        leave_one_out(load_dataset({"format": "recformer", "path": str(built["data"])})).eval_users
+    )
 
-    out3 = tmp_path / "out3"   # a finished run: reloaded and tested again, nothing trained
+    out3 = tmp_path / "out3"  # a finished run: reloaded and tested again, nothing trained
     assert gpu_run.main(common + ["--out", str(out3)]) == 0
     third = json.loads((out3 / "laser_tinysci_gpu.json").read_text())
     assert [r["epochs_trained"] for r in third["calls"][-1]["runs"].values()] == [0, 0]
     for label in ("laser", "laser-fusion", "sasrec", "bert4rec", "popularity"):
         assert third["results"][label] == pytest.approx(second["results"][label])
 
-    out4 = tmp_path / "out4"   # no time left: nothing starts, the baselines still get their figures
+    out4 = tmp_path / "out4"  # no time left: nothing starts, the baselines still get their figures
     assert gpu_run.main(common + ["--out", str(out4), "--time-limit", "1", "--runs", "laser"]) == 0
     fourth = json.loads((out4 / "laser_tinysci_gpu.json").read_text())
     assert fourth["calls"][-1]["runs"]["laser"] == "not started: time limit"
@@ -293,10 +306,27 @@ def test_run_trains_tests_writes_and_resumes(built, tmp_path):
 
 def test_run_sh_runs_the_same_entry_point(built, tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "run.sh"), str(built["pack"]), "--workdir",
-                           str(tmp_path / "work"), "--threads", "1", "--runs", "laser-fusion",
-                           "--set", "laser_train.stage1_epochs=1", "--set", "laser_train.stage2_epochs=0"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "bench" / "gpu" / "run.sh"),
+            str(built["pack"]),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--threads",
+            "1",
+            "--runs",
+            "laser-fusion",
+            "--set",
+            "laser_train.stage1_epochs=1",
+            "--set",
+            "laser_train.stage2_epochs=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STATUS complete" in proc.stdout
     result = json.loads((tmp_path / "out" / "laser_tinysci_gpu.json").read_text())
@@ -343,9 +373,16 @@ def test_merge_takes_each_run_from_its_last_call_and_refuses_other_pairs(tmp_pat
 
     def doc(runs: dict, ndcg: float, pairs: int = 5) -> dict:
         results = {k: {"ndcg@10": v} for k, v in runs.items()} | {"sasrec": {"ndcg@10": ndcg}}
-        return {"dataset": "d", "paper": {}, "machine": {}, "pack": {}, "protocol": {"test_pairs": pairs},
-                "results": results, "calls": [{"runs": list(runs)}],
-                "runs": {k: {"status": "incomplete"} for k in runs}}
+        return {
+            "dataset": "d",
+            "paper": {},
+            "machine": {},
+            "pack": {},
+            "protocol": {"test_pairs": pairs},
+            "results": results,
+            "calls": [{"runs": list(runs)}],
+            "runs": {k: {"status": "incomplete"} for k in runs},
+        }
 
     files = []
     for i, d in enumerate([doc({"a": 0.1, "b": 0.2}, 0.3), doc({"b": 0.25}, 0.31)]):

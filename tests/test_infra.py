@@ -46,8 +46,11 @@ def _require_extra(extra: str, register_only: bool = False) -> None:
     """Skip unless the extra's modules (or, ``register_only``, those ZenML needs to register its orchestrator) are
     installed; `make test` installs the kubernetes extra, which is all a kubeflow registration needs."""
     for module in REGISTER_MODULES[extra] if register_only else EXTRAS[extra][0]:
-        needs = f"registering a {extra} stack needs {module}: pip install -e .[kubernetes]" if register_only else \
-            f"the `{extra}` extra is not installed ({module} is missing): pip install -e .[{extra}]"
+        needs = (
+            f"registering a {extra} stack needs {module}: pip install -e .[kubernetes]"
+            if register_only
+            else f"the `{extra}` extra is not installed ({module} is missing): pip install -e .[{extra}]"
+        )
         pytest.importorskip(module, reason=f"{needs} (see infra/{extra}/README.md)")
 
 
@@ -98,26 +101,37 @@ def test_kubernetes_stack_registers_idempotently(clean_env):
     first = _register("kubernetes", [], env)
     assert set(first.values()) == {"created"} and len(first) == 5
     comps = _components("laser-k8s-test")
-    assert _flavors(comps) == {"orchestrator": "kubernetes", "artifact_store": "s3",
-                               "container_registry": "default", "image_builder": "local"}
+    assert _flavors(comps) == {
+        "orchestrator": "kubernetes",
+        "artifact_store": "s3",
+        "container_registry": "default",
+        "image_builder": "local",
+    }
     assert comps["orchestrator"].name == "laser-k8s-test-orchestrator"
     assert comps["orchestrator"].configuration["kubernetes_context"] == "test-cluster"
-    assert comps["orchestrator"].configuration["kubernetes_namespace"] == "zenml"     # the documented default
+    assert comps["orchestrator"].configuration["kubernetes_namespace"] == "zenml"  # the documented default
     assert "service_account_name" not in comps["orchestrator"].configuration
     assert comps["artifact_store"].configuration["path"] == "s3://laser-test-bucket/zenml"
     assert comps["container_registry"].configuration["uri"] == "registry.example.com/laser"
-    assert Client().active_stack_model.name == "default"                              # not activated
+    assert Client().active_stack_model.name == "default"  # not activated
 
     again = _register("kubernetes", [], env)
     assert set(again.values()) == {"unchanged"}
     assert {k: c.id for k, c in _components("laser-k8s-test").items()} == {k: c.id for k, c in comps.items()}
 
     # a changed value updates that component in place; a flag beats the environment variable
-    changed = _register("kubernetes", ["--namespace", "laser-runs", "--s3-endpoint-url", "http://minio.local:9000"],
-                        {**env, "LASER_K8S_NAMESPACE": "from-env", "LASER_K8S_SERVICE_ACCOUNT": "laser-sa"})
-    assert changed == {"laser-k8s-test-orchestrator": "updated", "laser-k8s-test-artifact-store": "updated",
-                       "laser-k8s-test-registry": "unchanged", "laser-k8s-test-image-builder": "unchanged",
-                       "laser-k8s-test": "unchanged"}
+    changed = _register(
+        "kubernetes",
+        ["--namespace", "laser-runs", "--s3-endpoint-url", "http://minio.local:9000"],
+        {**env, "LASER_K8S_NAMESPACE": "from-env", "LASER_K8S_SERVICE_ACCOUNT": "laser-sa"},
+    )
+    assert changed == {
+        "laser-k8s-test-orchestrator": "updated",
+        "laser-k8s-test-artifact-store": "updated",
+        "laser-k8s-test-registry": "unchanged",
+        "laser-k8s-test-image-builder": "unchanged",
+        "laser-k8s-test": "unchanged",
+    }
     comps2 = _components("laser-k8s-test")
     assert comps2["orchestrator"].id == comps["orchestrator"].id
     assert comps2["orchestrator"].configuration["kubernetes_namespace"] == "laser-runs"
@@ -133,8 +147,12 @@ def test_kubeflow_stack_registers_idempotently(clean_env):
     first = _register("kubeflow", ["--user-namespace", "laser-team"], env)
     assert set(first.values()) == {"created"}
     comps = _components("laser-kubeflow-test")
-    assert _flavors(comps) == {"orchestrator": "kubeflow", "artifact_store": "gcp",
-                               "container_registry": "default", "image_builder": "kaniko"}
+    assert _flavors(comps) == {
+        "orchestrator": "kubeflow",
+        "artifact_store": "gcp",
+        "container_registry": "default",
+        "image_builder": "kaniko",
+    }
     orch = comps["orchestrator"].configuration
     assert orch["kubeflow_hostname"] == "https://kubeflow.example.com/pipeline"
     assert orch["kubernetes_context"] == "test-cluster" and orch["kubeflow_namespace"] == "kubeflow"
@@ -154,8 +172,11 @@ def test_kubeflow_stack_registers_idempotently(clean_env):
 def test_missing_settings_are_named_together(clean_env):
     result = _invoke("kubernetes", ["--stack-name", "laser-miss"], {})
     assert result.exit_code == 2 and "Traceback" not in result.output
-    for var, flag in (("LASER_KUBE_CONTEXT", "--kube-context"), ("LASER_ARTIFACT_STORE_PATH", "--artifact-store-path"),
-                      ("LASER_CONTAINER_REGISTRY_URI", "--registry-uri")):
+    for var, flag in (
+        ("LASER_KUBE_CONTEXT", "--kube-context"),
+        ("LASER_ARTIFACT_STORE_PATH", "--artifact-store-path"),
+        ("LASER_CONTAINER_REGISTRY_URI", "--registry-uri"),
+    ):
         assert f"{var} (or {flag})" in result.stderr
     assert _no_stack("laser-miss")
 
@@ -163,7 +184,7 @@ def test_missing_settings_are_named_together(clean_env):
     result = _invoke("kubeflow", [], {**env, "LASER_IMAGE_BUILDER": "local"})
     assert result.exit_code == 2
     assert "LASER_KUBEFLOW_HOST (or --kubeflow-host) or LASER_KUBE_CONTEXT (or --kube-context)" in result.stderr
-    result = _invoke("kubeflow", ["--kubeflow-host", "https://kfp.example.com"], env)     # kaniko needs a context
+    result = _invoke("kubeflow", ["--kubeflow-host", "https://kfp.example.com"], env)  # kaniko needs a context
     assert result.exit_code == 2
     assert "LASER_KUBE_CONTEXT (or --kube-context): the kaniko image builder" in result.stderr
 
@@ -193,7 +214,7 @@ def test_missing_extra_is_reported(clean_env, monkeypatch, kind):
         result = _invoke(kind, [], env, check=False)
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert f"-e '.[{kind}]'" in result.stderr and "--no-requirements-check" in result.stderr
-        if kind == "kubeflow":       # ZenML cannot validate a kubeflow orchestrator without the kubernetes client
+        if kind == "kubeflow":  # ZenML cannot validate a kubeflow orchestrator without the kubernetes client
             result = _invoke(kind, ["--no-requirements-check"], env, check=False)
             assert result.exit_code == 2 and "validates its configuration" in result.stderr
             assert "-e '.[kubernetes]'" in result.stderr
@@ -225,6 +246,7 @@ print(f"help in {time.perf_counter() - start:.2f} s")
 
 # --- pipelines/settings.py -------------------------------------------------------------------------------
 
+
 def test_docker_settings_pin_the_lock_files():
     from pipelines.settings import IMAGE_ENVIRONMENT, InfraConfig, docker_settings
 
@@ -236,8 +258,9 @@ def test_docker_settings_pin_the_lock_files():
     for kind in ("kubernetes", "kubeflow"):
         path = Path(docker_settings(stack_kind=kind).requirements)
         assert path == REPO / "infra" / kind / f"requirements-{kind}.lock" and path.is_file()
-    custom = docker_settings(InfraConfig(parent_image="nvcr.io/nvidia/pytorch:25.01-py3",
-                                         environment={"LASER_CACHE_DIR": "/opt/laser"}))
+    custom = docker_settings(
+        InfraConfig(parent_image="nvcr.io/nvidia/pytorch:25.01-py3", environment={"LASER_CACHE_DIR": "/opt/laser"})
+    )
     assert custom.parent_image == "nvcr.io/nvidia/pytorch:25.01-py3"
     assert custom.environment["LASER_CACHE_DIR"] == "/opt/laser" and custom.environment["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(FileNotFoundError, match="nope.lock"):
@@ -257,8 +280,9 @@ def test_extra_lock_files_extend_requirements_lock():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for kind, overrides in (("kubernetes", set()), ("kubeflow", {"protobuf"})):
         lock = _pins(REPO / "infra" / kind / f"requirements-{kind}.lock")
-        assert {k: v for k, v in base.items() if k not in overrides} == \
-               {k: v for k, v in lock.items() if k in base and k not in overrides}
+        assert {k: v for k, v in base.items() if k not in overrides} == {
+            k: v for k, v in lock.items() if k in base and k not in overrides
+        }
         assert set(base) <= set(lock)
         for req in extras[kind]:
             name, version = req.split("==")
@@ -285,19 +309,24 @@ def test_gpu_count_lands_in_resource_settings():
 
     assert set(DEFAULT_GPU_STEPS) == {s.name for s in (bi_tune_stage1, bi_tune_stage2, evaluate_laser)}
     with pytest.raises(ValueError, match="gpu"):
-        InfraConfig.model_validate({"gpu": 1})            # typo'd keys are rejected
+        InfraConfig.model_validate({"gpu": 1})  # typo'd keys are rejected
     from pipelines.settings import detect_stack_kind
 
-    assert detect_stack_kind() == "local"                 # the isolated store's default stack
+    assert detect_stack_kind() == "local"  # the isolated store's default stack
 
 
-INFRA = {"gpus": 2, "node_selector": {"nvidia.com/gpu.present": "true"},
-         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+INFRA = {
+    "gpus": 2,
+    "node_selector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
 
 
 def test_kubernetes_gpu_pod_settings():
-    pytest.importorskip("kubernetes", reason="the `kubernetes` extra is not installed (kubernetes is missing): "
-                                             "pip install -e .[kubernetes]")
+    pytest.importorskip(
+        "kubernetes",
+        reason="the `kubernetes` extra is not installed (kubernetes is missing): pip install -e .[kubernetes]",
+    )
     from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
     from zenml.integrations.kubernetes.flavors import KubernetesOrchestratorSettings
 
@@ -313,7 +342,7 @@ def test_kubernetes_gpu_pod_settings():
     assert pod.resources == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
     assert pod.node_selectors == {"nvidia.com/gpu.present": "true"}
     assert pod.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    PipelineRunConfiguration.model_validate(options)     # the shape with_options(**options) accepts
+    PipelineRunConfiguration.model_validate(options)  # the shape with_options(**options) accepts
 
 
 def test_kubeflow_gpu_settings_warn():
@@ -347,15 +376,21 @@ def test_settings_survive_compilation(clean_env, kind):
     stack = Stack.from_model(Client().get_stack(name))
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # the Kubeflow GPU warning (test_kubeflow_gpu_settings_warn)
+        warnings.simplefilter("ignore")  # the Kubeflow GPU warning (test_kubeflow_gpu_settings_warn)
         options = settings_for_config(INFRA, kind)
     pipe = training_pipeline.with_options(settings=options["settings"])
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    pipe.prepare(dataset=cfg.dataset.model_dump(), validation=cfg.validation.model_dump(),
-                 data_fingerprint=data_fingerprint(cfg.dataset), sr_model=cfg.sr.model_dump(),
-                 sr_train=cfg.sr_train.model_dump(), laser=cfg.laser_spec().model_dump(),
-                 laser_train=cfg.laser_train.model_dump(), stop_after="laser")
-    run_config = PipelineRunConfiguration.model_validate({"steps": options["steps"]})   # = with_options(steps=...)
+    pipe.prepare(
+        dataset=cfg.dataset.model_dump(),
+        validation=cfg.validation.model_dump(),
+        data_fingerprint=data_fingerprint(cfg.dataset),
+        sr_model=cfg.sr.model_dump(),
+        sr_train=cfg.sr_train.model_dump(),
+        laser=cfg.laser_spec().model_dump(),
+        laser_train=cfg.laser_train.model_dump(),
+        stop_after="laser",
+    )
+    run_config = PipelineRunConfiguration.model_validate({"steps": options["steps"]})  # = with_options(steps=...)
     snapshot = Compiler().compile(pipeline=pipe, stack=stack, run_configuration=run_config)
     docker = snapshot.pipeline_configuration.settings["docker"]
     assert Path(docker.requirements).name == f"requirements-{kind}.lock"
@@ -367,4 +402,3 @@ def test_settings_survive_compilation(clean_env, kind):
         assert pod.resources["limits"] == {"nvidia.com/gpu": "2"}
         assert pod.node_selectors == INFRA["node_selector"] and pod.tolerations == INFRA["tolerations"]
         assert stack.orchestrator.get_settings(steps["split_dataset"]).pod_settings is None
-

@@ -39,8 +39,11 @@ def sr(data):
 
 
 def spec(name="tiny-random-llama", quant="nf4", **bitune) -> LaserSpec:
-    return LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name=name, quantization=quant))
+    return LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name=name, quantization=quant),
+    )
 
 
 def make(data, sr, **kw):
@@ -109,8 +112,16 @@ def test_only_trainable_parts_get_gradients_and_backbone_is_bit_identical(data, 
     llm_before, sr_before = llm_state(model), {k: v.clone() for k, v in model.sr.state_dict().items()}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n == "suffix" or n.startswith("mformer.") for n in names)
-    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=1e-3, users_per_epoch=16,
-                           valid_users=8, progress=False, item_batch_size=40)
+    cfg = LaserTrainConfig(
+        stage1_epochs=1,
+        stage2_epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        users_per_epoch=16,
+        valid_users=8,
+        progress=False,
+        item_batch_size=40,
+    )
     trainer = LaserTrainer(model, split, cfg)
     table = trainer.item_table()
     emb, route = model([[1, 2], [3]])
@@ -132,7 +143,7 @@ def test_prefix_gradients_survive_an_item_table_refresh_nf4(data, sr):
     model = make(data, sr)
     trainer = LaserTrainer(model, split, LaserTrainConfig(progress=False))
     for _ in range(2):
-        trainer.item_table()   # no-grad refresh of the whole table
+        trainer.item_table()  # no-grad refresh of the whole table
         model.train()
         model.zero_grad()
         emb, _ = model([[1, 2, 3]])
@@ -158,8 +169,9 @@ def test_router_hand_computed():
 
 
 def test_mformer_shapes_cross_attention_every_other_block_and_top1():
-    mf = MFormer(MFormerConfig(n_experts=3, n_query=5, width=16, n_layers=4, n_heads=2, dropout=0.0),
-                 sr_dim=8, llm_hidden=24).eval()
+    mf = MFormer(
+        MFormerConfig(n_experts=3, n_query=5, width=16, n_layers=4, n_heads=2, dropout=0.0), sr_dim=8, llm_hidden=24
+    ).eval()
     assert [b.cross for b in mf.blocks] == [True, False, True, False]
     collab = torch.randn(2, 6, 8)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -197,9 +209,15 @@ def test_load_balancing_loss_hand_computed():
 # ---------------------------------------------------------------------------- ablations
 def test_ablation_switches_change_exactly_their_parts(data, sr):
     full = make(data, sr)
-    no_moe = build_laser(LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF.model_copy(update={"n_experts": 1})),
-                                   text=TextConfig(history_len=4),
-                                   backbone=BackboneConfig(name="tiny-random-llama")), data[0].items, sr)
+    no_moe = build_laser(
+        LaserSpec(
+            bitune=BiTuneConfig(mformer=SMALL_MF.model_copy(update={"n_experts": 1})),
+            text=TextConfig(history_len=4),
+            backbone=BackboneConfig(name="tiny-random-llama"),
+        ),
+        data[0].items,
+        sr,
+    )
     plain = make(data, sr, prefix="plain")
     none = make(data, sr, prefix="none")
     mean = make(data, sr, pooling="mean")
@@ -224,8 +242,15 @@ def test_ablation_switches_change_exactly_their_parts(data, sr):
 @pytest.mark.parametrize("switch", ["skip_stage1", "skip_stage2"])
 def test_stage_switches(data, sr, switch):
     _, split = data
-    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, users_per_epoch=16, valid_users=16,
-                           progress=False, **{switch: True})
+    cfg = LaserTrainConfig(
+        stage1_epochs=1,
+        stage2_epochs=1,
+        batch_size=8,
+        users_per_epoch=16,
+        valid_users=16,
+        progress=False,
+        **{switch: True},
+    )
     res = LaserTrainer(make(data, sr), split, cfg).fit()
     stages = {h["stage"] for h in res.history}
     assert stages == ({2} if switch == "skip_stage1" else {1})
@@ -234,8 +259,17 @@ def test_stage_switches(data, sr, switch):
 # ----------------------------------------------------------------------- training
 def test_resume_gives_the_same_result(data, sr, tmp_path):
     _, split = data
-    cfg = LaserTrainConfig(stage1_epochs=2, stage2_epochs=2, batch_size=8, lr=1e-3, users_per_epoch=16,
-                           valid_users=8, progress=False, seed=5, item_batch_size=40)
+    cfg = LaserTrainConfig(
+        stage1_epochs=2,
+        stage2_epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        users_per_epoch=16,
+        valid_users=8,
+        progress=False,
+        seed=5,
+        item_batch_size=40,
+    )
     straight = LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path / "a").fit()
 
     class Crash(RuntimeError):
@@ -257,9 +291,18 @@ def test_resume_gives_the_same_result(data, sr, tmp_path):
 
 
 # ------------------------------------------------- private checkpoints are reused only for the same content
-CACHE = dict(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=1e-3, users_per_epoch=16, valid_users=8,
-             progress=False, seed=4, item_batch_size=40)
-TRAINED = [(1, -1), (1, 0), (2, -1), (2, 0)]   # the entries a full fit records (validations and epochs)
+CACHE = dict(
+    stage1_epochs=1,
+    stage2_epochs=1,
+    batch_size=8,
+    lr=1e-3,
+    users_per_epoch=16,
+    valid_users=8,
+    progress=False,
+    seed=4,
+    item_batch_size=40,
+)
+TRAINED = [(1, -1), (1, 0), (2, -1), (2, 0)]  # the entries a full fit records (validations and epochs)
 
 
 def _fit_counting(trainer):
@@ -302,9 +345,10 @@ def test_new_sr_weights_make_the_next_run_train_again(data, sr, tmp_path):
     assert new.run_hash() != old.run_hash()
     result, recorded = _fit_counting(new)
     assert recorded == TRAINED and result.cost["users_trained"] == 2 * 16
-    again, recorded = _fit_counting(LaserTrainer(make(data, _sr_copy(sr, nudge=0.5)), split, cfg,
-                                                 workdir=tmp_path / "run"))
-    assert recorded == [] and again.history == result.history   # and that run is reused as such
+    again, recorded = _fit_counting(
+        LaserTrainer(make(data, _sr_copy(sr, nudge=0.5)), split, cfg, workdir=tmp_path / "run")
+    )
+    assert recorded == [] and again.history == result.history  # and that run is reused as such
 
 
 def test_an_edited_item_title_makes_the_next_run_train_again(data, sr, tmp_path):
@@ -318,8 +362,9 @@ def test_an_edited_item_title_makes_the_next_run_train_again(data, sr, tmp_path)
     # the item texts alone are in the key: the same backbone object, only the catalogue differs
     model = make(data, sr)
     torch.manual_seed(spec().seed)
-    same_backbone = LaserModel(model.backbone, sr, TextFormatter(items, model.formatter.config,
-                                                                 tokenizer=model.tokenizer), model.config)
+    same_backbone = LaserModel(
+        model.backbone, sr, TextFormatter(items, model.formatter.config, tokenizer=model.tokenizer), model.config
+    )
     assert same_backbone.backbone.content_fingerprint() == model.backbone.content_fingerprint()
     assert same_backbone.weights_fingerprint() != model.weights_fingerprint()
     # and a run on the edited catalogue trains again in the folder of the old one
@@ -337,11 +382,11 @@ def test_the_run_key_covers_the_data_and_every_setting_not_only_sizes(data, sr):
     key = LaserTrainer(make(data, sr), split, cfg).run_hash()
     u = next(i for i, t in enumerate(split.train) if len(t) >= 2 and t[0] != t[1])
     train = [t.copy() for t in split.train]
-    train[u][[0, 1]] = train[u][[1, 0]]                    # same sizes, other data
+    train[u][[0, 1]] = train[u][[1, 0]]  # same sizes, other data
     assert LaserTrainer(make(data, sr), replace(split, train=train), cfg).run_hash() != key
     for change in ({"tau": 0.07}, {"lb_weight": 0.0}, {"eval_batch_size": 3}, {"item_batch_size": 3}):
         assert LaserTrainer(make(data, sr), split, cfg.model_copy(update=change)).run_hash() != key, change
-    quiet = cfg.model_copy(update={"progress": True, "threads": 1, "device": "cpu"})   # where, not what: same key
+    quiet = cfg.model_copy(update={"progress": True, "threads": 1, "device": "cpu"})  # where, not what: same key
     assert LaserTrainer(make(data, sr), split, quiet).run_hash() == key
 
 
@@ -350,11 +395,10 @@ def test_resume_false_trains_again_over_a_finished_run(data, sr, tmp_path):
     _, split = data
     cfg = LaserTrainConfig(**CACHE)
     first, _ = _fit_counting(LaserTrainer(make(data, sr), split, cfg, workdir_root=tmp_path))
-    fresh, recorded = _fit_counting(LaserTrainer(make(data, sr), split, cfg, workdir_root=tmp_path,
-                                                 resume=False))
+    fresh, recorded = _fit_counting(LaserTrainer(make(data, sr), split, cfg, workdir_root=tmp_path, resume=False))
     assert recorded == TRAINED
-    assert fresh.cost["items_encoded"] == first.cost["items_encoded"] > 0   # tables computed, not read
-    assert [h["loss"] for h in fresh.history] == [h["loss"] for h in first.history]   # seeded: the same run
+    assert fresh.cost["items_encoded"] == first.cost["items_encoded"] > 0  # tables computed, not read
+    assert [h["loss"] for h in fresh.history] == [h["loss"] for h in first.history]  # seeded: the same run
 
 
 def test_no_cache_reaches_the_bi_tuning_trainers(data, sr, monkeypatch):
@@ -401,9 +445,18 @@ def test_no_cache_reaches_the_bi_tuning_trainers(data, sr, monkeypatch):
 # two stage-2 epochs over all training users (batch 8, lr 1e-3; all 400 validation users) raise validation
 # NDCG@10 from 0.307 (epoch -1) by 0.035 to 0.045 for each of the seeds 0-5 tried; a trainer that does not
 # step the weights records exactly the epoch -1 value at every epoch (gain 0).
-LEARN = LaserTrainConfig(skip_stage1=True, stage2_epochs=2, batch_size=8, lr=1e-3, seed=0, progress=False,
-                         item_batch_size=40, eval_batch_size=32, **PLAIN)
-LEARN_MARGIN = 0.02   # NDCG@10 over epoch -1 (0.307): about half the smallest gain seen, 5 users moved to rank 1
+LEARN = LaserTrainConfig(
+    skip_stage1=True,
+    stage2_epochs=2,
+    batch_size=8,
+    lr=1e-3,
+    seed=0,
+    progress=False,
+    item_batch_size=40,
+    eval_batch_size=32,
+    **PLAIN,
+)
+LEARN_MARGIN = 0.02  # NDCG@10 over epoch -1 (0.307): about half the smallest gain seen, 5 users moved to rank 1
 
 
 def learning_problems(result, stage: int, margin: float = LEARN_MARGIN) -> list[str]:
@@ -418,8 +471,9 @@ def learning_problems(result, stage: int, margin: float = LEARN_MARGIN) -> list[
         problems.append(f"stage {stage}: the best epoch is the untrained weights (epoch -1); curve {curve}")
     gain = best["valid"]["ndcg@10"] - untrained
     if not gain > margin:
-        problems.append(f"stage {stage}: validation NDCG@10 gain over epoch -1 is {gain:.4f}, not above "
-                        f"{margin}; curve {curve}")
+        problems.append(
+            f"stage {stage}: validation NDCG@10 gain over epoch -1 is {gain:.4f}, not above {margin}; curve {curve}"
+        )
     return problems
 
 
@@ -455,8 +509,17 @@ def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
     """`laser_train.accelerate: true` trains through Hugging Face Accelerate (data-parallel under
     `accelerate launch`); in one CPU process it must give bit-identical weights and history."""
     _, split = data
-    base = dict(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=1e-3, users_per_epoch=16, valid_users=8,
-                progress=False, seed=3, item_batch_size=40)
+    base = dict(
+        stage1_epochs=1,
+        stage2_epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        users_per_epoch=16,
+        valid_users=8,
+        progress=False,
+        seed=3,
+        item_batch_size=40,
+    )
     plain = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base)).fit()
     trainer = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, accelerate=True))
     assert trainer.accelerator is not None and trainer.world == 1
@@ -468,8 +531,18 @@ def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
 
 
 # --------------------------------------------------------------- accelerate launch jobs (laser_core.launch)
-LAUNCH = dict(stage1_epochs=1, stage2_epochs=1, lr=1e-3, users_per_epoch=32, valid_users=8, progress=False,
-              seed=3, item_batch_size=40, threads=1, **PLAIN)
+LAUNCH = dict(
+    stage1_epochs=1,
+    stage2_epochs=1,
+    lr=1e-3,
+    users_per_epoch=32,
+    valid_users=8,
+    progress=False,
+    seed=3,
+    item_batch_size=40,
+    threads=1,
+    **PLAIN,
+)
 
 
 def _last_weights(root) -> dict[str, torch.Tensor]:
@@ -479,8 +552,9 @@ def _last_weights(root) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_same_trained_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor],
-                                init: dict[str, torch.Tensor]) -> None:
+def assert_same_trained_weights(
+    one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+) -> None:
     """``one`` and ``two`` agree within 1e-5 and moved away from ``init``. The attention key biases are left out:
     their true gradient is 0 (softmax ignores a constant added to every key score), so Adam turns float noise
     into full-size steps."""
@@ -493,7 +567,7 @@ def assert_same_trained_weights(one: dict[str, torch.Tensor], two: dict[str, tor
             a, b, v0 = a[keep], b[keep], v0[keep]
         assert torch.allclose(a, b, atol=1e-5), (k, float((a - b).abs().max()))
         moved = max(moved, float((a - v0).abs().max()))
-    assert moved > 1e-4   # the comparison is about trained weights, not the initial ones
+    assert moved > 1e-4  # the comparison is about trained weights, not the initial ones
 
 
 def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path):
@@ -534,13 +608,23 @@ def test_two_launched_processes_train_as_one_process_with_the_combined_batch(dat
     ds, split = data
     base = {**LAUNCH, "lb_weight": 0.0}
     torch.set_num_threads(1)
-    LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, batch_size=16),
-                 workdir_root=tmp_path / "one").fit(stages=(1,))
-    job = fit_launched(ds.items, split, sr, spec(), LaserTrainConfig(**base, batch_size=8, accelerate=True),
-                       stages=(1,), processes=2, workdir_root=tmp_path / "two")
+    LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, batch_size=16), workdir_root=tmp_path / "one").fit(
+        stages=(1,)
+    )
+    job = fit_launched(
+        ds.items,
+        split,
+        sr,
+        spec(),
+        LaserTrainConfig(**base, batch_size=8, accelerate=True),
+        stages=(1,),
+        processes=2,
+        workdir_root=tmp_path / "two",
+    )
     assert job.processes == 2
-    assert_same_trained_weights(_last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"),
-                                make(data, sr).state_dict())
+    assert_same_trained_weights(
+        _last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"), make(data, sr).state_dict()
+    )
 
 
 def test_a_failing_launched_job_names_the_command_and_the_error(data, sr):
@@ -549,8 +633,7 @@ def test_a_failing_launched_job_names_the_command_and_the_error(data, sr):
     ds, split = data
     broken = ds.items.drop(columns=["title"])
     with pytest.raises(LaunchError) as err:
-        fit_launched(broken, split, sr, spec(), LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True),
-                     stages=(1,))
+        fit_launched(broken, split, sr, spec(), LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True), stages=(1,))
     msg = str(err.value)
     assert "exit status" in msg and "accelerate.commands.launch" in msg and "title" in msg
 

@@ -37,12 +37,15 @@ def sr(data):
 
 
 def spec() -> LaserSpec:
-    return LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF), text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="nf4"))
+    return LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF),
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="nf4"),
+    )
 
 
 def make(data, sr):
-    return build_laser(spec(), data[0].items, sr)   # seeded: equal weights on every call
+    return build_laser(spec(), data[0].items, sr)  # seeded: equal weights on every call
 
 
 def cfg_(**kw) -> LaserTrainConfig:
@@ -68,45 +71,67 @@ def spy_lrs(trainer: LaserTrainer) -> list[float]:
 # ------------------------------------------------------------------------------------------- config
 def test_defaults_are_the_official_recipe_and_the_config_stays_strict(data, sr):
     cfg = LaserTrainConfig()
-    assert (cfg.optimizer, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, cfg.warmup_start_lr, cfg.min_lr,
-            cfg.grad_accumulation, cfg.patience, cfg.curve_every_users) == \
-        ("adamw", 0.05, "cosine", 500, 1e-6, 1e-5, 8, 3, None)
+    assert (
+        cfg.optimizer,
+        cfg.weight_decay,
+        cfg.schedule,
+        cfg.warmup_steps,
+        cfg.warmup_start_lr,
+        cfg.min_lr,
+        cfg.grad_accumulation,
+        cfg.patience,
+        cfg.curve_every_users,
+    ) == ("adamw", 0.05, "cosine", 500, 1e-6, 1e-5, 8, 3, None)
     assert (cfg.lr, cfg.batch_size, cfg.batch_size * cfg.grad_accumulation) == (1e-4, 4, 32)
-    for bad in ({"optimizer": "sgd"}, {"schedule": "linear"}, {"grad_accumulation": 0}, {"patience": 0},
-                {"warmup": 10}, {"patience": "3"}):
+    for bad in (
+        {"optimizer": "sgd"},
+        {"schedule": "linear"},
+        {"grad_accumulation": 0},
+        {"patience": 0},
+        {"warmup": 10},
+        {"patience": "3"},
+    ):
         with pytest.raises(pydantic.ValidationError):
             LaserTrainConfig(**bad)
     # every new knob is in the run key
     _, split = data
     base = cfg_(**PLAIN)
     key = LaserTrainer(make(data, sr), split, base).run_hash()
-    for change in ({"optimizer": "adamw"}, {"weight_decay": 0.1}, {"schedule": "cosine"}, {"warmup_steps": 7},
-                   {"warmup_start_lr": 1e-7}, {"min_lr": 1e-6}, {"grad_accumulation": 2}, {"patience": 2},
-                   {"curve_every_users": 8}):
+    for change in (
+        {"optimizer": "adamw"},
+        {"weight_decay": 0.1},
+        {"schedule": "cosine"},
+        {"warmup_steps": 7},
+        {"warmup_start_lr": 1e-7},
+        {"min_lr": 1e-6},
+        {"grad_accumulation": 2},
+        {"patience": 2},
+        {"curve_every_users": 8},
+    ):
         assert LaserTrainer(make(data, sr), split, base.model_copy(update=change)).run_hash() != key, change
 
 
 # ------------------------------------------------------------------------------------------ schedule
 def test_lr_schedule_hand_computed():
     cfg = LaserTrainConfig(lr=1e-4, warmup_start_lr=1e-6, min_lr=1e-5, warmup_steps=4)
-    planned = 10          # steps 0..9: warm-up 0..4, cosine 4..9 (5 intervals)
+    planned = 10  # steps 0..9: warm-up 0..4, cosine 4..9 (5 intervals)
     expected = {
-        0: 1e-6,                      # warmup_start_lr
-        1: 2.575e-5,                  # 1e-6 + 99e-6 * 1/4
-        2: 5.05e-5,                   # 1e-6 + 99e-6 * 2/4
+        0: 1e-6,  # warmup_start_lr
+        1: 2.575e-5,  # 1e-6 + 99e-6 * 1/4
+        2: 5.05e-5,  # 1e-6 + 99e-6 * 2/4
         3: 7.525e-5,
-        4: 1e-4,                      # lr at warmup_steps
-        5: 9.140576474687264e-5,      # 1e-5 + 9e-5 * (1 + cos(pi/5)) / 2
-        6: 6.890576474687264e-5,      # 1e-5 + 9e-5 * (1 + cos(2pi/5)) / 2
+        4: 1e-4,  # lr at warmup_steps
+        5: 9.140576474687264e-5,  # 1e-5 + 9e-5 * (1 + cos(pi/5)) / 2
+        6: 6.890576474687264e-5,  # 1e-5 + 9e-5 * (1 + cos(2pi/5)) / 2
         7: 4.109423525312737e-5,
         8: 1.859423525312737e-5,
-        9: 1e-5,                      # min_lr at the last planned step
-        12: 1e-5,                     # past the plan: stays at min_lr
+        9: 1e-5,  # min_lr at the last planned step
+        12: 1e-5,  # past the plan: stays at min_lr
     }
     for step, lr in expected.items():
         assert lr_at(step, planned, cfg) == pytest.approx(lr, rel=1e-9, abs=0), step
     # warm-up capped to the plan: a 3-step run still reaches lr (at its last step)
-    short = LaserTrainConfig(lr=1e-4, warmup_start_lr=1e-6, min_lr=1e-5)          # warmup_steps 500
+    short = LaserTrainConfig(lr=1e-4, warmup_start_lr=1e-6, min_lr=1e-5)  # warmup_steps 500
     assert [lr_at(s, 3, short) for s in range(3)] == pytest.approx([1e-6, 5.05e-5, 1e-4], rel=1e-9)
     constant = cfg.model_copy(update={"schedule": "constant"})
     assert {lr_at(s, planned, constant) for s in range(12)} == {1e-4}
@@ -115,15 +140,19 @@ def test_lr_schedule_hand_computed():
 def test_planned_steps_cover_both_stages_of_the_run(data, sr):
     _, split = data
     model = make(data, sr)
-    t = LaserTrainer(model, split, cfg_(stage1_epochs=2, stage2_epochs=3, batch_size=4, grad_accumulation=3,
-                                        users_per_epoch=16))
-    assert t.steps_per_epoch() == 2                   # 16 users / 4 = 4 mini-batches -> steps after 3 and 4
+    t = LaserTrainer(
+        model, split, cfg_(stage1_epochs=2, stage2_epochs=3, batch_size=4, grad_accumulation=3, users_per_epoch=16)
+    )
+    assert t.steps_per_epoch() == 2  # 16 users / 4 = 4 mini-batches -> steps after 3 and 4
     assert (t.stage_steps(1), t.stage_steps(2), t.planned_steps) == (4, 6, 10)
-    t = LaserTrainer(model, split, cfg_(stage1_epochs=2, stage2_epochs=3, batch_size=4, grad_accumulation=3,
-                                        users_per_epoch=16, skip_stage1=True))
+    t = LaserTrainer(
+        model,
+        split,
+        cfg_(stage1_epochs=2, stage2_epochs=3, batch_size=4, grad_accumulation=3, users_per_epoch=16, skip_stage1=True),
+    )
     assert t.planned_steps == 6
     t = LaserTrainer(model, split, cfg_(stage1_epochs=1, stage2_epochs=1, batch_size=4, grad_accumulation=3))
-    n = len(t.train_users)                            # no users_per_epoch: every training user
+    n = len(t.train_users)  # no users_per_epoch: every training user
     assert n > 16 and t.planned_steps == 2 * math.ceil(math.ceil(n / 4) / 3)
 
 
@@ -133,8 +162,9 @@ def _one_step_update(data, sr, table, batch_size: int, accumulation: int) -> dic
     the accumulated gradient itself, where Adam's first step would be about lr x its sign)."""
     _, split = data
     model = make(data, sr)
-    cfg = cfg_(users_per_epoch=4, batch_size=batch_size, lb_weight=0.0, lr=1e-2,
-               **{**PLAIN, "grad_accumulation": accumulation})
+    cfg = cfg_(
+        users_per_epoch=4, batch_size=batch_size, lb_weight=0.0, lr=1e-2, **{**PLAIN, "grad_accumulation": accumulation}
+    )
     trainer = LaserTrainer(model, split, cfg)
     trainer.optimizer = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr)
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -151,20 +181,23 @@ def test_accumulated_step_equals_one_big_batch(data, sr, batch_size, accumulatio
     table = LaserTrainer(make(data, sr), split, cfg_()).item_table()
     ref = _one_step_update(data, sr, table, 4, 1)
     got = _one_step_update(data, sr, table, batch_size, accumulation)
-    assert max(float(v.abs().max()) for v in ref.values()) > 1e-3     # a real update to compare
+    assert max(float(v.abs().max()) for v in ref.values()) > 1e-3  # a real update to compare
     for k, v in ref.items():
         assert torch.allclose(got[k], v, atol=1e-6, rtol=0), (k, float((got[k] - v).abs().max()))
 
 
 def test_accumulation_steps_every_group_and_at_the_end_of_the_epoch(data, sr):
     _, split = data
-    trainer = LaserTrainer(make(data, sr), split, cfg_(users_per_epoch=10, batch_size=2,
-                                                       **{**PLAIN, "grad_accumulation": 2}))
+    trainer = LaserTrainer(
+        make(data, sr), split, cfg_(users_per_epoch=10, batch_size=2, **{**PLAIN, "grad_accumulation": 2})
+    )
     steps = []
     real = trainer._optimizer_step
-    trainer._optimizer_step = lambda: (steps.append(sum(p.grad is not None for p in
-                                                         trainer.model.trainable_parameters())), real())[1]
-    trainer.train_epoch(trainer.item_table(), 2, 0)    # 5 mini-batches: steps after 2, 4 and 5
+    trainer._optimizer_step = lambda: (
+        steps.append(sum(p.grad is not None for p in trainer.model.trainable_parameters())),
+        real(),
+    )[1]
+    trainer.train_epoch(trainer.item_table(), 2, 0)  # 5 mini-batches: steps after 2, 4 and 5
     assert len(steps) == 3 == trainer.global_step == trainer.steps_per_epoch()
     assert all(n > 0 for n in steps)
 
@@ -207,7 +240,7 @@ def test_early_stopping_count_survives_a_resume(data, sr, tmp_path):
         if (stage, epoch) == (1, 1):
             raise Crash
 
-    values = [1.0 - 0.01 * i for i in range(20)]          # never improves on epoch -1
+    values = [1.0 - 0.01 * i for i in range(20)]  # never improves on epoch -1
     calls: list = []
     first = LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path)
     _fake_training(first, values, calls)
@@ -218,12 +251,22 @@ def test_early_stopping_count_survives_a_resume(data, sr, tmp_path):
     again = LaserTrainer(make(data, sr), split, cfg, workdir=tmp_path)
     _fake_training(again, values, calls)
     again.fit()
-    assert calls == [(1, 2), (2, 0), (2, 1), (2, 2)]      # one more stage-1 epoch, not three
+    assert calls == [(1, 2), (2, 0), (2, 1), (2, 2)]  # one more stage-1 epoch, not three
 
 
 # ------------------------------------------------------------------------------- step counter/resume
-RESUME = dict(stage1_epochs=2, stage2_epochs=2, batch_size=4, grad_accumulation=2, users_per_epoch=16,
-              warmup_steps=3, lr=1e-3, min_lr=1e-4, patience=None, seed=5)
+RESUME = dict(
+    stage1_epochs=2,
+    stage2_epochs=2,
+    batch_size=4,
+    grad_accumulation=2,
+    users_per_epoch=16,
+    warmup_steps=3,
+    lr=1e-3,
+    min_lr=1e-4,
+    patience=None,
+    seed=5,
+)
 
 
 def test_resume_continues_the_schedule_from_the_saved_step(data, sr, tmp_path):
@@ -251,8 +294,9 @@ def test_resume_continues_the_schedule_from_the_saved_step(data, sr, tmp_path):
     after = spy_lrs(resumed)
     out = resumed.fit()
     assert after == pytest.approx(lrs[6:], rel=1e-12) and resumed.global_step == 8
-    assert [(h["stage"], h["epoch"], h["loss"]) for h in out.history] == \
-        [(h["stage"], h["epoch"], h["loss"]) for h in result.history]
+    assert [(h["stage"], h["epoch"], h["loss"]) for h in out.history] == [
+        (h["stage"], h["epoch"], h["loss"]) for h in result.history
+    ]
     for k, v in result.model.state_dict().items():
         assert torch.equal(v, out.model.state_dict()[k]), k
 
@@ -273,16 +317,20 @@ def test_stage2_as_its_own_fit_continues_where_the_planned_stage1_ends(data, sr)
 # ---------------------------------------------------------------------------------- learning curves
 def test_curve_entries_every_n_users_leave_training_and_best_unchanged(data, sr):
     _, split = data
-    base = dict(stage1_epochs=1, stage2_epochs=1, batch_size=4, grad_accumulation=2, users_per_epoch=16,
-                patience=None, seed=2)
+    base = dict(
+        stage1_epochs=1, stage2_epochs=1, batch_size=4, grad_accumulation=2, users_per_epoch=16, patience=None, seed=2
+    )
     plain = LaserTrainer(make(data, sr), split, cfg_(**base)).fit()
     curved = LaserTrainer(make(data, sr), split, cfg_(**base, curve_every_users=8)).fit()
     curve = [h for h in curved.history if h.get("curve")]
     epochs = [h for h in curved.history if not h.get("curve")]
-    assert [(h["stage"], h["epoch"], h["users_seen"]) for h in curve] == [(1, 0, 8), (1, 0, 16), (2, 0, 24),
-                                                                         (2, 0, 32)]
-    assert [(h["stage"], h["epoch"], h["users_seen"]) for h in epochs] == [(1, -1, 0), (1, 0, 16), (2, -1, 16),
-                                                                          (2, 0, 32)]
+    assert [(h["stage"], h["epoch"], h["users_seen"]) for h in curve] == [(1, 0, 8), (1, 0, 16), (2, 0, 24), (2, 0, 32)]
+    assert [(h["stage"], h["epoch"], h["users_seen"]) for h in epochs] == [
+        (1, -1, 0),
+        (1, 0, 16),
+        (2, -1, 16),
+        (2, 0, 32),
+    ]
     assert epochs == plain.history and curved.best == plain.best
     # the last stage-2 curve point: the same weights and frozen table as the epoch's validation
     assert curve[-1]["valid"] == epochs[-1]["valid"]
@@ -292,9 +340,19 @@ def test_curve_entries_every_n_users_leave_training_and_best_unchanged(data, sr)
 
 def test_curve_entries_never_become_best_nor_reset_patience(data, sr):
     _, split = data
-    trainer = LaserTrainer(make(data, sr), split, cfg_(stage1_epochs=5, skip_stage2=True, batch_size=4,
-                                                       grad_accumulation=1, users_per_epoch=8, patience=1,
-                                                       curve_every_users=4))
+    trainer = LaserTrainer(
+        make(data, sr),
+        split,
+        cfg_(
+            stage1_epochs=5,
+            skip_stage2=True,
+            batch_size=4,
+            grad_accumulation=1,
+            users_per_epoch=8,
+            patience=1,
+            curve_every_users=4,
+        ),
+    )
     inside = {"epoch": False}
     epoch_values = [0.5, 0.4, 0.3, 0.2]
     trainer.validate = lambda table: {"ndcg@10": 0.9 if inside["epoch"] else epoch_values.pop(0)}
@@ -312,7 +370,7 @@ def test_curve_entries_never_become_best_nor_reset_patience(data, sr):
     curve = [h for h in res.history if h.get("curve")]
     assert [h["users_seen"] for h in curve] == [4, 8] and all(h["valid"]["ndcg@10"] == 0.9 for h in curve)
     assert res.best["1"] == {"epoch": -1, "valid": {"ndcg@10": 0.5}}
-    assert [h["epoch"] for h in res.history if not h.get("curve")] == [-1, 0]   # patience 1: one epoch
+    assert [h["epoch"] for h in res.history if not h.get("curve")] == [-1, 0]  # patience 1: one epoch
 
 
 # ------------------------------------------------------------------------------------- weight decay
@@ -346,8 +404,10 @@ def test_adam_option_and_a_model_without_two_dim_weights():
     assert type(opt) is torch.optim.Adam and [g["weight_decay"] for g in opt.param_groups] == [0.0]
     both = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))]
     opt = build_optimizer(both, LaserTrainConfig(optimizer="adam", weight_decay=0.1))
-    assert [(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups] == \
-        [(0.1, [(3, 2)]), (0.0, [(2,)])]
+    assert [(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups] == [
+        (0.1, [(3, 2)]),
+        (0.0, [(2,)]),
+    ]
     assert np.isclose(opt.param_groups[0]["lr"], 1e-4)
 
 
@@ -357,22 +417,22 @@ def test_group_by_length_deals_the_same_examples_into_steps_of_similar_length(da
     grouped = cfg_(batch_size=4, grad_accumulation=2, group_by_length=24)
     plain = LaserTrainer(make(data, sr), data[1], base)
     sorted_ = LaserTrainer(make(data, sr), data[1], grouped)
-    assert plain.run_hash() != sorted_.run_hash()   # a different run, and its own checkpoints
+    assert plain.run_hash() != sorted_.run_hash()  # a different run, and its own checkpoints
     h0, t0 = plain.examples(1, 3)
     h1, t1 = sorted_.examples(1, 3)
-    pairs = lambda h, t: sorted((tuple(x.tolist()), int(y)) for x, y in zip(h, t))   # noqa: E731
-    assert pairs(h0, t0) == pairs(h1, t1)             # the same cuts and targets, another order
+    pairs = lambda h, t: sorted((tuple(x.tolist()), int(y)) for x, y in zip(h, t))  # noqa: E731
+    assert pairs(h0, t0) == pairs(h1, t1)  # the same cuts and targets, another order
     step = 8
     full = len(h1) // step * step
 
-    def padded(h):   # the items a padded batch of 4 holds, summed over the epoch
-        return sum(max(len(x) for x in h[lo:lo + 4]) * len(h[lo:lo + 4]) for lo in range(0, len(h), 4))
+    def padded(h):  # the items a padded batch of 4 holds, summed over the epoch
+        return sum(max(len(x) for x in h[lo : lo + 4]) * len(h[lo : lo + 4]) for lo in range(0, len(h), 4))
 
     assert padded(h1) < padded(h0)
-    for lo in range(0, full, step):                   # each whole step comes from one length-sorted group
-        lens = [len(x) for x in h1[lo:lo + step]]
+    for lo in range(0, full, step):  # each whole step comes from one length-sorted group
+        lens = [len(x) for x in h1[lo : lo + step]]
         assert lens == sorted(lens, reverse=True)
-    assert sorted_.examples(1, 3)[1].tolist() == t1.tolist()   # seeded
+    assert sorted_.examples(1, 3)[1].tolist() == t1.tolist()  # seeded
     assert sorted_.examples(1, 4)[1].tolist() != t1.tolist()
 
 
@@ -382,7 +442,7 @@ def test_a_nonfinite_loss_skips_its_step_and_leaves_the_weights_finite(data, sr)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real, calls = trainer._loss, []
 
-    def poisoned(emb, table, targets):   # the second mini-batch's loss is NaN (as a bad bf16 batch would be)
+    def poisoned(emb, table, targets):  # the second mini-batch's loss is NaN (as a bad bf16 batch would be)
         calls.append(1)
         loss = real(emb, table, targets)
         return loss * float("nan") if len(calls) == 2 else loss
@@ -394,4 +454,4 @@ def test_a_nonfinite_loss_skips_its_step_and_leaves_the_weights_finite(data, sr)
     assert (trainer.cost["nonfinite_batches"], trainer.cost["skipped_steps"], trainer.global_step) == (1, 1, 4)
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    assert any(not torch.equal(before[k], after[k]) for k in after)   # the three good steps did train
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the three good steps did train

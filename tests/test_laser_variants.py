@@ -34,8 +34,11 @@ def make(data, sr, **bitune):
     ds, _ = data
     from laser_core.llm import BackboneConfig
 
-    spec = LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF, **bitune), text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"))
+    spec = LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+    )
     return build_laser(spec, ds.items, sr)
 
 
@@ -125,14 +128,19 @@ def test_embedding_transform_is_fitted_once_applied_to_both_sides_and_saved(data
     # saved with the weights: a rebuilt model with the state reproduces the table
     again = build_laser(model_spec(model), ds.items, sr)
     again.load_state_dict(model.state_dict())
-    torch.testing.assert_close(again.eval().embed_items(items[:8]), table[:8], atol=1e-3, rtol=1e-3)  # whitening scales up batch-padding noise
+    torch.testing.assert_close(
+        again.eval().embed_items(items[:8]), table[:8], atol=1e-3, rtol=1e-3
+    )  # whitening scales up batch-padding noise
 
 
 def model_spec(model) -> LaserSpec:
     from laser_core.llm import BackboneConfig
 
-    return LaserSpec(bitune=model.config, text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"))
+    return LaserSpec(
+        bitune=model.config,
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+    )
 
 
 def test_item_side_weights_carry_the_new_state_keys(data, sr):
@@ -165,8 +173,7 @@ def test_a_fused_model_exports_and_serves_the_torch_ranking(data, sr, tmp_path):
     want = cosine_scores(users, table).topk(5, dim=1).indices.numpy()
     for h, row in zip(hists, want):
         got = rec.recommend([str(ds.items.item_id.iloc[i]) for i in h], k=5)
-        got_rows = [int(np.flatnonzero(ds.items.item_id.astype(str).to_numpy() == r.item_id)[0])
-                    for r in got.items]
+        got_rows = [int(np.flatnonzero(ds.items.item_id.astype(str).to_numpy() == r.item_id)[0]) for r in got.items]
         assert got_rows == row.tolist()
     again = rec.item_embeddings(ds.items.iloc[[2, 4]], item_ids=[2, 4])
     np.testing.assert_allclose(again, table[[2, 4]].numpy(), atol=1e-3)
@@ -176,9 +183,21 @@ def test_trainer_fits_the_transform_once_and_a_fused_model_trains_on_the_fused_d
     from laser_core.train import LaserTrainConfig, LaserTrainer
 
     _, split = data
-    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=8, lr=3e-3, users_per_epoch=48,
-                           valid_users=60, optimizer="adam", schedule="constant", grad_accumulation=1,
-                           weight_decay=0, patience=None, progress=False, curve_every_users=24)
+    cfg = LaserTrainConfig(
+        stage1_epochs=1,
+        stage2_epochs=1,
+        batch_size=8,
+        lr=3e-3,
+        users_per_epoch=48,
+        valid_users=60,
+        optimizer="adam",
+        schedule="constant",
+        grad_accumulation=1,
+        weight_decay=0,
+        patience=None,
+        progress=False,
+        curve_every_users=24,
+    )
     model = make(data, sr, fusion="concat", embedding_transform="center")
     w0 = float(model.fusion_log_weight.detach())
     trainer = LaserTrainer(model, split, cfg, workdir=tmp_path / "run")
@@ -210,8 +229,15 @@ def test_fusion_weight_grid_picks_the_best_validation_weight_before_training(dat
 
     _, split = data
     grid = [0.01, 1.0, 30.0, 1000.0]
-    cfg = LaserTrainConfig(stage1_epochs=1, stage2_epochs=0, batch_size=8, users_per_epoch=8, valid_users=80,
-                           fusion_weight_grid=grid, progress=False)
+    cfg = LaserTrainConfig(
+        stage1_epochs=1,
+        stage2_epochs=0,
+        batch_size=8,
+        users_per_epoch=8,
+        valid_users=80,
+        fusion_weight_grid=grid,
+        progress=False,
+    )
     model = make(data, sr, fusion="concat", embedding_transform="center")
     trainer = LaserTrainer(model, split, cfg, workdir=tmp_path / "run")
     model.fit_embedding_transform(model.embed_items(range(split.n_items), fuse=False))
@@ -223,7 +249,7 @@ def test_fusion_weight_grid_picks_the_best_validation_weight_before_training(dat
         model.fusion_log_weight.data.fill_(float(np.log(w)))
         assert trainer.validate(table)["ndcg@10"] == pytest.approx(record["grid"][str(w)], abs=1e-6)
     assert record["grid"][str(record["chosen"])] == max(record["grid"].values())
-    assert len(set(record["grid"].values())) > 1   # the weight matters: the ID and LLM sides rank differently
+    assert len(set(record["grid"].values())) > 1  # the weight matters: the ID and LLM sides rank differently
     # in a fit, the weight is chosen once before training and epoch -1 is validated with it
     fresh = make(data, sr, fusion="concat", embedding_transform="center")
     result = LaserTrainer(fresh, split, cfg, workdir=tmp_path / "fit").fit()

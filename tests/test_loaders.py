@@ -34,14 +34,22 @@ def recformer_fixture(root: Path, meta: str = "meta.json") -> Path:
     write_json(root / "train.json", {"0": [0, 1], "1": [2], "2": [3, 3, 0]})
     write_json(root / "val.json", {"0": [2], "2": [1]})
     write_json(root / "test.json", {"0": [3], "2": [2]})
-    texts = [("Glue &amp; Tape", "Gor", "Tools  Adhesives"), ("Saw", "", "Tools"), ("Drill", "DeW", ""),
-             ("Ruler", "Acme", "Tools Measuring")]
+    texts = [
+        ("Glue &amp; Tape", "Gor", "Tools  Adhesives"),
+        ("Saw", "", "Tools"),
+        ("Drill", "DeW", ""),
+        ("Ruler", "Acme", "Tools Measuring"),
+    ]
     if meta == "meta.json":
-        write_json(root / meta, {str(i): {"input": [{"title": t, "brand": b, "category": c}], "label": []}
-                                 for i, (t, b, c) in enumerate(texts)})
+        write_json(
+            root / meta,
+            {
+                str(i): {"input": [{"title": t, "brand": b, "category": c}], "label": []}
+                for i, (t, b, c) in enumerate(texts)
+            },
+        )
     else:
-        write_json(root / meta, {f"A{i}": {"title": t, "brand": b, "category": c}
-                                 for i, (t, b, c) in enumerate(texts)})
+        write_json(root / meta, {f"A{i}": {"title": t, "brand": b, "category": c} for i, (t, b, c) in enumerate(texts)})
     return root
 
 
@@ -52,7 +60,7 @@ def test_recformer_fixture(tmp_path, meta):
     assert ds.users == ["0", "1", "2"]
     assert [s.tolist() for s in ds.sequences] == [[0, 1, 2, 3], [2], [3, 3, 0, 1, 2]]
     assert ds.timestamps is None
-    assert ds.items.loc[0, "title"] == "Glue & Tape"         # HTML unescaped
+    assert ds.items.loc[0, "title"] == "Glue & Tape"  # HTML unescaped
     assert ds.items.loc[0, "category"] == "Tools Adhesives"  # whitespace normalised
     assert ds.items.loc[0, "item_id"] == "A0"
     split = leave_one_out(ds)
@@ -95,13 +103,21 @@ def test_recformer_scientific_matches_paper_and_files():
 # ---------------------------------------------------------------- SeqRecBench
 def seqrecbench_fixture(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl_gz(root / "item2title.jsonl.gz", [{"ItemID": 100, "Title": "Lip  Balm"},
-                                                  {"ItemID": 101, "Title": "Shampoo &quot;Pro&quot;"},
-                                                  {"ItemID": 102, "Title": "Comb"}])
-    write_jsonl_gz(root / "user2item.jsonl.gz", [
-        {"UserID": 100, "ItemID": [100, 101, 102], "Timestamp": [1, 2, 2]},
-        {"UserID": 101, "ItemID": [102, 100], "Timestamp": [5, 9]},
-    ])
+    write_jsonl_gz(
+        root / "item2title.jsonl.gz",
+        [
+            {"ItemID": 100, "Title": "Lip  Balm"},
+            {"ItemID": 101, "Title": "Shampoo &quot;Pro&quot;"},
+            {"ItemID": 102, "Title": "Comb"},
+        ],
+    )
+    write_jsonl_gz(
+        root / "user2item.jsonl.gz",
+        [
+            {"UserID": 100, "ItemID": [100, 101, 102], "Timestamp": [1, 2, 2]},
+            {"UserID": 101, "ItemID": [102, 100], "Timestamp": [5, 9]},
+        ],
+    )
     return root
 
 
@@ -116,10 +132,13 @@ def test_seqrecbench_fixture(tmp_path):
 
 def test_seqrecbench_malformed(tmp_path):
     root = seqrecbench_fixture(tmp_path / "srb")
-    write_jsonl_gz(root / "user2item.jsonl.gz", [
-        {"UserID": 100, "ItemID": [100], "Timestamp": [1]},
-        {"UserID": 101, "ItemID": [102, 100], "Timestamp": [5]},
-    ])
+    write_jsonl_gz(
+        root / "user2item.jsonl.gz",
+        [
+            {"UserID": 100, "ItemID": [100], "Timestamp": [1]},
+            {"UserID": 101, "ItemID": [102, 100], "Timestamp": [5]},
+        ],
+    )
     with pytest.raises(DataFormatError, match=r"user2item\.jsonl\.gz, line 2, field 'Timestamp'"):
         load_dataset({"path": str(root)})
     write_jsonl_gz(root / "user2item.jsonl.gz", [{"UserID": 100, "ItemID": [555], "Timestamp": [1]}])
@@ -140,20 +159,26 @@ def test_seqrecbench_beauty_counts():
 # --------------------------------------------------------- raw Amazon 2018
 def amazon_fixture(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl_gz(root / "meta_Tools.json.gz", [
-        {"asin": "B1", "title": "Hammer &amp; Nails", "brand": "Acme", "category": ["Tools", "Hand Tools"]},
-        {"asin": "B2", "title": "", "brand": "NoTitle", "category": ["Tools"]},     # dropped: empty title
-        {"asin": "B3", "title": "Level", "category": ["Tools", "Measuring"]},      # no brand
-        {"asin": "B4", "title": "Tape", "brand": "Acme", "category": []},
-    ])
-    write_jsonl_gz(root / "Tools_5.json.gz", [
-        {"reviewerID": "U1", "asin": "B3", "unixReviewTime": 300, "overall": 5.0},
-        {"reviewerID": "U1", "asin": "B1", "unixReviewTime": 100},
-        {"reviewerID": "U1", "asin": "B2", "unixReviewTime": 150},                 # item without title
-        {"reviewerID": "U2", "asin": "B4", "unixReviewTime": 50},
-        {"reviewerID": "U1", "asin": "B4", "unixReviewTime": 100},                 # tie with B1: file order
-        {"reviewerID": "U2", "asin": "B9", "unixReviewTime": 60},                  # not in metadata
-    ])
+    write_jsonl_gz(
+        root / "meta_Tools.json.gz",
+        [
+            {"asin": "B1", "title": "Hammer &amp; Nails", "brand": "Acme", "category": ["Tools", "Hand Tools"]},
+            {"asin": "B2", "title": "", "brand": "NoTitle", "category": ["Tools"]},  # dropped: empty title
+            {"asin": "B3", "title": "Level", "category": ["Tools", "Measuring"]},  # no brand
+            {"asin": "B4", "title": "Tape", "brand": "Acme", "category": []},
+        ],
+    )
+    write_jsonl_gz(
+        root / "Tools_5.json.gz",
+        [
+            {"reviewerID": "U1", "asin": "B3", "unixReviewTime": 300, "overall": 5.0},
+            {"reviewerID": "U1", "asin": "B1", "unixReviewTime": 100},
+            {"reviewerID": "U1", "asin": "B2", "unixReviewTime": 150},  # item without title
+            {"reviewerID": "U2", "asin": "B4", "unixReviewTime": 50},
+            {"reviewerID": "U1", "asin": "B4", "unixReviewTime": 100},  # tie with B1: file order
+            {"reviewerID": "U2", "asin": "B9", "unixReviewTime": 60},  # not in metadata
+        ],
+    )
     return root
 
 
@@ -175,11 +200,14 @@ def test_amazon2018_fixture(tmp_path):
 def test_amazon2018_unescapes_once(tmp_path):
     """The loader normalises a title once (it used to unescape it twice: ``&amp;amp;`` became ``&``)."""
     root = amazon_fixture(tmp_path / "amz")
-    write_jsonl_gz(root / "meta_Tools.json.gz", [
-        {"asin": "B1", "title": "Salt &amp;amp; Pepper", "brand": "A &amp;amp; B", "category": ["X &amp;amp; Y"]},
-        {"asin": "B3", "title": "Level", "category": ["Tools"]},
-        {"asin": "B4", "title": "&amp;amp;", "category": []},   # not empty after one pass: kept
-    ])
+    write_jsonl_gz(
+        root / "meta_Tools.json.gz",
+        [
+            {"asin": "B1", "title": "Salt &amp;amp; Pepper", "brand": "A &amp;amp; B", "category": ["X &amp;amp; Y"]},
+            {"asin": "B3", "title": "Level", "category": ["Tools"]},
+            {"asin": "B4", "title": "&amp;amp;", "category": []},  # not empty after one pass: kept
+        ],
+    )
     items = load_dataset({"path": str(root)}).items.set_index("item_id")
     assert tuple(items.loc["B1", ["title", "brand", "category"]]) == ("Salt &amp; Pepper", "A &amp; B", "X &amp; Y")
     assert items.loc["B4", "title"] == "&amp;"
@@ -187,10 +215,13 @@ def test_amazon2018_unescapes_once(tmp_path):
 
 def test_amazon2018_malformed(tmp_path):
     root = amazon_fixture(tmp_path / "amz")
-    write_jsonl_gz(root / "Tools_5.json.gz", [
-        {"reviewerID": "U1", "asin": "B1", "unixReviewTime": 100},
-        {"reviewerID": "U1", "asin": "B3", "unixReviewTime": "yesterday"},
-    ])
+    write_jsonl_gz(
+        root / "Tools_5.json.gz",
+        [
+            {"reviewerID": "U1", "asin": "B1", "unixReviewTime": 100},
+            {"reviewerID": "U1", "asin": "B3", "unixReviewTime": "yesterday"},
+        ],
+    )
     with pytest.raises(DataFormatError, match=r"Tools_5\.json\.gz, line 2, field 'unixReviewTime'"):
         load_dataset({"path": str(root)})
     write_jsonl_gz(root / "meta_Tools.json.gz", [{"title": "no asin"}])
@@ -201,10 +232,16 @@ def test_amazon2018_malformed(tmp_path):
 # ------------------------------------------------------------- generic table
 def table_fixture(root: Path, kind: str = "csv") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    inter = pd.DataFrame({"user_id": ["a", "a", "b", "a"], "item_id": ["x", "y", "x", "z"],
-                          "timestamp": ["30", "10", "5", "2024-01-01T00:00:00Z"]})
-    items = pd.DataFrame({"item_id": ["x", "y", "z"], "title": ["X thing", "Y thing", "Z thing"],
-                          "brand": ["B", "", "B"]})
+    inter = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "a"],
+            "item_id": ["x", "y", "x", "z"],
+            "timestamp": ["30", "10", "5", "2024-01-01T00:00:00Z"],
+        }
+    )
+    items = pd.DataFrame(
+        {"item_id": ["x", "y", "z"], "title": ["X thing", "Y thing", "Z thing"], "brand": ["B", "", "B"]}
+    )
     if kind == "csv":
         inter.to_csv(root / "interactions.csv", index=False)
         items.to_csv(root / "items.csv", index=False)
@@ -232,15 +269,19 @@ def test_table_custom_columns_and_malformed(tmp_path):
     root.mkdir()
     pd.DataFrame({"uid": ["a", "a", "b"], "iid": ["x", "q", "x"]}).to_csv(root / "events.csv", index=False)
     pd.DataFrame({"iid": ["x"], "name": ["X"]}).to_csv(root / "catalog.csv", index=False)
-    cfg = {"format": "table", "path": str(root), "interactions_file": "events.csv", "items_file": "catalog.csv",
-           "columns": {"user": "uid", "item": "iid", "title": "name", "timestamp": None}}
+    cfg = {
+        "format": "table",
+        "path": str(root),
+        "interactions_file": "events.csv",
+        "items_file": "catalog.csv",
+        "columns": {"user": "uid", "item": "iid", "title": "name", "timestamp": None},
+    }
     with pytest.raises(DataFormatError, match=r"events\.csv, line 3, field 'iid': item not in the items table"):
         load_dataset(cfg)
     pd.DataFrame({"iid": ["x", "q"], "name": ["X", "Q"]}).to_csv(root / "catalog.csv", index=False)
     ds = load_dataset(cfg)
     assert [s.tolist() for s in ds.sequences] == [[0, 1], [0]] and ds.timestamps is None
-    pd.DataFrame({"uid": ["a"], "iid": ["x"], "timestamp": ["not a time"]}).to_csv(root / "events.csv",
-                                                                                  index=False)
+    pd.DataFrame({"uid": ["a"], "iid": ["x"], "timestamp": ["not a time"]}).to_csv(root / "events.csv", index=False)
     cfg["columns"]["timestamp"] = "timestamp"
     with pytest.raises(DataFormatError, match=r"events\.csv, line 2, field 'timestamp'"):
         load_dataset(cfg)

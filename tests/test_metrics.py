@@ -9,11 +9,13 @@ from laser_core.metrics import RankingAccumulator, compute_metrics, rank_metrics
 
 
 def test_distinct_scores_hand_computed():
-    scores = np.array([
-        [0.9, 0.1, 0.5, 0.3],   # target 2 -> rank 2
-        [0.2, 0.8, 0.1, 0.4],   # target 1 -> rank 1
-        [0.1, 0.2, 0.3, 0.4],   # target 0 -> rank 4
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.5, 0.3],  # target 2 -> rank 2
+            [0.2, 0.8, 0.1, 0.4],  # target 1 -> rank 1
+            [0.1, 0.2, 0.3, 0.4],  # target 0 -> rank 4
+        ]
+    )
     targets = [2, 1, 0]
     m = compute_metrics(scores, targets, ks=(1, 2, 3))
     assert m["recall@1"] == pytest.approx(1 / 3)
@@ -65,7 +67,7 @@ def test_accumulator_equals_one_shot_and_accepts_torch():
     targets = rng.integers(0, 30, size=50)
     acc = RankingAccumulator(ks=(5, 10))
     for lo in range(0, 50, 16):
-        acc.add(torch.tensor(scores[lo:lo + 16]), torch.tensor(targets[lo:lo + 16]))
+        acc.add(torch.tensor(scores[lo : lo + 16]), torch.tensor(targets[lo : lo + 16]))
     one = compute_metrics(scores, targets, ks=(5, 10))
     assert acc.count == 50
     assert acc.result() == pytest.approx(one)

@@ -15,8 +15,18 @@ from click.testing import CliRunner
 
 from laser_core.config import LaserConfig
 
-FULL_STEPS = ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr", "evaluate_sr", "bi_tune_stage1",
-              "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
+FULL_STEPS = (
+    "load_dataset",
+    "validate_dataset",
+    "split_dataset",
+    "pretrain_sr",
+    "evaluate_sr",
+    "bi_tune_stage1",
+    "bi_tune_stage2",
+    "evaluate_laser",
+    "export_scorer",
+    "promote",
+)
 LASER_AND_AFTER = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser", "export_scorer", "promote")
 
 
@@ -30,10 +40,21 @@ def _config(name: str, **updates) -> LaserConfig:
         "text": {"history_len": 3},
         "backbone": {"name": "tiny-random-llama", "quantization": "nf4"},
         "bitune": {"mformer": {"n_experts": 2, "n_query": 4, "width": 32, "n_layers": 2, "n_heads": 2}},
-        "laser_train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 8, "users_per_epoch": 16,
-                        "valid_users": 16, "test_users": 24, "item_batch_size": 32, "progress": False,
-                        "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
-                        "grad_accumulation": 1, "patience": None},
+        "laser_train": {
+            "stage1_epochs": 1,
+            "stage2_epochs": 1,
+            "batch_size": 8,
+            "users_per_epoch": 16,
+            "valid_users": 16,
+            "test_users": 24,
+            "item_batch_size": 32,
+            "progress": False,
+            "optimizer": "adam",
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "grad_accumulation": 1,
+            "patience": None,
+        },
         "model": {"name": name},
         "export": {"k": 5},
     }
@@ -97,7 +118,7 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
     split = steps_["split_dataset"].outputs["split"][0].load()
     sr_model = steps_["pretrain_sr"].outputs["sr_model"][0].load()
     assert evaluate(sr_model, *test_examples(split, cfg.laser_train)) == pytest.approx(laser.details["id_model"])
-    assert sum(laser.details["expert_counts"]) == 24            # every test user routed to one expert
+    assert sum(laser.details["expert_counts"]) == 24  # every test user routed to one expert
     # every artifact of the run is linked to the model version and stored without pickle
     steps = Client().get_pipeline_run(run.id).steps
     for step_name, step_run in steps.items():
@@ -174,9 +195,14 @@ def test_gate_keeps_a_version_below_the_baselines_in_staging(trained, capsys):
     assert d.popularity_value == laser.details["popularity"]["ndcg@10"]
     assert d.id_model_value == laser.details["id_model"]["ndcg@10"] and d.id_model == "sasrec" and d.users == 24
     assert d.details["required_baselines"] == ["popularity", "id_model"]
-    for part in ("baseline gate", f"popularity ({d.popularity_value:.4f})",
-                 f"the ID model sasrec ({d.id_model_value:.4f})", "by more than +1.0000",
-                 "compared on ndcg@10 over the same 24 test users", "production none"):
+    for part in (
+        "baseline gate",
+        f"popularity ({d.popularity_value:.4f})",
+        f"the ID model sasrec ({d.id_model_value:.4f})",
+        "by more than +1.0000",
+        "compared on ndcg@10 over the same 24 test users",
+        "production none",
+    ):
         assert part in d.reason, d.reason
     version = d.details["new_version"]
     assert _stage(name, version) == "staging"
@@ -191,11 +217,13 @@ def test_gate_keeps_a_version_below_the_baselines_in_staging(trained, capsys):
     assert table[1].split() == ["model", "ndcg@10", "recall@10", "mrr"]
     for line, metrics in zip(table[2:], (laser.metrics, laser.details["id_model"], laser.details["popularity"])):
         assert [float(x) for x in line.split()[1:]] == pytest.approx(
-            [metrics[k] for k in ("ndcg@10", "recall@10", "mrr")], abs=5e-5)
+            [metrics[k] for k in ("ndcg@10", "recall@10", "mrr")], abs=5e-5
+        )
     assert [line.split()[0] for line in table[2:]] == ["laser", "sasrec", "popularity"]
     _print_promotion(run)
-    assert f"Model {name} version {version}: staging — staged, not production (baseline gate)" in \
-        capsys.readouterr().out
+    assert (
+        f"Model {name} version {version}: staging — staged, not production (baseline gate)" in capsys.readouterr().out
+    )
 
 
 def test_laser_hyperparameter_reruns_only_laser_steps(trained):
@@ -217,8 +245,9 @@ def test_lineage_lists_every_artifact(trained):
     _, run = trained
     info = lineage(str(run.id))
     listed = {o["id"] for node in info["chain"] for o in node["outputs"]}
-    expected = {str(a.id) for s in Client().get_pipeline_run(run.id).steps.values()
-                for arts in s.outputs.values() for a in arts}
+    expected = {
+        str(a.id) for s in Client().get_pipeline_run(run.id).steps.values() for arts in s.outputs.values() for a in arts
+    }
     assert listed == expected and len(expected) >= 12
     assert [n["step"] for n in info["chain"]] == list(FULL_STEPS)
     assert info["raw_data"]["fingerprint"] and info["raw_data"]["format"] == "synthetic"
@@ -351,4 +380,4 @@ def test_schedule_fails_on_local_stack_before_running(trained, tmp_path):
     before = Client().list_pipeline_runs(size=1).total
     result = CliRunner().invoke(cli, ["run", "--config", str(cfg_file), "--schedule", "0 3 * * *"])
     assert result.exit_code != 0 and "cannot run schedules" in result.output
-    assert Client().list_pipeline_runs(size=1).total == before     # nothing ran
+    assert Client().list_pipeline_runs(size=1).total == before  # nothing ran

@@ -10,24 +10,37 @@ from laser_core.config import LaserConfig, data_fingerprint
 
 def _config(stop_after: str = "laser", **dataset) -> LaserConfig:
     """The tiny config; stops after evaluate_laser (tests/test_mlops.py runs the export and promotion too)."""
-    return LaserConfig.model_validate({
-        "dataset": dataset or {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 80, "seed": 1}},
-        "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
-        "sr": {"model": "sasrec", "hidden_size": 16},
-        "sr_train": {"epochs": 2, "batch_size": 64, "progress": False},
-        **TINY_LASER,
-        "pipeline": {"stop_after": stop_after},
-    })
+    return LaserConfig.model_validate(
+        {
+            "dataset": dataset or {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 80, "seed": 1}},
+            "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
+            "sr": {"model": "sasrec", "hidden_size": 16},
+            "sr_train": {"epochs": 2, "batch_size": 64, "progress": False},
+            **TINY_LASER,
+            "pipeline": {"stop_after": stop_after},
+        }
+    )
 
 
 TINY_LASER = {
     "text": {"history_len": 3},
     "backbone": {"name": "tiny-random-llama", "quantization": "nf4"},
     "bitune": {"mformer": {"n_experts": 2, "n_query": 4, "width": 32, "n_layers": 2, "n_heads": 2}},
-    "laser_train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 8, "users_per_epoch": 16,
-                    "valid_users": 16, "test_users": 32, "item_batch_size": 40, "progress": False,
-                    "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
-                    "grad_accumulation": 1, "patience": None},
+    "laser_train": {
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "batch_size": 8,
+        "users_per_epoch": 16,
+        "valid_users": 16,
+        "test_users": 32,
+        "item_batch_size": 40,
+        "progress": False,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "grad_accumulation": 1,
+        "patience": None,
+    },
 }
 LASER_STEPS = ("bi_tune_stage1", "bi_tune_stage2", "evaluate_laser")
 
@@ -46,9 +59,14 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
 
     cfg = _config()
     first = run_training(cfg)
-    assert _statuses(first) == {"load_dataset": "completed", "validate_dataset": "completed",
-                                "split_dataset": "completed", "pretrain_sr": "completed",
-                                "evaluate_sr": "completed", **{s: "completed" for s in LASER_STEPS}}
+    assert _statuses(first) == {
+        "load_dataset": "completed",
+        "validate_dataset": "completed",
+        "split_dataset": "completed",
+        "pretrain_sr": "completed",
+        "evaluate_sr": "completed",
+        **{s: "completed" for s in LASER_STEPS},
+    }
     run = Client().get_pipeline_run(first.id)
     dataset = run.steps["load_dataset"].outputs["dataset"][0]
     report = run.steps["validate_dataset"].outputs["validation_report"][0]
@@ -75,8 +93,14 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     # a changed Laser hyper-parameter re-runs only the Laser steps
     cfg.laser_train.lr = 5e-4
     third = _statuses(run_training(cfg))
-    assert third == {"load_dataset": "cached", "validate_dataset": "cached", "split_dataset": "cached",
-                     "pretrain_sr": "cached", "evaluate_sr": "cached", **{s: "completed" for s in LASER_STEPS}}
+    assert third == {
+        "load_dataset": "cached",
+        "validate_dataset": "cached",
+        "split_dataset": "cached",
+        "pretrain_sr": "cached",
+        "evaluate_sr": "cached",
+        **{s: "completed" for s in LASER_STEPS},
+    }
     laser_metrics = Client().get_pipeline_run(second.id).steps["evaluate_laser"].outputs["laser_metrics"][0].load()
     assert laser_metrics.protocol["users"] == 32 and 0 <= laser_metrics.metrics["ndcg@10"] <= 1
     stage1 = run.steps["bi_tune_stage1"].outputs["laser_stage1"][0]
@@ -123,8 +147,7 @@ def test_failed_validation_stops_pipeline_and_saves_report(tmp_path, zenml_store
     runs = Client().list_pipeline_runs(sort_by="desc:created", size=1).items
     statuses = {name: s.status.value for name, s in runs[0].steps.items()}
     assert statuses["validate_dataset"] == "failed" and "split_dataset" not in statuses
-    new = [v for v in Client().list_artifact_versions(name="validation_report", size=1000).items
-           if v.id not in before]
+    new = [v for v in Client().list_artifact_versions(name="validation_report", size=1000).items if v.id not in before]
     assert len(new) == 1
     saved = new[0].load()
     assert not saved.success

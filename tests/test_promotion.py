@@ -19,13 +19,19 @@ BERT = {"ndcg@10": 0.173, "recall@10": 0.30}
 
 
 def test_demo_case_stays_in_staging_with_what_it_was_compared_with():
-    d = decide(PromotionConfig(), {"ndcg@10": 0.118}, popularity=POP, id_model=BERT, id_model_name="bert4rec",
-               users=300)
+    d = decide(
+        PromotionConfig(), {"ndcg@10": 0.118}, popularity=POP, id_model=BERT, id_model_name="bert4rec", users=300
+    )
     assert d.valid and d.stage == "staging" and d.beats_baselines is False
     assert "baseline gate" in d.reason and "does not beat popularity (0.1450)" in d.reason
     # what it was compared with: metric, users, each baseline, production
-    for part in ("compared on ndcg@10 over the same 300 test users", "popularity 0.1450 (required)",
-                 "ID model bert4rec 0.1730", "production none", "0.1180"):
+    for part in (
+        "compared on ndcg@10 over the same 300 test users",
+        "popularity 0.1450 (required)",
+        "ID model bert4rec 0.1730",
+        "production none",
+        "0.1180",
+    ):
         assert part in d.reason, d.reason
     assert (d.popularity_value, d.id_model_value, d.id_model, d.users) == (0.145, 0.173, "bert4rec", 300)
     assert d.details["required_baselines"] == ["popularity"]
@@ -40,10 +46,16 @@ def test_first_version_beating_popularity_goes_to_production():
 
 
 def test_id_model_is_an_option():
-    new = {"ndcg@10": 0.16}   # beats popularity, below BERT4Rec
+    new = {"ndcg@10": 0.16}  # beats popularity, below BERT4Rec
     assert decide(PromotionConfig(), new, popularity=POP, id_model=BERT).stage == "production"
-    d = decide(PromotionConfig(require_beats_id_model=True), new, popularity=POP, id_model=BERT,
-               id_model_name="bert4rec", users=300)
+    d = decide(
+        PromotionConfig(require_beats_id_model=True),
+        new,
+        popularity=POP,
+        id_model=BERT,
+        id_model_name="bert4rec",
+        users=300,
+    )
     assert d.stage == "staging" and not d.beats_baselines
     assert "does not beat the ID model bert4rec (0.1730)" in d.reason and "popularity" not in d.reason.split("(")[0]
     assert d.details["required_baselines"] == ["popularity", "id_model"]
@@ -79,16 +91,26 @@ def test_baselines_are_checked_against_production_too():
 
 def test_gate_compares_with_production_by_margin():
     cfg = PromotionConfig(metric="ndcg@10", min_improvement=0.01)
-    assert decide(cfg, {"ndcg@10": 0.215}, {"ndcg@10": 0.2}, "3", popularity=POP).stage == "production"   # +0.015
-    staged = decide(cfg, {"ndcg@10": 0.205}, {"ndcg@10": 0.2}, "3", popularity=POP, users=24)          # +0.005
+    assert decide(cfg, {"ndcg@10": 0.215}, {"ndcg@10": 0.2}, "3", popularity=POP).stage == "production"  # +0.015
+    staged = decide(cfg, {"ndcg@10": 0.205}, {"ndcg@10": 0.2}, "3", popularity=POP, users=24)  # +0.005
     assert staged.stage == "staging" and "v3" in staged.reason
     assert "ndcg@10 over the same 24 test users" in staged.reason
     # equal is not better: a retrained identical model stays in staging at the default margin 0
     assert decide(PromotionConfig(), {"ndcg@10": 0.2}, {"ndcg@10": 0.2}, "1", popularity=POP).stage == "staging"
-    assert decide(PromotionConfig(min_improvement=-0.1), {"ndcg@10": 0.15}, {"ndcg@10": 0.2}, "1",
-                  popularity=POP).stage == "production"
-    promoted = decide(PromotionConfig(), {"ndcg@10": 0.25}, {"ndcg@10": 0.2}, "7", popularity=POP, id_model=BERT,
-                      id_model_name="sasrec", users=50)
+    assert (
+        decide(PromotionConfig(min_improvement=-0.1), {"ndcg@10": 0.15}, {"ndcg@10": 0.2}, "1", popularity=POP).stage
+        == "production"
+    )
+    promoted = decide(
+        PromotionConfig(),
+        {"ndcg@10": 0.25},
+        {"ndcg@10": 0.2},
+        "7",
+        popularity=POP,
+        id_model=BERT,
+        id_model_name="sasrec",
+        users=50,
+    )
     assert promoted.stage == "production" and "gain +0.0500" in promoted.reason
     assert "popularity 0.1450 (required), ID model sasrec 0.1730, production v7 0.2000" in promoted.reason
 
@@ -107,15 +129,30 @@ def test_gate_invalid_not_comparable_disabled():
 
 
 def test_decision_round_trip_and_markdown():
-    d = decide(PromotionConfig(), {"ndcg@10": 0.118}, popularity=POP, id_model=BERT, id_model_name="bert4rec",
-               users=300)
+    d = decide(
+        PromotionConfig(), {"ndcg@10": 0.118}, popularity=POP, id_model=BERT, id_model_name="bert4rec", users=300
+    )
     assert PromotionDecision.from_dict(d.to_dict()) == d
     # a decision stored before the baseline fields existed still loads
-    old = {"metric": "ndcg@10", "new_value": 0.3, "production_value": None, "production_version": None,
-           "popularity_value": 0.1, "valid": True, "comparable": True, "stage": "production", "reason": "r",
-           "details": {}}
+    old = {
+        "metric": "ndcg@10",
+        "new_value": 0.3,
+        "production_value": None,
+        "production_version": None,
+        "popularity_value": 0.1,
+        "valid": True,
+        "comparable": True,
+        "stage": "production",
+        "reason": "r",
+        "details": {},
+    }
     assert PromotionDecision.from_dict(old).users is None
     md = d.to_markdown()
-    for row in ("| test users | 300 |", "| popularity | 0.1450 |", "| ID model (bert4rec) | 0.1730 |",
-                "| beats required baselines | False |", "| stage | staging |"):
+    for row in (
+        "| test users | 300 |",
+        "| popularity | 0.1450 |",
+        "| ID model (bert4rec) | 0.1730 |",
+        "| beats required baselines | False |",
+        "| stage | staging |",
+    ):
         assert row in md, md

@@ -41,23 +41,26 @@ def test_every_config_model_is_strict():
     from laser_core.model import LaserSpec
     from pipelines.settings import InfraConfig
 
-    models = _config_models(LaserConfig, set()) | _config_models(LaserSpec, set()) | _config_models(InfraConfig,
-                                                                                                       set())
+    models = _config_models(LaserConfig, set()) | _config_models(LaserSpec, set()) | _config_models(InfraConfig, set())
     assert len(models) >= 17
-    loose = sorted(m.__name__ for m in models if not (m.model_config.get("strict")
-                                                      and m.model_config.get("extra") == "forbid"))
+    loose = sorted(
+        m.__name__ for m in models if not (m.model_config.get("strict") and m.model_config.get("extra") == "forbid")
+    )
     assert loose == []
 
 
-@pytest.mark.parametrize("section,text,field", [
-    ("laser_train", "lr: true", "laser_train.lr"),
-    ("sr_train", "epochs: 2.5", "sr_train.epochs"),
-    ("sr_train", "epochs: 2.0", "sr_train.epochs"),
-    ("sr", "dropout: yes", "sr.dropout"),
-    ("pipeline", "enable_cache: 1", "pipeline.enable_cache"),
-    ("export", "k: '5'", "export.k"),
-    ("dataset", "synthetic: {n_users: true}", "dataset.synthetic.n_users"),
-])
+@pytest.mark.parametrize(
+    "section,text,field",
+    [
+        ("laser_train", "lr: true", "laser_train.lr"),
+        ("sr_train", "epochs: 2.5", "sr_train.epochs"),
+        ("sr_train", "epochs: 2.0", "sr_train.epochs"),
+        ("sr", "dropout: yes", "sr.dropout"),
+        ("pipeline", "enable_cache: 1", "pipeline.enable_cache"),
+        ("export", "k: '5'", "export.k"),
+        ("dataset", "synthetic: {n_users: true}", "dataset.synthetic.n_users"),
+    ],
+)
 def test_config_refuses_coercions(tmp_path, section, text, field):
     path = _write(tmp_path / "bad.yaml", f"{section}:\n  {text}\n")
     with pytest.raises(ConfigError) as err:
@@ -67,8 +70,10 @@ def test_config_refuses_coercions(tmp_path, section, text, field):
 
 
 def test_config_numbers_that_stay_valid(tmp_path):
-    path = _write(tmp_path / "ok.yaml", TINY_SYNTHETIC + "laser_train:\n  lr: 1\n  tau: 1e-2\n"
-                  "sr_train:\n  lr: 3E-4\n  weight_decay: 0\n")
+    path = _write(
+        tmp_path / "ok.yaml",
+        TINY_SYNTHETIC + "laser_train:\n  lr: 1\n  tau: 1e-2\nsr_train:\n  lr: 3E-4\n  weight_decay: 0\n",
+    )
     cfg = load_config(path)
     assert cfg.laser_train.lr == 1.0 and isinstance(cfg.laser_train.lr, float)
     assert cfg.laser_train.tau == 0.01 and cfg.sr_train.lr == 3e-4 and cfg.sr_train.weight_decay == 0.0
@@ -114,13 +119,18 @@ def test_cli_config_errors_are_one_message(tmp_path):
     empty = _write(tmp_path / "empty.yaml", "")
     result = CliRunner().invoke(cli, ["run", "--config", str(empty)])
     assert result.exit_code == EXIT_CONFIG
-    assert result.output.strip().splitlines() == [f"Error: {empty}: the config file is empty; a run needs at "
-                                                  "least a `dataset:` section (see configs/tiny.yaml for a "
-                                                  "complete example)"]
+    assert result.output.strip().splitlines() == [
+        f"Error: {empty}: the config file is empty; a run needs at "
+        "least a `dataset:` section (see configs/tiny.yaml for a "
+        "complete example)"
+    ]
     bad = _write(tmp_path / "bad.yaml", "laser_train:\n  lr: true\n")
     result = CliRunner().invoke(cli, ["run", "--config", str(bad)])
-    assert result.exit_code == EXIT_CONFIG and "laser_train.lr: Input should be a valid number (got True)" \
-        in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == EXIT_CONFIG
+        and "laser_train.lr: Input should be a valid number (got True)" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_cli_data_errors(tmp_path):
@@ -139,6 +149,7 @@ def test_cli_data_errors(tmp_path):
 
 def _failing_command(exc: BaseException):
     """A command of the laser group that raises ``exc`` (registered for one test, then removed)."""
+
     @cli.command(name="boom-test")
     def boom() -> None:
         raise exc
@@ -150,15 +161,22 @@ def _failing_command(exc: BaseException):
 def failing():
     def make(exc):
         return _failing_command(exc)
+
     yield make
     cli.commands.pop("boom-test", None)
 
 
-@pytest.mark.parametrize("exc,code,text", [
-    (FileNotFoundError(2, "No such file or directory", "/no/such/file"), EXIT_ERROR,
-     "Error: /no/such/file: No such file or directory"),
-    (ZeroDivisionError("division by zero"), EXIT_INTERNAL, "Error: unexpected ZeroDivisionError: division by zero"),
-])
+@pytest.mark.parametrize(
+    "exc,code,text",
+    [
+        (
+            FileNotFoundError(2, "No such file or directory", "/no/such/file"),
+            EXIT_ERROR,
+            "Error: /no/such/file: No such file or directory",
+        ),
+        (ZeroDivisionError("division by zero"), EXIT_INTERNAL, "Error: unexpected ZeroDivisionError: division by zero"),
+    ],
+)
 def test_cli_error_handler(tmp_path, monkeypatch, failing, exc, code, text):
     monkeypatch.setenv("LASER_LOG_DIR", str(tmp_path / "logs"))
     failing(exc)
@@ -167,7 +185,7 @@ def test_cli_error_handler(tmp_path, monkeypatch, failing, exc, code, text):
     assert "Traceback" not in result.output
     logs = list((tmp_path / "logs").glob("laser-*.log"))
     assert len(logs) == 1 and type(exc).__name__ in logs[0].read_text()
-    assert (str(logs[0]) in result.output) == (code == EXIT_INTERNAL)   # unknown errors say where the log is
+    assert (str(logs[0]) in result.output) == (code == EXIT_INTERNAL)  # unknown errors say where the log is
     debug = CliRunner().invoke(cli, ["--debug", "boom-test"])
     assert debug.exit_code == code and "Traceback (most recent call last)" in debug.output
 
@@ -177,21 +195,25 @@ def test_classify_own_and_foreign_errors():
     from laser_core.export import ExportError
     from laser_core.serving import BundleError
 
-    assert classify(BundleError("bundle x: scorer.onnx hash mismatch")) == (EXIT_MODEL, "bundle x: scorer.onnx "
-                                                                                       "hash mismatch")
+    assert classify(BundleError("bundle x: scorer.onnx hash mismatch")) == (
+        EXIT_MODEL,
+        "bundle x: scorer.onnx hash mismatch",
+    )
     assert classify(ExportError("no table"))[0] == EXIT_MODEL
     try:
         LaserConfig.model_validate({"sr": {"hidden_size": True}})
     except ValueError as exc:
-        assert classify(exc) == (EXIT_CONFIG, "invalid LaserConfig: sr.hidden_size: Input should be a valid "
-                                              "integer (got True)")
+        assert classify(exc) == (
+            EXIT_CONFIG,
+            "invalid LaserConfig: sr.hidden_size: Input should be a valid integer (got True)",
+        )
     try:
         load_dataset_value_error()
     except ValueError as exc:
         code, message = classify(exc)
         assert code == EXIT_ERROR and message.startswith("dataset.synthetic: unknown settings ['n_user']")
     try:
-        int("x")      # a ValueError from outside this package is a bug, not a message for the user
+        int("x")  # a ValueError from outside this package is a bug, not a message for the user
     except ValueError as exc:
         assert classify(exc) is None
 
@@ -215,8 +237,7 @@ def test_failed_run_prints_the_message_not_a_traceback(tmp_path, zenml_store, ca
     root = tmp_path / "bad"
     root.mkdir()
     pd.DataFrame(BAD_TABLE).to_csv(root / "interactions.csv", index=False)
-    pd.DataFrame({"item_id": list("xyz"), "title": ["X one", "", "Z three"]}).to_csv(root / "items.csv",
-                                                                                      index=False)
+    pd.DataFrame({"item_id": list("xyz"), "title": ["X one", "", "Z three"]}).to_csv(root / "items.csv", index=False)
     cfg = _write(tmp_path / "tiny.yaml", TINY_SYNTHETIC + "pipeline: {stop_after: split}\n")
     before = {v.id for v in Client().list_artifact_versions(name="validation_report", size=1000).items}
     monkeypatch.setenv("LASER_LOG_DIR", str(tmp_path / "logs"))
@@ -231,13 +252,12 @@ def test_failed_run_prints_the_message_not_a_traceback(tmp_path, zenml_store, ca
     assert len(out.strip().splitlines()) <= 8, out
     log = next((tmp_path / "logs").glob("laser-*.log")).read_text()
     assert "Traceback" in log and "DataValidationError" in log
-    new = [v for v in Client().list_artifact_versions(name="validation_report", size=1000).items
-           if v.id not in before]
+    new = [v for v in Client().list_artifact_versions(name="validation_report", size=1000).items if v.id not in before]
     assert len(new) == 1 and not new[0].load().success
     run = Client().get_pipeline_run(out.split("laser lineage ")[1].split()[0])
     assert run.status.value == "failed"
     loaded = run.steps["load_dataset"].outputs["dataset"][0].load()
-    assert (loaded.n_users, loaded.n_items) == (2, 3)          # the folder's data, not 40 synthetic users
+    assert (loaded.n_users, loaded.n_items) == (2, 3)  # the folder's data, not 40 synthetic users
     meta = Client().get_pipeline_run(run.id, hydrate=True).run_metadata
     assert meta["laser_pid"] == os.getpid() and meta["laser_host"] == socket.gethostname()
 
@@ -260,8 +280,9 @@ def snapshot_id(zenml_store):
             return run.snapshot.id
     from pipelines.run import run_training
 
-    cfg = LaserConfig.model_validate({"dataset": {"synthetic": {"n_users": 40, "n_items": 30, "seed": 2}},
-                                      "pipeline": {"stop_after": "split"}})
+    cfg = LaserConfig.model_validate(
+        {"dataset": {"synthetic": {"n_users": 40, "n_items": 30, "seed": 2}}, "pipeline": {"stop_after": "split"}}
+    )
     return Client().get_pipeline_run(run_training(cfg).id).snapshot.id
 
 
@@ -273,9 +294,15 @@ def _running_run(snapshot_id, metadata: dict | None):
     from zenml.models import PipelineRunRequest
 
     client = Client()
-    run = client.zen_store.get_or_create_run(PipelineRunRequest(
-        name=f"killed-{uuid.uuid4().hex[:8]}", snapshot=snapshot_id, project=client.active_project.id,
-        status=ExecutionStatus.RUNNING, orchestrator_run_id=uuid.uuid4().hex))
+    run = client.zen_store.get_or_create_run(
+        PipelineRunRequest(
+            name=f"killed-{uuid.uuid4().hex[:8]}",
+            snapshot=snapshot_id,
+            project=client.active_project.id,
+            status=ExecutionStatus.RUNNING,
+            orchestrator_run_id=uuid.uuid4().hex,
+        )
+    )
     if isinstance(run, tuple):
         run = run[0]
     if metadata:
@@ -289,11 +316,11 @@ def test_runs_of_dead_processes_are_marked_failed(snapshot_id):
     from pipelines.orphans import mark_failed, mark_orphaned_runs, process_record
 
     host = socket.gethostname()
-    dead = _running_run(snapshot_id, {"laser_pid": _dead_pid(), "laser_host": host,
-                                      "laser_process_started": 1.0})
-    alive = _running_run(snapshot_id, process_record())                       # this process: still running
-    elsewhere = _running_run(snapshot_id, {"laser_pid": _dead_pid(), "laser_host": host + "-other",
-                                           "laser_process_started": 1.0})
+    dead = _running_run(snapshot_id, {"laser_pid": _dead_pid(), "laser_host": host, "laser_process_started": 1.0})
+    alive = _running_run(snapshot_id, process_record())  # this process: still running
+    elsewhere = _running_run(
+        snapshot_id, {"laser_pid": _dead_pid(), "laser_host": host + "-other", "laser_process_started": 1.0}
+    )
     unknown = _running_run(snapshot_id, None)
     reused = _running_run(snapshot_id, {**process_record(), "laser_process_started": 12.0})  # pid reused since
 
@@ -308,10 +335,13 @@ def test_runs_of_dead_processes_are_marked_failed(snapshot_id):
     assert "has exited" in marked[dead.name] and "belongs to another process" in marked[reused.name]
     assert (status(dead), status(reused)) == ("failed", "failed")
     assert (status(alive), status(elsewhere), status(unknown)) == ("running", "running", "running")
-    assert "marked failed by laser: its process" in (Client().get_pipeline_run(dead.id).get_body().status_reason
-                                                     or Client().get_pipeline_run(dead.id).status_reason or "")
+    assert "marked failed by laser: its process" in (
+        Client().get_pipeline_run(dead.id).get_body().status_reason
+        or Client().get_pipeline_run(dead.id).status_reason
+        or ""
+    )
     # `laser runs clean --older-than 0`: also the runs that cannot be checked from here; never a live one
     result = CliRunner().invoke(cli, ["runs", "clean", "--older-than", "0"])
     assert result.exit_code == 0, result.output
     assert (status(elsewhere), status(unknown), status(alive)) == ("failed", "failed", "running")
-    mark_failed(alive, "test cleanup")   # leave nothing running in the shared test store
+    mark_failed(alive, "test cleanup")  # leave nothing running in the shared test store

@@ -99,8 +99,12 @@ def ranking_error(rec: CosineRecommender, history: list[str], k: int, exclude: b
     got_scores = np.array([scores[int(i[4:])] for i in got])
     want_scores = np.array([scores[int(i[4:])] for i in want])
     excluded = exclude and bool(set(got) & set(history))
-    if len(got) != len(want) or len(set(got)) != len(got) or excluded or not np.allclose(got_scores, want_scores,
-                                                                                         atol=1e-6):
+    if (
+        len(got) != len(want)
+        or len(set(got)) != len(got)
+        or excluded
+        or not np.allclose(got_scores, want_scores, atol=1e-6)
+    ):
         return f"{history} k={k} exclude={exclude}: got {got}, want {want}"
     return None
 
@@ -191,24 +195,27 @@ def test_k_is_capped_at_the_catalogue_size():
         assert post(c, {"history": ["item1"], "k": 20}).status_code == 200
 
 
-@pytest.mark.parametrize("payload, field_name, problem", [
-    ({}, "history", "Field required"),
-    ({"k": 3}, "history", "Field required"),
-    ({"history": []}, "history", "at least 1 item"),
-    ({"history": "item1"}, "history", "valid list"),
-    ({"history": ["item1", 7]}, "history[1]", "valid string"),
-    ({"history": [f"item{i % N_ITEMS}" for i in range(1001)]}, "history", "at most 1000 items"),
-    ({"history": ["item1"], "k": "5"}, "k", "valid integer"),
-    ({"history": ["item1"], "k": 2.5}, "k", "valid integer"),
-    ({"history": ["item1"], "k": True}, "k", "valid integer"),
-    ({"history": ["item1"], "k": None}, "k", "valid integer"),
-    ('{"history": ["item1"], "k": NaN}', "k", "valid integer"),
-    ({"history": ["item1"], "exclude_history": "yes"}, "exclude_history", "valid boolean"),
-    ({"history": ["item1"], "histroy": ["item2"]}, "histroy", "Extra inputs are not permitted"),
-    ([{"history": ["item1"]}], "body", "expected a JSON object, got a JSON array"),
-    ("\"item1\"", "body", "expected a JSON object, got a JSON string"),
-    ("", "body", "Field required"),
-])
+@pytest.mark.parametrize(
+    "payload, field_name, problem",
+    [
+        ({}, "history", "Field required"),
+        ({"k": 3}, "history", "Field required"),
+        ({"history": []}, "history", "at least 1 item"),
+        ({"history": "item1"}, "history", "valid list"),
+        ({"history": ["item1", 7]}, "history[1]", "valid string"),
+        ({"history": [f"item{i % N_ITEMS}" for i in range(1001)]}, "history", "at most 1000 items"),
+        ({"history": ["item1"], "k": "5"}, "k", "valid integer"),
+        ({"history": ["item1"], "k": 2.5}, "k", "valid integer"),
+        ({"history": ["item1"], "k": True}, "k", "valid integer"),
+        ({"history": ["item1"], "k": None}, "k", "valid integer"),
+        ('{"history": ["item1"], "k": NaN}', "k", "valid integer"),
+        ({"history": ["item1"], "exclude_history": "yes"}, "exclude_history", "valid boolean"),
+        ({"history": ["item1"], "histroy": ["item2"]}, "histroy", "Extra inputs are not permitted"),
+        ([{"history": ["item1"]}], "body", "expected a JSON object, got a JSON array"),
+        ('"item1"', "body", "expected a JSON object, got a JSON string"),
+        ("", "body", "Field required"),
+    ],
+)
 def test_validation_errors_name_the_field_and_problem(svc, payload, field_name, problem):
     resp = post(svc, payload)
     body = resp.json()
@@ -222,17 +229,21 @@ def test_validation_errors_name_the_field_and_problem(svc, payload, field_name, 
 def test_a_body_sent_as_another_content_type_is_told_to_send_json(svc):
     resp = post(svc, json.dumps({"history": ["item1"]}), headers={"Content-Type": "text/plain"})
     assert resp.status_code == 400
-    assert resp.json()["details"] == [{"field": "body", "problem": "expected a JSON object; send it with "
-                                                                   "Content-Type: application/json"}]
+    assert resp.json()["details"] == [
+        {"field": "body", "problem": "expected a JSON object; send it with Content-Type: application/json"}
+    ]
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ('{"history": ["item1"', "not valid JSON"),
-    ('{"history": ["item1"]} x', "not valid JSON: Extra data"),
-    (b'{"history": ["\xff"]}', "not UTF-8"),
-    ('{"history": ' + "[" * 2_000 + "]" * 2_000 + "}", "nested too deeply"),
-    ("{\"a\": " * 8_000 + "1" + "}" * 8_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ('{"history": ["item1"', "not valid JSON"),
+        ('{"history": ["item1"]} x', "not valid JSON: Extra data"),
+        (b'{"history": ["\xff"]}', "not UTF-8"),
+        ('{"history": ' + "[" * 2_000 + "]" * 2_000 + "}", "nested too deeply"),
+        ('{"a": ' * 8_000 + "1" + "}" * 8_000, "nested too deeply"),
+    ],
+)
 def test_malformed_json_is_a_400(svc, raw, fragment):
     resp = post(svc, raw)
     body = resp.json()
@@ -262,8 +273,10 @@ def test_oversized_bodies_are_refused():
         resp = post(c, {"history": ["item1"], "pad": "x" * 2000})  # a declared Content-Length over the limit
         assert resp.status_code == 413
         body = resp.json()
-        assert body["error"] == "payload_too_large" and body["message"] == \
-            f"request body is {len(resp.request.content)} bytes; the limit is 1024 bytes"
+        assert (
+            body["error"] == "payload_too_large"
+            and body["message"] == f"request body is {len(resp.request.content)} bytes; the limit is 1024 bytes"
+        )
         assert resp.headers["X-Model-Version"] == "cosine-seed0"
 
         def chunks():  # no Content-Length (chunked): refused once the limit is passed
@@ -271,6 +284,7 @@ def test_oversized_bodies_are_refused():
             for _ in range(10):
                 yield b"x" * 500
             yield b'"}'
+
         resp = c.post("/recommend", content=chunks(), headers={"Content-Type": "application/json"})
         assert resp.status_code == 413 and "the limit is 1024 bytes" in resp.json()["message"]
         assert post(c, {"history": ["item1"], "k": 2}).status_code == 200
@@ -307,8 +321,9 @@ class NaNScores(CosineRecommender):
         return {"items": [{"item_id": "item1", "title": "t", "score": float("nan")}], "dropped": []}
 
 
-@pytest.mark.parametrize("recommender, logged", [(Exploding(), "index file vanished"),
-                                                 (NaNScores(), "non-finite score nan")])
+@pytest.mark.parametrize(
+    "recommender, logged", [(Exploding(), "index file vanished"), (NaNScores(), "non-finite score nan")]
+)
 def test_a_server_fault_is_a_short_500_and_logged(caplog, recommender, logged):
     with client(recommender) as c, caplog.at_level(logging.ERROR, logger="laser.service"):
         resp = post(c, {"history": ["item1"]})
@@ -365,8 +380,11 @@ def test_openapi_docs_describe_the_endpoints(svc):
     request = spec["components"]["schemas"]["RecommendRequest"]
     assert request["required"] == ["history"] and request["additionalProperties"] is False
     assert request["properties"]["history"]["maxItems"] == 1000
-    assert set(spec["components"]["schemas"]["RecommendResponse"]["properties"]) >= {"model_version", "items",
-                                                                                      "dropped"}
+    assert set(spec["components"]["schemas"]["RecommendResponse"]["properties"]) >= {
+        "model_version",
+        "items",
+        "dropped",
+    }
     resp = svc.get("/docs")
     assert resp.status_code == 200 and "swagger" in resp.text.lower()
 
@@ -381,9 +399,17 @@ def test_create_app_rejects_objects_that_are_not_recommenders_and_bad_limits():
 def test_concurrent_clients_all_get_their_own_correct_answer(svc):
     n_threads, per_thread = 8, 10
     rng = np.random.default_rng(42)
-    jobs = [[([f"item{j}" for j in rng.choice(N_ITEMS, size=int(rng.integers(1, 12)), replace=False)],
-              int(rng.integers(1, 30)), bool(rng.integers(0, 2))) for _ in range(per_thread)]
-            for _ in range(n_threads)]
+    jobs = [
+        [
+            (
+                [f"item{j}" for j in rng.choice(N_ITEMS, size=int(rng.integers(1, 12)), replace=False)],
+                int(rng.integers(1, 30)),
+                bool(rng.integers(0, 2)),
+            )
+            for _ in range(per_thread)
+        ]
+        for _ in range(n_threads)
+    ]
     failures: list[str] = []
     start = threading.Barrier(n_threads)
 
@@ -395,8 +421,9 @@ def test_concurrent_clients_all_get_their_own_correct_answer(svc):
                 if resp.status_code != 200:
                     failures.append(f"{history} k={k} exclude={exclude}: HTTP {resp.status_code} {resp.text}")
                     continue
-                error = ranking_error(svc.recommender, history, k, exclude,
-                                      [it["item_id"] for it in resp.json()["items"]])
+                error = ranking_error(
+                    svc.recommender, history, k, exclude, [it["item_id"] for it in resp.json()["items"]]
+                )
                 if error:
                     failures.append(error)
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -471,22 +498,32 @@ def _stop(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
             proc.communicate()
 
 
-SERVE_COSINE = ("import logging, sys; sys.path.insert(0, 'tests'); logging.basicConfig(level=logging.INFO)\n"
-                "from test_service import {cls}\nfrom laser_core.service import bind, create_app, serve\n"
-                "serve(create_app({cls}(seed=5)), bind('127.0.0.1', {port}))\n"
-                "print('returned', flush=True)\n")
+SERVE_COSINE = (
+    "import logging, sys; sys.path.insert(0, 'tests'); logging.basicConfig(level=logging.INFO)\n"
+    "from test_service import {cls}\nfrom laser_core.service import bind, create_app, serve\n"
+    "serve(create_app({cls}(seed=5)), bind('127.0.0.1', {port}))\n"
+    "print('returned', flush=True)\n"
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_uvicorn_serves_then_shuts_down_gracefully_on_ctrl_c_or_sigterm(sig):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_COSINE.format(cls="CosineRecommender", port=port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_COSINE.format(cls="CosineRecommender", port=port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait_until_ready(port, proc)["model_version"] == "cosine-seed5"
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", method="POST",
-                                     data=json.dumps({"history": ["item1", "item2"], "k": 3}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/recommend",
+            method="POST",
+            data=json.dumps({"history": ["item1", "item2"], "k": 3}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert resp.headers["X-Model-Version"] == "cosine-seed5"
             got = [it["item_id"] for it in json.loads(resp.read())["items"]]
@@ -509,14 +546,22 @@ class SlowCosine(CosineRecommender):
 
 def test_a_request_in_flight_is_answered_after_sigterm():
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_COSINE.format(cls="SlowCosine", port=port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_COSINE.format(cls="SlowCosine", port=port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     answers: list = []
 
     def slow_request():
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", method="POST",
-                                     data=json.dumps({"history": ["item7"], "k": 2}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/recommend",
+            method="POST",
+            data=json.dumps({"history": ["item7"], "k": 2}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 answers.append((resp.status, json.loads(resp.read())))
@@ -581,8 +626,11 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     sr = build_model(SRConfig(model="bert4rec", hidden_size=16, max_len=8), ds.n_items).eval()
     mformer = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-    spec = LaserSpec(bitune=BiTuneConfig(mformer=mformer), text=TextConfig(history_len=4),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"))
+    spec = LaserSpec(
+        bitune=BiTuneConfig(mformer=mformer),
+        text=TextConfig(history_len=4),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+    )
     model = build_laser(spec, ds.items, sr)
     with torch.no_grad():  # move the suffix off its EOS initialisation so users differ
         model.suffix.add_(0.1 * torch.randn_like(model.suffix))
@@ -643,13 +691,31 @@ def test_serves_a_real_exported_bundle(exported):
 
     # the command-line entry point (`laser serve`) over the same bundle: serves, then exits cleanly on SIGTERM
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "laser_cli.main", "serve", "--bundle", str(bundle), "--port",
-                             str(port), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "laser_cli.main",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait_until_ready(port, proc) == {"status": "ready", "model_version": "svc-test-1", "n_items": 40}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", method="POST",
-                                     data=json.dumps({"history": history, "k": 5}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/recommend",
+            method="POST",
+            data=json.dumps({"history": history, "k": 5}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert [it["item_id"] for it in json.loads(resp.read())["items"]] == [it.item_id for it in direct.items]
     finally:
@@ -683,11 +749,13 @@ def test_soak_every_request_is_answered_and_none_is_a_5xx():
     and readers, hang-ups, oversized, malformed and deeply nested JSON ...), against a uvicorn server process
     (the cosine recommender)."""
     soak = _soak()
-    server = soak.ServerProcess([sys.executable, "-c", SERVE_COSINE.format(cls="CosineRecommender", port=0)],
-                                start_timeout=120)
+    server = soak.ServerProcess(
+        [sys.executable, "-c", SERVE_COSINE.format(cls="CosineRecommender", port=0)], start_timeout=120
+    )
     try:
-        report = soak.run_soak(server, [f"item{i}" for i in range(N_ITEMS)], 20, requests=300, concurrency=8,
-                               max_seconds=240, warmup=16)
+        report = soak.run_soak(
+            server, [f"item{i}" for i in range(N_ITEMS)], 20, requests=300, concurrency=8, max_seconds=240, warmup=16
+        )
     finally:
         exit_status = server.stop()
         server.cleanup()
@@ -702,8 +770,15 @@ def test_soak_against_a_real_bundle_served_by_laser_serve(exported):
     bundle, ds, _, _ = exported
     server = soak.ServerProcess(soak.bundle_server_command(bundle, threads=1))
     try:
-        report = soak.run_soak(server, ds.items["item_id"].astype(str).tolist(), 20, requests=200, concurrency=8,
-                               max_seconds=300, warmup=16)
+        report = soak.run_soak(
+            server,
+            ds.items["item_id"].astype(str).tolist(),
+            20,
+            requests=200,
+            concurrency=8,
+            max_seconds=300,
+            warmup=16,
+        )
     finally:
         exit_status = server.stop()
         server.cleanup()

@@ -22,23 +22,44 @@ from click.testing import CliRunner
 from laser_cli.serving_cmds import register
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
-from laser_core.export import (MANIFEST, export_bundle, export_scorer, l2_normalize, popularity_from_sequences,
-                               reference_model)
+from laser_core.export import (
+    MANIFEST,
+    export_bundle,
+    export_scorer,
+    l2_normalize,
+    popularity_from_sequences,
+    reference_model,
+)
 from laser_core.llm import BackboneConfig
 from laser_core.manifest import BundleManifest, verify_bundle
 from laser_core.mformer import MFormerConfig
 from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
-from laser_core.serving import (BundleError, EmptyHistoryError, Recommender, add_items, read_items_file,
-                                read_manifest, write_manifest)
+from laser_core.serving import (
+    BundleError,
+    EmptyHistoryError,
+    Recommender,
+    add_items,
+    read_items_file,
+    read_manifest,
+    write_manifest,
+)
 from laser_core.sr import SRConfig, TrainConfig, fit
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-H = 3        # history_len (text)
+H = 3  # history_len (text)
 MAX_LEN = 6  # SR max_len (ids)
-NEW_ITEMS = pd.DataFrame({"item_id": ["new-1", "new-2", "new-3"],
-                          "title": ["Acme Turbo Trail Running Shoes, Red", "Nordic Cast Iron Dutch Oven, 5 qt",
-                                    "Studio Wireless Headphones"],
-                          "brand": ["Acme", "Nordic", ""], "category": ["Sports Shoes", "Kitchen Cookware", ""]})
+NEW_ITEMS = pd.DataFrame(
+    {
+        "item_id": ["new-1", "new-2", "new-3"],
+        "title": [
+            "Acme Turbo Trail Running Shoes, Red",
+            "Nordic Cast Iron Dutch Oven, 5 qt",
+            "Studio Wireless Headphones",
+        ],
+        "brand": ["Acme", "Nordic", ""],
+        "category": ["Sports Shoes", "Kitchen Cookware", ""],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +67,29 @@ def setup(tmp_path_factory):
     """One exported bundle (dynamo export runs once), the float32 reference model and the dataset."""
     ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 4}})
     split = leave_one_out(ds)
-    sr = fit(SRConfig(model="bert4rec", hidden_size=16, max_len=MAX_LEN), TrainConfig(epochs=1, progress=False),
-             split).model
-    spec = LaserSpec(bitune=BiTuneConfig(mformer=SMALL_MF), text=TextConfig(history_len=H, title_max_tokens=8),
-                     backbone=BackboneConfig(name="tiny-random-llama", quantization="none"))
+    sr = fit(
+        SRConfig(model="bert4rec", hidden_size=16, max_len=MAX_LEN), TrainConfig(epochs=1, progress=False), split
+    ).model
+    spec = LaserSpec(
+        bitune=BiTuneConfig(mformer=SMALL_MF),
+        text=TextConfig(history_len=H, title_max_tokens=8),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+    )
     model = build_laser(spec, ds.items, sr)
     weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
     ref = reference_model(weights, sr, ds.items)
     table = ref.embed_items(range(ds.n_items))
     root = tmp_path_factory.mktemp("serving")
-    bundle = export_bundle(weights, sr, ds.items, table, root / "bundle", k=10, metadata={"model_version": "m-7"},
-                           popularity=popularity_from_sequences(split.train, ds.n_items))
+    bundle = export_bundle(
+        weights,
+        sr,
+        ds.items,
+        table,
+        root / "bundle",
+        k=10,
+        metadata={"model_version": "m-7"},
+        popularity=popularity_from_sequences(split.train, ds.n_items),
+    )
     return {"ds": ds, "split": split, "ref": ref, "table": table, "bundle": bundle, "root": root}
 
 
@@ -199,21 +232,36 @@ MANIFEST_CASES = {
     "missing": (lambda m: m.pop("tokenizer"), "field 'tokenizer': missing"),
     "unknown": (lambda m: m.update(signature="x"), "field 'signature': unknown field"),
     "unknown nested": (lambda m: m["scorer"].update(cache=True), "field 'scorer.cache': unknown field"),
-    "model_version": (lambda m: m["metadata"].update(model_version=7),
-                      "field 'metadata.model_version': must be a non-empty string, got 7"),
-    "unlisted scorer": (lambda m: m["files"].pop("scorer.onnx"),
-                        "field 'scorer.file': 'scorer.onnx' is not listed (with its sha256) in 'files'"),
-    "path outside": (lambda m: m["files"].update({"../outside.bin": SHA0}),
-                     "'../outside.bin' is not a relative path inside the bundle"),
-    "bad digest": (lambda m: m["files"].update({"items.parquet": "abc"}),
-                   "field \"files['items.parquet']\": must be a sha256 digest"),
+    "model_version": (
+        lambda m: m["metadata"].update(model_version=7),
+        "field 'metadata.model_version': must be a non-empty string, got 7",
+    ),
+    "unlisted scorer": (
+        lambda m: m["files"].pop("scorer.onnx"),
+        "field 'scorer.file': 'scorer.onnx' is not listed (with its sha256) in 'files'",
+    ),
+    "path outside": (
+        lambda m: m["files"].update({"../outside.bin": SHA0}),
+        "'../outside.bin' is not a relative path inside the bundle",
+    ),
+    "bad digest": (
+        lambda m: m["files"].update({"items.parquet": "abc"}),
+        "field \"files['items.parquet']\": must be a sha256 digest",
+    ),
     "columns": (lambda m: m["catalogue"].update(columns=["item_id", "title"]), "field 'catalogue.columns': must be"),
     "text": (lambda m: m["text"].update(history_len="3"), "field 'text.history_len': Input should be a valid integer"),
-    "sr": (lambda m: m.update(sr=None), "field 'sr': the M-Former prefix and the fusion need the SR encoder's settings"),
-    "added rows": (lambda m: m.update(added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0}]),
-                   "field 'added_items': n_trained_items (40) plus the added items (2) is 42, not n_items (40)"),
-    "tower inputs": (lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
-                     "field 'user_tower.inputs': must be ['item_ids', 'item_mask', 'input_ids', 'attention_mask']"),
+    "sr": (
+        lambda m: m.update(sr=None),
+        "field 'sr': the M-Former prefix and the fusion need the SR encoder's settings",
+    ),
+    "added rows": (
+        lambda m: m.update(added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0}]),
+        "field 'added_items': n_trained_items (40) plus the added items (2) is 42, not n_items (40)",
+    ),
+    "tower inputs": (
+        lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
+        "field 'user_tower.inputs': must be ['item_ids', 'item_mask', 'input_ids', 'attention_mask']",
+    ),
     "format_version": (lambda m: m.update(format_version=2), "format_version 2 is not supported (this laser reads 1)"),
     "not an object": (lambda m: m.clear(), "field 'format': missing"),
 }
@@ -235,8 +283,12 @@ def test_every_bundle_file_is_listed_and_present(setup, tmp_path):
     copy = _copy(setup, tmp_path)
     (copy / "tokenizer" / "notes.txt").write_text("not in the manifest")
     for verify in (True, False):
-        with pytest.raises(BundleError, match=re.escape(f"{copy / 'tokenizer/notes.txt'}: in the bundle folder but "
-                                                        f"not listed in {MANIFEST} 'files'")):
+        with pytest.raises(
+            BundleError,
+            match=re.escape(
+                f"{copy / 'tokenizer/notes.txt'}: in the bundle folder but not listed in {MANIFEST} 'files'"
+            ),
+        ):
             Recommender.load(copy, verify=verify)
     (copy / "tokenizer" / "notes.txt").unlink()
     manifest = read_manifest(copy)
@@ -262,16 +314,27 @@ def test_loaded_files_must_agree_with_the_manifest(setup, tmp_path):
     table = setup["table"]
     copy = _copy(setup, tmp_path)
     _rewrite(copy, scorer__onnx=lambda p: export_scorer(table[:39], p, k=10))
-    with pytest.raises(BundleError, match=re.escape(f"{copy / 'scorer.onnx'}: item table is [39, {table.shape[1]}], "
-                                                    f"but the manifest says [n_items, dim] = [40, {table.shape[1]}]")):
+    with pytest.raises(
+        BundleError,
+        match=re.escape(
+            f"{copy / 'scorer.onnx'}: item table is [39, {table.shape[1]}], "
+            f"but the manifest says [n_items, dim] = [40, {table.shape[1]}]"
+        ),
+    ):
         Recommender.load(copy)
     _rewrite(copy, scorer__onnx=lambda p: export_scorer(table, p, k=5))
     with pytest.raises(BundleError, match="scorer.onnx: returns top-5, but the manifest says k=10"):
         Recommender.load(copy)
-    _rewrite(copy, scorer__onnx=lambda p: export_scorer(table, p, k=10),
-             items__parquet=lambda p: pd.read_parquet(p).drop(columns="popularity").to_parquet(p, index=False))
-    with pytest.raises(BundleError, match=r"items.parquet: columns \['item_id', 'title', 'brand', 'category'\] "
-                                          r"differ from the manifest's catalogue.columns"):
+    _rewrite(
+        copy,
+        scorer__onnx=lambda p: export_scorer(table, p, k=10),
+        items__parquet=lambda p: pd.read_parquet(p).drop(columns="popularity").to_parquet(p, index=False),
+    )
+    with pytest.raises(
+        BundleError,
+        match=r"items.parquet: columns \['item_id', 'title', 'brand', 'category'\] "
+        r"differ from the manifest's catalogue.columns",
+    ):
         Recommender.load(copy)
 
 
@@ -397,25 +460,27 @@ def test_cli_recommend(setup, rec, cli):
     assert text.exit_code == 0 and "model m-7" in text.output and len(text.output.strip().splitlines()) == 11
     empty = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"])])
     assert empty.exit_code == 1 and "it is empty" in empty.output
-    popular = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"]), "--popularity-fallback",
-                                  "--json"])
+    popular = runner.invoke(cli, ["recommend", "--bundle", str(setup["bundle"]), "--popularity-fallback", "--json"])
     assert popular.exit_code == 0 and json.loads(popular.output)["fallback"] == "popularity"
 
 
 def test_cli_items_add(setup, cli, tmp_path):
     runner = CliRunner()
     items = tmp_path / "new.jsonl"
-    items.write_text(json.dumps({"item_id": "cli-1", "title": "Garden Hose Reel", "brand": "Verdo",
-                                 "category": "Garden"}) + "\n")
+    items.write_text(
+        json.dumps({"item_id": "cli-1", "title": "Garden Hose Reel", "brand": "Verdo", "category": "Garden"}) + "\n"
+    )
     out = tmp_path / "bundle2"
-    res = runner.invoke(cli, ["items", "add", "--bundle", str(setup["bundle"]), "--items", str(items),
-                              "--out", str(out)])
+    res = runner.invoke(
+        cli, ["items", "add", "--bundle", str(setup["bundle"]), "--items", str(items), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert "added 1 item(s)" in res.output and "41 items" in res.output
     rec = runner.invoke(cli, ["recommend", "--bundle", str(out), "--history", "cli-1", "-k", "1", "--json"])
     assert json.loads(rec.output)["items"][0]["item_id"] == "cli-1"
-    again = runner.invoke(cli, ["items", "add", "--bundle", str(out), "--items", str(items), "--out",
-                                str(tmp_path / "bundle3")])
+    again = runner.invoke(
+        cli, ["items", "add", "--bundle", str(out), "--items", str(items), "--out", str(tmp_path / "bundle3")]
+    )
     assert again.exit_code == 1 and "already in the bundle's catalogue" in again.output
 
 
@@ -427,8 +492,10 @@ def test_cli_serve_on_a_busy_port_is_one_clear_line(setup, cli):
         port = busy.getsockname()[1]
         res = CliRunner().invoke(cli, ["serve", "--bundle", str(setup["bundle"]), "--port", str(port)])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
-    assert res.output.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use "
-                                               f"(another process is listening there: stop it or choose another "
-                                               f"port)"]
+    assert res.output.strip().splitlines() == [
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        f"(another process is listening there: stop it or choose another "
+        f"port)"
+    ]
     bad = CliRunner().invoke(cli, ["serve", "--bundle", str(setup["root"]), "--max-body-bytes", "0"])
     assert bad.exit_code == 2 and "--max-body-bytes" in bad.output

@@ -18,8 +18,9 @@ NEURAL = ["sasrec", "bert4rec", "gru4rec"]
 
 def tiny(model: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(SRConfig(model=model, hidden_size=16, n_heads=2, max_len=8, dropout=0.0,
-                                attn_dropout=0.0, **kw), N_ITEMS).eval()
+    return build_model(
+        SRConfig(model=model, hidden_size=16, n_heads=2, max_len=8, dropout=0.0, attn_dropout=0.0, **kw), N_ITEMS
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def test_bert4rec_mask_token_and_cloze_batch():
     seqs = [np.arange(8) % N_ITEMS for _ in range(200)]
     tb = model.make_batch(seqs, torch.Generator().manual_seed(0))
     masked = tb["input_ids"] == N_ITEMS + 1
-    assert torch.equal(masked, tb["labels"] > 0)            # labels exactly at masked positions
-    assert 0.4 < masked.float().mean() < 0.6                # ~ mask_prob
+    assert torch.equal(masked, tb["labels"] > 0)  # labels exactly at masked positions
+    assert 0.4 < masked.float().mean() < 0.6  # ~ mask_prob
     assert torch.equal(tb["labels"][masked], pad_left(seqs, 8)[masked])
 
 
@@ -134,7 +135,9 @@ def test_checkpoint_roundtrip_identical_scores(name, tmp_path, synthetic_split):
 
 
 def test_encode_unchanged_by_freezing_and_eval():
-    model = tiny("bert4rec", )
+    model = tiny(
+        "bert4rec",
+    )
     model.train()
     ids = torch.tensor([[1, 2, 3]])
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -179,8 +182,7 @@ QUICK = TrainConfig(epochs=2, batch_size=64, lr=1e-3, patience=5, progress=False
 
 @pytest.fixture(scope="module")
 def small_split():
-    return leave_one_out(load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 2,
-                                                     "seed": 1}}))
+    return leave_one_out(load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 2, "seed": 1}}))
 
 
 def _fit_counting(split, workdir, **kw):
@@ -206,18 +208,20 @@ def test_a_finished_checkpoint_is_reloaded_only_for_the_same_data(small_split, t
     wd = tmp_path / "ck"
     first, trained = _fit_counting(small_split, wd)
     assert trained == [0, 1]
-    again, trained = _fit_counting(small_split, wd)           # unchanged: reloaded, nothing trains
+    again, trained = _fit_counting(small_split, wd)  # unchanged: reloaded, nothing trains
     assert trained == [] and again.history == first.history
     other = _same_sizes_other_data(small_split)
     assert config_hash(SMALL_SASREC, QUICK, other) != config_hash(SMALL_SASREC, QUICK, small_split)
-    changed, trained = _fit_counting(other, wd)              # same sizes, other data: trains again
+    changed, trained = _fit_counting(other, wd)  # same sizes, other data: trains again
     assert trained == [0, 1]
     assert [h["loss"] for h in changed.history] != [h["loss"] for h in first.history]
     # every result-affecting setting is in the key, not only the sizes
-    assert config_hash(SMALL_SASREC, QUICK.model_copy(update={"eval_batch_size": 7}), small_split) != \
-        config_hash(SMALL_SASREC, QUICK, small_split)
-    assert config_hash(SMALL_SASREC, QUICK.model_copy(update={"progress": True, "threads": 1}), small_split) == \
-        config_hash(SMALL_SASREC, QUICK, small_split)
+    assert config_hash(SMALL_SASREC, QUICK.model_copy(update={"eval_batch_size": 7}), small_split) != config_hash(
+        SMALL_SASREC, QUICK, small_split
+    )
+    assert config_hash(
+        SMALL_SASREC, QUICK.model_copy(update={"progress": True, "threads": 1}), small_split
+    ) == config_hash(SMALL_SASREC, QUICK, small_split)
 
 
 def test_resume_false_trains_again_over_a_finished_checkpoint(small_split, tmp_path):

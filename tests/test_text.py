@@ -5,12 +5,14 @@ import pytest
 
 from laser_core.data.text import INSTRUCTION, TextConfig, TextFormatter, truncate
 
-ITEMS = pd.DataFrame({
-    "item_id": ["a", "b", "c"],
-    "title": ["Digital Caliper 6 Inch Stainless", "Nitrile Gloves", "Beaker"],
-    "brand": ["Acme", "", ""],
-    "category": ["Tools Measuring", "Lab Supplies", ""],
-})
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["a", "b", "c"],
+        "title": ["Digital Caliper 6 Inch Stainless", "Nitrile Gloves", "Beaker"],
+        "brand": ["Acme", "", ""],
+        "category": ["Tools Measuring", "Lab Supplies", ""],
+    }
+)
 
 
 class WordTokenizer:
@@ -28,11 +30,14 @@ def test_user_and_item_text_exact():
     fmt = TextFormatter(ITEMS)
     assert fmt.user_text([0, 1, 2]) == (
         f"{INSTRUCTION} >> 1. Digital Caliper 6 Inch Stainless (brand: Acme, category: Tools Measuring) "
-        ">> 2. Nitrile Gloves (category: Lab Supplies) >> 3. Beaker")
+        ">> 2. Nitrile Gloves (category: Lab Supplies) >> 3. Beaker"
+    )
     assert fmt.item_text(1) == f"{INSTRUCTION} >> 1. Nitrile Gloves (category: Lab Supplies)"
     assert fmt.item_text(1) == fmt.user_text([1])
-    assert INSTRUCTION.startswith("You are an intelligent recommendation assistant. Please summarize the user's "
-                                  "characteristics into a single token based on the browsing history.")
+    assert INSTRUCTION.startswith(
+        "You are an intelligent recommendation assistant. Please summarize the user's "
+        "characteristics into a single token based on the browsing history."
+    )
 
 
 def test_history_len_keeps_most_recent_and_renumbers():

@@ -22,22 +22,24 @@ def test_clean_dataset_passes(small):
 
 def test_planted_defects_are_each_reported(small):
     inter, items = small.interactions_frame(), small.items.copy()
-    inter.loc[0, "user_id"] = None                       # null user id
-    inter.loc[1, "item_id"] = "not-in-catalogue"         # unknown item
+    inter.loc[0, "user_id"] = None  # null user id
+    inter.loc[1, "item_id"] = "not-in-catalogue"  # unknown item
     u = inter.loc[20, "user_id"]
     first = inter.index[inter["user_id"] == u][0]
-    inter.loc[first + 1, "timestamp"] = 0                # goes back in time
+    inter.loc[first + 1, "timestamp"] = 0  # goes back in time
     inter = pd.concat([inter, inter.iloc[[30]]], ignore_index=True)  # duplicate (user, item, timestamp)
-    items.loc[3, "title"] = "   "                        # empty title
-    items.loc[4, "item_id"] = items.loc[5, "item_id"]    # duplicate item id
+    items.loc[3, "title"] = "   "  # empty title
+    items.loc[4, "item_id"] = items.loc[5, "item_id"]  # duplicate item id
     report = validate(interactions=inter, items=items, config={"max_sequence_length": 4}, name="planted")
     assert not report.success
     failed = {(o.table, o.expectation, o.column): o for o in report.failures}
     assert failed[("interactions", "expect_column_values_to_not_be_null", "user_id")].unexpected_count == 1
     assert "not-in-catalogue" in failed[("interactions", "expect_column_values_to_be_in_set", "item_id")].examples
     assert failed[("interactions", "expect_column_values_to_be_between", "time_delta")].examples == [f"user {u}"]
-    assert failed[("interactions", "expect_compound_columns_to_be_unique",
-                   "user_id,item_id,timestamp")].unexpected_count == 2
+    assert (
+        failed[("interactions", "expect_compound_columns_to_be_unique", "user_id,item_id,timestamp")].unexpected_count
+        == 2
+    )
     assert failed[("items", "expect_column_value_lengths_to_be_between", "title")].unexpected_count == 1
     assert failed[("items", "expect_column_values_to_be_unique", "item_id")].unexpected_count == 2
     assert failed[("users", "expect_column_values_to_be_between", "n_items")].unexpected_count > 0
@@ -64,10 +66,12 @@ def test_empty_data_fails(small):
     report = validate(interactions=inter, items=small.items.iloc[:0], name="empty")
     assert not report.success
     failed = {(o.table, o.expectation, o.column) for o in report.failures}
-    assert failed == {("interactions", "expect_table_row_count_to_be_between", None),
-                      ("items", "expect_table_row_count_to_be_between", None),
-                      ("users", "expect_table_row_count_to_be_between", None),
-                      ("users", "expect_column_max_to_be_between", "n_items")}
+    assert failed == {
+        ("interactions", "expect_table_row_count_to_be_between", None),
+        ("items", "expect_table_row_count_to_be_between", None),
+        ("users", "expect_table_row_count_to_be_between", None),
+        ("users", "expect_column_max_to_be_between", "n_items"),
+    }
     assert "FAILED" in report.to_markdown() and "observed=0" in report.to_markdown()
 
 
@@ -82,7 +86,7 @@ def test_sequences_too_short_for_the_split(small):
 
 def test_negative_timestamps_fail(small):
     inter = small.interactions_frame()
-    inter["timestamp"] = inter["timestamp"] - int(inter["timestamp"].max()) - 10   # all < 0, order kept
+    inter["timestamp"] = inter["timestamp"] - int(inter["timestamp"].max()) - 10  # all < 0, order kept
     report = validate(interactions=inter, items=small.items, name="negative")
     assert [(o.table, o.column) for o in report.failures] == [("interactions", "timestamp")]
     assert report.failures[0].unexpected_count == len(inter)

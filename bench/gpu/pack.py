@@ -108,7 +108,7 @@ def texts_read(formatter, sequences) -> list[str]:
 def token_ids(tokenizer, texts: list[str], batch: int = 2048) -> set[int]:
     used: set[int] = set()
     for lo in range(0, len(texts), batch):
-        for ids in tokenizer(texts[lo:lo + batch], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[lo : lo + batch], add_special_tokens=False)["input_ids"]:
             used.update(ids)
     return used
 
@@ -129,8 +129,21 @@ def download_wheels(dest: Path) -> Path:
     """pip-download the GPU image's missing packages (this machine's versions) for CPython 3.12, x86-64."""
     dest.mkdir(parents=True, exist_ok=True)
     pins = [f"{name}=={metadata.version(name)}" for name in GPU_MISSING]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--python-version", GPU_PYTHON, "--implementation", "cp", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        GPU_PYTHON,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+    ]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     proc = subprocess.run(cmd + pins, capture_output=True, text=True)
@@ -140,8 +153,16 @@ def download_wheels(dest: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- the pack
-def build_pack(runs: dict[str, Path], out: Path, workdir: Path, data_dir: str | None = None,
-               wheels: str = "auto", max_mib: float = 60.0, sr_epochs: int = 200, log=print) -> dict:
+def build_pack(
+    runs: dict[str, Path],
+    out: Path,
+    workdir: Path,
+    data_dir: str | None = None,
+    wheels: str = "auto",
+    max_mib: float = 60.0,
+    sr_epochs: int = 200,
+    log=print,
+) -> dict:
     """Write the pack into ``out`` (replaced) and return its manifest. ``runs``: label -> config file."""
     from laser_benchmark import baseline_model
     from transformers import AutoTokenizer
@@ -160,8 +181,10 @@ def build_pack(runs: dict[str, Path], out: Path, workdir: Path, data_dir: str | 
     for label, cfg in configs.items():
         if cfg.dataset != first.dataset:
             raise ValueError(f"run {label!r} reads another dataset than the first run: one pack, one dataset")
-        if (cfg.backbone.name, cfg.backbone.trust_remote_code) != (first.backbone.name,
-                                                                    first.backbone.trust_remote_code):
+        if (cfg.backbone.name, cfg.backbone.trust_remote_code) != (
+            first.backbone.name,
+            first.backbone.trust_remote_code,
+        ):
             raise ValueError(f"run {label!r} has another backbone than the first run: one pack, one backbone")
         if cfg.sr.model not in SR_MODELS:
             raise ValueError(f"run {label!r}: the frozen encoder must be one of {SR_MODELS}, not {cfg.sr.model!r}")
@@ -177,19 +200,30 @@ def build_pack(runs: dict[str, Path], out: Path, workdir: Path, data_dir: str | 
     (tmp / "configs").mkdir()
     for label, path in runs.items():
         shutil.copyfile(path, tmp / "configs" / f"{label}.yaml")
-        manifest["runs"][label] = {"config": f"configs/{label}.yaml", "source": Path(path).as_posix(),
-                                   "frozen_encoder": configs[label].sr.model}
+        manifest["runs"][label] = {
+            "config": f"configs/{label}.yaml",
+            "source": Path(path).as_posix(),
+            "frozen_encoder": configs[label].sr.model,
+        }
     # the data
     if first.dataset.path is not None:
         root = Path(first.dataset.path)
-        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+        files = {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        }
         (tmp / DATA).write_bytes(deterministic_tar_xz(files))
         data = {"archive": DATA, "files": sorted(files)}
     else:
-        data = {"archive": None}   # generated from the config (synthetic)
-    manifest["dataset"] = {"name": ds.name, "format": first.dataset.format, "users": ds.n_users,
-                           "items": ds.n_items, **data}
+        data = {"archive": None}  # generated from the config (synthetic)
+    manifest["dataset"] = {
+        "name": ds.name,
+        "format": first.dataset.format,
+        "users": ds.n_users,
+        "items": ds.n_items,
+        **data,
+    }
     # the frozen ID models
     for m in SR_MODELS:
         t1 = time.perf_counter()
@@ -206,10 +240,22 @@ def build_pack(runs: dict[str, Path], out: Path, workdir: Path, data_dir: str | 
         formatter = TextFormatter(ds.items, text_cfg, tokenizer=tokenizer)
         used |= token_ids(tokenizer, texts_read(formatter, ds.sequences))
     meta = pack_backbone(source, tmp / "backbone", used)
-    manifest["backbone"] = {k: meta[k] for k in ("kept_token_rows", "vocab_size", "quantized_parameters",
-                                                 "block_size", "tie_word_embeddings", "not_stored", "source")}
-    log(f"backbone: {meta['quantized_parameters']:,} weights in NF4, {meta['kept_token_rows']:,} of "
-        f"{meta['vocab_size']:,} token rows ({time.perf_counter() - t1:.1f} s)")
+    manifest["backbone"] = {
+        k: meta[k]
+        for k in (
+            "kept_token_rows",
+            "vocab_size",
+            "quantized_parameters",
+            "block_size",
+            "tie_word_embeddings",
+            "not_stored",
+            "source",
+        )
+    }
+    log(
+        f"backbone: {meta['quantized_parameters']:,} weights in NF4, {meta['kept_token_rows']:,} of "
+        f"{meta['vocab_size']:,} token rows ({time.perf_counter() - t1:.1f} s)"
+    )
     # the packages the GPU image lacks
     if wheels != "none":
         wheel_dir = Path(wheels) if wheels != "auto" else None
@@ -218,8 +264,9 @@ def build_pack(runs: dict[str, Path], out: Path, workdir: Path, data_dir: str | 
                 from laser_core.llm.backbones import default_cache_dir
 
                 wheel_dir = default_cache_dir() / "wheels" / f"cp{GPU_PYTHON.replace('.', '')}"
-                if not all(any(wheel_dir.glob(f"{n.replace('-', '_')}-{metadata.version(n)}-*.whl"))
-                           for n in GPU_MISSING):
+                if not all(
+                    any(wheel_dir.glob(f"{n.replace('-', '_')}-{metadata.version(n)}-*.whl")) for n in GPU_MISSING
+                ):
                     download_wheels(Path(wtmp))
                     wheel_dir.mkdir(parents=True, exist_ok=True)
                     for w in Path(wtmp).glob("*.whl"):
@@ -255,13 +302,25 @@ def parse_runs(values: list[str]) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "gpu-pack"), help="the pack folder (replaced)")
-    ap.add_argument("--run", dest="runs", action="append", default=None, metavar="LABEL=CONFIG",
-                    help=f"a run of the GPU script (repeatable; default: {' '.join(DEFAULT_RUNS)})")
+    ap.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        default=None,
+        metavar="LABEL=CONFIG",
+        help=f"a run of the GPU script (repeatable; default: {' '.join(DEFAULT_RUNS)})",
+    )
     ap.add_argument("--data-dir", default=None, help="the dataset folder (default: the configs' dataset.path)")
-    ap.add_argument("--workdir", default=str(ROOT / "runs" / "laser-sci"),
-                    help="where the SR checkpoints are (sr-sasrec, sr-bert4rec), trained there when missing")
-    ap.add_argument("--wheels", default="auto",
-                    help="auto (pip-download the missing packages once, cached), none, or a folder of wheels")
+    ap.add_argument(
+        "--workdir",
+        default=str(ROOT / "runs" / "laser-sci"),
+        help="where the SR checkpoints are (sr-sasrec, sr-bert4rec), trained there when missing",
+    )
+    ap.add_argument(
+        "--wheels",
+        default="auto",
+        help="auto (pip-download the missing packages once, cached), none, or a folder of wheels",
+    )
     ap.add_argument("--max-mib", type=float, default=60.0)
     ap.add_argument("--sr-epochs", type=int, default=200, help="the SR models' epoch cap (early stopping first)")
     ap.add_argument("--threads", type=int, default=1)
@@ -269,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    manifest = build_pack(parse_runs(args.runs or list(DEFAULT_RUNS)), Path(args.out), Path(args.workdir),
-                          data_dir=args.data_dir, wheels=args.wheels, max_mib=args.max_mib,
-                          sr_epochs=args.sr_epochs)
+    manifest = build_pack(
+        parse_runs(args.runs or list(DEFAULT_RUNS)),
+        Path(args.out),
+        Path(args.workdir),
+        data_dir=args.data_dir,
+        wheels=args.wheels,
+        max_mib=args.max_mib,
+        sr_epochs=args.sr_epochs,
+    )
     width = max(len(k) for k in manifest["files"])
     for name, size in manifest["files"].items():
         print(f"  {name:<{width}}  {size / 2**20:8.3f} MiB")

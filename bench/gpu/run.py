@@ -47,8 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 import torch  # noqa: E402
-from laser_benchmark import (budget, fit_record, paper_figures, protocol, score_baselines,  # noqa: E402
-                             trainer_history)
+from laser_benchmark import budget, fit_record, paper_figures, protocol, score_baselines, trainer_history  # noqa: E402
 from pack import DATA, extract_tar_xz, read_manifest  # noqa: E402
 
 from laser_core.config import load_config  # noqa: E402
@@ -74,10 +73,10 @@ class Budget:
 
     def __init__(self, start: float, limit: float | None, margin: float = 10.0) -> None:
         self.start, self.limit, self.margin = start, limit, margin
-        self.epoch_seconds = 0.0   # the longest epoch of this call (training + table + validation)
+        self.epoch_seconds = 0.0  # the longest epoch of this call (training + table + validation)
         self.eval_seconds_per_user = 0.0
-        self.epochs = 0            # epochs trained in this call (all runs)
-        self.run_deadline: float | None = None   # perf_counter() time at which the current run's share ends
+        self.epochs = 0  # epochs trained in this call (all runs)
+        self.run_deadline: float | None = None  # perf_counter() time at which the current run's share ends
 
     def left(self) -> float:
         return float("inf") if self.limit is None else self.limit - (time.perf_counter() - self.start)
@@ -110,8 +109,11 @@ def load_pack_inputs(pack: Path, workdir: Path):
 def machine() -> dict:
     info = {"platform": platform.platform(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        )
     return info
 
 
@@ -125,20 +127,37 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pack", required=True, help="the pack folder of bench/gpu/pack.py")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu-out"),
-                    help="where the results go (default: $OUT, else runs/gpu-out)")
-    ap.add_argument("--workdir", default=str(ROOT / "runs" / "gpu-work"),
-                    help="checkpoints (resume) and the unpacked data")
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu-out"),
+        help="where the results go (default: $OUT, else runs/gpu-out)",
+    )
+    ap.add_argument(
+        "--workdir", default=str(ROOT / "runs" / "gpu-work"), help="checkpoints (resume) and the unpacked data"
+    )
     ap.add_argument("--runs", default=None, help="comma-separated run labels of the pack (default: all, in order)")
-    ap.add_argument("--time-limit", type=float, default=480.0,
-                    help="seconds from the start of this call; 0: no limit")
-    ap.add_argument("--epochs-per-call", type=int, default=None,
-                    help="stop (resumably, as at the time limit) after this many epochs trained in this call")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="change a setting of every run (repeatable)")
+    ap.add_argument("--time-limit", type=float, default=480.0, help="seconds from the start of this call; 0: no limit")
+    ap.add_argument(
+        "--epochs-per-call",
+        type=int,
+        default=None,
+        help="stop (resumably, as at the time limit) after this many epochs trained in this call",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change a setting of every run (repeatable)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    ap.add_argument("--shares", default=None, metavar="W1,W2,...",
-                    help="split the time limit between the runs in these proportions (one weight per run)")
+    ap.add_argument(
+        "--shares",
+        default=None,
+        metavar="W1,W2,...",
+        help="split the time limit between the runs in these proportions (one weight per run)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,10 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     out = json.loads(kept.read_text(encoding="utf8")) if kept.is_file() else {}
     results = out.setdefault("results", {})
     runs = out.setdefault("runs", {})
-    out.update(dataset=name, paper=paper_figures(name), machine=machine(),
-               pack={k: manifest.get(k) for k in ("total_bytes", "backbone", "sr", "runs")})
-    call = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "time_limit": args.time_limit,
-            "runs": {}}
+    out.update(
+        dataset=name,
+        paper=paper_figures(name),
+        machine=machine(),
+        pack={k: manifest.get(k) for k in ("total_bytes", "backbone", "sr", "runs")},
+    )
+    call = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_limit": args.time_limit,
+        "runs": {},
+    }
     out.setdefault("calls", []).append(call)
     backbone_dir = (pack / "backbone").as_posix()
 
@@ -172,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             call["cuda_max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         states = [runs.get(label, {}).get("status") for label in labels]
-        out["status"] = "complete" if all(s == "complete" for s in states) else \
-            "incomplete: call again to resume (checkpoints in the workdir)"
+        out["status"] = (
+            "complete"
+            if all(s == "complete" for s in states)
+            else "incomplete: call again to resume (checkpoints in the workdir)"
+        )
         text = json.dumps(out, indent=2) + "\n"
         for path in (kept, out_dir / filename):
             tmp = path.with_name(path.name + ".tmp")
@@ -186,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     for label in labels:
         run = runs.setdefault(label, {})
         overrides = [f"backbone.name={backbone_dir}", "backbone.quantization=none", *args.overrides]
-        cfg = load_config(pack / manifest["runs"][label]["config"], data_dir=str(data_dir) if data_dir else None,
-                          overrides=overrides)
+        cfg = load_config(
+            pack / manifest["runs"][label]["config"], data_dir=str(data_dir) if data_dir else None, overrides=overrides
+        )
         laser_cfg = cfg.laser_train
         key = cfg.dataset.model_dump_json()
         if key not in data_cache:
@@ -196,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         ds, split = data_cache[key]
         hist, targets = test_examples(split, laser_cfg)
         if pairs_key not in (None, (laser_cfg.test_users, laser_cfg.seed)):
-            raise SystemExit(f"run {label!r} is tested on other pairs than the runs before it: one results file "
-                             "needs the same test pairs (laser_train.test_users and seed)")
+            raise SystemExit(
+                f"run {label!r} is tested on other pairs than the runs before it: one results file "
+                "needs the same test pairs (laser_train.test_users and seed)"
+            )
         pairs_key = (laser_cfg.test_users, laser_cfg.seed)
         run.update(config=manifest["runs"][label]["source"], overrides=args.overrides, budget=budget(cfg))
         out["protocol"] = protocol(laser_cfg, len(targets))
@@ -207,11 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t_run = time.perf_counter()
         i = labels.index(label)
-        if shares is not None and clock.limit is not None:   # this run's share of the time left
+        if shares is not None and clock.limit is not None:  # this run's share of the time left
             clock.run_deadline = t_run + clock.left() * shares[i] / sum(shares[i:])
 
-        def train_and_test(cfg=cfg, label=label, run=run, ds=ds, split=split, targets=targets,
-                           laser_cfg=laser_cfg):
+        def train_and_test(cfg=cfg, label=label, run=run, ds=ds, split=split, targets=targets, laser_cfg=laser_cfg):
             """Build, Bi-Tune (stopped by the clock or not) and test one run: (stop, result, model, trainer,
             test figures, fit seconds, test seconds)."""
             model = build_laser(cfg.laser_spec(), ds.items, sr_models[cfg.sr.model], device=laser_cfg.device)
@@ -228,9 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 cost = trainer.cost
                 if cost["users_evaluated"]:
                     clock.eval_seconds_per_user = cost["eval_seconds"] / cost["users_evaluated"]
-                print(f"{label}: stage {stage} epoch {epoch} loss {entry.get('loss')} valid ndcg@10 "
-                      f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s; non-finite batches "
-                      f"{cost['nonfinite_batches']}, skipped steps {cost['skipped_steps']})", flush=True)
+                print(
+                    f"{label}: stage {stage} epoch {epoch} loss {entry.get('loss')} valid ndcg@10 "
+                    f"{entry['valid']['ndcg@10']:.4f} ({now - t_start:.0f} s; non-finite batches "
+                    f"{cost['nonfinite_batches']}, skipped steps {cost['skipped_steps']})",
+                    flush=True,
+                )
                 run.update(status="incomplete", history=trainer_history(trainer), device=str(trainer.device))
                 write()
                 need = clock.epoch_seconds + clock.test_seconds(len(targets))
@@ -255,41 +289,53 @@ def main(argv: list[str] | None = None) -> int:
         trained = [0]
         try:
             stop, result, model, trainer, laser, fit_s, test_s = train_and_test()
-        except Exception as err:   # noqa: BLE001 - one run's failure must not cost the others their figures
+        except Exception as err:  # noqa: BLE001 - one run's failure must not cost the others their figures
             run.update(status="failed", error=traceback.format_exc()[-4000:])
-            call["runs"][label] = {"stopped": f"failed: {type(err).__name__}: {err}"[:500],
-                                   "epochs_trained": trained[0], "seconds": round(time.perf_counter() - t_run, 1)}
+            call["runs"][label] = {
+                "stopped": f"failed: {type(err).__name__}: {err}"[:500],
+                "epochs_trained": trained[0],
+                "seconds": round(time.perf_counter() - t_run, 1),
+            }
             write()
             print(f"{label}: FAILED\n{run['error']}", flush=True)
             _free()
             continue
-        run.update(fit_record(result, model, laser, fit_s, test_s, len(targets)), device=str(trainer.device),
-                   status="complete" if stop is None else "incomplete")
+        run.update(
+            fit_record(result, model, laser, fit_s, test_s, len(targets)),
+            device=str(trainer.device),
+            status="complete" if stop is None else "incomplete",
+        )
         run.pop("error", None)
         if stop is None:
             run.pop("partial", None)
-        else:   # the best validation epoch so far, tested: a figure at the budget this call had
-            run["partial"] = {"stopped": str(stop), "users_trained": result.cost["users_trained"],
-                              "epochs_done": [(e["stage"], e["epoch"]) for e in result.history
-                                              if not e.get("curve")][-1]}
+        else:  # the best validation epoch so far, tested: a figure at the budget this call had
+            run["partial"] = {
+                "stopped": str(stop),
+                "users_trained": result.cost["users_trained"],
+                "epochs_done": [(e["stage"], e["epoch"]) for e in result.history if not e.get("curve")][-1],
+            }
         results[label] = run["results"]
-        call["runs"][label] = {"stopped": "finished" if stop is None else str(stop), "epochs_trained": trained[0],
-                               "seconds": round(time.perf_counter() - t_run, 1)}
+        call["runs"][label] = {
+            "stopped": "finished" if stop is None else str(stop),
+            "epochs_trained": trained[0],
+            "seconds": round(time.perf_counter() - t_run, 1),
+        }
         score_baselines(sr_models, split, hist, targets, results, scored)
         write()
-        print(f"{label}: test ndcg@10 {laser['ndcg@10']:.4f} recall@10 {laser['recall@10']:.4f} "
-              f"mrr {laser['mrr']:.4f}" + ("" if stop is None else f" (stopped: {stop}; best epoch so far)"),
-              flush=True)
+        print(
+            f"{label}: test ndcg@10 {laser['ndcg@10']:.4f} recall@10 {laser['recall@10']:.4f} "
+            f"mrr {laser['mrr']:.4f}" + ("" if stop is None else f" (stopped: {stop}; best epoch so far)"),
+            flush=True,
+        )
         if stop is not None and stop.whole_call:
-            print(f"{label}: stopped ({stop}) after {trained[0]} epochs this call; call again to resume",
-                  flush=True)
-            for rest in labels[i + 1:]:
+            print(f"{label}: stopped ({stop}) after {trained[0]} epochs this call; call again to resume", flush=True)
+            for rest in labels[i + 1 :]:
                 runs.setdefault(rest, {}).setdefault("status", "not started")
                 call["runs"][rest] = f"not started: {stop}"
             break
         del model, trainer, result
         _free()
-    if not scored and data_cache:   # nothing trained this call: the baselines still get their figures
+    if not scored and data_cache:  # nothing trained this call: the baselines still get their figures
         ds, split = next(iter(data_cache.values()))
         score_baselines(sr_models, split, hist, targets, results, scored)
     write()

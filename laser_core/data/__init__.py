@@ -5,5 +5,13 @@ from laser_core.data.loading import DatasetConfig, detect_format, load_dataset
 from laser_core.data.model import SeqDataset, normalize_text
 from laser_core.data.split import Split, leave_one_out
 
-__all__ = ["DataFormatError", "DatasetConfig", "SeqDataset", "Split", "detect_format", "leave_one_out",
-           "load_dataset", "normalize_text"]
+__all__ = [
+    "DataFormatError",
+    "DatasetConfig",
+    "SeqDataset",
+    "Split",
+    "detect_format",
+    "leave_one_out",
+    "load_dataset",
+    "normalize_text",
+]

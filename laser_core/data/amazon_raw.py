@@ -29,13 +29,13 @@ def find_files(root: Path, category: str | None = None) -> tuple[Path, Path]:
         return reviews, meta
     metas = sorted(root.glob("meta_*.json.gz"))
     if len(metas) != 1:
-        raise DataFormatError(root, f"expected exactly one meta_<Category>.json.gz, found {len(metas)}; "
-                              "set the category explicitly")
-    category = metas[0].name[len("meta_"):-len(".json.gz")]
+        raise DataFormatError(
+            root, f"expected exactly one meta_<Category>.json.gz, found {len(metas)}; set the category explicitly"
+        )
+    category = metas[0].name[len("meta_") : -len(".json.gz")]
     reviews = root / f"{category}_5.json.gz"
     if not reviews.is_file():
-        raise DataFormatError(reviews, "file not found (reviews for the category of "
-                              f"{metas[0].name})")
+        raise DataFormatError(reviews, f"file not found (reviews for the category of {metas[0].name})")
     return reviews, metas[0]
 
 
@@ -57,12 +57,14 @@ def load_amazon2018(path: str | Path, category: str | None = None, name: str | N
             continue  # the paper drops items without a title (kept raw: build_items_frame normalizes once)
         category_path = rec.get("category", [])
         if not isinstance(category_path, (list, str, type(None))):
-            raise DataFormatError(meta_path, f"expected a list, got {type(category_path).__name__}",
-                                  line=lineno, field="category")
+            raise DataFormatError(
+                meta_path, f"expected a list, got {type(category_path).__name__}", line=lineno, field="category"
+            )
         brand = rec.get("brand", "")
         if not isinstance(brand, (str, type(None))):
-            raise DataFormatError(meta_path, f"expected a string, got {type(brand).__name__}",
-                                  line=lineno, field="brand")
+            raise DataFormatError(
+                meta_path, f"expected a string, got {type(brand).__name__}", line=lineno, field="brand"
+            )
         meta[asin] = (title, brand or "", category_path or [])
 
     raw: dict[str, list[tuple[int, str]]] = {}
@@ -86,9 +88,19 @@ def load_amazon2018(path: str | Path, category: str | None = None, name: str | N
         sequences.append(np.asarray(seq, dtype=np.int64))
         timestamps.append(np.asarray([e[0] for e in events], dtype=np.int64))
     asins = list(item_index)
-    items = build_items_frame(asins, [meta[a][0] for a in asins], [meta[a][1] for a in asins],
-                              [meta[a][2] for a in asins])
-    return SeqDataset(name=name or reviews_path.name.removesuffix("_5.json.gz"), items=items, users=users,
-                      sequences=sequences, timestamps=timestamps,
-                      source={"format": "amazon2018", "path": str(root.resolve()),
-                              "reviews": reviews_path.name, "meta": meta_path.name})
+    items = build_items_frame(
+        asins, [meta[a][0] for a in asins], [meta[a][1] for a in asins], [meta[a][2] for a in asins]
+    )
+    return SeqDataset(
+        name=name or reviews_path.name.removesuffix("_5.json.gz"),
+        items=items,
+        users=users,
+        sequences=sequences,
+        timestamps=timestamps,
+        source={
+            "format": "amazon2018",
+            "path": str(root.resolve()),
+            "reviews": reviews_path.name,
+            "meta": meta_path.name,
+        },
+    )

@@ -12,8 +12,15 @@ class DataFormatError(UserError, ValueError):
 
     exit_code = EXIT_DATA
 
-    def __init__(self, path: str | Path, message: str, *, line: int | None = None,
-                 record: str | None = None, field: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        message: str,
+        *,
+        line: int | None = None,
+        record: str | None = None,
+        field: str | None = None,
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.record = record

@@ -43,18 +43,23 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataFormatError(path, f"invalid JSON ({exc.msg}, column {exc.colno})",
-                                          line=lineno) from exc
+                    raise DataFormatError(path, f"invalid JSON ({exc.msg}, column {exc.colno})", line=lineno) from exc
                 if not isinstance(obj, dict):
-                    raise DataFormatError(path, f"expected a JSON object, got {type(obj).__name__}",
-                                          line=lineno)
+                    raise DataFormatError(path, f"expected a JSON object, got {type(obj).__name__}", line=lineno)
                 yield lineno, obj
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataFormatError(path, f"cannot read: {exc}") from exc
 
 
-def require(obj: dict, key: str, path: Path, *, line: int | None = None, record: str | None = None,
-            types: type | tuple[type, ...] | None = None) -> object:
+def require(
+    obj: dict,
+    key: str,
+    path: Path,
+    *,
+    line: int | None = None,
+    record: str | None = None,
+    types: type | tuple[type, ...] | None = None,
+) -> object:
     """Fetch ``obj[key]`` or raise a DataFormatError naming the field; optionally check its type."""
     if key not in obj:
         raise DataFormatError(path, "missing field", line=line, record=record, field=key)
@@ -63,6 +68,7 @@ def require(obj: dict, key: str, path: Path, *, line: int | None = None, record:
     bool_as_int = isinstance(value, bool) and types is int  # JSON true/false are not ids or times
     if wrong_type or bool_as_int:
         tname = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise DataFormatError(path, f"expected {tname}, got {type(value).__name__} {value!r:.60}",
-                              line=line, record=record, field=key)
+        raise DataFormatError(
+            path, f"expected {tname}, got {type(value).__name__} {value!r:.60}", line=line, record=record, field=key
+        )
     return value

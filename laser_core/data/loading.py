@@ -38,9 +38,11 @@ class DatasetConfig(StrictConfig):
     @model_validator(mode="after")
     def _synthetic_reads_no_path(self) -> "DatasetConfig":
         if self.format == "synthetic" and self.path is not None:
-            raise ValueError(f"format 'synthetic' generates its data and reads no files, but path is set "
-                             f"({self.path!r}): remove path, or set format to 'auto' (detected from the folder) "
-                             "or to the folder's format")
+            raise ValueError(
+                f"format 'synthetic' generates its data and reads no files, but path is set "
+                f"({self.path!r}): remove path, or set format to 'auto' (detected from the folder) "
+                "or to the folder's format"
+            )
         return self
 
 
@@ -55,9 +57,12 @@ def detect_format(path: Path) -> str:
         return "amazon2018"
     if any((path / f).is_file() for f in ("interactions.csv", "interactions.parquet")):
         return "table"
-    raise DataFormatError(path, "cannot tell the data format: expected RecFormer files (train/val/test/smap.json), "
-                          "SeqRecBench files (user2item.jsonl.gz, item2title.jsonl.gz), raw Amazon 2018 files "
-                          "(<Category>_5.json.gz, meta_<Category>.json.gz) or interactions.csv + items.csv")
+    raise DataFormatError(
+        path,
+        "cannot tell the data format: expected RecFormer files (train/val/test/smap.json), "
+        "SeqRecBench files (user2item.jsonl.gz, item2title.jsonl.gz), raw Amazon 2018 files "
+        "(<Category>_5.json.gz, meta_<Category>.json.gz) or interactions.csv + items.csv",
+    )
 
 
 def resolve_format(config: DatasetConfig) -> str:

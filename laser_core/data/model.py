@@ -100,13 +100,15 @@ class SeqDataset:
         position = np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else np.zeros(0, np.int64)
         users = np.asarray(self.users, dtype=object)
         item_ids = self.items["item_id"].to_numpy(dtype=object)
-        frame = pd.DataFrame({
-            "user_id": users[user_rows] if len(users) else np.zeros(0, dtype=object),
-            # an index outside the catalogue gives a null item_id, which validation reports
-            "item_id": _lookup(item_ids, item_idx),
-            "item_idx": item_idx,
-            "position": position,
-        })
+        frame = pd.DataFrame(
+            {
+                "user_id": users[user_rows] if len(users) else np.zeros(0, dtype=object),
+                # an index outside the catalogue gives a null item_id, which validation reports
+                "item_id": _lookup(item_ids, item_idx),
+                "item_idx": item_idx,
+                "position": position,
+            }
+        )
         if self.timestamps is not None:
             ts = np.concatenate(self.timestamps) if self.timestamps else np.zeros(0, dtype=np.int64)
             frame["timestamp"] = pd.array(ts, dtype="Int64")
@@ -115,8 +117,9 @@ class SeqDataset:
         return frame
 
     @classmethod
-    def from_frames(cls, name: str, items: pd.DataFrame, interactions: pd.DataFrame,
-                    source: dict | None = None) -> "SeqDataset":
+    def from_frames(
+        cls, name: str, items: pd.DataFrame, interactions: pd.DataFrame, source: dict | None = None
+    ) -> "SeqDataset":
         """Inverse of :meth:`interactions_frame` (used by the artifact materializer)."""
         inter = interactions.sort_values(["user_id", "position"], kind="stable")
         users, sequences, timestamps = [], [], []
@@ -130,8 +133,14 @@ class SeqDataset:
             sequences.append(g["item_idx"].to_numpy(dtype=np.int64))
             if has_ts:
                 timestamps.append(g["timestamp"].to_numpy(dtype=np.int64))
-        return cls(name=name, items=items, users=users, sequences=sequences,
-                   timestamps=timestamps if has_ts else None, source=source or {})
+        return cls(
+            name=name,
+            items=items,
+            users=users,
+            sequences=sequences,
+            timestamps=timestamps if has_ts else None,
+            source=source or {},
+        )
 
     # ---------------------------------------------------------- fingerprint
     def fingerprint(self) -> str:
@@ -172,9 +181,11 @@ def _lookup(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def build_items_frame(item_ids: list[str], titles: list, brands: list, categories: list) -> pd.DataFrame:
     """Items table with normalised text fields (HTML unescaped, whitespace collapsed)."""
-    return pd.DataFrame({
-        "item_id": [str(i) for i in item_ids],
-        "title": [normalize_text(t) for t in titles],
-        "brand": [normalize_text(b) for b in brands],
-        "category": [normalize_text(c) for c in categories],
-    })
+    return pd.DataFrame(
+        {
+            "item_id": [str(i) for i in item_ids],
+            "title": [normalize_text(t) for t in titles],
+            "brand": [normalize_text(b) for b in brands],
+            "category": [normalize_text(c) for c in categories],
+        }
+    )

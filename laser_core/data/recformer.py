@@ -45,8 +45,9 @@ def _item_text(root: Path, smap: dict[str, int]) -> tuple[Path, dict[int, dict]]
             if isinstance(value, dict) and "input" in value:
                 inputs = value["input"]
                 if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
-                    raise DataFormatError(meta_path, "expected a non-empty list of attribute objects",
-                                          record=key, field="input")
+                    raise DataFormatError(
+                        meta_path, "expected a non-empty list of attribute objects", record=key, field="input"
+                    )
                 rec = inputs[0]
             if not isinstance(rec, dict):
                 raise DataFormatError(meta_path, "expected an object of item attributes", record=key)
@@ -82,14 +83,16 @@ def load_recformer(path: str | Path, name: str | None = None) -> SeqDataset:
     meta_path, text = _item_text(root, smap)
     missing = [i for i in range(n_items) if i not in text]
     if missing:
-        raise DataFormatError(meta_path, f"{len(missing)} items of smap.json have no text, e.g. ids "
-                              f"{missing[:5]} (ASINs {[asin_of[i] for i in missing[:5]]})")
+        raise DataFormatError(
+            meta_path,
+            f"{len(missing)} items of smap.json have no text, e.g. ids "
+            f"{missing[:5]} (ASINs {[asin_of[i] for i in missing[:5]]})",
+        )
 
     def field_of(i: int, fld: str) -> object:
         value = text[i].get(fld, "")
         if value is not None and not isinstance(value, (str, list)):
-            raise DataFormatError(meta_path, f"expected a string, got {type(value).__name__}",
-                                  record=str(i), field=fld)
+            raise DataFormatError(meta_path, f"expected a string, got {type(value).__name__}", record=str(i), field=fld)
         return value
 
     items = build_items_frame(
@@ -105,12 +108,12 @@ def load_recformer(path: str | Path, name: str | None = None) -> SeqDataset:
         data = _mapping(fpath)
         for user, seq in data.items():
             if not isinstance(seq, list):
-                raise DataFormatError(fpath, f"expected a list of item ids, got {type(seq).__name__}",
-                                      record=user)
+                raise DataFormatError(fpath, f"expected a list of item ids, got {type(seq).__name__}", record=user)
             for pos, item in enumerate(seq):
                 if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n_items:
-                    raise DataFormatError(fpath, f"position {pos}: item id {item!r} is not in smap.json "
-                                          f"(0..{n_items - 1})", record=user)
+                    raise DataFormatError(
+                        fpath, f"position {pos}: item id {item!r} is not in smap.json (0..{n_items - 1})", record=user
+                    )
         parts[fname] = data
     train, val, test = parts["train.json"], parts["val.json"], parts["test.json"]
     for fname, data in (("val.json", val), ("test.json", test)):

@@ -34,8 +34,9 @@ def load_seqrecbench(path: str | Path, name: str | None = None) -> SeqDataset:
         iid = require(rec, "ItemID", items_path, line=lineno, types=int)
         title = require(rec, "Title", items_path, line=lineno, types=(str, type(None)))
         if iid in index:
-            raise DataFormatError(items_path, f"duplicate ItemID {iid} (first on an earlier line)",
-                                  line=lineno, field="ItemID")
+            raise DataFormatError(
+                items_path, f"duplicate ItemID {iid} (first on an earlier line)", line=lineno, field="ItemID"
+            )
         index[iid] = len(item_ids)
         item_ids.append(iid)
         titles.append(title)
@@ -54,22 +55,30 @@ def load_seqrecbench(path: str | Path, name: str | None = None) -> SeqDataset:
             raise DataFormatError(users_path, f"duplicate UserID {uid}", line=lineno, field="UserID")
         seen.add(uid)
         if len(seq) != len(ts):
-            raise DataFormatError(users_path, f"{len(seq)} items but {len(ts)} timestamps", line=lineno,
-                                  field="Timestamp")
+            raise DataFormatError(
+                users_path, f"{len(seq)} items but {len(ts)} timestamps", line=lineno, field="Timestamp"
+            )
         try:
             idx = [index[i] for i in seq]
         except (KeyError, TypeError):
             bad = next(i for i in seq if not isinstance(i, int) or i not in index)
-            raise DataFormatError(users_path, f"item {bad!r} is not in {ITEMS_FILE}", line=lineno,
-                                  field="ItemID") from None
+            raise DataFormatError(
+                users_path, f"item {bad!r} is not in {ITEMS_FILE}", line=lineno, field="ItemID"
+            ) from None
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ts):
-            raise DataFormatError(users_path, "timestamps must be integers (Unix seconds)", line=lineno,
-                                  field="Timestamp")
+            raise DataFormatError(
+                users_path, "timestamps must be integers (Unix seconds)", line=lineno, field="Timestamp"
+            )
         if not seq:
             continue
         users.append(uid)
         sequences.append(np.asarray(idx, dtype=np.int64))
         timestamps.append(np.asarray(ts, dtype=np.int64))
-    return SeqDataset(name=name or root.name, items=items, users=users, sequences=sequences,
-                      timestamps=timestamps,
-                      source={"format": "seqrecbench", "path": str(root.resolve())})
+    return SeqDataset(
+        name=name or root.name,
+        items=items,
+        users=users,
+        sequences=sequences,
+        timestamps=timestamps,
+        source={"format": "seqrecbench", "path": str(root.resolve())},
+    )

@@ -26,7 +26,7 @@ class Split:
     n_items: int
     train: list[np.ndarray]
     valid_target: np.ndarray  # int64, -1 where the user is train-only
-    test_target: np.ndarray   # int64, -1 where the user is train-only
+    test_target: np.ndarray  # int64, -1 where the user is train-only
 
     @property
     def eval_users(self) -> np.ndarray:
@@ -64,12 +64,14 @@ class Split:
 
     # ------------------------------------------------------------ storage
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "user_id": self.users,
-            "train": [t.tolist() for t in self.train],
-            "valid_target": self.valid_target,
-            "test_target": self.test_target,
-        })
+        return pd.DataFrame(
+            {
+                "user_id": self.users,
+                "train": [t.tolist() for t in self.train],
+                "valid_target": self.valid_target,
+                "test_target": self.test_target,
+            }
+        )
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, n_items: int) -> "Split":
@@ -95,5 +97,4 @@ def leave_one_out(dataset: SeqDataset) -> Split:
             test[u] = seq[-1]
         else:
             train.append(seq.copy())
-    return Split(users=list(dataset.users), n_items=dataset.n_items, train=train,
-                 valid_target=valid, test_target=test)
+    return Split(users=list(dataset.users), n_items=dataset.n_items, train=train, valid_target=valid, test_target=test)

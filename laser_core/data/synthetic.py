@@ -48,11 +48,49 @@ TAXONOMY: dict[str, dict[str, list[str]]] = {
     },
 }
 
-BRAND_SYLLABLES = ["Ac", "Bel", "Cor", "Dyn", "El", "Fer", "Gal", "Hal", "Ion", "Jun", "Kor", "Lum",
-                   "Mar", "Nov", "Or", "Pel", "Quin", "Rav", "Sol", "Tor", "Ul", "Ver", "Wex", "Zen"]
+BRAND_SYLLABLES = [
+    "Ac",
+    "Bel",
+    "Cor",
+    "Dyn",
+    "El",
+    "Fer",
+    "Gal",
+    "Hal",
+    "Ion",
+    "Jun",
+    "Kor",
+    "Lum",
+    "Mar",
+    "Nov",
+    "Or",
+    "Pel",
+    "Quin",
+    "Rav",
+    "Sol",
+    "Tor",
+    "Ul",
+    "Ver",
+    "Wex",
+    "Zen",
+]
 BRAND_ENDINGS = ["ex", "ora", "ix", "ware", "line", "co", "tek", "ford", "a", "on", "ia", "works"]
-ADJECTIVES = ["Pro", "Classic", "Compact", "Premium", "Ultra", "Essential", "Heavy-Duty", "Lightweight",
-              "Deluxe", "Eco", "Travel", "Advanced", "Everyday", "Precision"]
+ADJECTIVES = [
+    "Pro",
+    "Classic",
+    "Compact",
+    "Premium",
+    "Ultra",
+    "Essential",
+    "Heavy-Duty",
+    "Lightweight",
+    "Deluxe",
+    "Eco",
+    "Travel",
+    "Advanced",
+    "Everyday",
+    "Precision",
+]
 COLOURS = ["Black", "White", "Silver", "Blue", "Red", "Green", "Graphite", "Sand"]
 SIZES = ["Small", "Medium", "Large", "2-Pack", "3-Pack", "12 oz", "500 ml", "10 Inch", "Set of 6"]
 
@@ -66,8 +104,8 @@ class SyntheticConfig:
     mean_length: float = 8.0  # mean sequence length (at least min_length)
     min_length: int = 3
     max_length: int = 50
-    p_follow: float = 0.55    # probability that the next item is a type-specific follow-up of the last item
-    p_stay: float = 0.25      # otherwise: probability of staying in the last item's category
+    p_follow: float = 0.55  # probability that the next item is a type-specific follow-up of the last item
+    p_stay: float = 0.25  # otherwise: probability of staying in the last item's category
     seed: int = 0
     start_time: int = 1_500_000_000  # Unix seconds
 
@@ -137,9 +175,9 @@ def generate_synthetic(config: SyntheticConfig | None = None) -> SeqDataset:
     type_cat_pref = np.stack([rng.dirichlet(np.full(n_cat, 0.15)) for _ in range(T)])
     type_brand_pref = np.stack([rng.dirichlet(np.full(len(brands), 0.3)) for _ in range(T)])
     # category transitions: mostly towards the type's own favourites
-    type_trans = np.stack([
-        np.stack([rng.dirichlet(0.05 + 4.0 * type_cat_pref[t]) for _ in range(n_cat)]) for t in range(T)
-    ])
+    type_trans = np.stack(
+        [np.stack([rng.dirichlet(0.05 + 4.0 * type_cat_pref[t]) for _ in range(n_cat)]) for t in range(T)]
+    )
     # item-level follow-ups: for each type and item, 2 items (usually in a related category)
     follow = np.empty((T, cfg.n_items, 2), dtype=np.int64)
     for t in range(T):
@@ -175,7 +213,12 @@ def generate_synthetic(config: SyntheticConfig | None = None) -> SeqDataset:
         users.append(f"u{u:05d}")
         sequences.append(np.asarray(seq, dtype=np.int64))
         timestamps.append(start + np.cumsum(gaps))
-    items = build_items_frame([f"i{i:05d}" for i in range(cfg.n_items)], titles,
-                              [brands[b] for b in item_brand], cats)
-    return SeqDataset(name="synthetic", items=items, users=users, sequences=sequences, timestamps=timestamps,
-                      source={"format": "synthetic", **asdict(cfg)})
+    items = build_items_frame([f"i{i:05d}" for i in range(cfg.n_items)], titles, [brands[b] for b in item_brand], cats)
+    return SeqDataset(
+        name="synthetic",
+        items=items,
+        users=users,
+        sequences=sequences,
+        timestamps=timestamps,
+        source={"format": "synthetic", **asdict(cfg)},
+    )

@@ -46,8 +46,9 @@ def _row_error(path: Path, frame: pd.DataFrame, mask: pd.Series, column: str, me
         raise DataFormatError(path, f"{message} ({int(mask.sum())} rows)", field=column, **where)
 
 
-def load_table(interactions: str | Path, items: str | Path, columns: TableColumns | None = None,
-               name: str | None = None) -> SeqDataset:
+def load_table(
+    interactions: str | Path, items: str | Path, columns: TableColumns | None = None, name: str | None = None
+) -> SeqDataset:
     cols = columns or TableColumns()
     ipath, mpath = Path(interactions), Path(items)
     inter = _read(ipath)
@@ -75,8 +76,11 @@ def load_table(interactions: str | Path, items: str | Path, columns: TableColumn
     item_idx = pd.Series(np.arange(len(meta)), index=meta_ids.to_numpy())
     inter_items = inter[cols.item].astype(str)
     _row_error(ipath, inter, ~inter_items.isin(item_idx.index), cols.item, "item not in the items table")
-    inter = inter.assign(_idx=item_idx.loc[inter_items.to_numpy()].to_numpy(),
-                         _user=inter[cols.user].astype(str), _row=np.arange(len(inter)))
+    inter = inter.assign(
+        _idx=item_idx.loc[inter_items.to_numpy()].to_numpy(),
+        _user=inter[cols.user].astype(str),
+        _row=np.arange(len(inter)),
+    )
     order = ["_user", "_ts", "_row"] if has_ts else ["_user", "_row"]
     users_in_order = pd.unique(inter["_user"])
     inter = inter.sort_values(order, kind="stable")
@@ -92,9 +96,12 @@ def load_table(interactions: str | Path, items: str | Path, columns: TableColumn
     def opt(c: str) -> list:
         return meta[c].tolist() if c in meta.columns else [""] * len(meta)
 
-    items_frame = build_items_frame(meta_ids.tolist(), meta[cols.title].tolist(), opt(cols.brand),
-                                    opt(cols.category))
-    return SeqDataset(name=name or ipath.stem, items=items_frame, users=users, sequences=sequences,
-                      timestamps=timestamps if has_ts else None,
-                      source={"format": "table", "interactions": str(ipath.resolve()),
-                              "items": str(mpath.resolve())})
+    items_frame = build_items_frame(meta_ids.tolist(), meta[cols.title].tolist(), opt(cols.brand), opt(cols.category))
+    return SeqDataset(
+        name=name or ipath.stem,
+        items=items_frame,
+        users=users,
+        sequences=sequences,
+        timestamps=timestamps if has_ts else None,
+        source={"format": "table", "interactions": str(ipath.resolve()), "items": str(mpath.resolve())},
+    )

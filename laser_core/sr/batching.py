@@ -23,7 +23,7 @@ def pad_left(histories: Sequence[Sequence[int]], max_len: int, offset: int = 1) 
     for row, hist in enumerate(histories):
         h = np.asarray(hist, dtype=np.int64)[-width:]
         if len(h):
-            out[row, width - len(h):] = h + offset
+            out[row, width - len(h) :] = h + offset
     return torch.from_numpy(out)
 
 
@@ -40,7 +40,7 @@ def windows(seq: np.ndarray, length: int) -> list[np.ndarray]:
     out = []
     end = len(seq)
     while end > 0:
-        out.append(seq[max(0, end - length):end])
+        out.append(seq[max(0, end - length) : end])
         end -= length - 1 if length > 1 else 1  # overlap one item so every transition is kept
         if end <= 1:
             break

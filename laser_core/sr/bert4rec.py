@@ -22,8 +22,7 @@ class BERT4Rec(SequentialRecommender):
         c = config
         self.mask_token = n_items + 1
         self.item_emb = nn.Embedding(n_items + 2, c.hidden_size, padding_idx=0)
-        self.encoder = Encoder(c.hidden_size, c.n_layers, c.n_heads, c.ffn_size, c.dropout, c.attn_dropout,
-                               c.max_len)
+        self.encoder = Encoder(c.hidden_size, c.n_layers, c.n_heads, c.ffn_size, c.dropout, c.attn_dropout, c.max_len)
         self.out = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.GELU(), nn.LayerNorm(c.hidden_size))
         self.out_bias = nn.Parameter(torch.zeros(n_items))
         nn.init.normal_(self.item_emb.weight, std=0.02)

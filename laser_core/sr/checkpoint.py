@@ -87,8 +87,12 @@ def model_to_bytes(model: SequentialRecommender, extra: dict | None = None) -> t
     """(safetensors bytes, config JSON) — for artifact stores that are not a local folder."""
     from safetensors.torch import save
 
-    meta = {"format_version": FORMAT_VERSION, "config": model.config.model_dump(), "n_items": model.n_items,
-            **(extra or {})}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.model_dump(),
+        "n_items": model.n_items,
+        **(extra or {}),
+    }
     return save(_state(model)), json.dumps(meta, indent=2, sort_keys=True)
 
 

@@ -25,8 +25,9 @@ class SRConfig(StrictConfig):
     attn_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     max_len: int = Field(default=50, ge=2)
     mask_prob: float = Field(default=0.2, gt=0.0, lt=1.0, description="BERT4Rec cloze mask ratio")
-    mask_last_prob: float = Field(default=0.1, ge=0.0, le=1.0,
-                                  description="BERT4Rec: share of sequences with only the last item masked")
+    mask_last_prob: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="BERT4Rec: share of sequences with only the last item masked"
+    )
 
     @property
     def ffn_size(self) -> int:

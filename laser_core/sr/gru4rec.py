@@ -32,8 +32,9 @@ class GRU4Rec(SequentialRecommender):
         # left-padded -> right-padded (a row's real items first), run packed, then shift back
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         right = torch.gather(tokens, 1, order)
-        packed = pack_padded_sequence(self.drop(self.item_emb(right)), lengths.clamp(min=1).cpu(),
-                                      batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.drop(self.item_emb(right)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
         out, _ = self.gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=N)
         out = self.proj(out)

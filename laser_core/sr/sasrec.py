@@ -18,8 +18,7 @@ class SASRec(SequentialRecommender):
         super().__init__(config, n_items)
         c = config
         self.item_emb = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
-        self.encoder = Encoder(c.hidden_size, c.n_layers, c.n_heads, c.ffn_size, c.dropout, c.attn_dropout,
-                               c.max_len)
+        self.encoder = Encoder(c.hidden_size, c.n_layers, c.n_heads, c.ffn_size, c.dropout, c.attn_dropout, c.max_len)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()

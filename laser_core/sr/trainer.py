@@ -23,8 +23,7 @@ from laser_core.data.split import Split
 from laser_core.metrics import DEFAULT_KS, RankingAccumulator
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.batching import windows
-from laser_core.sr.checkpoint import (atomic_write, build_model, load_model, load_optimizer, save_model,
-                                      save_optimizer)
+from laser_core.sr.checkpoint import atomic_write, build_model, load_model, load_optimizer, save_model, save_optimizer
 from laser_core.sr.config import SRConfig, TrainConfig
 from laser_core.sr.popularity import Popularity
 
@@ -50,24 +49,36 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(model: SequentialRecommender, histories: Sequence[np.ndarray], targets: np.ndarray,
-             batch_size: int = 512, ks: Sequence[int] = DEFAULT_KS, mask_history: bool = False) -> dict[str, float]:
+def evaluate(
+    model: SequentialRecommender,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    batch_size: int = 512,
+    ks: Sequence[int] = DEFAULT_KS,
+    mask_history: bool = False,
+) -> dict[str, float]:
     """Full-ranking metrics over all items for each (history, target) pair."""
     acc = RankingAccumulator(ks=tuple(ks))
     was_training = model.training
     model.eval()
     try:
         for lo in range(0, len(histories), batch_size):
-            hist = histories[lo:lo + batch_size]
+            hist = histories[lo : lo + batch_size]
             scores = model.full_sort_predict(model.predict_inputs(hist))
-            acc.add(scores, targets[lo:lo + batch_size], exclude=hist if mask_history else None)
+            acc.add(scores, targets[lo : lo + batch_size], exclude=hist if mask_history else None)
     finally:
         model.train(was_training)
     return acc.result()
 
 
-def evaluate_split(model: SequentialRecommender, split: Split, which: str = "test", batch_size: int = 512,
-                   ks: Sequence[int] = DEFAULT_KS, mask_history: bool = False) -> dict[str, float]:
+def evaluate_split(
+    model: SequentialRecommender,
+    split: Split,
+    which: str = "test",
+    batch_size: int = 512,
+    ks: Sequence[int] = DEFAULT_KS,
+    mask_history: bool = False,
+) -> dict[str, float]:
     """``which="valid"``: history = training part; ``"test"``: training part + validation item."""
     if which not in ("valid", "test"):
         raise ValueError("which must be 'valid' or 'test'")
@@ -89,12 +100,20 @@ def config_hash(config: SRConfig, train: TrainConfig, split: Split) -> str:
     for the same data and settings."""
     from laser_core.fingerprint import fingerprint, split_fingerprint
 
-    return fingerprint("sr-run", {"model": config, "train": train.model_dump(exclude={"progress", "threads"}),
-                                  "data": split_fingerprint(split)})[:16]
+    return fingerprint(
+        "sr-run",
+        {"model": config, "train": train.model_dump(exclude={"progress", "threads"}), "data": split_fingerprint(split)},
+    )[:16]
 
 
-def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path | None = None,
-        callbacks: Sequence[Callable[[int, dict], None]] = (), resume: bool = True) -> FitResult:
+def fit(
+    config: SRConfig,
+    train: TrainConfig,
+    split: Split,
+    workdir: str | Path | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    resume: bool = True,
+) -> FitResult:
     """Train ``config.model`` on ``split`` and return the best-validation-epoch model.
 
     With ``workdir``, a run whose checkpoints there have the same :func:`config_hash` resumes (or, finished,
@@ -109,8 +128,7 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
         valid = evaluate_split(model, split, "valid", train.eval_batch_size)
         if workdir is not None:
             save_model(model, Path(workdir) / "best", extra={"best_epoch": 0, "valid": valid})
-        return FitResult(model=model.eval(), best_epoch=0, best_valid=valid,
-                         history=[{"epoch": 0, "valid": valid}])
+        return FitResult(model=model.eval(), best_epoch=0, best_valid=valid, history=[{"epoch": 0, "valid": valid}])
 
     sequences = training_sequences(model, split)
     if not sequences:
@@ -120,14 +138,22 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
 
     wd = Path(workdir) if workdir is not None else None
     run_hash = config_hash(config, train, split)
-    state = {"config_hash": run_hash, "epoch": -1, "best_epoch": -1, "best_metric": -np.inf,
-             "bad_epochs": 0, "history": [], "finished": False}
+    state = {
+        "config_hash": run_hash,
+        "epoch": -1,
+        "best_epoch": -1,
+        "best_metric": -np.inf,
+        "bad_epochs": 0,
+        "history": [],
+        "finished": False,
+    }
     best_state: dict[str, torch.Tensor] | None = None
     if resume and wd is not None and (wd / STATE).is_file():
         saved = json.loads((wd / STATE).read_text(encoding="utf8"))
         if saved.get("config_hash") == run_hash:
             state = saved
             from safetensors.torch import load_file
+
             model.load_state_dict(load_file(str(wd / "last" / "model.safetensors")))
             load_optimizer(optimizer, wd / "last" / "optimizer.safetensors")
             if (wd / "best" / "model.safetensors").is_file():
@@ -141,10 +167,9 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
         model.train()
         t0 = time.perf_counter()
         total, batches = 0.0, 0
-        bar = tqdm(total=n, desc=f"{config.model} epoch {epoch}", unit="seq", disable=not train.progress,
-                   leave=False)
+        bar = tqdm(total=n, desc=f"{config.model} epoch {epoch}", unit="seq", disable=not train.progress, leave=False)
         for lo in range(0, n, train.batch_size):
-            batch = model.make_batch([sequences[i] for i in order[lo:lo + train.batch_size]], gen)
+            batch = model.make_batch([sequences[i] for i in order[lo : lo + train.batch_size]], gen)
             loss = model.calculate_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,8 +182,14 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         valid = evaluate(model, val_hist, val_targets, train.eval_batch_size)
-        record = {"epoch": epoch, "loss": total / batches, "valid": valid, "train_seconds": train_seconds,
-                  "eval_seconds": time.perf_counter() - t1, "sequences_per_second": n / train_seconds}
+        record = {
+            "epoch": epoch,
+            "loss": total / batches,
+            "valid": valid,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - t1,
+            "sequences_per_second": n / train_seconds,
+        }
         state["history"].append(record)
         metric = valid[train.monitor]
         if metric > state["best_metric"]:
@@ -185,8 +216,13 @@ def fit(config: SRConfig, train: TrainConfig, split: Split, workdir: str | Path 
     model.zero_grad(set_to_none=True)
     model.eval()
     best = next((h["valid"] for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
-    return FitResult(model=model, best_epoch=state["best_epoch"], best_valid=best, history=state["history"],
-                     stopped_early=bool(state.get("stopped_early", False)))
+    return FitResult(
+        model=model,
+        best_epoch=state["best_epoch"],
+        best_valid=best,
+        history=state["history"],
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
 
 
 __all__ = ["FitResult", "evaluate", "evaluate_split", "fit", "load_model", "save_model", "training_sequences"]

@@ -24,8 +24,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -54,8 +55,9 @@ def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, hidden: int, layers: int, heads: int, ffn: int, dropout: float, attn_dropout: float,
-                 max_len: int) -> None:
+    def __init__(
+        self, hidden: int, layers: int, heads: int, ffn: int, dropout: float, attn_dropout: float, max_len: int
+    ) -> None:
         super().__init__()
         self.pos = nn.Embedding(max_len, hidden)
         nn.init.normal_(self.pos.weight, std=0.02)  # same scale as the item embeddings (N(0,1) drowns them)
