@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+# interaction counts per item for the popularity fallback: the one implementation, importable from here too
+from laser_core.ranking import popularity_counts as popularity_from_sequences  # noqa: F401
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -274,21 +277,6 @@ def _has_item_side(model: LaserModel) -> bool:
     """Whether the tower has an ``item_side`` input: the item side has its own weights, or the model is fused
     (item rows and user rows are built differently)."""
     return model.item_weights is not None or model.config.fusion != "none"
-
-
-def popularity_from_sequences(sequences: Any, n_items: int) -> np.ndarray:
-    """Interaction counts per item index ``[n_items]`` (float64) from item-index sequences (e.g. the training
-    part of a split: ``split.train``), for the bundle's popularity fallback."""
-    counts = np.zeros(int(n_items), dtype=np.float64)
-    for seq in sequences:
-        seq = np.asarray(seq, dtype=np.int64)
-        if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
-            raise ValueError(
-                f"a sequence holds item index {int(seq.max() if seq.max() >= n_items else seq.min())}"
-                f" outside 0..{n_items - 1}"
-            )
-        np.add.at(counts, seq, 1.0)
-    return counts
 
 
 def _catalogue(items: pd.DataFrame, n_rows: int, popularity: Any | None) -> pd.DataFrame:

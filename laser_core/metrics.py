@@ -22,34 +22,24 @@ from typing import Literal
 
 import numpy as np
 
+from laser_core.ranking import as_numpy, masked_scores
+
 Ties = Literal["expected", "pessimistic", "optimistic"]
 DEFAULT_KS = (5, 10, 20)
 
 
-def _as_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def target_ranks(scores, targets, exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(greater, equal)``: per row, how many items score strictly above the target, and how many
-    *other* items tie with it. NaN scores are treated as -inf."""
-    s = _as_numpy(scores).astype(np.float64, copy=True)
-    t = _as_numpy(targets).astype(np.int64).reshape(-1)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be 2-D [batch, n_items], got shape {s.shape}")
+    *other* items tie with it. NaN scores are treated as -inf; ``exclude`` is masked by
+    :func:`laser_core.ranking.masked_scores`, as the recommendations' history exclusion is."""
+    t = as_numpy(targets).astype(np.int64).reshape(-1)
+    if exclude is not None and len(exclude) != len(t):
+        raise ValueError(f"exclude has {len(exclude)} rows but there are {len(t)} targets")
+    s = masked_scores(scores, exclude)  # (rows that disagree with the targets' are reported below)
     if len(t) != s.shape[0]:
         raise ValueError(f"{s.shape[0]} score rows but {len(t)} targets")
     if len(t) and (t.min() < 0 or t.max() >= s.shape[1]):
         raise ValueError(f"targets must lie in 0..{s.shape[1] - 1}")
-    s[np.isnan(s)] = -np.inf
-    if exclude is not None:
-        if len(exclude) != len(t):
-            raise ValueError(f"exclude has {len(exclude)} rows but there are {len(t)} targets")
-        for row, items in enumerate(exclude):
-            if len(items):
-                s[row, np.asarray(items, dtype=np.int64)] = -np.inf
     rows = np.arange(len(t))
     target_scores = s[rows, t][:, None]
     greater = (s > target_scores).sum(axis=1)

@@ -44,6 +44,8 @@ from laser_core.export import (
     write_manifest,
 )
 
+from laser_core.ranking import top_k
+
 # the manifest's model and checks live in laser_core.manifest; these names stay importable from here
 from laser_core.manifest import BundleError, check_loaded, read_manifest, verify_bundle  # noqa: F401
 
@@ -356,14 +358,12 @@ class Recommender:
         used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids) :]]
         emb = self.user_embeddings([rows])
         exclude = set(rows) if exclude_history else set()
-        need = k + len(exclude)
-        if need <= self.k:
+        if k + len(exclude) <= self.k:
             scores, indices = self._scorer.run(["scores", "indices"], {"user_embedding": emb.astype(np.float32)})
             scores, indices = scores[0], indices[0]
-        else:  # more than the scorer's top-k: exact full ranking over the same normalized table
-            cos = self.table() @ l2_normalize(emb[0])
-            indices = np.argsort(-cos, kind="stable")[:need]
-            scores = cos[indices]
+        else:  # more than the scorer's top-k: exact full ranking over the same normalized table, same ties
+            indices, scores = top_k((self.table() @ l2_normalize(emb[0]))[None], k, exclude=[sorted(exclude)])
+            scores, indices = scores[0], indices[0]
         ranked = [(int(i), float(s)) for i, s in zip(indices, scores) if int(i) not in exclude][:k]
         items = [
             RecommendedItem(self._ids[i], self._titles[i], s, rank, i) for rank, (i, s) in enumerate(ranked, start=1)
@@ -379,7 +379,7 @@ class Recommender:
     def _popular(self, k: int, dropped: list[str]) -> Recommendation:
         pop = self._popularity
         total = float(pop.sum()) or 1.0
-        order = np.argsort(-pop, kind="stable")[:k]  # ties: catalogue order
+        order = top_k(pop[None], k)[0][0]  # ties: catalogue order
         items = [
             RecommendedItem(self._ids[i], self._titles[i], float(pop[i] / total), rank, int(i))
             for rank, i in enumerate(order, start=1)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from laser_core.ranking import popularity_counts
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.config import SRConfig
 
@@ -19,10 +20,7 @@ class Popularity(SequentialRecommender):
         self.register_buffer("counts", torch.zeros(n_items))
 
     def fit(self, sequences: Sequence[np.ndarray]) -> "Popularity":
-        counts = np.zeros(self.n_items)
-        for seq in sequences:
-            np.add.at(counts, np.asarray(seq, dtype=np.int64), 1)
-        self.counts.copy_(torch.from_numpy(counts))
+        self.counts.copy_(torch.from_numpy(popularity_counts(sequences, self.n_items)))
         return self
 
     def full_sort_predict(self, batch):
