@@ -57,9 +57,10 @@ from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
 from laser_core.device import DEVICE_PATTERN, resolve_device
 from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
-from laser_core.metrics import DEFAULT_KS, RankingAccumulator
+from laser_core.metrics import compute_metrics
 from laser_core.model import LaserModel
 from laser_core.sr.checkpoint import atomic_write, load_optimizer, save_optimizer, save_tensors
+from laser_core.sr.trainer import evaluate
 
 
 class LaserTrainConfig(StrictConfig):
@@ -251,39 +252,46 @@ def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-@torch.no_grad()
-def evaluate_laser(
-    model: LaserModel,
-    histories: Sequence[np.ndarray],
-    targets: np.ndarray,
-    item_table: torch.Tensor,
-    batch_size: int = 16,
-    ks: Sequence[int] = DEFAULT_KS,
-    progress: bool = False,
-    desc: str = "evaluate",
-    stats: dict | None = None,
-) -> dict[str, float]:
-    """Full ranking over all items by cosine to the table (history masking off, as in the paper).
+class LaserScorer:
+    """Laser with the ID models' ``full_sort_predict`` contract (:mod:`laser_core.sr.base`) over an item table,
+    so :func:`laser_core.sr.evaluate` is its evaluation loop too (validation and test).
 
-    ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert)."""
-    was = model.training
-    model.eval()
-    item_table = item_table.to(model.device)
-    acc = RankingAccumulator(ks=tuple(ks))
-    order = np.argsort([len(h) for h in histories], kind="stable")  # length-sorted: less padding
-    bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        emb, route = model([histories[i] for i in idx])
-        acc.add(cosine_scores(emb, item_table), targets[idx])
-        if stats is not None and route is not None:
+    ``predict_inputs(histories)`` is the batch (the histories of item indices; the model pads them);
+    ``full_sort_predict(batch)`` is ``[B, n_items]`` cosines of the users' embeddings to the table's rows (on
+    the model's device). ``expert_counts``: how often the router picked each expert over the scored users."""
+
+    sort_by_length = True  # length-sorted batches: less padding
+
+    def __init__(self, model: LaserModel, item_table: torch.Tensor) -> None:
+        self.model = model
+        self.item_table = item_table.to(model.device)
+        self.expert_counts: list[int] | None = None
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_table.shape[0])
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self) -> "LaserScorer":
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "LaserScorer":
+        self.model.train(mode)
+        return self
+
+    def predict_inputs(self, histories: Sequence[Sequence[int]]) -> dict[str, list]:
+        return {"histories": list(histories)}
+
+    @torch.no_grad()
+    def full_sort_predict(self, batch: dict[str, list]) -> torch.Tensor:
+        emb, route = self.model(batch["histories"])
+        if route is not None:
             counts = torch.bincount(route.selected, minlength=route.scores.shape[1]).tolist()
-            old = stats.get("expert_counts") or [0] * len(counts)
-            stats["expert_counts"] = [a + b for a, b in zip(old, counts)]
-        bar.update(len(idx))
-    bar.close()
-    model.train(was)
-    return acc.result()
+            self.expert_counts = [a + b for a, b in zip(self.expert_counts or [0] * len(counts), counts)]
+        return cosine_scores(emb, self.item_table)
 
 
 class LaserTrainer:
@@ -574,15 +582,10 @@ class LaserTrainer:
 
     def validate(self, table: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
-        out = evaluate_laser(
-            self.model,
-            self.valid[0],
-            self.valid[1],
-            table,
-            self.cfg.eval_batch_size,
-            progress=self.cfg.progress,
-            desc="validate",
-        )
+        hist, targets = self.valid
+        cfg = self.cfg
+        scorer = LaserScorer(self.model, table)
+        out = evaluate(scorer, hist, targets, cfg.eval_batch_size, progress=cfg.progress, desc="validate")
         self.cost["eval_seconds"] += time.perf_counter() - t0
         self.cost["users_evaluated"] += len(self.valid[0])
         return out
@@ -611,9 +614,7 @@ class LaserTrainer:
         cosines = (users[:, d:-1] / w0) @ table[:, d:-1].T
         scores = {}
         for w in grid:
-            acc = RankingAccumulator(ks=DEFAULT_KS)
-            acc.add(id_scores + w * cosines, targets)
-            scores[w] = acc.result()["ndcg@10"]
+            scores[w] = compute_metrics(id_scores + w * cosines, targets)["ndcg@10"]
         chosen = max(grid, key=lambda w: scores[w])
         model.fusion_log_weight.data.fill_(math.log(chosen))
         self.cost["eval_seconds"] += time.perf_counter() - t0
@@ -779,43 +780,15 @@ class LaserTrainer:
 def test_laser(
     model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig, stats: dict | None = None
 ) -> dict[str, float]:
-    """Test metrics with the final weights and the frozen table (optionally on a seeded user sample)."""
+    """Test metrics with the final weights and the frozen table (optionally on a seeded user sample): the
+    evaluation loop of the ID models (:func:`laser_core.sr.evaluate`) over :class:`LaserScorer`. ``stats``, when
+    given, receives ``expert_counts`` (how often the router picked each expert; None without a router)."""
     hist, targets = test_examples(split, config)
-    return evaluate_laser(
-        model, hist, targets, item_table, config.eval_batch_size, progress=config.progress, desc="test", stats=stats
-    )
-
-
-@torch.no_grad()
-def recommend(
-    model: LaserModel,
-    item_table: torch.Tensor,
-    histories: Sequence[Sequence[int]],
-    k: int = 10,
-    batch_size: int = 16,
-    exclude_history: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` item indices and cosine scores ``[n, k]`` for each history (batched by length)."""
-    if k > item_table.shape[0]:
-        raise ValueError(f"k={k} is larger than the catalogue ({item_table.shape[0]} items)")
-    was = model.training
-    model.eval()
-    item_table = item_table.to(model.device)
-    n = len(histories)
-    top_i = np.zeros((n, k), dtype=np.int64)
-    top_s = np.zeros((n, k), dtype=np.float32)
-    order = np.argsort([len(h) for h in histories], kind="stable")
-    for lo in range(0, n, batch_size):
-        idx = order[lo : lo + batch_size]
-        emb, _ = model([histories[i] for i in idx])
-        scores = cosine_scores(emb, item_table)
-        if exclude_history:
-            for row, i in enumerate(idx):
-                scores[row, torch.as_tensor(np.asarray(histories[i], dtype=np.int64))] = -torch.inf
-        s, i_ = torch.topk(scores, k, dim=1)
-        top_i[idx], top_s[idx] = i_.cpu().numpy(), s.float().cpu().numpy()
-    model.train(was)
-    return top_i, top_s
+    scorer = LaserScorer(model, item_table)
+    metrics = evaluate(scorer, hist, targets, config.eval_batch_size, progress=config.progress, desc="test")
+    if stats is not None:
+        stats["expert_counts"] = scorer.expert_counts
+    return metrics
 
 
 def test_examples(split: Split, config: LaserTrainConfig) -> tuple[list[np.ndarray], np.ndarray]:

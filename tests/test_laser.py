@@ -489,6 +489,39 @@ def test_training_improves_validation_and_beats_popularity_on_synthetic(data, sr
     assert np.isfinite(list(laser.values())).all()
 
 
+def test_laser_scorer_has_the_id_models_contract_and_their_evaluation_loop(data, sr):
+    """LaserScorer: full_sort_predict over the item table, so laser_core.sr.evaluate (the ID models' loop) scores
+    Laser: the metrics of the cosines to the table, history masking as for the ID models, the mode restored,
+    every user routed once."""
+    from laser_core.losses import cosine_scores
+    from laser_core.metrics import compute_metrics
+    from laser_core.sr import evaluate
+    from laser_core.train import LaserScorer
+
+    ds, split = data
+    model = make(data, sr, quant="none")
+    table = model.embed_items(range(ds.n_items))
+    _, hist, targets = split.test_examples()
+    hist, targets = hist[:24], targets[:24]
+    scorer = LaserScorer(model, table)
+    assert scorer.n_items == ds.n_items and scorer.sort_by_length
+    model.eval()
+    with torch.no_grad():
+        direct = cosine_scores(model(hist)[0], table)
+    assert torch.allclose(scorer.full_sort_predict(scorer.predict_inputs(hist)), direct, atol=1e-6)
+    scorer.expert_counts = None
+    model.train()
+    for mask in (False, True):
+        got = evaluate(scorer, hist, targets, batch_size=5, mask_history=mask)
+        assert got == pytest.approx(compute_metrics(direct, targets, exclude=hist if mask else None), abs=1e-6)
+        assert model.training
+    assert sum(scorer.expert_counts) == 2 * len(hist)
+    stats: dict = {}
+    cfg = LaserTrainConfig(eval_batch_size=7, test_users=24, progress=False)
+    test_laser(model, table, split, cfg, stats=stats)
+    assert sum(stats["expert_counts"]) == 24
+
+
 def test_a_trainer_that_does_not_step_fails_the_learning_check(data, sr, monkeypatch):
     """The check above is not vacuous: the same run with the optimizer step disabled (losses and gradients still
     computed) keeps the untrained weights, and the check reports it."""

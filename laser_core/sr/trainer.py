@@ -56,17 +56,34 @@ def evaluate(
     batch_size: int = 512,
     ks: Sequence[int] = DEFAULT_KS,
     mask_history: bool = False,
+    progress: bool = False,
+    desc: str = "evaluate",
 ) -> dict[str, float]:
-    """Full-ranking metrics over all items for each (history, target) pair."""
+    """Full-ranking metrics over all items for each (history, target) pair: the one evaluation loop, for the ID
+    models and Laser (:class:`laser_core.train.LaserScorer`) alike.
+
+    Anything with the ``full_sort_predict`` contract works: ``predict_inputs(histories)`` makes the batch,
+    ``full_sort_predict(batch)`` scores it ``[B, n_items]``; ``training``/``eval()``/``train(mode)`` as a
+    module's. A model with ``sort_by_length = True`` is fed length-sorted batches (less padding). With
+    ``mask_history`` each user's history is excluded from the ranking (:func:`laser_core.ranking.masked_scores`,
+    as the recommendations' ``exclude_history``)."""
     acc = RankingAccumulator(ks=tuple(ks))
+    targets = np.asarray(targets)
+    order = np.arange(len(histories))
+    if getattr(model, "sort_by_length", False):
+        order = np.argsort([len(h) for h in histories], kind="stable")
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(order), desc=desc, unit="user", disable=not progress, leave=False)
     try:
-        for lo in range(0, len(histories), batch_size):
-            hist = histories[lo : lo + batch_size]
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            hist = [histories[i] for i in idx]
             scores = model.full_sort_predict(model.predict_inputs(hist))
-            acc.add(scores, targets[lo : lo + batch_size], exclude=hist if mask_history else None)
+            acc.add(scores, targets[idx], exclude=hist if mask_history else None)
+            bar.update(len(idx))
     finally:
+        bar.close()
         model.train(was_training)
     return acc.result()
 
