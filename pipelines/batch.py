@@ -1,5 +1,6 @@
 """Batch inference, the natural scheduled job: a stored model version (production by default) → top-k for all or
-selected users of the current data → a Parquet ``recommendations`` artifact linked to that model version."""
+selected users of the current data, from the version's exported bundle as the online service answers → a Parquet
+``recommendations`` artifact linked to that model version."""
 
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ def batch_pipeline(
     data = load_dataset(config=dataset, fingerprint=data_fingerprint)
     batch_recommend(
         data,
-        model.get_artifact("dataset"),
-        model.get_artifact("sr_model"),
-        model.get_artifact("laser_model"),
-        model.get_artifact("item_table"),
+        model.get_artifact("scorer_bundle"),
         batch_config=batch,
         model_version=model_version,
     )

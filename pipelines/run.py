@@ -137,8 +137,13 @@ def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
             f"model {name!r} has no {stage} version yet: run `laser run --config ...` first "
             f"(or `laser model promote {name} <version> --stage {stage}`)"
         ) from exc
+    if mv.get_artifact("scorer_bundle") is None:  # the recommendations come from the exported bundle
+        raise RuntimeError(
+            f"model {name!r} version {mv.name} ({stage}) has no exported bundle (scorer_bundle): it was trained "
+            f"with stop_after 'laser'; batch recommendations are served from the bundle, as online ones are"
+        )
     options: dict = {"enable_cache": False, "model": _model(config, version=mv.number)}
-    options.update(_infra_settings(config, gpu_steps=["batch_recommend"]))
+    options.update(_infra_settings(config, gpu_steps=[]))  # the bundle's ONNX graphs run on the CPU
     if run_name:
         options["run_name"] = run_name
     if schedule is not None:

@@ -1,7 +1,12 @@
-"""Batch inference: a stored model version's top-k for every (or selected) user of the current data."""
+"""Batch inference: a stored model version's top-k for every (or selected) user of the current data.
+
+The recommendations come from the version's exported bundle (``scorer_bundle``), through the online service's
+:class:`laser_core.serving.Recommender`: the same ONNX user tower, scorer, history exclusion and ties, so a
+user's batch top-k is what the service answers for the same history (tests/test_serving_core.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -9,10 +14,9 @@ import pandas as pd
 from zenml import step
 from zenml.logger import get_logger
 
+from laser_core.bundle import ExportBundle
 from laser_core.data.model import SeqDataset
-from laser_core.model import ItemTable, LaserWeights, build_laser
-from laser_core.sr import SequentialRecommender
-from laser_core.train import recommend
+from laser_core.serving import Recommender
 from steps.materializers import DataFrameMaterializer
 
 logger = get_logger(__name__)
@@ -53,35 +57,41 @@ def map_histories(
     )
 
 
+def recommendations_frame(
+    rec: Recommender,
+    users: Sequence[str],
+    histories: Sequence[np.ndarray],
+    k: int,
+    exclude_history: bool,
+    model_version: str = "",
+) -> pd.DataFrame:
+    """``user_id, rank, item_id, title, score, model_version``: :meth:`Recommender.recommend` for each user's
+    history of catalogue rows (the online service's answer for that history, item for item)."""
+    ids = rec.catalogue["item_id"].to_numpy()
+    rows = []
+    for user, hist in zip(users, histories):
+        answer = rec.recommend([str(i) for i in ids[np.asarray(hist, dtype=np.int64)]], k, exclude_history)
+        rows.extend((user, it.rank, it.item_id, it.title, it.score, model_version) for it in answer.items)
+    columns = ["user_id", "rank", "item_id", "title", "score", "model_version"]
+    return pd.DataFrame(rows, columns=columns).astype({"rank": np.int64, "score": np.float32})
+
+
 @step(output_materializers={"recommendations": DataFrameMaterializer})
 def batch_recommend(
     dataset: SeqDataset,
-    model_dataset: SeqDataset,
-    sr_model: SequentialRecommender,
-    laser_model: LaserWeights,
-    item_table: ItemTable,
+    scorer_bundle: ExportBundle,
     batch_config: dict[str, Any],
     model_version: str = "",
 ) -> Annotated[pd.DataFrame, "recommendations"]:
-    """Top-k per user (``user_id, rank, item_id, title, score, model_version``) from the stored model."""
+    """Top-k per user (``user_id, rank, item_id, title, score, model_version``) from the stored model's bundle,
+    as the online service answers (:func:`recommendations_frame`)."""
     from laser_core.config import BatchConfig
 
     cfg = BatchConfig.model_validate(batch_config)
-    model = build_laser(laser_model.spec, model_dataset.items, sr_model, weights=laser_model)
-    users, histories, info = map_histories(dataset, model_dataset.items, cfg.users)
+    rec = Recommender.load(scorer_bundle.path)
+    users, histories, info = map_histories(dataset, rec.catalogue, cfg.users)
     if not users:
         raise ValueError("batch_recommend: no user has an item the model knows")
-    top_i, top_s = recommend(model, item_table.table, histories, k=cfg.k, exclude_history=cfg.exclude_history)
-    cat = model_dataset.items
-    frame = pd.DataFrame(
-        {
-            "user_id": np.repeat(users, cfg.k),
-            "rank": np.tile(np.arange(1, cfg.k + 1), len(users)),
-            "item_id": cat["item_id"].to_numpy()[top_i.ravel()],
-            "title": cat["title"].to_numpy()[top_i.ravel()],
-            "score": top_s.ravel(),
-            "model_version": model_version,
-        }
-    )
+    frame = recommendations_frame(rec, users, histories, cfg.k, cfg.exclude_history, model_version)
     logger.info("Recommendations for %d users (%s)", len(users), info)
     return frame

@@ -361,6 +361,13 @@ def test_batch_recommendations_from_production(trained):
     cfg.batch.users = [ds.users[0], ds.users[5]]
     some = Client().get_pipeline_run(run_batch(cfg).id).steps["batch_recommend"].outputs["recommendations"][0]
     assert set(some.load()["user_id"]) == {ds.users[0], ds.users[5]}
+    # the recommendations come from the exported bundle: a version without one is a clear error before any run
+    Client().create_model("laser-no-bundle")
+    bare = Client().create_model_version("laser-no-bundle", name="bare")
+    bare.set_stage("production")
+    cfg.model.name = "laser-no-bundle"
+    with pytest.raises(RuntimeError, match="no exported bundle"):
+        run_batch(cfg)
 
 
 def test_schedule_fails_on_local_stack_before_running(trained, tmp_path):

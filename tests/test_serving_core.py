@@ -197,6 +197,35 @@ def test_exclude_history_and_k_beyond_the_scorer(setup, rec):
         rec.recommend("i00001")
 
 
+def test_batch_recommendations_are_the_online_answers(setup, rec):
+    """The batch step's recommendations (steps/batch.py) and the online service (Recommender, and its HTTP
+    app) give the same top-k, scores and ranks for the same history and bundle, with history exclusion on and
+    off, and beyond the scorer's top-10."""
+    from fastapi.testclient import TestClient
+
+    from laser_core.service import create_app
+    from steps.batch import map_histories, recommendations_frame
+
+    ds = setup["ds"]
+    users, histories, info = map_histories(ds, rec.catalogue, list(ds.users[:8]))
+    assert users == list(ds.users[:8]) and info["unknown_items_dropped"] == 0
+    with TestClient(create_app(rec)) as client:
+        for k, exclude in ((5, True), (4, False), (12, False)):
+            frame = recommendations_frame(rec, users, histories, k, exclude, "m-7")
+            assert len(frame) == len(users) * k and set(frame["model_version"]) == {"m-7"}
+            for user, hist in zip(users, histories):
+                got = frame[frame["user_id"] == user]
+                online = rec.recommend(ids(setup, hist), k=k, exclude_history=exclude)
+                assert got["item_id"].tolist() == [i.item_id for i in online.items]
+                assert got["rank"].tolist() == list(range(1, k + 1))
+                assert got["score"].tolist() == [np.float32(i.score) for i in online.items]
+                if exclude:
+                    assert not set(got["item_id"]) & set(ids(setup, hist))
+            body = {"history": ids(setup, histories[0]), "k": k, "exclude_history": exclude}
+            http = client.post("/recommend", json=body).json()["items"]
+            assert [i["item_id"] for i in http] == frame[frame["user_id"] == users[0]]["item_id"].tolist()
+
+
 def test_tampered_bundle_is_refused(setup, tmp_path):
     copy = shutil.copytree(setup["bundle"], tmp_path / "copy")
     with open(copy / "items.parquet", "ab") as fh:
