@@ -23,6 +23,17 @@ SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2
 # the plain loop (Adam at a constant lr, a step per mini-batch, no early stop) for the tests whose numbers were
 # set with it; LaserTrainConfig's defaults are the official recipe (tests/test_laser_recipe.py)
 PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
+# one short run of both stages on a few users (the tests that check mechanics, not learning)
+SHORT = dict(
+    stage1_epochs=1,
+    stage2_epochs=1,
+    batch_size=8,
+    lr=1e-3,
+    users_per_epoch=16,
+    valid_users=8,
+    progress=False,
+    item_batch_size=40,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +123,7 @@ def test_only_trainable_parts_get_gradients_and_backbone_is_bit_identical(data, 
     llm_before, sr_before = llm_state(model), {k: v.clone() for k, v in model.sr.state_dict().items()}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n == "suffix" or n.startswith("mformer.") for n in names)
-    cfg = LaserTrainConfig(
-        stage1_epochs=1,
-        stage2_epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        users_per_epoch=16,
-        valid_users=8,
-        progress=False,
-        item_batch_size=40,
-    )
+    cfg = LaserTrainConfig(**SHORT)
     trainer = LaserTrainer(model, split, cfg)
     table = trainer.item_table()
     emb, route = model([[1, 2], [3]])
@@ -291,17 +293,7 @@ def test_resume_gives_the_same_result(data, sr, tmp_path):
 
 
 # ------------------------------------------------- private checkpoints are reused only for the same content
-CACHE = dict(
-    stage1_epochs=1,
-    stage2_epochs=1,
-    batch_size=8,
-    lr=1e-3,
-    users_per_epoch=16,
-    valid_users=8,
-    progress=False,
-    seed=4,
-    item_batch_size=40,
-)
+CACHE = dict(SHORT, seed=4)
 TRAINED = [(1, -1), (1, 0), (2, -1), (2, 0)]  # the entries a full fit records (validations and epochs)
 
 
@@ -542,17 +534,7 @@ def test_accelerate_switch_runs_the_same_computation_in_one_process(data, sr):
     """`laser_train.accelerate: true` trains through Hugging Face Accelerate (data-parallel under
     `accelerate launch`); in one CPU process it must give bit-identical weights and history."""
     _, split = data
-    base = dict(
-        stage1_epochs=1,
-        stage2_epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        users_per_epoch=16,
-        valid_users=8,
-        progress=False,
-        seed=3,
-        item_batch_size=40,
-    )
+    base = dict(SHORT, seed=3)
     plain = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base)).fit()
     trainer = LaserTrainer(make(data, sr), split, LaserTrainConfig(**base, accelerate=True))
     assert trainer.accelerator is not None and trainer.world == 1
