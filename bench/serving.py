@@ -5,7 +5,7 @@
 
 For each catalogue size a seeded random float32 table is L2-normalized and
 
-- onnxruntime runs the scorer ONNX written by ``laser_core.export.export_scorer(table, path, k)`` (table baked
+- onnxruntime runs the scorer ONNX written by ``laser_core.bundle.export_scorer(table, path, k)`` (table baked
   in; the graph normalizes the user vector, multiplies, and takes ``TopK``);
 - torch runs ``F.normalize`` + matmul + ``torch.topk`` on the same table (shared memory, ``inference_mode``);
 - numpy runs normalize + matmul (OpenBLAS) + ``argpartition`` + a sort of the k.
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from laser_core.export import export_scorer
+    from laser_core.bundle import export_scorer
     from laser_core.reporting import markdown_table
 
     torch.set_num_threads(args.threads)
@@ -270,7 +270,8 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
 
     from laser_core.data import load_dataset
     from laser_core.data.text import TextConfig
-    from laser_core.export import USER_TOWER, export_bundle, reference_model
+    from laser_core.bundle import USER_TOWER
+    from laser_core.export import export_bundle, reference_model
     from laser_core.llm import BackboneConfig
     from laser_core.model import LaserSpec, LaserWeights, build_laser
     from laser_core.serving import Recommender

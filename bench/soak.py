@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             print("building the tiny bundle ...", file=sys.stderr)
             bundle = build_tiny_bundle(Path(tmp) / "bundle", seed=args.seed)
             print(f"  built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        from laser_core.serving import read_manifest
+        from laser_core.bundle import read_manifest
 
         manifest = read_manifest(bundle)
         import pandas as pd

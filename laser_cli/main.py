@@ -437,7 +437,12 @@ def export_cmd(target: str, out: str) -> None:
     art = mv.get_artifact("scorer_bundle")
     if art is None:
         raise click.ClickException(f"{name} v{mv.name} has no scorer_bundle (was it trained with stop_after 'laser'?)")
-    bundle = art.load()
+    from laser_core.bundle import BundleError
+
+    try:
+        bundle = art.load()  # ExportBundle.load: the manifest and file list checked (an older format says so)
+    except BundleError as exc:
+        raise click.ClickException(f"{name} v{mv.name}: the stored scorer_bundle cannot be used: {exc}") from exc
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()):
         raise click.ClickException(f"{dest}: folder exists and is not empty")

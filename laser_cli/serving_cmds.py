@@ -41,7 +41,8 @@ def _items_group() -> click.Group:
     @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
     def add(bundle: str, items_file: str, out_dir: str, batch_size: int) -> None:
         """Add cold-start items (embedded from their text, no retraining) into a new bundle."""
-        from laser_core.serving import BundleError, add_items, read_items_file, read_manifest
+        from laser_core.bundle import BundleError, read_manifest
+        from laser_core.serving import add_items, read_items_file
 
         try:
             new_items = read_items_file(items_file)

@@ -1,22 +1,12 @@
 """Exporting a trained Laser model as a self-contained ONNX bundle (served by :mod:`laser_core.serving`).
 
-Bundle layout (``export_bundle``; details in ``docs/serving.md``)::
-
-    laser_export.json    manifest: format_version, k, dim, n_items, text config, SR max_len, prefix/pooling,
-                         cold-item treatment and weights, file sha256s, popularity flag, ``metadata`` (model version)
-    scorer.onnx          user_embedding [B, d] -> scores [B, k] (cosines), indices [B, k] (catalogue rows)
-    user_tower.onnx      item_ids/item_mask [B, L_sr] + input_ids/attention_mask [B, T] (+ item_side [B] when the
-                         item table was made with other weights than the user side's) -> user_embedding [B, d]
-    items.parquet        the catalogue in table-row order: item_id, title, brand, category (+ popularity)
-    tokenizer/           the backbone's tokenizer (``save_pretrained``; ``tokenizer.json`` is what serving reads)
-
-This module imports torch only inside the functions that need it: :func:`export_scorer` (and everything
-:mod:`laser_core.serving` uses from here) runs in a process without torch.
+This module is the writer's torch side: the float32 reference model, the traced user tower and its parity
+check, :func:`export_bundle`. The format itself (file names, the manifest, the scorer graph, the tokenizer file)
+is :mod:`laser_core.bundle`. torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -28,154 +18,35 @@ import pandas as pd
 # interaction counts per item for the popularity fallback: the one implementation, importable from here too
 from laser_core.ranking import popularity_counts as popularity_from_sequences  # noqa: F401
 
+from laser_core.bundle import (
+    CATALOGUE,
+    COLD_ITEM,
+    COLD_ITEM_TREATMENT,
+    COLD_ITEM_WEIGHTS,
+    FORMAT_VERSION,
+    ITEM_COLUMNS,
+    ITEM_SIDE,
+    SCORER,
+    SCORER_OPSET,
+    TOKENIZER_DIR,
+    USER_TOWER,
+    as_float_matrix,
+    export_scorer,
+    load_tokenizer,
+    write_manifest,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from laser_core.model import LaserModel, LaserWeights
     from laser_core.sr.base import SequentialRecommender
 
-FORMAT_VERSION = 1
-MANIFEST = "laser_export.json"
-SCORER = "scorer.onnx"
-USER_TOWER = "user_tower.onnx"
-CATALOGUE = "items.parquet"
-TOKENIZER_DIR = "tokenizer"
-SCORER_OPSET = 17
-ITEM_COLUMNS = ("item_id", "title", "brand", "category")
 SUPPORTED_SR = ("BERT4Rec", "SASRec")  # SR encoders the M-Former export (and the cold-item treatment) handles
-COLD_ITEM = -1  # item id in user_tower.onnx's ``item_ids`` for a visible position of an item without an ID
-ITEM_SIDE = "item_side"  # user_tower.onnx input [B] int64: 1 = embed the row as an item-table row, 0 = as a user
-
-#: how a cold item (no trained ID embedding) enters the frozen SR encoder; written to the manifest
-COLD_ITEM_TREATMENT = (
-    "A cold item is one visible position (item_ids = -1, item_mask = 1) in the SR encoder's input whose ID "
-    "embedding is the SR model's unknown-item vector: BERT4Rec's trained [MASK] token embedding (the cloze "
-    "token for 'an item not shown here'); SASRec has no such token, so it gets the padding embedding (zero) "
-    "and the position carries only its position embedding. The text side is the item template as in training."
-)
-
-
-#: which weights embed new items (``LaserWeights.cold_item_weights``); written to the manifest's ``cold_item``
-COLD_ITEM_WEIGHTS = {
-    "item_side": f"the weights that made the item table (Laser's stage 1), held in {USER_TOWER} beside the user "
-    f"side's (stage 2; the backbone is shared): input {ITEM_SIDE} = 1 embeds a row as an item, as "
-    f"add_items does, 0 as a user; new items are embedded as the table's rows were",
-    "shared": "the user tower's weights, which also made the item table: new items are embedded as the table's "
-    "rows were",
-    "user_side": "the user side's weights (stage 2); the weights that made the item table are not in the bundle "
-    "(an export from before the item side was kept), so new items come from other weights than the "
-    "table's rows",
-}
 
 
 class ExportError(RuntimeError):
     """An export cannot be written as asked (a setting the exporter does not support, a failed self-check)."""
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def _as_float_matrix(table: Any, name: str = "table") -> np.ndarray:
-    if hasattr(table, "detach"):  # a torch tensor, without importing torch here
-        table = table.detach().cpu().float().numpy()
-    arr = np.asarray(table, dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{name} must be a non-empty [n_items, d] matrix, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
-    return arr
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows divided by ``max(||row||_2, eps)`` (torch.nn.functional.normalize's definition)."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=-1, keepdims=True)).astype(np.float32)
-    return x / np.maximum(norm, np.float32(eps))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files_sha256(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest (``root/laser_export.json``), by POSIX path
-    relative to ``root``."""
-    files = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
-    return {rel: sha256_file(root / rel) for rel in files if rel != MANIFEST}
-
-
-# ------------------------------------------------------------------------------------------------ scorer
-EXTERNAL_DATA_BYTES = 1 << 30  # tables larger than 1 GiB are stored as ONNX external data
-
-
-def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
-    """Write the top-k cosine scorer over ``table`` ([n_items, d] array or tensor) as an ONNX model.
-
-    The L2-normalized table is an initializer. Input ``user_embedding`` float32 ``[batch, d]`` (dynamic
-    batch) is L2-normalized in the graph (``x / max(||x||, 1e-12)``); outputs ``scores`` float32 ``[batch, k]``
-    (cosines, descending) and ``indices`` int64 ``[batch, k]`` (table rows), from ``TopK(largest, sorted)``.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    arr = _as_float_matrix(table)
-    n_items, dim = arr.shape
-    if k > n_items:
-        raise ValueError(f"k={k} exceeds the number of items in the table ({n_items})")
-    normed_t = np.ascontiguousarray(l2_normalize(arr).T)  # [d, n_items]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = normed_t.nbytes >= EXTERNAL_DATA_BYTES
-    if external:  # protobuf cannot hold 2 GiB: the table is raw float32 in "<name>.data" beside the graph
-        data_file = path.name + ".data"
-        normed_t.astype("<f4", copy=False).tofile(path.parent / data_file)
-        table_init = TensorProto(
-            name="item_table_t",
-            data_type=TensorProto.FLOAT,
-            dims=list(normed_t.shape),
-            data_location=TensorProto.EXTERNAL,
-        )
-        for key, value in (("location", data_file), ("offset", "0"), ("length", str(normed_t.nbytes))):
-            entry = table_init.external_data.add()
-            entry.key, entry.value = key, value
-    else:
-        table_init = numpy_helper.from_array(normed_t, "item_table_t")
-    inits = [
-        table_init,
-        numpy_helper.from_array(np.array([int(k)], dtype=np.int64), "k"),
-        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
-    ]
-    nodes = [
-        helper.make_node("ReduceL2", ["user_embedding"], ["norm"], axes=[1], keepdims=1),
-        helper.make_node("Max", ["norm", "eps"], ["norm_clamped"]),
-        helper.make_node("Div", ["user_embedding", "norm_clamped"], ["user_normed"]),
-        helper.make_node("MatMul", ["user_normed", "item_table_t"], ["cosines"]),
-        helper.make_node("TopK", ["cosines", "k"], ["scores", "indices"], axis=-1, largest=1, sorted=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "laser_scorer",
-        inputs=[helper.make_tensor_value_info("user_embedding", TensorProto.FLOAT, ["batch", dim])],
-        outputs=[
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", int(k)]),
-            helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", int(k)]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", SCORER_OPSET)],
-        producer_name="laser",
-        doc_string=f"Laser top-{k} cosine scorer over {n_items} items",
-    )
-    model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path) if external else model, full_check=not external)
-    return path
 
 
 # ------------------------------------------------------------------------------------------ torch side
@@ -451,12 +322,11 @@ def export_bundle(
     """
     from laser_core import __version__
     from laser_core.data.text import TextFormatter
-    from laser_core.serving import load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory")
-    arr = _as_float_matrix(table)
+    arr = as_float_matrix(table)
     n_items, dim = arr.shape
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n_items:
         raise ValueError(f"k must be an integer in 1..{n_items} (the number of items), got {k!r}")
@@ -586,19 +456,3 @@ def export_bundle(
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
         raise
     return out
-
-
-def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
-    """Fill ``files`` (sha256 of every other file in the bundle) and write ``laser_export.json``, after checking
-    it with the loader's model (:class:`laser_core.manifest.BundleManifest`): a bundle that would not load is
-    never written."""
-    from laser_core.manifest import validate_manifest  # it imports this module
-
-    root = Path(bundle_dir)
-    manifest = {**manifest, "files": _files_sha256(root)}
-    path = root / MANIFEST
-    validate_manifest(json.loads(json.dumps(manifest)), path)  # as the loader will read it back
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf8")
-    tmp.replace(path)
-    return path

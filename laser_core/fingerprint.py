@@ -217,7 +217,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_sha256(path: Path) -> str:
-    from laser_core.export import sha256_file  # the one file-hash implementation (torch-free module)
+    from laser_core.bundle import sha256_file  # the one file-hash implementation (torch-free module)
 
     return sha256_file(path)
 

@@ -3,17 +3,18 @@
 :func:`fit_launched` is what the pipeline's Bi-Tuning steps call when ``laser_train.accelerate`` is on. It writes
 everything the training needs into a job folder, none of it pickled:
 
-- ``items.parquet`` (the catalogue, for the item texts), ``split.parquet`` + ``split.json``;
-- ``sr/model.safetensors`` + ``sr/config.json`` (the frozen ID-based encoder);
+- ``items.parquet`` (the catalogue, for the item texts), ``split.parquet`` + ``split.json`` (:meth:`Split.save`);
+- ``sr/model.safetensors`` + ``sr/config.json`` (the frozen ID-based encoder, ``save_model``);
 - ``spec.json`` (:class:`~laser_core.model.LaserSpec`), ``job.json`` (training config, stages, checkpoint folder);
-- for stage 2, ``init.safetensors`` (the stage-1 weights) and ``table.safetensors`` (the frozen item table);
+- for stage 2, ``init/`` (the stage-1 weights, :meth:`LaserWeights.save`) and ``table/`` (the frozen item table,
+  :meth:`ItemTable.save`): the same folders the pipeline's materializers store;
 
 then runs ``accelerate launch --num_processes N -m laser_core.launch <job>`` (``python -m laser_core.launch
 <job>`` is the same job in one process, without the launcher). Every process rebuilds the model from the folder
 and trains its equal shard of each epoch's users under DDP (:class:`~laser_core.train.LaserTrainer` with
 ``accelerate``; on ``laser_train.device``, where ``auto`` and ``cuda`` mean the process's own GPU); process 0
-writes ``out/weights.safetensors``, ``out/table.safetensors`` and ``out/result.json`` (best epochs, history,
-cost), which :func:`fit_launched` reads back. A failed job raises :class:`LaunchError` with the command, its exit
+writes ``out/`` (the best weights, :meth:`LaserWeights.save`; the item table, :meth:`ItemTable.save`) and
+``out/result.json`` (best epochs, history, cost), which :func:`fit_launched` reads back. A failed job raises :class:`LaunchError` with the command, its exit
 status and the end of its log (``job/launch.log``); so does a job that outlives ``timeout`` seconds (the
 launcher and its workers are stopped).
 
@@ -37,15 +38,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from laser_core.data.split import Split
-from laser_core.model import LaserSpec, LaserWeights, build_laser
+from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.checkpoint import atomic_write, load_model, save_model, save_tensors
+from laser_core.sr.checkpoint import atomic_write, load_model, save_model
 from laser_core.train import LaserTrainConfig, LaserTrainer
 
-JOB_FORMAT = 1
+JOB_FORMAT = 2  # 2: init/ and table/ are LaserWeights / ItemTable folders
 
 
 class LaunchError(RuntimeError):
@@ -82,15 +82,14 @@ def write_job(
     job = Path(job)
     job.mkdir(parents=True, exist_ok=True)
     items.to_parquet(job / "items.parquet", index=False)
-    split.to_frame().to_parquet(job / "split.parquet", index=False)
-    atomic_write(job / "split.json", json.dumps({"n_items": split.n_items}))
+    split.save(job)
     if sr_model is not None:
         save_model(sr_model, job / "sr")
     atomic_write(job / "spec.json", spec.model_dump_json(indent=1))
     if weights is not None:
-        save_tensors(dict(weights), job / "init.safetensors")
+        LaserWeights(spec=spec, state=dict(weights)).save(job / "init")
     if table is not None:
-        save_tensors({"table": table}, job / "table.safetensors")
+        ItemTable(table=table).save(job / "table")
     atomic_write(
         job / "job.json",
         json.dumps(
@@ -117,20 +116,11 @@ def run_job(job: str | Path) -> dict:
     config = LaserTrainConfig.model_validate(meta["train"]).model_copy(update={"accelerate": True})
     spec = LaserSpec.model_validate_json((job / "spec.json").read_text(encoding="utf8"))
     items = pd.read_parquet(job / "items.parquet")
-    split = Split.from_frame(
-        pd.read_parquet(job / "split.parquet"),
-        n_items=json.loads((job / "split.json").read_text(encoding="utf8"))["n_items"],
-    )
+    split = Split.load(job)
     sr_model = load_model(job / "sr") if (job / "sr").is_dir() else None
-    init = load_file(str(job / "init.safetensors")) if (job / "init.safetensors").is_file() else None
-    model = build_laser(
-        spec,
-        items,
-        sr_model,
-        weights=LaserWeights(spec=spec, state=init) if init is not None else None,
-        device=config.device,
-    )
-    table = load_file(str(job / "table.safetensors"))["table"] if (job / "table.safetensors").is_file() else None
+    init = LaserWeights.load(job / "init") if (job / "init").is_dir() else None
+    model = build_laser(spec, items, sr_model, weights=init, device=config.device)
+    table = ItemTable.load(job / "table").table if (job / "table").is_dir() else None
     trainer = LaserTrainer(
         model,
         split,
@@ -144,8 +134,8 @@ def run_job(job: str | Path) -> dict:
     if trainer.rank == 0:
         dest = job / "out"
         dest.mkdir(exist_ok=True)
-        save_tensors(dict(result.model.state_dict()), dest / "weights.safetensors")
-        save_tensors({"table": result.item_table}, dest / "table.safetensors")
+        LaserWeights(spec=spec, state=dict(result.model.state_dict())).save(dest)
+        ItemTable(table=result.item_table).save(dest)
         atomic_write(dest / "result.json", json.dumps(out, indent=1))
     if trainer.accelerator is not None:
         trainer.accelerator.wait_for_everyone()
@@ -182,8 +172,8 @@ def read_result(job: Path) -> LaunchedFit:
     out = Path(job) / "out"
     result = json.loads((out / "result.json").read_text(encoding="utf8"))
     return LaunchedFit(
-        state=load_file(str(out / "weights.safetensors")),
-        item_table=load_file(str(out / "table.safetensors"))["table"],
+        state=LaserWeights.load(out).state,
+        item_table=ItemTable.load(out).table,
         best=result["best"],
         history=result["history"],
         cost=result["cost"],

@@ -42,21 +42,25 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import ConfigDict, Field
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from laser_core.artifact import read_meta, write_meta
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.device import resolve_device
 from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
 from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.checkpoint import save_tensors
 
 
 class BiTuneConfig(StrictConfig):
@@ -568,6 +572,10 @@ class LaserSpec(StrictConfig):
     seed: int = 0
 
 
+WEIGHTS_FORMAT = 1  # LaserWeights.save's folder (laser.json's format_version)
+TABLE_FORMAT = 1  # ItemTable.save's folder (table.json's format_version; absent in the first artifacts)
+
+
 @dataclass
 class LaserWeights:
     """The trainable part of a Laser model (safetensors on disk) plus its spec and training summary (JSON).
@@ -590,6 +598,35 @@ class LaserWeights:
             return "item_side"
         trained_on = self.summary.get("stage") == 2 and self.summary.get("best_epoch") not in (None, -1)
         return "user_side" if trained_on else "shared"
+
+    # ------------------------------------------------------------ storage (pipeline artifacts, accelerate jobs)
+    def save(self, directory: str | Path) -> Path:
+        """``weights.safetensors``, ``item_weights.safetensors`` (only with an item side) and ``laser.json`` (spec,
+        summary, whether the item side has its own file) in ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.state, d / "weights.safetensors")
+        if self.item_state is not None:
+            save_tensors(self.item_state, d / "item_weights.safetensors")
+        meta = {
+            "spec": self.spec.model_dump(mode="json"),
+            "summary": self.summary,
+            "item_state": self.item_state is not None,
+        }
+        write_meta(d / "laser.json", meta, WEIGHTS_FORMAT)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LaserWeights:
+        """What :meth:`save` wrote (an :class:`~laser_core.artifact.ArtifactFormatError` for another format)."""
+        d = Path(directory)
+        meta = read_meta(d / "laser.json", WEIGHTS_FORMAT, "LaserWeights")
+        return cls(
+            spec=LaserSpec.model_validate(meta["spec"]),
+            state=load_file(str(d / "weights.safetensors")),
+            summary=meta["summary"],
+            item_state=load_file(str(d / "item_weights.safetensors")) if meta.get("item_state") else None,
+        )
 
 
 def item_state_beside(
@@ -641,3 +678,20 @@ class ItemTable:
 
     table: torch.Tensor
     weights_fingerprint: str = ""
+
+    def save(self, directory: str | Path) -> Path:
+        """``table.safetensors`` and ``table.json`` (the fingerprint of the weights that made it, the shape)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors({"table": self.table}, d / "table.safetensors")
+        meta = {"weights_fingerprint": self.weights_fingerprint, "shape": list(self.table.shape)}
+        write_meta(d / "table.json", meta, TABLE_FORMAT)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ItemTable:
+        d = Path(directory)
+        meta = read_meta(d / "table.json", TABLE_FORMAT, "ItemTable")
+        return cls(
+            table=load_file(str(d / "table.safetensors"))["table"], weights_fingerprint=meta["weights_fingerprint"]
+        )

@@ -9,7 +9,7 @@ items, left-padded), runs the tower, then the scorer.
 
 Cold-start items: :func:`add_items` embeds new catalogue items from their text with the exported tower (a
 one-item history, as in training, with the cold-item treatment for the ID side: see
-``laser_core.export.COLD_ITEM_TREATMENT``), through the tower's item side (``item_side = 1``: the weights
+``laser_core.bundle.COLD_ITEM_TREATMENT``), through the tower's item side (``item_side = 1``: the weights
 that made the item table, see :attr:`Recommender.cold_item_weights`), and writes a new bundle whose scorer
 includes them. A history holding such an item gives it the same treatment: its text from the catalogue, ID
 position ``-1``.
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from laser_core.data.text import TextConfig, TextFormatter
-from laser_core.export import (
+from laser_core.bundle import (
     CATALOGUE,
     COLD_ITEM,
     COLD_ITEM_WEIGHTS,
@@ -38,66 +38,23 @@ from laser_core.export import (
     ITEM_SIDE,
     MANIFEST,
     SCORER,
+    BundleError,
+    ServingTokenizer,
+    check_loaded,
     export_scorer,
     l2_normalize,
+    load_tokenizer,
+    read_manifest,
+    read_scorer_table,
     sha256_file,
+    verify_bundle,
     write_manifest,
 )
-
 from laser_core.ranking import top_k
-
-# the manifest's model and checks live in laser_core.manifest; these names stay importable from here
-from laser_core.manifest import BundleError, check_loaded, read_manifest, verify_bundle  # noqa: F401
 
 
 class EmptyHistoryError(ValueError):
     """No item of the history is in the catalogue (and no popularity fallback is configured)."""
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-def _clean_up_tokenization(text: str) -> str:
-    """transformers' ``clean_up_tokenization`` (applied by its decode when the tokenizer asks for it)."""
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
-
-
-class ServingTokenizer:
-    """``tokenizer.json`` through the ``tokenizers`` library, with the ``encode``/``decode`` calls that
-    :class:`TextFormatter` makes (the same ids and texts as the transformers tokenizer; checked at export)."""
-
-    def __init__(self, tokenizer: Any, clean_up_tokenization_spaces: bool = False) -> None:
-        self._tok = tokenizer
-        self.clean_up = bool(clean_up_tokenization_spaces)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return _clean_up_tokenization(text) if self.clean_up else text
-
-
-def load_tokenizer(path: str | Path, clean_up_tokenization_spaces: bool = False) -> ServingTokenizer:
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"tokenizer file not found: {path}")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise BundleError(f"{path}: not a readable tokenizers file ({exc})") from exc
-    return ServingTokenizer(tok, clean_up_tokenization_spaces)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -232,7 +189,7 @@ class Recommender:
         tower's item side, the weights that made the item table; ``"shared"``, the tower's one set of weights,
         which also made the table; ``"user_side"``, the user side's weights, which may differ from the table's
         (a bundle that does not record it: exported before the item side was kept). See
-        ``laser_core.export.COLD_ITEM_WEIGHTS``."""
+        ``laser_core.bundle.COLD_ITEM_WEIGHTS``."""
         if ITEM_SIDE in self._tower_inputs:
             return "item_side"
         return "shared" if (self.manifest.get("cold_item") or {}).get("item_weights") == "shared" else "user_side"
@@ -408,18 +365,6 @@ def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
     return cat
 
 
-def read_scorer_table(path: str | Path) -> np.ndarray:
-    """The normalized item table ``[n_items, d]`` baked into a scorer written by :func:`export_scorer`."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "item_table_t":
-            return np.ascontiguousarray(numpy_helper.to_array(init).T.astype(np.float32))
-    raise BundleError(f"{path}: no 'item_table_t' initializer (not a Laser scorer)")
-
-
 def read_items_file(path: str | Path) -> pd.DataFrame:
     """New items from ``.csv``, ``.parquet`` or ``.jsonl`` (one JSON object per line)."""
     path = Path(path)
@@ -482,7 +427,7 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     (:meth:`Recommender.item_embeddings`): the item template for the text, the item side's weights (those that
     made the table; a bundle without them warns, see :attr:`Recommender.cold_item_weights`) and, on the ID
     side, one visible cold-item position (``item_ids = -1``: the SR model's unknown-item vector, since a new
-    item has no trained ID embedding; see ``laser_core.export.COLD_ITEM_TREATMENT``). New rows are appended
+    item has no trained ID embedding; see ``laser_core.bundle.COLD_ITEM_TREATMENT``). New rows are appended
     after the existing ones. Duplicate ids (within ``new_items`` or against the catalogue) are a
     ``ValueError``."""
     src = Path(bundle_dir)

@@ -2,6 +2,9 @@
 
 Nothing here uses pickle, so an artifact received from elsewhere can be loaded safely. Every file goes through
 the active artifact store (``self.artifact_store.open``), so the same code works for local and remote stores.
+The types with a folder format of their own (``save(dir)`` / ``load(dir)``: the Laser weights, the item table,
+the split, the SR model, the export bundle) are written by that code into a temporary folder and copied file by
+file (:class:`_FolderMaterializer`): the accelerate job folder (:mod:`laser_core.launch`) uses the same code.
 """
 
 from __future__ import annotations
@@ -9,25 +12,27 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.base_materializer import BaseMaterializer
 
+from laser_core.bundle import ExportBundle
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.data.validation import ValidationReport
-from laser_core.bundle import ExportBundle
-from laser_core.model import ItemTable, LaserSpec, LaserWeights
+from laser_core.model import ItemTable, LaserWeights
 from laser_core.promotion import PromotionDecision
 from laser_core.reporting import MetricsReport, markdown_table, svg_bar_chart, svg_line_chart
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.checkpoint import CONFIG, WEIGHTS, model_from_bytes, model_to_bytes
+from laser_core.sr.checkpoint import load_model, save_model
+
+T = TypeVar("T")
 
 
 class _FilesMixin(BaseMaterializer):
@@ -58,6 +63,49 @@ class _FilesMixin(BaseMaterializer):
     def _read_json(self, name: str) -> Any:
         with self.artifact_store.open(self._path(name), "r") as fh:
             return json.load(fh)
+
+
+class _FolderMaterializer(_FilesMixin):
+    """A type that saves itself to a local folder and loads from one: that folder's files, copied to and from the
+    artifact store (nested folders too). Loading copies every file of the artifact's folder (visualizations
+    too, which the type's ``load`` ignores)."""
+
+    SKIP_REGISTRATION: ClassVar[bool] = True
+
+    def _save_folder(self, save: Callable[[Path], Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="laser-artifact-") as tmp:
+            root = Path(tmp)
+            save(root)
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                dest = self._path(path.relative_to(root).as_posix())
+                self.artifact_store.makedirs(os.path.dirname(dest))
+                with open(path, "rb") as src, self.artifact_store.open(dest, "wb") as fh:
+                    fh.write(src.read())
+
+    def _download(self, uri: str, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in self.artifact_store.listdir(uri):
+            name = str(name.decode() if isinstance(name, bytes) else name).rstrip("/").rsplit("/", 1)[-1]
+            path = os.path.join(uri, name)
+            if self.artifact_store.isdir(path):
+                self._download(path, target / name)
+            else:
+                with self.artifact_store.open(path, "rb") as src:
+                    (target / name).write_bytes(src.read())
+
+    def _load_folder(self, load: Callable[[Path], T], keep: bool = False) -> T:
+        """``load`` of a local copy of the artifact's folder; ``keep``: the copy outlives the call (the loaded
+        object reads it later), else it is removed."""
+        target = Path(tempfile.mkdtemp(prefix="laser-artifact-"))
+        try:
+            self._download(self.uri, target)
+            loaded = load(target)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        if not keep:
+            shutil.rmtree(target, ignore_errors=True)
+        return loaded
 
 
 class SeqDatasetMaterializer(_FilesMixin):
@@ -102,19 +150,18 @@ class SeqDatasetMaterializer(_FilesMixin):
         return {self._write_text("summary.md", text): VisualizationType.MARKDOWN}
 
 
-class SplitMaterializer(_FilesMixin):
-    """``split.parquet`` (user, training sequence, validation and test targets) + ``split.json``."""
+class SplitMaterializer(_FolderMaterializer):
+    """``split.parquet`` (user, training sequence, validation and test targets) + ``split.json``
+    (:meth:`Split.save`)."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (Split,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
 
     def save(self, data: Split) -> None:
-        self._write_parquet("split.parquet", data.to_frame())
-        self._write_json("split.json", {"n_items": data.n_items, "format_version": 1})
+        self._save_folder(data.save)
 
     def load(self, data_type: type[Any]) -> Split:
-        meta = self._read_json("split.json")
-        return Split.from_frame(self._read_parquet("split.parquet"), n_items=meta["n_items"])
+        return self._load_folder(Split.load)
 
     def extract_metadata(self, data: Split) -> dict[str, Any]:
         return {k: v for k, v in data.report().items() if isinstance(v, (int, float, str))}
@@ -144,23 +191,18 @@ class ValidationReportMaterializer(_FilesMixin):
         return {self._write_text("report.md", data.to_markdown()): VisualizationType.MARKDOWN}
 
 
-class SRModelMaterializer(_FilesMixin):
-    """An ID-based recommender: ``model.safetensors`` + ``config.json`` (the model's config and n_items)."""
+class SRModelMaterializer(_FolderMaterializer):
+    """An ID-based recommender: ``model.safetensors`` + ``config.json`` (the model's config and n_items;
+    :func:`laser_core.sr.checkpoint.save_model`)."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (SequentialRecommender,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
 
     def save(self, data: SequentialRecommender) -> None:
-        weights, config_json = model_to_bytes(data)
-        with self.artifact_store.open(self._path(WEIGHTS), "wb") as fh:
-            fh.write(weights)
-        self._write_text(CONFIG, config_json)
+        self._save_folder(lambda folder: save_model(data, folder))
 
     def load(self, data_type: type[Any]) -> SequentialRecommender:
-        with self.artifact_store.open(self._path(WEIGHTS), "rb") as fh:
-            weights = fh.read()
-        with self.artifact_store.open(self._path(CONFIG), "r") as fh:
-            return model_from_bytes(weights, fh.read())
+        return self._load_folder(load_model)
 
     def extract_metadata(self, data: SequentialRecommender) -> dict[str, Any]:
         return {
@@ -173,45 +215,19 @@ class SRModelMaterializer(_FilesMixin):
         }
 
 
-class LaserWeightsMaterializer(_FilesMixin):
+class LaserWeightsMaterializer(_FolderMaterializer):
     """Laser's trainable weights (``weights.safetensors``), the item side's when they differ
     (``item_weights.safetensors``: the weights that made the item table) + spec and training summary
-    (``laser.json``; ``item_state`` says whether the item side has its own file)."""
+    (``laser.json``; ``item_state`` says whether the item side has its own file): :meth:`LaserWeights.save`."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (LaserWeights,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
 
-    def _write_tensors(self, name: str, tensors: dict) -> None:
-        with self.artifact_store.open(self._path(name), "wb") as fh:
-            fh.write(st_save({k: v.contiguous() for k, v in tensors.items()}))
-
-    def _read_tensors(self, name: str) -> dict:
-        with self.artifact_store.open(self._path(name), "rb") as fh:
-            return st_load(fh.read())
-
     def save(self, data: LaserWeights) -> None:
-        self._write_tensors("weights.safetensors", data.state)
-        if data.item_state is not None:
-            self._write_tensors("item_weights.safetensors", data.item_state)
-        self._write_json(
-            "laser.json",
-            {
-                "spec": data.spec.model_dump(),
-                "summary": data.summary,
-                "item_state": data.item_state is not None,
-                "format_version": 1,
-            },
-        )
+        self._save_folder(data.save)
 
     def load(self, data_type: type[Any]) -> LaserWeights:
-        meta = self._read_json("laser.json")
-        item_state = self._read_tensors("item_weights.safetensors") if meta.get("item_state") else None
-        return LaserWeights(
-            spec=LaserSpec.model_validate(meta["spec"]),
-            state=self._read_tensors("weights.safetensors"),
-            summary=meta["summary"],
-            item_state=item_state,
-        )
+        return self._load_folder(LaserWeights.load)
 
     def extract_metadata(self, data: LaserWeights) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -245,23 +261,17 @@ class LaserWeightsMaterializer(_FilesMixin):
         return {self._write_text("valid_ndcg.html", html): VisualizationType.HTML}
 
 
-class ItemTableMaterializer(_FilesMixin):
-    """The item-embedding table as ``table.safetensors`` (+ ``table.json``)."""
+class ItemTableMaterializer(_FolderMaterializer):
+    """The item-embedding table as ``table.safetensors`` (+ ``table.json``): :meth:`ItemTable.save`."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ItemTable,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
 
     def save(self, data: ItemTable) -> None:
-        with self.artifact_store.open(self._path("table.safetensors"), "wb") as fh:
-            fh.write(st_save({"table": data.table.contiguous()}))
-        self._write_json(
-            "table.json", {"weights_fingerprint": data.weights_fingerprint, "shape": list(data.table.shape)}
-        )
+        self._save_folder(data.save)
 
     def load(self, data_type: type[Any]) -> ItemTable:
-        with self.artifact_store.open(self._path("table.safetensors"), "rb") as fh:
-            table = st_load(fh.read())["table"]
-        return ItemTable(table=table, weights_fingerprint=self._read_json("table.json")["weights_fingerprint"])
+        return self._load_folder(ItemTable.load)
 
     def extract_metadata(self, data: ItemTable) -> dict[str, Any]:
         return {"n_items": int(data.table.shape[0]), "dim": int(data.table.shape[1])}
@@ -323,38 +333,35 @@ class PromotionDecisionMaterializer(_FilesMixin):
         return {self._write_text("decision.md", data.to_markdown()): VisualizationType.MARKDOWN}
 
 
-class ExportBundleMaterializer(_FilesMixin):
-    """An exported folder (ONNX graphs, tokenizer, catalogue, manifest), copied file by file."""
+class ExportBundleMaterializer(_FolderMaterializer):
+    """An exported folder (ONNX graphs, tokenizer, catalogue, manifest), copied file by file. Loading checks its
+    manifest (:meth:`ExportBundle.load`): a bundle of an older format is an error saying so."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ExportBundle,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
 
     def save(self, data: ExportBundle) -> None:
-        for rel in data.files():
-            dest = self._path(rel.as_posix())
-            self.artifact_store.makedirs(os.path.dirname(dest))
-            with open(data.path / rel, "rb") as src, self.artifact_store.open(dest, "wb") as fh:
-                fh.write(src.read())
-        self._write_json("files.json", [rel.as_posix() for rel in data.files()])
+        self._save_folder(data.save)
 
     def load(self, data_type: type[Any]) -> ExportBundle:
-        target = Path(tempfile.mkdtemp(prefix="laser-bundle-"))
-        for rel in self._read_json("files.json"):
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            with self.artifact_store.open(self._path(rel), "rb") as src:
-                (target / rel).write_bytes(src.read())
-        return ExportBundle(target)
+        return self._load_folder(_load_bundle, keep=True)  # the bundle is read from its folder later
 
     def extract_metadata(self, data: ExportBundle) -> dict[str, Any]:
         manifest = data.manifest
         meta: dict[str, Any] = {"files": len(data.files()), "bytes": data.size_bytes()}
-        for key in ("n_items", "dim", "k", "format_version"):
-            if key in manifest:
-                meta[key] = manifest[key]
+        meta.update({"n_items": manifest.n_items, "dim": manifest.dim, "k": manifest.k})
+        meta["format_version"] = manifest.format_version
         for rel in data.files():
             if rel.suffix == ".onnx":
                 meta[f"{rel.stem}_bytes"] = (data.path / rel).stat().st_size
         return meta
+
+
+def _load_bundle(folder: Path) -> ExportBundle:
+    """The bundle in an artifact's folder, less ``files.json`` (the file list that materializers before
+    ``_FolderMaterializer`` wrote beside the bundle's files; not a bundle file)."""
+    (folder / "files.json").unlink(missing_ok=True)
+    return ExportBundle.load(folder)
 
 
 class DataFrameMaterializer(_FilesMixin):

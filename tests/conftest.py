@@ -39,3 +39,27 @@ def shared(path: Path) -> Path:
 def zenml_store() -> str:
     """The isolated ZenML config/store directory (set before zenml is first imported)."""
     return _ZEN_DIR
+
+
+class LocalArtifactStore:
+    """The artifact-store calls the project's materializers make (``open``, ``makedirs``, ``listdir``,
+    ``isdir``), on the local file system: materializers run on a folder without a ZenML stack."""
+
+    open = staticmethod(open)
+    listdir = staticmethod(os.listdir)
+    isdir = staticmethod(os.path.isdir)
+
+    @staticmethod
+    def makedirs(path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+
+@pytest.fixture
+def materializer():
+    """``materializer(cls, uri)``: a materializer of ``cls`` over the folder ``uri`` (created)."""
+
+    def make(cls, uri: Path):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        return cls(str(uri), artifact_store=LocalArtifactStore())
+
+    return make

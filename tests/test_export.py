@@ -12,17 +12,8 @@ import torch
 
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
-from laser_core.export import (
-    COLD_ITEM,
-    MANIFEST,
-    export_bundle,
-    export_scorer,
-    export_user_tower,
-    l2_normalize,
-    popularity_from_sequences,
-    reference_model,
-    sha256_file,
-)
+from laser_core.bundle import COLD_ITEM, MANIFEST, export_scorer, l2_normalize, sha256_file
+from laser_core.export import export_bundle, export_user_tower, popularity_from_sequences, reference_model
 from laser_core.llm import BackboneConfig
 from laser_core.mformer import MFormerConfig
 from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser, item_state_beside
@@ -116,10 +107,10 @@ def test_scorer_matches_torch_topk(tmp_path):
 
 def test_large_scorer_tables_go_to_external_data(tmp_path, monkeypatch):
     """Tables past protobuf's 2 GiB limit are written as ONNX external data; shrink the threshold to test it."""
-    import laser_core.export as export
-    from laser_core.serving import read_scorer_table
+    import laser_core.bundle as bundle
+    from laser_core.bundle import read_scorer_table
 
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.setattr(bundle, "EXTERNAL_DATA_BYTES", 1024)
     table = np.random.default_rng(4).standard_normal((300, 24)).astype(np.float32)
     path = export_scorer(table, tmp_path / "scorer.onnx", k=7)
     assert (tmp_path / "scorer.onnx.data").stat().st_size >= table.nbytes
@@ -393,15 +384,12 @@ def test_bundle_tower_carries_the_item_side_used_by_add_items(data, sr, two_side
     np.testing.assert_allclose(rec.user_embeddings([[1, 2, 3], [5]]), users.numpy(), atol=1e-4)
 
 
-def test_laser_weights_materializer_keeps_the_item_side(two_sided, tmp_path):
-    from types import SimpleNamespace
-
+def test_laser_weights_materializer_keeps_the_item_side(two_sided, tmp_path, materializer):
     from steps.materializers import LaserWeightsMaterializer
 
     weights = two_sided["weights"]
     for name, w in (("two", weights), ("one", LaserWeights(spec=weights.spec, state=weights.state))):
-        (tmp_path / name).mkdir()
-        mat = LaserWeightsMaterializer(str(tmp_path / name), artifact_store=SimpleNamespace(open=open))
+        mat = materializer(LaserWeightsMaterializer, tmp_path / name)
         mat.save(w)
         back = mat.load(LaserWeights)
         assert back.spec == w.spec and back.state.keys() == w.state.keys()

@@ -22,27 +22,21 @@ from click.testing import CliRunner
 from laser_cli.serving_cmds import register
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
-from laser_core.export import (
+from laser_core.bundle import (
     MANIFEST,
-    export_bundle,
+    BundleError,
+    BundleManifest,
     export_scorer,
     l2_normalize,
-    popularity_from_sequences,
-    reference_model,
-)
-from laser_core.llm import BackboneConfig
-from laser_core.manifest import BundleManifest, verify_bundle
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
-from laser_core.serving import (
-    BundleError,
-    EmptyHistoryError,
-    Recommender,
-    add_items,
-    read_items_file,
     read_manifest,
+    verify_bundle,
     write_manifest,
 )
+from laser_core.export import export_bundle, popularity_from_sequences, reference_model
+from laser_core.llm import BackboneConfig
+from laser_core.mformer import MFormerConfig
+from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+from laser_core.serving import EmptyHistoryError, Recommender, add_items, read_items_file
 from laser_core.sr import SRConfig, TrainConfig, fit
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
@@ -291,7 +285,7 @@ MANIFEST_CASES = {
         lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
         "field 'user_tower.inputs': must be ['item_ids', 'item_mask', 'input_ids', 'attention_mask']",
     ),
-    "format_version": (lambda m: m.update(format_version=2), "format_version 2 is not supported (this laser reads 1)"),
+    "format_version": (lambda m: m.update(format_version=2), "format_version 2 is not supported: laser "),
     "not an object": (lambda m: m.clear(), "field 'format': missing"),
 }
 

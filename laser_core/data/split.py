@@ -9,13 +9,16 @@ RecFormer's ``process.py`` wrote into ``train/val/test.json``, so the split of t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from laser_core.artifact import read_meta, write_meta
 from laser_core.data.model import SeqDataset
 
 MIN_EVAL_LENGTH = 3
+SPLIT_FORMAT = 1  # Split.save's folder (split.json's format_version)
 
 
 @dataclass
@@ -82,6 +85,20 @@ class Split:
             valid_target=frame["valid_target"].to_numpy(dtype=np.int64),
             test_target=frame["test_target"].to_numpy(dtype=np.int64),
         )
+
+    def save(self, directory: str | Path) -> Path:
+        """``split.parquet`` (:meth:`to_frame`) and ``split.json`` (``n_items``) in ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.to_frame().to_parquet(d / "split.parquet", index=False)
+        write_meta(d / "split.json", {"n_items": self.n_items}, SPLIT_FORMAT)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Split":
+        d = Path(directory)
+        meta = read_meta(d / "split.json", SPLIT_FORMAT, "Split")
+        return cls.from_frame(pd.read_parquet(d / "split.parquet"), n_items=meta["n_items"])
 
 
 def leave_one_out(dataset: SeqDataset) -> Split:

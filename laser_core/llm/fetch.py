@@ -26,7 +26,7 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    from laser_core.export import sha256_file  # the one file-hash implementation
+    from laser_core.bundle import sha256_file  # the one file-hash implementation
 
     return sha256_file(path)
 
