@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from laser_core.artifact import read_meta
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.config import SRConfig
 
@@ -48,9 +49,9 @@ def save_model(model: SequentialRecommender, directory: str | Path, extra: dict 
     """``model.safetensors`` + ``config.json`` (model config, n_items, any ``extra`` metadata)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    weights, config_json = model_to_bytes(model, extra)
-    atomic_write(d / WEIGHTS, weights)
-    atomic_write(d / CONFIG, config_json)
+    meta = {"format_version": FORMAT_VERSION, "config": model.config.model_dump(), "n_items": model.n_items}
+    save_tensors(_state(model), d / WEIGHTS)
+    atomic_write(d / CONFIG, json.dumps({**meta, **(extra or {})}, indent=2, sort_keys=True))
     return d
 
 
@@ -58,7 +59,11 @@ def load_model(directory: str | Path) -> SequentialRecommender:
     d = Path(directory)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d}: expected {CONFIG} and {WEIGHTS}")
-    return model_from_bytes((d / WEIGHTS).read_bytes(), (d / CONFIG).read_text(encoding="utf8"))
+    meta = read_meta(d / CONFIG, FORMAT_VERSION, "SR model")
+    model = build_model(SRConfig.model_validate(meta["config"]), int(meta["n_items"]))
+    model.load_state_dict(load_file(str(d / WEIGHTS)))
+    model.eval()
+    return model
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -81,26 +86,3 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         state.setdefault(int(idx), {})[key] = value
     groups = json.loads(path.with_suffix(".json").read_text(encoding="utf8"))
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def model_to_bytes(model: SequentialRecommender, extra: dict | None = None) -> tuple[bytes, str]:
-    """(safetensors bytes, config JSON) — for artifact stores that are not a local folder."""
-    from safetensors.torch import save
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "config": model.config.model_dump(),
-        "n_items": model.n_items,
-        **(extra or {}),
-    }
-    return save(_state(model)), json.dumps(meta, indent=2, sort_keys=True)
-
-
-def model_from_bytes(weights: bytes, config_json: str) -> SequentialRecommender:
-    from safetensors.torch import load
-
-    meta = json.loads(config_json)
-    model = build_model(SRConfig.model_validate(meta["config"]), int(meta["n_items"]))
-    model.load_state_dict(load(weights))
-    model.eval()
-    return model
