@@ -374,3 +374,28 @@ def test_launch_job_folder_uses_the_artifact_folders(tmp_path):
     fit = read_result(job)
     assert_same_tensors(fit.state, tensors(4))
     assert torch.equal(fit.item_table, table * 2) and fit.processes == 1
+
+
+def test_laser_export_copies_a_stored_bundle_and_names_an_older_one(bundle, tmp_path, materializer, monkeypatch):
+    """``laser export NAME:VERSION``: the registry's bundle artifact, loaded by its materializer, is copied out;
+    one of an older format is one error line naming the model version and the format."""
+    from types import SimpleNamespace
+
+    import laser_cli.registry
+    from laser_cli.main import cli
+    from steps.materializers import ExportBundleMaterializer
+
+    mat = materializer(ExportBundleMaterializer, tmp_path / "store")
+    mat.save(ExportBundle(bundle))
+    artifact = SimpleNamespace(load=lambda: mat.load(ExportBundle))
+    version = SimpleNamespace(name="3", get_artifact=lambda name: artifact if name == "scorer_bundle" else None)
+    monkeypatch.setattr(laser_cli.registry, "resolve_version", lambda name, wanted=None: version)
+    res = CliRunner().invoke(cli, ["export", "laser:3", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "laser v3: 4 files" in res.output
+    assert ExportBundle.load(tmp_path / "out").verify(hashes=True).n_items == N_ITEMS
+    set_manifest(tmp_path / "store", format_version=0)
+    res = CliRunner().invoke(cli, ["export", "laser:3", "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "Error: laser v3: the stored scorer_bundle cannot be used: " in res.output
+    assert "the bundle is of an older format; re-export the model with this laser" in res.output
