@@ -153,8 +153,7 @@ def embed(
 @torch.no_grad()
 def user_rows(model: LaserModel, sample: Sample) -> torch.Tensor:
     model.eval()
-    emb, _ = model(sample.histories[: sample.user_batch])
-    return emb.float()
+    return model.embed(sample.histories[: sample.user_batch]).user_embedding.float()
 
 
 def train(model: LaserModel, sample: Sample, table: torch.Tensor, lt, cap: float, row: dict) -> None:
@@ -167,7 +166,8 @@ def train(model: LaserModel, sample: Sample, table: torch.Tensor, lt, cap: float
 
     def step(span: range):
         lo, hi = span.start, span.stop
-        emb, route = model(sample.histories[lo:hi])
+        out = model(model.collate(sample.histories[lo:hi]))
+        emb, route = out.user_embedding, out.router
         loss = iic_loss(emb, rows, targets[lo:hi], lt.tau)
         if route is not None and lt.lb_weight > 0:
             loss = loss + lt.lb_weight * load_balancing_loss(route.probs, route.mask)

@@ -319,13 +319,11 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
 
         token_ids = [ref._encode(ref.formatter.user_text(rows))]
         out["text_tokens"] = len(token_ids[0])
-        input_ids, attention = ref.pad_tokens(token_ids)
-        sr_ids, sr_mask = ref.sr_inputs([rows])
+        batch = ref.collate([rows], token_ids, item_side=[0])  # the tower's inputs, as serving pads them
 
         def run_torch() -> np.ndarray:
             with torch.inference_mode():
-                prefix, _ = ref.prefix_from_ids(sr_ids, sr_mask, 1)
-                return ref.forward_padded(input_ids, attention, prefix).numpy()
+                return ref(batch).user_embedding.numpy()
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
@@ -334,13 +332,7 @@ def bench_user_tower(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         tower = ort.InferenceSession(str(bundle / USER_TOWER), so, providers=["CPUExecutionProvider"])
         out["onnx_session_load_s"] = round(time.perf_counter() - t0, 2)
-        all_feeds = {
-            "item_ids": sr_ids.numpy(),
-            "item_mask": sr_mask.numpy().astype(np.int64),
-            "input_ids": input_ids.numpy(),
-            "attention_mask": attention.numpy(),
-        }
-        feeds = {i.name: all_feeds[i.name] for i in tower.get_inputs()}
+        feeds = batch.feeds([i.name for i in tower.get_inputs()])
 
         def run_ort() -> np.ndarray:
             return tower.run(["user_embedding"], feeds)[0]

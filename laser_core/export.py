@@ -42,8 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from laser_core.model import LaserModel, LaserWeights
     from laser_core.sr.base import SequentialRecommender
 
-SUPPORTED_SR = ("BERT4Rec", "SASRec")  # SR encoders the M-Former export (and the cold-item treatment) handles
-
 
 class ExportError(RuntimeError):
     """An export cannot be written as asked (a setting the exporter does not support, a failed self-check)."""
@@ -107,6 +105,8 @@ def _tower_module(model: LaserModel):
     and by whether the item side has its own weights (``item_side``; :meth:`LaserModel.set_item_state`)."""
     import torch
 
+    from laser_core.collate import LaserBatch
+
     class Tower(torch.nn.Module):
         def __init__(self, laser: LaserModel) -> None:
             super().__init__()
@@ -117,7 +117,8 @@ def _tower_module(model: LaserModel):
             self.item_weights = laser.item_weights
 
         def embed(self, item_ids, item_mask, input_ids, attention_mask, item_side) -> torch.Tensor:
-            return self.laser.embed(input_ids, attention_mask, item_ids, item_mask, item_side=item_side)[0]
+            batch = LaserBatch(input_ids, attention_mask, item_ids, item_mask, item_side)  # the graph's inputs
+            return self.laser(batch).user_embedding
 
     class MFormerTower(Tower):
         def forward(self, item_ids, item_mask, input_ids, attention_mask) -> torch.Tensor:
@@ -142,6 +143,24 @@ def _tower_module(model: LaserModel):
         (False, True): TextItemSideTower,
     }
     return towers[model.reads_item_ids, _has_item_side(model)](model).eval()
+
+
+def _tower_inputs(model: LaserModel) -> list[str]:
+    """``user_tower.onnx``'s input names, in order: :data:`laser_core.collate.TOWER_INPUTS` less the item ids
+    (a model that does not read them) and ``item_side`` (one without an item side)."""
+    from laser_core.collate import TOWER_INPUTS
+
+    skip = {"item_ids", "item_mask"} if not model.reads_item_ids else set()
+    return [n for n in TOWER_INPUTS if n not in skip and (n != ITEM_SIDE or _has_item_side(model))]
+
+
+def _check_cold_items(sr_model: SequentialRecommender) -> None:
+    """The M-Former export (and its cold-item treatment) needs an SR encoder with a cold-item embedding."""
+    if sr_model.cold_item_embedding() is None:
+        raise NotImplementedError(
+            f"exporting the M-Former prefix needs an SR encoder with a cold-item embedding (SASRec, BERT4Rec), "
+            f"not {type(sr_model).__name__} (setting sr.model)"
+        )
 
 
 def _has_item_side(model: LaserModel) -> bool:
@@ -212,22 +231,11 @@ def _check_parity(
     import onnxruntime as ort
     import torch
 
+    batch = model.collate(histories, token_ids, item_side=[len(h) == 1 for h in histories])  # one-item rows: items
     with torch.no_grad():
-        ids, text_mask = model.pad_tokens(token_ids)
-        sr_ids, sr_mask = model.sr_inputs(histories)
-        side = torch.tensor([len(h) == 1 for h in histories], dtype=torch.long)  # one-item rows as items
-        expected = model.embed(
-            ids, text_mask, *((sr_ids, sr_mask) if model.reads_item_ids else (None, None)), item_side=side
-        )[0].numpy()
-    feeds = {
-        "item_ids": sr_ids.numpy(),
-        "item_mask": sr_mask.numpy().astype(np.int64),
-        "input_ids": ids.numpy(),
-        "attention_mask": text_mask.numpy(),
-        ITEM_SIDE: side.numpy(),
-    }
+        expected = model(batch).user_embedding.numpy()
     sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
-    got = sess.run(["user_embedding"], {n: feeds[n] for n in input_names})[0]
+    got = sess.run(["user_embedding"], batch.feeds(input_names))[0]
     return float(np.abs(got - expected).max())
 
 
@@ -242,31 +250,22 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
     the backbone once. Returns the tower's manifest entry (file, inputs, output, opset)."""
     import torch
 
-    if model.reads_item_ids and type(model.sr).__name__ not in SUPPORTED_SR:
-        raise NotImplementedError(
-            f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
-            f"encoders, not {type(model.sr).__name__} (setting sr.model)"
-        )
+    if model.reads_item_ids:
+        _check_cold_items(model.sr)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tower = _tower_module(model)
     hists = [[0, 1, 2], [3, 4]] if model.reads_item_ids else [[0], [1]]
     token_ids = [model._encode(model.formatter.user_text(h)) for h in hists]
     token_ids[1] = token_ids[1][: max(2, len(token_ids[1]) - 3)]  # different lengths: padding is traced
-    ids, text_mask = model.pad_tokens(token_ids)
+    example = model.collate(hists, token_ids, item_side=[1, 0]).to_torch()  # one row of each side
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     seq = torch.export.Dim("seq", min=1, max=1 << 16)
-    text_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    if model.reads_item_ids:
-        sr_ids, sr_mask = model.sr_inputs(hists)
-        sr_len = torch.export.Dim("sr_len", min=1, max=model.sr.config.max_len)
-        args = (sr_ids, sr_mask.long(), ids, text_mask)
-        names = ["item_ids", "item_mask", "input_ids", "attention_mask"]
-        shapes = ({0: batch, 1: sr_len}, {0: batch, 1: sr_len}, *text_shapes)
-    else:
-        args, names, shapes = (ids, text_mask), ["input_ids", "attention_mask"], text_shapes
-    if _has_item_side(model):  # one row of each side in the traced batch
-        args, names, shapes = (*args, torch.tensor([1, 0])), [*names, ITEM_SIDE], (*shapes, {0: batch})
+    sr_len = torch.export.Dim("sr_len", min=1, max=model.sr.config.max_len) if model.reads_item_ids else None
+    dims = {"item_ids": sr_len, "item_mask": sr_len, "input_ids": seq, "attention_mask": seq, ITEM_SIDE: None}
+    names = _tower_inputs(model)
+    args = tuple(getattr(example, n) for n in names)
+    shapes = tuple({0: batch} if dims[n] is None else {0: batch, 1: dims[n]} for n in names)
     n_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
     with torch.no_grad(), warnings.catch_warnings():
         # torch-internal deprecation noise and "axis name ... will not be used" notes from the exporter
@@ -349,11 +348,7 @@ def export_bundle(
                 f"prefix {spec.bitune.prefix!r} with fusion {spec.bitune.fusion!r} needs the frozen "
                 "ID-based recommender (sr_model)"
             )
-        if type(sr_model).__name__ not in SUPPORTED_SR:
-            raise NotImplementedError(
-                f"exporting the M-Former prefix supports the {' and '.join(SUPPORTED_SR)} "
-                f"encoders, not {type(sr_model).__name__} (setting sr.model)"
-            )
+        _check_cold_items(sr_model)
     out.mkdir(parents=True, exist_ok=True)
     try:
         model = reference_model(weights, sr_model, items)

@@ -5,6 +5,13 @@ from the M-Former over the frozen ID-based recommender's per-position vectors (o
 nothing, for the ablations). The suffix's last-layer hidden state is the embedding: ``h_u`` for a user's
 history text, ``h_i`` for an item (the same template with a one-item history). Scores are cosines.
 
+The API, in the style of a Hugging Face modeling file: :meth:`LaserModel.collate` turns histories into a
+:class:`~laser_core.collate.LaserBatch` (numpy; :class:`~laser_core.collate.LaserCollator`, the one
+left-padding implementation, which serving uses too), and :meth:`LaserModel.forward` maps a batch to a
+:class:`LaserOutput` (the embedding and the router's output). Training, evaluation, the item table, new items
+and the exported ONNX user tower (whose inputs are the batch's fields) all run that one forward;
+:meth:`LaserModel.embed` is ``forward(collate(histories))``.
+
 Padding: texts are left-padded *between* the prefix and the text, with attention mask 0 there and position ids
 counted over real positions only, so a row's embedding does not depend on how much padding its batch needs,
 and the suffix is always the last position.
@@ -54,6 +61,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from laser_core.artifact import read_meta, write_meta
+from laser_core.collate import LaserBatch, LaserCollator
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.device import resolve_device
@@ -91,6 +99,16 @@ class BiTuneConfig(StrictConfig):
         ),
     )
     fusion_init_weight: float = Field(default=10.0, gt=0, description="w at initialisation (fusion: concat)")
+
+
+@dataclass
+class LaserOutput:
+    """What :meth:`LaserModel.forward` returns: ``user_embedding`` ``[B, embedding_size]`` float32 (a user's
+    vector, or an item-table row for a row with ``item_side`` 1) and the M-Former router's output (None without
+    the M-Former, or when user and item rows used different weights)."""
+
+    user_embedding: torch.Tensor
+    router: RouterOutput | None = None
 
 
 class LaserModel(nn.Module):
@@ -142,6 +160,11 @@ class LaserModel(nn.Module):
         if eos_id is None:
             raise ValueError("the backbone's tokenizer has no EOS token")
         self.eos_id = int(eos_id)
+        pad_id = self.tokenizer.pad_token_id
+        self.collator = LaserCollator(
+            pad_token_id=int(pad_id) if pad_id is not None else self.eos_id,
+            sr_max_len=int(sr_model.config.max_len) if self.reads_item_ids else None,
+        )
         eos = self.embed_tokens(torch.tensor([self.eos_id], device=backbone.device))[0].detach().float().clone()
         # the suffix starts as the EOS embedding (the paper's "hard EOS" alternative) and is then trained
         self.suffix = nn.Parameter(eos.clone()) if cfg.pooling == "suffix" else None
@@ -266,9 +289,10 @@ class LaserModel(nn.Module):
         """Item-table rows from (transformed) LLM item rows of catalogue ``items`` (fusion; else the rows)."""
         if self.config.fusion == "none":
             return llm_rows
-        ids, mask = self.sr_inputs([[int(i)] for i in items])
+        ids, mask = self.collator.pad_items([[int(i)] for i in items])
+        b = LaserBatch(None, None, ids, mask, np.ones(len(ids), dtype=np.int64)).to_torch(self.device)
         with torch.no_grad():
-            return self.fuse(llm_rows, ids, mask, torch.ones(len(ids), dtype=torch.long, device=ids.device))
+            return self.fuse(llm_rows, b.item_ids, b.item_mask, b.item_side)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -325,30 +349,36 @@ class LaserModel(nn.Module):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ forward
-    def forward(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, RouterOutput | None]:
-        """Embeddings ``[B, embedding_size]`` (float32) for histories of item indices, and the router's output:
-        the texts left-padded (:meth:`pad_tokens`), the SR inputs (:meth:`sr_inputs`), then :meth:`embed`."""
-        ids, text_mask = self.pad_tokens(self.tokenize(histories))
-        sr_ids, sr_mask = self.sr_inputs(histories) if self.sr is not None else (None, None)
-        return self.embed(ids, text_mask, sr_ids, sr_mask)
-
-    def embed(
+    def collate(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        item_ids: torch.Tensor | None,
-        item_mask: torch.Tensor | None,
-        item_side: torch.Tensor | None = None,
-        fuse: bool = True,
-    ) -> tuple[torch.Tensor, RouterOutput | None]:
-        """The one embedding path from padded tensors (training, the item table, new items, the ONNX user
-        tower): the prefix (:meth:`prefix_from_ids`), the LLM (:meth:`forward_padded`), the embedding transform
-        and, with ``fuse`` (and ``fusion: concat``), the fusion with the ID model's vectors (:meth:`fuse`)."""
-        prefix, route = self.prefix_from_ids(item_ids, item_mask, input_ids.shape[0], item_side=item_side)
-        h = self.transform_embeddings(self.forward_padded(input_ids, attention_mask, prefix, item_side=item_side))
+        histories: Sequence[Sequence[int]],
+        token_ids: Sequence[Sequence[int]] | None = None,
+        item_side: Sequence[int] | np.ndarray | None = None,
+    ) -> LaserBatch:
+        """The (numpy) batch of histories of item indices (:attr:`collator`): their texts' token ids
+        (:meth:`tokenize`, or ``token_ids``), their items (when the model reads item ids) and ``item_side``."""
+        return self.collator(self.tokenize(histories) if token_ids is None else token_ids, histories, item_side)
+
+    def forward(self, batch: LaserBatch, fuse: bool = True) -> LaserOutput:
+        """The one embedding path (training, evaluation, the item table, new items, the ONNX user tower): the
+        prefix (:meth:`prefix`), the LLM (:meth:`llm_embeddings`), the embedding transform and, with ``fuse``
+        (and ``fusion: concat``), the fusion with the ID model's vectors (:meth:`fuse`). ``batch``: numpy
+        (:meth:`collate`) or torch; it is moved to the model's device."""
+        if not isinstance(batch, LaserBatch):
+            raise TypeError(
+                f"LaserModel.forward takes a LaserBatch (model.collate(histories)), not {type(batch).__name__}; "
+                "model.embed(histories) does both"
+            )
+        batch = batch.to_torch(self.device)
+        prefix, route = self.prefix(batch)
+        h = self.transform_embeddings(self.llm_embeddings(batch, prefix))
         if fuse and self.config.fusion != "none":
-            h = self.fuse(h, item_ids, item_mask, item_side)
-        return h, route
+            h = self.fuse(h, batch.item_ids, batch.item_mask, batch.item_side)
+        return LaserOutput(user_embedding=h, router=route)
+
+    def embed(self, histories: Sequence[Sequence[int]]) -> LaserOutput:
+        """Embeddings for histories of item indices (users): ``self(self.collate(histories))``."""
+        return self(self.collate(histories))
 
     @torch.no_grad()
     def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None, fuse: bool = True) -> torch.Tensor:
@@ -380,99 +410,43 @@ class LaserModel(nn.Module):
         side.requires_grad_(False)
         object.__setattr__(self, "item_weights", side.eval())
 
-    # ------------------------------------------------ tensor-level pieces (ONNX export, cold-start items)
-    # ``forward`` above is the training path; the methods below compute the same function from padded
-    # tensors (tested equal), which is what ``laser_core.export`` traces. A negative item id at a visible
-    # position (mask 1) is a *cold item*: an item with no trained ID embedding (see ``collab_vectors``).
+    # ------------------------------------------------------------------ forward's parts
+    # A negative item id at a visible position (mask 1) is a *cold item*: an item with no trained ID embedding,
+    # which the SR encoder reads as its cold-item embedding (``SequentialRecommender.cold_item_embedding``).
     COLD_ITEM_ID = -1
 
-    def collab_vectors(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The frozen SR encoder's per-position vectors ``[B, N, d_i]`` for left-padded item indices.
+    def prefix(self, batch: LaserBatch) -> tuple[torch.Tensor | None, RouterOutput | None]:
+        """The prefix ``[B, L, H]`` (or None) of a torch batch, and the router's output.
 
-        Equals ``self.sr.encode(item_ids, mask)`` for catalogue items. A position with ``mask`` set and a
-        negative id is a cold item: its ID embedding is the SR model's unknown-item vector (BERT4Rec's trained
-        [MASK] token; SASRec, which has none, the zero padding embedding), and the position stays visible, so
-        the M-Former sees one real position carrying only position information."""
-        sr = self.sr
-        name = type(sr).__name__
-        mask = mask.bool()
-        cold = mask & (item_ids < 0)
-        if name not in ("BERT4Rec", "SASRec"):
-            if bool(cold.any()):
-                raise NotImplementedError(
-                    f"cold-item-aware encoding supports the BERT4Rec and SASRec encoders, not {name}"
-                )
-            return sr.encode(item_ids, mask)  # catalogue items only: the encoder's own path
-        tokens = torch.where(mask & ~cold, item_ids + 1, torch.zeros_like(item_ids))
-        emb = sr.item_emb(tokens)
-        unknown = sr.item_emb.weight[sr.mask_token] if name == "BERT4Rec" else torch.zeros_like(emb[0, 0])
-        emb = torch.where(cold[..., None], unknown.to(emb.dtype), emb)
-        return sr.encoder(emb, mask, causal=not sr.bidirectional)
-
-    def prefix_from_ids(
-        self,
-        item_ids: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        batch_size: int,
-        item_side: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, RouterOutput | None]:
-        """The prefix ``[B, L, H]`` (or None) from left-padded SR inputs, as :meth:`prefix` computes it.
-
-        ``item_side`` ``[B]`` (nonzero: the row is an item-table row) picks the item side's weights
-        (:meth:`set_item_state`) for those rows; both prefixes are computed and selected per row (the router
-        output is then None). Without item weights every row uses this model's weights."""
+        The M-Former reads the frozen SR encoder's per-position vectors (``sr.encode``, cold items included).
+        ``batch.item_side`` (nonzero: an item-table row) picks the item side's weights (:meth:`set_item_state`)
+        for those rows; both prefixes are computed and selected per row (the router output is then None).
+        Without item weights every row uses this model's weights."""
+        item_side = batch.item_side
         sides = [self] if item_side is None or self.item_weights is None else [self, self.item_weights]
         if self.mformer is not None:
-            if item_ids is None or mask is None:
-                raise ValueError("prefix 'mformer' needs the item-id history (item_ids and mask)")
-            collab, mask = self.collab_vectors(item_ids, mask), mask.bool()
+            if batch.item_ids is None or batch.item_mask is None:
+                raise ValueError("prefix 'mformer' needs the item-id history (item_ids and item_mask)")
+            mask = batch.item_mask.bool()
+            collab = self.sr.encode(batch.item_ids, mask)
             outs = [side.mformer(collab, mask) for side in sides]
         elif self.plain is not None:
-            outs = [(side.plain(batch_size), None) for side in sides]
+            outs = [(side.plain(batch.input_ids.shape[0]), None) for side in sides]  # a symbolic size in the export
         else:
             return None, None
         if len(outs) == 1:
             return outs[0]
         return torch.where(item_side.bool()[:, None, None], outs[1][0], outs[0][0]), None
 
-    def sr_inputs(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``(item_ids, mask)`` ``[B, max_len]`` of the most recent ``max_len`` items, as
-        :meth:`prefix` builds them (negative ids stay: cold items), on the model's device."""
-        L = self.sr.config.max_len if self.sr is not None else 1
-        ids = np.zeros((len(histories), L), dtype=np.int64)
-        mask = np.zeros((len(histories), L), dtype=bool)
-        for row, hist in enumerate(histories):
-            h = np.asarray(hist, dtype=np.int64)[-L:]
-            ids[row, L - len(h) :] = h
-            mask[row, L - len(h) :] = True
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-
-    def pad_tokens(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``(input_ids, attention_mask)`` ``[B, T]`` as :meth:`forward` builds them, on the model's
-        device (built on the CPU, moved once)."""
-        T = max(len(t) for t in token_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        ids = torch.full((len(token_ids), T), pad_id, dtype=torch.long)
-        text_mask = torch.zeros((len(token_ids), T), dtype=torch.long)
-        for row, t in enumerate(token_ids):
-            ids[row, T - len(t) :] = torch.tensor(list(t), dtype=torch.long)
-            text_mask[row, T - len(t) :] = 1
-        return ids.to(self.device), text_mask.to(self.device)
-
-    def forward_padded(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prefix: torch.Tensor | None,
-        item_side: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Embeddings ``[B, H]`` from left-padded token ids + mask and a prefix: :meth:`forward`'s assembly
-        (prefix, padding, text, suffix; position ids over real positions; the pooling). ``item_side`` as in
-        :meth:`prefix_from_ids`: those rows get the item side's suffix."""
+    def llm_embeddings(self, batch: LaserBatch, prefix: torch.Tensor | None) -> torch.Tensor:
+        """The LLM's embeddings ``[B, H]`` (before the transform) of a torch batch's left-padded texts and a
+        prefix: prefix, padding, text, suffix; position ids over real positions; the pooling. Rows with
+        ``batch.item_side`` set get the item side's suffix."""
+        input_ids, item_side = batch.input_ids, batch.item_side
         tok = self.embed_tokens(input_ids)
         dtype = tok.dtype
         B, T = input_ids.shape
-        text_mask = attention_mask.long()
+        text_mask = batch.attention_mask.long()
         parts, masks = [], []
         if prefix is not None:
             parts.append(prefix.to(dtype))
@@ -509,7 +483,7 @@ class LaserModel(nn.Module):
         """Item-table rows ``[n, embedding_size]`` (``fuse=False``: the LLM part ``[n, H]``), the one item-embedding path (the table and new items alike): each item a
         one-item history, its item-template ``token_ids`` and, on the ID side, its catalogue index in
         ``item_ids`` or :attr:`COLD_ITEM_ID` for an item without a trained ID embedding (see
-        :meth:`collab_vectors`), through the item side's weights (:meth:`set_item_state`). Batched by text
+        :meth:`prefix`), through the item side's weights (:meth:`set_item_state`). Batched by text
         length; rows follow the inputs. ``user_tower.onnx`` computes the same with ``item_side = 1``."""
         if len(token_ids) != len(item_ids):
             raise ValueError(f"{len(token_ids)} token sequences but {len(item_ids)} item ids")
@@ -526,10 +500,8 @@ class LaserModel(nn.Module):
         )
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
-            ids, text_mask = self.pad_tokens([token_ids[i] for i in idx])
-            sr_ids, sr_mask = self.sr_inputs([[item_ids[i]] for i in idx]) if self.sr is not None else (None, None)
-            side = torch.ones(len(idx), dtype=torch.long, device=self.device)
-            rows = self.embed(ids, text_mask, sr_ids, sr_mask, item_side=side, fuse=fuse)[0]
+            batch = self.collator([token_ids[i] for i in idx], [[item_ids[i]] for i in idx], np.ones(len(idx)))
+            rows = self(batch, fuse=fuse).user_embedding
             out[torch.from_numpy(idx).to(self.device)] = rows
             if progress is not None:
                 progress(len(idx))
@@ -541,7 +513,7 @@ class LaserModel(nn.Module):
     ) -> torch.Tensor:
         """Embeddings ``[n, H]`` of items given by their text (columns title, brand, category), each as a
         one-item history as in training (:meth:`embed_item_rows`): the item template for the text and, for
-        the M-Former, one visible cold-item position (see :meth:`collab_vectors`), since a new item has no
+        the M-Former, one visible cold-item position (see :meth:`prefix`), since a new item has no
         trained ID embedding. ``item_ids``: the rows' catalogue indices instead, for items that have one
         (re-embedding a catalogue item so reproduces its table row). Rows follow ``items``."""
         if len(items) == 0:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from laser_core.collate import LaserCollator
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.bundle import (
     CATALOGUE,
@@ -117,6 +118,8 @@ class Recommender:
         tok = manifest["tokenizer"]
         self.pad_token_id = int(tok["pad_token_id"])
         self._tower_inputs = list(manifest["user_tower"]["inputs"]) if manifest["user_tower"] else []
+        # the torch model's padding (LaserModel.collate): the same collator
+        self.collator = LaserCollator(self.pad_token_id, self.sr_max_len if "item_ids" in self._tower_inputs else None)
         self._table: np.ndarray | None = None
         self._lock = threading.Lock()
         pop = catalogue["popularity"].to_numpy(dtype=np.float64) if "popularity" in catalogue.columns else None
@@ -205,30 +208,10 @@ class Recommender:
     ) -> dict:
         """The tower's inputs; ``item_side``: the rows are items (the item side's weights, where the tower has
         them), else users."""
-        B = len(histories)
-        T = max(len(t) for t in token_ids)
-        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
-        attention = np.zeros((B, T), dtype=np.int64)
-        for r, t in enumerate(token_ids):
-            input_ids[r, T - len(t) :] = t
-            attention[r, T - len(t) :] = 1
-        feeds = {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            ITEM_SIDE: np.full(B, int(item_side), dtype=np.int64),
-        }
-        if "item_ids" in self._tower_inputs:
-            L = self.sr_max_len
-            item_ids = np.zeros((B, L), dtype=np.int64)
-            item_mask = np.zeros((B, L), dtype=np.int64)
-            for r, hist in enumerate(histories):
-                h = np.asarray(hist, dtype=np.int64)[-L:]
-                # catalogue rows past the trained items were added cold: no trained ID embedding
-                h = np.where(h >= self.n_trained_items, COLD_ITEM, h)
-                item_ids[r, L - len(h) :] = h
-                item_mask[r, L - len(h) :] = 1
-            feeds["item_ids"], feeds["item_mask"] = item_ids, item_mask
-        return {name: feeds[name] for name in self._tower_inputs}
+        # catalogue rows past the trained items were added cold: no trained ID embedding
+        cold = [np.where(np.asarray(h, dtype=np.int64) >= self.n_trained_items, COLD_ITEM, h) for h in histories]
+        batch = self.collator(token_ids, cold, np.full(len(histories), int(item_side)))
+        return batch.feeds(self._tower_inputs)
 
     def user_embeddings(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """``[B, d]`` user embeddings for histories of catalogue rows (time-ascending, non-empty)."""

@@ -53,6 +53,7 @@ from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from laser_core.collate import LaserBatch
 from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
 from laser_core.device import DEVICE_PATTERN, resolve_device
@@ -256,7 +257,7 @@ class LaserScorer:
     """Laser with the ID models' ``full_sort_predict`` contract (:mod:`laser_core.sr.base`) over an item table,
     so :func:`laser_core.sr.evaluate` is its evaluation loop too (validation and test).
 
-    ``predict_inputs(histories)`` is the batch (the histories of item indices; the model pads them);
+    ``predict_inputs(histories)`` is the batch (:meth:`LaserModel.collate`: the padded token ids and item ids);
     ``full_sort_predict(batch)`` is ``[B, n_items]`` cosines of the users' embeddings to the table's rows (on
     the model's device). ``expert_counts``: how often the router picked each expert over the scored users."""
 
@@ -282,12 +283,13 @@ class LaserScorer:
         self.model.train(mode)
         return self
 
-    def predict_inputs(self, histories: Sequence[Sequence[int]]) -> dict[str, list]:
-        return {"histories": list(histories)}
+    def predict_inputs(self, histories: Sequence[Sequence[int]]) -> LaserBatch:
+        return self.model.collate(histories)
 
     @torch.no_grad()
-    def full_sort_predict(self, batch: dict[str, list]) -> torch.Tensor:
-        emb, route = self.model(batch["histories"])
+    def full_sort_predict(self, batch: LaserBatch) -> torch.Tensor:
+        out = self.model(batch)
+        emb, route = out.user_embedding, out.router
         if route is not None:
             counts = torch.bincount(route.selected, minlength=route.scores.shape[1]).tolist()
             self.expert_counts = [a + b for a, b in zip(self.expert_counts or [0] * len(counts), counts)]
@@ -537,7 +539,8 @@ class LaserTrainer:
         seen0 = self.users_seen
         self.optimizer.zero_grad(set_to_none=True)
         for b, lo in enumerate(starts):
-            emb, route = self._forward(hist[lo : lo + bs])
+            out = self._forward(self.model.collate(hist[lo : lo + bs]))  # the DDP wrapper, when there is one
+            emb, route = out.user_embedding, out.router
             loss = self._loss(emb, table, target_t[lo : lo + bs])
             if route is not None and cfg.lb_weight > 0:
                 loss = loss + cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
@@ -604,7 +607,7 @@ class LaserTrainer:
         w0 = float(model.fusion_log_weight.exp())
         users = torch.cat(
             [
-                model(list(hist[lo : lo + self.cfg.eval_batch_size]))[0]
+                model.embed(list(hist[lo : lo + self.cfg.eval_batch_size])).user_embedding
                 for lo in range(0, len(hist), self.cfg.eval_batch_size)
             ]
         )

@@ -94,7 +94,7 @@ def test_every_input_of_every_module_is_on_the_models_device(data, sr, fusion):
     seen: list = []
     handles = record_input_devices(model, seen)
     try:
-        emb, _ = model([split.train[0][:3], split.train[1][:1]])
+        emb = model.embed([split.train[0][:3], split.train[1][:1]]).user_embedding
         table = model.embed_items(range(split.n_items), batch_size=16)
         cold = model.embed_cold_items(ds.items.iloc[:2])
     finally:
@@ -120,9 +120,10 @@ def test_to_moves_the_frozen_parts_too_and_inputs_are_made_on_the_new_device(dat
     for name, part in parts.items():
         tensors = [*part.parameters(), *part.buffers()]
         assert tensors and {t.device for t in tensors} == {meta}, name
-    assert {t.device for t in [*model.pad_tokens([[1, 2], [3]]), *model.sr_inputs([[1, 2], [3]])]} == {meta}
+    batch = model.collate([[1, 2], [3]], item_side=[0, 1]).to_torch(model.device)
+    assert {t.device for t in vars(batch).values()} == {meta}
     for run in (
-        lambda: model([split.train[0][:3], [4]]),
+        lambda: model.embed([split.train[0][:3], [4]]),
         lambda: model.embed_items([0, 1, 2]),
         lambda: model.fuse_items(torch.zeros(2, model.backbone.hidden_size, device=meta), [0, 1]),
     ):

@@ -138,25 +138,26 @@ def test_scorer_accepts_numpy_and_rejects_bad_k(tmp_path):
 
 
 # ----------------------------------------------------------------------------- torch-side tensor path
-def test_tensor_path_equals_forward_and_sr_encode(data, sr, trained):
+def test_forward_takes_numpy_or_torch_batches_and_reads_sr_encode(data, sr, trained):
     _, ref, _ = trained
     hists = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [3, 7]]
+    batch = ref.collate(hists)
     with torch.no_grad():
-        expected, _ = ref(hists)
-        ids, mask = ref.pad_tokens(ref.tokenize(hists))
-        sr_ids, sr_mask = ref.sr_inputs(hists)
-        prefix, _ = ref.prefix_from_ids(sr_ids, sr_mask, len(hists))
-        got = ref.forward_padded(ids, mask, prefix)
-        assert torch.equal(ref.collab_vectors(sr_ids, sr_mask), sr.encode(sr_ids, sr_mask))
-    assert torch.allclose(got, expected, atol=1e-6)
+        expected = ref.embed(hists).user_embedding
+        t = batch.to_torch()
+        got = ref(t).user_embedding
+        prefix, _ = ref.prefix(t)
+        by_hand, _ = ref.mformer(sr.encode(t.item_ids, t.item_mask), t.item_mask.bool())
+    assert torch.equal(got, expected) and torch.equal(prefix, by_hand)
+    with pytest.raises(TypeError, match="model.embed\\(histories\\)"):
+        ref(hists)
 
 
 def test_cold_item_treatment_uses_the_mask_token(trained, sr):
-    _, ref, _ = trained
     ids = torch.tensor([[0, COLD_ITEM]])
     mask = torch.tensor([[False, True]])
     with torch.no_grad():
-        cold = ref.collab_vectors(ids, mask)
+        cold = sr.encode(ids, mask)
         masked = sr.forward(torch.tensor([[0, sr.mask_token]]))  # BERT4Rec's [MASK] at a visible position
     assert torch.allclose(cold, masked, atol=1e-6)
 
@@ -168,8 +169,8 @@ def test_dequantized_export_model_reproduces_the_4bit_model(data, sr, trained):
     nf4 = build_laser(weights.spec, ds.items, sr, weights)
     nf4.train()
     with torch.no_grad():
-        a, _ = nf4([[1, 2, 3], [7]])
-        b, _ = ref([[1, 2, 3], [7]])
+        a = nf4.embed([[1, 2, 3], [7]]).user_embedding
+        b = ref.embed([[1, 2, 3], [7]]).user_embedding
     assert torch.allclose(a, b, atol=1e-3)
 
 
@@ -179,17 +180,12 @@ def test_user_tower_matches_torch_on_variable_length_histories(data, trained, bu
     _, ref, table = trained
     manifest = json.loads((bundle / MANIFEST).read_text())
     hists = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [5], [3, 7], [20, 21, 22, 23, 24]]
+    batch = ref.collate(hists)
     with torch.no_grad():
-        expected, _ = ref(hists)
-        ids, mask = ref.pad_tokens(ref.tokenize(hists))
-        sr_ids, sr_mask = ref.sr_inputs(hists)
+        expected = ref(batch).user_embedding
     tower = session(bundle / "user_tower.onnx")
-    feeds = {
-        "item_ids": sr_ids.numpy(),
-        "item_mask": sr_mask.long().numpy(),
-        "input_ids": ids.numpy(),
-        "attention_mask": mask.numpy(),
-    }
+    feeds = batch.feeds(["item_ids", "item_mask", "input_ids", "attention_mask"])
+    ids = feeds["input_ids"]
     assert [i.name for i in tower.get_inputs()] == manifest["user_tower"]["inputs"] == list(feeds)
     got = tower.run(["user_embedding"], feeds)[0]
     assert got.shape == (4, ref.backbone.hidden_size)
@@ -199,7 +195,7 @@ def test_user_tower_matches_torch_on_variable_length_histories(data, trained, bu
         **feeds,
         "item_ids": feeds["item_ids"][1:2, -1:],
         "item_mask": feeds["item_mask"][1:2, -1:],
-        "input_ids": ids[1:2, -len(ref.tokenize([[5]])[0]) :].numpy(),
+        "input_ids": ids[1:2, -len(ref.tokenize([[5]])[0]) :],
         "attention_mask": np.ones((1, len(ref.tokenize([[5]])[0])), dtype=np.int64),
     }
     np.testing.assert_allclose(tower.run(["user_embedding"], short)[0][0], expected[1].numpy(), atol=1e-4)
@@ -270,15 +266,12 @@ def test_other_encoders_prefixes_and_poolings_export_with_parity(data, sr_model,
     ref = reference_model(weights, sr_m, ds.items)
     entry = export_user_tower(ref, tmp_path / "tower.onnx")
     hists = [[1, 2, 3, 4, 5, 6], [9]] + ([[COLD_ITEM, 4]] if prefix == "mformer" else [])
+    batch = ref.collate(hists, ref.tokenize([[i for i in h if i >= 0] for h in hists]))
     with torch.no_grad():
-        ids, mask = ref.pad_tokens(ref.tokenize([[i for i in h if i >= 0] for h in hists]))
-        sr_ids, sr_mask = ref.sr_inputs(hists) if sr_m is not None else (None, None)
-        expected = ref.forward_padded(ids, mask, ref.prefix_from_ids(sr_ids, sr_mask, len(hists))[0])
-        plain, _ = ref(hists[:2])
+        expected = ref(batch).user_embedding
+        plain = ref.embed(hists[:2]).user_embedding
     assert torch.allclose(expected[:2], plain, atol=1e-6)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    if sr_m is not None:
-        feeds.update(item_ids=sr_ids.numpy(), item_mask=sr_mask.long().numpy())
+    feeds = batch.feeds(["item_ids", "item_mask"] * (sr_m is not None) + ["input_ids", "attention_mask"])
     sess = session(tmp_path / "tower.onnx")
     assert {i.name for i in sess.get_inputs()} == set(entry["inputs"]) == set(feeds)
     got = sess.run(["user_embedding"], feeds)[0]
@@ -412,14 +405,11 @@ def test_text_only_tower_with_an_item_side_selects_it_per_row(data, tmp_path):
     )
     entry = export_user_tower(ref, tmp_path / "tower.onnx")
     assert entry["inputs"] == ["input_ids", "attention_mask", "item_side"]
-    ids, mask = ref.pad_tokens(ref.tokenize([[4], [4], [1, 2, 3]]))
-    side = torch.tensor([1, 0, 0])
+    batch = ref.collate([[4], [4], [1, 2, 3]], item_side=[1, 0, 0])
     with torch.no_grad():
-        expected = ref.forward_padded(ids, mask, ref.prefix_from_ids(None, None, 3, item_side=side)[0], side)
+        expected = ref(batch).user_embedding
         item = reference_model(stage1, None, ds.items).embed_items([4])
-    got = session(tmp_path / "tower.onnx").run(
-        ["user_embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "item_side": side.numpy()}
-    )[0]
+    got = session(tmp_path / "tower.onnx").run(["user_embedding"], batch.feeds(entry["inputs"]))[0]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     np.testing.assert_allclose(got[0], item[0].numpy(), atol=1e-4)  # the item row: the table-making weights
     assert np.abs(got[0] - got[1]).max() > 1e-2  # the same text as a user: the other side

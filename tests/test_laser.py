@@ -82,7 +82,7 @@ def test_int8_switch_quantizes_and_passes_gradients(data, sr):
     model = make(data, sr, quant="int8")
     quant, total = quantized_linear_share(model.llm)
     assert quant == total > 0
-    emb, _ = model([[1, 2]])
+    emb = model.embed([[1, 2]]).user_embedding
     emb.sum().backward()
     assert model.suffix.grad.abs().sum() > 0
 
@@ -102,7 +102,7 @@ def test_suffix_embedding_equals_hand_built_forward(data, sr):
         prefix, _ = model.mformer(model.sr.encode(item_ids, mask), mask)
         embeds = torch.cat([prefix, model.llm.get_input_embeddings()(ids), model.suffix[None, None]], dim=1)
         expected = model.llm.base_model(inputs_embeds=embeds).last_hidden_state[:, -1]
-        got, _ = model([hist])
+        got = model.embed([hist]).user_embedding
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -110,8 +110,8 @@ def test_suffix_embedding_equals_hand_built_forward(data, sr):
 def test_padding_does_not_change_a_rows_embedding(data, sr, pooling):
     model = make(data, sr, pooling=pooling).eval()
     with torch.no_grad():
-        alone, _ = model([[5]])
-        batched, _ = model([[5], [1, 2, 3, 4, 9, 10]])
+        alone = model.embed([[5]]).user_embedding
+        batched = model.embed([[5], [1, 2, 3, 4, 9, 10]]).user_embedding
         table = model.embed_items([0, 5, 9], batch_size=2)
     assert torch.allclose(alone[0], batched[0], atol=1e-5)
     assert torch.allclose(alone[0], table[1], atol=1e-5)
@@ -126,7 +126,8 @@ def test_only_trainable_parts_get_gradients_and_backbone_is_bit_identical(data, 
     cfg = LaserTrainConfig(**SHORT)
     trainer = LaserTrainer(model, split, cfg)
     table = trainer.item_table()
-    emb, route = model([[1, 2], [3]])
+    out = model.embed([[1, 2], [3]])
+    emb, route = out.user_embedding, out.router
     (iic_loss(emb, table, torch.tensor([4, 5])) + 0.01 * load_balancing_loss(route.probs, route.mask)).backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
@@ -148,7 +149,7 @@ def test_prefix_gradients_survive_an_item_table_refresh_nf4(data, sr):
         trainer.item_table()  # no-grad refresh of the whole table
         model.train()
         model.zero_grad()
-        emb, _ = model([[1, 2, 3]])
+        emb = model.embed([[1, 2, 3]]).user_embedding
         emb.sum().backward()
         assert model.mformer.experts.grad.abs().sum() > 0
         assert model.suffix.grad.abs().sum() > 0

@@ -46,9 +46,9 @@ def test_sr_user_and_item_vectors_reproduce_full_sort_predict(data, sr):
     _, split = data
     hists = [split.train[u][:k] for u, k in [(0, 1), (1, 3), (2, 40), (5, 7)] if len(split.train[u]) >= 1]
     model = make(data, sr, fusion="concat")
-    ids, mask = model.sr_inputs(hists)
+    batch = model.collate(hists).to_torch()
     with torch.no_grad():
-        dot = sr.user_vectors(ids, mask) @ sr.item_vectors().T
+        dot = sr.user_vectors(batch.item_ids, batch.item_mask) @ sr.item_vectors().T
     torch.testing.assert_close(dot, sr.score(hists), atol=1e-4, rtol=1e-4)
     assert sr.unknown_item_vector().shape == (sr.item_vectors().shape[1],)
 
@@ -62,9 +62,9 @@ def test_fusion_scores_are_id_score_plus_weighted_llm_cosine_and_cosine_ranks_th
     items = list(range(split.n_items))
     with torch.no_grad():
         table = fused.embed_items(items, batch_size=16)
-        users, _ = fused(hists)
+        users = fused.embed(hists).user_embedding
         llm_table = plain.embed_items(items, batch_size=16)
-        llm_users, _ = plain(hists)
+        llm_users = plain.embed(hists).user_embedding
     assert table.shape[1] == users.shape[1] == fused.embedding_size
     norms = table.norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])), atol=1e-4, rtol=1e-5)
@@ -90,16 +90,16 @@ def test_token_norm_prefix_init_matches_the_token_embedding_norm(data, sr):
     for prefix in ("mformer", "plain"):
         model = make(data, sr, prefix=prefix, prefix_init="token_norm")
         target = float(model.backbone.input_embeddings().weight.norm(dim=1).mean())
-        ids, mask = model.sr_inputs(hists)
+        batch = model.collate(hists).to_torch()
         with torch.no_grad():
-            p, _ = model.prefix_from_ids(ids, mask, len(hists))
+            p, _ = model.prefix(batch)
         mean = float(p.detach().norm(dim=-1).mean())
         assert abs(mean - target) / target < 0.25, (prefix, mean, target)
         if prefix == "plain":
             continue  # the tiny backbone's default plain prefix happens to have about that norm already
         default = make(data, sr, prefix=prefix)
         with torch.no_grad():
-            q, _ = default.prefix_from_ids(ids, mask, len(hists))
+            q, _ = default.prefix(batch)
         assert abs(float(q.detach().norm(dim=-1).mean()) - target) / target > 0.25  # the switch changes something
 
 
@@ -123,7 +123,7 @@ def test_embedding_transform_is_fitted_once_applied_to_both_sides_and_saved(data
     assert float(new_cos) < float(mean_cos) and abs(float(new_cos)) < 0.1
     # users go through the same transform: the user embedding of a one-item history equals the item's row
     # up to the item side (no item weights here, so equal)
-    users, _ = model([[5], [9]])
+    users = model.embed([[5], [9]]).user_embedding
     torch.testing.assert_close(users, table[[5, 9]], atol=1e-3, rtol=1e-3)  # whitening scales up padding noise
     # saved with the weights: a rebuilt model with the state reproduces the table
     again = build_laser(model_spec(model), ds.items, sr)
@@ -169,7 +169,7 @@ def test_a_fused_model_exports_and_serves_the_torch_ranking(data, sr, tmp_path):
     rec = Recommender.load(bundle)
     hists = [split.train[u][-4:] for u in range(5)]
     with torch.no_grad():
-        users, _ = model(hists)
+        users = model.embed(hists).user_embedding
     want = cosine_scores(users, table).topk(5, dim=1).indices.numpy()
     for h, row in zip(hists, want):
         got = rec.recommend([str(ds.items.item_id.iloc[i]) for i in h], k=5)
@@ -209,7 +209,7 @@ def test_trainer_fits_the_transform_once_and_a_fused_model_trains_on_the_fused_d
     curve = [h for h in result.history if h.get("curve")]
     assert [h["users_seen"] for h in curve] == [24, 48, 72, 96]
     # the fused loss is the softmax cross-entropy of the fused dot product
-    emb, _ = model([[1, 2], [3]])
+    emb = model.embed([[1, 2], [3]]).user_embedding
     t = torch.tensor([4, 5])
     expected = torch.nn.functional.cross_entropy(emb @ result.item_table.T, t)
     torch.testing.assert_close(trainer._loss(emb, result.item_table, t), expected)

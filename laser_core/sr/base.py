@@ -3,7 +3,9 @@
 - ``calculate_loss(batch) -> scalar``: training loss for a batch from the trainer's collate function;
 - ``full_sort_predict(batch) -> [B, n_items]``: scores over the whole catalogue for ``batch["input_ids"]``
   (left-padded history tokens, see :mod:`laser_core.sr.batching`);
-- ``encode(item_ids, mask) -> [B, N, d]``: one vector per history position (what Laser's M-Former reads);
+- ``encode(item_ids, mask) -> [B, N, d]``: one vector per history position (what Laser's M-Former reads); a
+  negative id at a visible position (mask 1) is a *cold item*, an item without a trained ID embedding, which
+  the models with a ``cold_item_embedding()`` (SASRec, BERT4Rec) encode with that vector and the others refuse;
 - ``training_examples(sequences, rng)``: per-epoch training batches' raw material.
 
 Models whose scores are a dot product (SASRec, BERT4Rec) also expose the two sides of it, which is what Laser's
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from laser_core.sr.batching import pad_left
+from laser_core.sr.batching import pad_left, tokens_from_ids
 from laser_core.sr.config import SRConfig
 
 
@@ -71,6 +73,24 @@ class SequentialRecommender(nn.Module):
     def unknown_item_vector(self) -> torch.Tensor:
         """``[d']`` the item vector of an item without a trained ID embedding."""
         raise NotImplementedError(f"{type(self).__name__} does not expose dot-product user/item vectors")
+
+    def cold_item_embedding(self) -> torch.Tensor | None:
+        """``[d]`` the encoder-input embedding of a cold item (a visible position whose id is negative: an
+        item without a trained ID embedding); None: the model has no cold-item treatment (its :meth:`encode`
+        refuses cold items, and Laser's M-Former export does not support it)."""
+        return None
+
+    def input_embeddings(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, N, d]`` the encoder's input embeddings of left-padded item indices + mask (``item_emb`` of the
+        tokens), the cold items' (``mask`` set, id negative) being :meth:`cold_item_embedding`. No
+        data-dependent branch: the ONNX export traces it."""
+        mask = mask.bool()
+        cold = mask & (item_ids < 0)
+        emb = self.item_emb(tokens_from_ids(item_ids, mask & ~cold))
+        unknown = self.cold_item_embedding()
+        if unknown is None:
+            raise NotImplementedError(f"{type(self).__name__} has no cold-item embedding")
+        return torch.where(cold[..., None], unknown.to(emb.dtype), emb)
 
     # -- helpers -------------------------------------------------------------------------------------
     @property

@@ -11,20 +11,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from laser_core import collate
+
 PAD = 0
 
 
 def pad_left(histories: Sequence[Sequence[int]], max_len: int, offset: int = 1) -> torch.Tensor:
     """``[B, W]`` int64 tokens: the last ``max_len`` items of each history, shifted by ``offset``, left-padded
-    to ``W = min(max_len, longest history)`` (positions count from the end, so the width does not matter to
-    the models; short batches just cost less)."""
-    width = max(1, min(max_len, max((len(h) for h in histories), default=1)))
-    out = np.zeros((len(histories), width), dtype=np.int64)
-    for row, hist in enumerate(histories):
-        h = np.asarray(hist, dtype=np.int64)[-width:]
-        if len(h):
-            out[row, width - len(h) :] = h + offset
-    return torch.from_numpy(out)
+    with ``PAD`` to ``W = min(max_len, longest history)`` (positions count from the end, so the width does not
+    matter to the models; short batches just cost less). The padding is :func:`laser_core.collate.pad_left`."""
+    items, mask = collate.pad_left([np.asarray(h, dtype=np.int64)[max(0, len(h) - max_len) :] for h in histories])
+    return torch.from_numpy(np.where(mask.astype(bool), items + offset, PAD))
 
 
 def tokens_from_ids(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ class BERT4Rec(SequentialRecommender):
         return h @ self._logits_weight().T + self.out_bias
 
     def encode(self, item_ids, mask):
-        return self.forward(tokens_from_ids(item_ids, mask))
+        return self.encoder(self.input_embeddings(item_ids, mask), mask.bool(), causal=False)
 
     def user_vectors(self, item_ids, mask):
         """The output at an appended [MASK] after the last ``max_len - 1`` items, as :meth:`predict_batch`, with a
@@ -89,4 +89,8 @@ class BERT4Rec(SequentialRecommender):
 
     def unknown_item_vector(self):
         """The trained [MASK] embedding with a bias of 0."""
-        return torch.cat([self.item_emb.weight[self.mask_token], self.out_bias.new_zeros(1)])
+        return torch.cat([self.cold_item_embedding(), self.out_bias.new_zeros(1)])
+
+    def cold_item_embedding(self):
+        """The trained [MASK] token embedding (the cloze token for 'an item not shown here')."""
+        return self.item_emb.weight[self.mask_token]

@@ -49,4 +49,6 @@ class GRU4Rec(SequentialRecommender):
         return self.forward(batch["input_ids"])[:, -1] @ self.item_emb.weight[1:].T
 
     def encode(self, item_ids, mask):
+        if bool((mask.bool() & (item_ids < 0)).any()):
+            raise NotImplementedError("GRU4Rec has no cold-item embedding: every visible item id must be >= 0")
         return self.forward(tokens_from_ids(item_ids, mask))

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from laser_core.sr.base import SequentialRecommender, next_item_loss
-from laser_core.sr.batching import tokens_from_ids
 from laser_core.sr.config import SRConfig
 from laser_core.sr.transformer import Encoder
 
@@ -35,7 +34,7 @@ class SASRec(SequentialRecommender):
         return h @ self.item_emb.weight[1:].T
 
     def encode(self, item_ids, mask):
-        return self.forward(tokens_from_ids(item_ids, mask))
+        return self.encoder(self.input_embeddings(item_ids, mask), mask.bool(), causal=True)
 
     def user_vectors(self, item_ids, mask):
         return self.encode(item_ids, mask)[:, -1]
@@ -44,4 +43,9 @@ class SASRec(SequentialRecommender):
         return self.item_emb.weight[1:]
 
     def unknown_item_vector(self):
-        return torch.zeros_like(self.item_emb.weight[0])  # the padding embedding: no ID information
+        return self.cold_item_embedding()  # the padding embedding: no ID information
+
+    def cold_item_embedding(self):
+        """SASRec has no token for an unseen item: the padding embedding (zero), so a cold position carries only
+        its position embedding."""
+        return torch.zeros_like(self.item_emb.weight[0])
