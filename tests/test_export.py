@@ -343,7 +343,10 @@ def test_item_rows_are_made_by_the_table_making_weights_in_torch(data, two_sided
     assert (cold - two_sided["users_only"].embed_cold_items(NEW_ITEMS)).abs().max() > 1e-2
     with torch.no_grad():  # users get the user side
         torch.testing.assert_close(
-            both([[1, 2, 3], [5]])[0], two_sided["users_only"]([[1, 2, 3], [5]])[0], atol=1e-5, rtol=0
+            both.embed([[1, 2, 3], [5]]).user_embedding,
+            two_sided["users_only"].embed([[1, 2, 3], [5]]).user_embedding,
+            atol=1e-5,
+            rtol=0,
         )
 
 
@@ -373,7 +376,7 @@ def test_bundle_tower_carries_the_item_side_used_by_add_items(data, sr, two_side
         extended.table()[-2:], l2_normalize(two_sided["items_only"].embed_cold_items(NEW_ITEMS).numpy()), atol=1e-4
     )
     with torch.no_grad():
-        users, _ = two_sided["users_only"]([[1, 2, 3], [5]])
+        users = two_sided["users_only"].embed([[1, 2, 3], [5]]).user_embedding
     np.testing.assert_allclose(rec.user_embeddings([[1, 2, 3], [5]]), users.numpy(), atol=1e-4)
 
 

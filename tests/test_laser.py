@@ -237,7 +237,7 @@ def test_ablation_switches_change_exactly_their_parts(data, sr):
     with torch.no_grad():
         for m in (full, plain, none, mean, eos):
             m.eval()
-            assert m([[1, 2]])[0].shape == (1, 64)
+            assert m.embed([[1, 2]]).user_embedding.shape == (1, 64)
         # eos pooling feeds the tokenizer's EOS embedding where the trainable suffix would be
         assert torch.equal(eos.eos_embedding, full.suffix.detach())
 

@@ -672,7 +672,7 @@ def test_serves_a_real_exported_bundle(exported):
         assert body["items"][0]["title"] == direct.items[0].title
         # the torch model's cosine top-5 for the same history (scores to the ONNX export's float tolerance)
         with torch.no_grad():
-            user = ref([rows])[0][0].numpy()
+            user = ref.embed([rows]).user_embedding[0].numpy()
         cos = (table.numpy() / np.linalg.norm(table.numpy(), axis=1, keepdims=True)) @ (user / np.linalg.norm(user))
         want = np.sort(cos)[::-1][:5]
         got = cos[[ids.index(it["item_id"]) for it in body["items"]]]
