@@ -50,6 +50,17 @@ def test_collator_builds_the_towers_inputs_by_hand():
         collate([[1]], None)
 
 
+def test_tower_input_names_are_the_ones_exported_bundles_have():
+    """Bundles exported before keep serving: the user tower's inputs (and their order) never change."""
+    assert TOWER_INPUTS == ("item_ids", "item_mask", "input_ids", "attention_mask", "item_side")
+    assert [f for f in LaserBatch.__dataclass_fields__] == [
+        "input_ids",
+        "attention_mask",
+        *TOWER_INPUTS[:2],
+        "item_side",
+    ]
+
+
 def test_batch_to_torch_keeps_values_and_moves_tensors():
     torch = pytest.importorskip("torch")
     batch = LaserCollator(pad_token_id=0, sr_max_len=2)([[3], [4, 5]], [[1], [2, 3]])
