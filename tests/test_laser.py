@@ -500,7 +500,7 @@ def test_laser_scorer_has_the_id_models_contract_and_their_evaluation_loop(data,
     assert scorer.n_items == ds.n_items and scorer.sort_by_length
     model.eval()
     with torch.no_grad():
-        direct = cosine_scores(model(hist)[0], table)
+        direct = cosine_scores(model.embed(hist).user_embedding, table)
     assert torch.allclose(scorer.full_sort_predict(scorer.predict_inputs(hist)), direct, atol=1e-6)
     scorer.expert_counts = None
     model.train()
