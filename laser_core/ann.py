@@ -1,0 +1,297 @@
+"""An optional approximate-nearest-neighbour (ANN) index over a bundle's item table, for large catalogues.
+
+The exact scorer (``scorer.onnx``) reads the whole table for every user: about 120 ms per user at 1M items x 576
+on 2 cores (``bench/results/serving.json``). An HNSW graph (hnswlib; chosen by measurement against FAISS and
+usearch, see ``bench/serving_ann.py`` and ``docs/serving_http.md``) visits a few thousand rows instead.
+
+- :func:`build_index` builds it over the L2-normalized table (inner product = the scorer's cosine; row i of the
+  table is label i, so the index returns catalogue rows like the scorer);
+- :func:`calibrate_ef` picks the search breadth ``ef``: the smallest that reaches a target recall@k against the
+  exact top-k on held-out queries drawn from the table (rows with noise);
+- :func:`index_bundle` adds one to an existing bundle (``item_index.hnsw``, hnswlib's own binary format, listed
+  with its sha256 in the manifest's ``files`` and described by its ``ann_index`` section, which ties it to the
+  scorer's table by the scorer's sha256, the row count and the width);
+- :class:`AnnIndex` loads and searches it (thread-safe searches; ``laser_core.serving.Recommender`` uses it
+  unless ``exact=True``).
+
+hnswlib is an optional dependency (``pip install 'laser[ann]'``); bundles without an index need nothing new.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INDEX_FILE = "item_index.hnsw"
+LIBRARY = "hnswlib"
+KIND = "hnsw"
+METRIC = "ip"  # inner product over L2-normalized rows = cosine
+DEFAULT_M = 16
+DEFAULT_EF_CONSTRUCTION = 100  # what bench/serving_ann.py measured
+DEFAULT_TARGET_RECALL = 0.99
+EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# hnswlib's file header (hnswalg.h saveIndex), little-endian on the platforms it ships for
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+
+
+class AnnError(ValueError):
+    """The index cannot be built, loaded or used (library missing, file unreadable or not matching its table)."""
+
+
+def _hnswlib() -> Any:
+    try:
+        import hnswlib
+    except ImportError as exc:
+        raise AnnError(
+            "the ANN index needs hnswlib, which is not installed: pip install 'laser[ann]' "
+            "(or serve the bundle with the exact scorer: laser serve --exact)"
+        ) from exc
+    return hnswlib
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hnswlib")
+    except PackageNotFoundError:
+        return str(getattr(_hnswlib(), "__version__", "unknown"))
+
+
+def _normalized(x: Any) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"expected a [n, d] matrix, got shape {arr.shape}")
+    norms = np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), np.float32(1e-12))
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+
+def read_header(path: str | Path) -> dict:
+    """``n_items`` (elements in the index), ``dim``, ``M`` and ``ef_construction`` from an hnswlib index file's
+    header, without loading the graph; an :class:`AnnError` naming the file if it is not one."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_HEADER.size)
+    except OSError as exc:
+        raise AnnError(f"{path}: cannot read the ANN index ({exc})") from None
+    if len(raw) != _HEADER.size:
+        raise AnnError(f"{path}: not an hnswlib index (the file is {len(raw)} bytes, shorter than its header)")
+    (_, max_elements, count, per_element, label_offset, data_offset, max_level, _, _, _, m, _, ef_c) = _HEADER.unpack(
+        raw
+    )
+    data_bytes = label_offset - data_offset
+    if not (0 <= count <= max_elements and 0 < data_bytes < per_element and data_bytes % 4 == 0 and max_level >= 0):
+        raise AnnError(f"{path}: not an hnswlib index (inconsistent header)")
+    return {"n_items": int(count), "dim": data_bytes // 4, "M": int(m), "ef_construction": int(ef_c)}
+
+
+class AnnIndex:
+    """An hnswlib HNSW index over L2-normalized item rows (label = catalogue row). ``search`` is thread-safe."""
+
+    def __init__(self, index: Any, ef: int) -> None:
+        self._index = index
+        self.ef = ef
+
+    @property
+    def ef(self) -> int:
+        return self._ef
+
+    @ef.setter
+    def ef(self, value: int) -> None:
+        self._ef = int(value)
+        self._index.set_ef(self._ef)  # hnswlib searches max(ef, k) candidates, so a larger k stays correct
+
+    @property
+    def n_items(self) -> int:
+        return int(self._index.get_current_count())
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.dim)
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int, ef: int = 64, n_items: int | None = None) -> "AnnIndex":
+        """Load ``path``; with ``n_items``, its element count and width must be ``n_items`` and ``dim``
+        (checked from the header before the graph is read)."""
+        hnswlib = _hnswlib()
+        path = Path(path)
+        header = read_header(path)
+        if header["dim"] != dim:
+            raise AnnError(f"{path}: the ANN index holds vectors of width {header['dim']}, but the table's is {dim}")
+        if n_items is not None and header["n_items"] != n_items:
+            raise AnnError(
+                f"{path}: the ANN index holds {header['n_items']} items, but the scorer's table has {n_items} rows"
+            )
+        index = hnswlib.Index(space=METRIC, dim=int(dim))
+        try:
+            index.load_index(str(path))
+        except Exception as exc:  # noqa: BLE001 - hnswlib raises RuntimeError on a corrupted file
+            raise AnnError(f"{path}: hnswlib cannot load it ({exc})") from None
+        index.set_num_threads(1)
+        return cls(index, ef)
+
+    def save(self, path: str | Path) -> Path:
+        self._index.save_index(str(path))
+        return Path(path)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [B, k], rows [B, k])`` best first: cosines (the queries are normalized here, as the exact
+        scorer does) and catalogue rows of the approximate top-``k``."""
+        q = _normalized(queries)
+        if not 1 <= k <= self.n_items:
+            raise ValueError(f"k must be in 1..{self.n_items} (the indexed items), got {k}")
+        labels, dist = self._index.knn_query(q, k=int(k), num_threads=1)
+        return (1.0 - dist).astype(np.float32), labels.astype(np.int64)
+
+    def add(self, rows: Any, threads: int | None = None) -> None:
+        """Append rows (labels continue from the current count), growing the index."""
+        x = _normalized(rows)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"rows have width {x.shape[1]}, the index {self.dim}")
+        start = self.n_items
+        self._index.resize_index(start + len(x))
+        self._index.add_items(x, np.arange(start, start + len(x), dtype=np.int64), num_threads=threads or -1)
+        self._index.set_num_threads(1)
+
+
+def build_index(
+    table: Any,
+    M: int = DEFAULT_M,
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+    threads: int | None = None,
+    seed: int = 0,
+    ef: int = 64,
+) -> AnnIndex:
+    """An HNSW index over the L2-normalized rows of ``table`` ``[n, d]`` (row i = label i)."""
+    hnswlib = _hnswlib()
+    x = _normalized(table)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("the table is empty")
+    index = hnswlib.Index(space=METRIC, dim=int(d))
+    index.init_index(max_elements=n, ef_construction=int(ef_construction), M=int(M), random_seed=int(seed))
+    index.add_items(x, np.arange(n, dtype=np.int64), num_threads=threads or -1)
+    index.set_num_threads(1)
+    return AnnIndex(index, ef)
+
+
+def exact_top_k(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the exact top-``k`` cosines (``table`` normalized), best first, ``[B, k]``."""
+    q = _normalized(queries)
+    out = np.empty((len(q), k), dtype=np.int64)
+    for lo in range(0, len(q), 64):
+        s = q[lo : lo + 64] @ table.T
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
+        out[lo : lo + 64] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over rows of ``|found ∩ truth| / k``."""
+    return float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / truth.size)
+
+
+def calibration_queries(table: np.ndarray, n: int, seed: int = 0, noise: float = 0.5) -> np.ndarray:
+    """Queries drawn like users, near items: ``n`` random table rows plus isotropic noise of norm ``noise``."""
+    rng = np.random.default_rng(seed)
+    rows = table[rng.choice(len(table), size=min(n, len(table)), replace=len(table) < n)]
+    eps = rng.standard_normal(rows.shape, dtype=np.float32)
+    eps *= noise / np.linalg.norm(eps, axis=1, keepdims=True)
+    return _normalized(rows + eps)
+
+
+def calibrate_ef(
+    index: AnnIndex,
+    table: np.ndarray,
+    k: int,
+    target: float = DEFAULT_TARGET_RECALL,
+    n_queries: int = 200,
+    seed: int = 0,
+) -> dict:
+    """Set ``index.ef`` to the smallest of :data:`EF_GRID` whose recall@``k`` against the exact top-``k`` of
+    ``table`` (normalized) reaches ``target`` on :func:`calibration_queries`; returns the manifest's
+    ``calibration`` entry (``ef_search`` = the largest tried when none reaches it: ``reached`` false)."""
+    k = min(int(k), len(table))
+    queries = calibration_queries(table, n_queries, seed)
+    truth = exact_top_k(table, queries, k)
+    best = None
+    for ef in EF_GRID:
+        if ef < k and ef != EF_GRID[-1]:
+            continue
+        index.ef = ef
+        r = recall_at_k(index.search(queries, k)[1], truth)
+        best = (ef, r)
+        if r >= target:
+            break
+    index.ef = best[0]
+    return {
+        "queries": len(queries),
+        "query_rule": "random table rows plus isotropic noise of norm 0.5, normalized",
+        "k": k,
+        "target_recall": float(target),
+        "recall": round(best[1], 4),
+        "reached": best[1] >= target,
+    }
+
+
+def index_entry(index: AnnIndex, scorer_sha256: str, calibration: dict | None, M: int, ef_construction: int) -> dict:
+    """The manifest's ``ann_index`` section for ``index`` saved as :data:`INDEX_FILE`."""
+    return {
+        "file": INDEX_FILE,
+        "library": LIBRARY,
+        "library_version": library_version(),
+        "kind": KIND,
+        "metric": METRIC,
+        "n_items": index.n_items,
+        "dim": index.dim,
+        "M": int(M),
+        "ef_construction": int(ef_construction),
+        "ef_search": index.ef,
+        "scorer_sha256": scorer_sha256,
+        "calibration": calibration,
+    }
+
+
+def index_bundle(
+    bundle_dir: str | Path,
+    M: int = DEFAULT_M,
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    ef: int | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Build (or rebuild) the ANN index of the bundle in ``bundle_dir`` over its scorer's table, in place:
+    writes :data:`INDEX_FILE` and the manifest's ``ann_index`` section (``files`` gets its sha256). ``ef``: the
+    search breadth to record; default: :func:`calibrate_ef` at ``target_recall`` for the bundle's k. Returns the
+    section."""
+    from laser_core.export import sha256_file, write_manifest
+    from laser_core.manifest import read_manifest
+    from laser_core.serving import read_scorer_table
+
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    scorer = root / manifest["scorer"]["file"]
+    table = read_scorer_table(scorer)
+    index = build_index(table, M=M, ef_construction=ef_construction, threads=threads, seed=seed)
+    calibration = None
+    if ef is None:
+        calibration = calibrate_ef(index, table, manifest["k"], target=target_recall, seed=seed)
+    else:
+        index.ef = ef
+    tmp = root / (INDEX_FILE + ".tmp")
+    index.save(tmp)
+    tmp.replace(root / INDEX_FILE)
+    entry = index_entry(index, sha256_file(scorer), calibration, M, ef_construction)
+    manifest = {key: value for key, value in manifest.items() if key != "files"}
+    manifest["ann_index"] = entry
+    write_manifest(root, manifest)
+    return entry
