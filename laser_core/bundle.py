@@ -16,6 +16,7 @@ Layout (``docs/serving.md``)::
                          item table was made with other weights than the user side's) -> user_embedding [B, d]
     items.parquet        the catalogue in table-row order: item_id, title, brand, category (+ popularity)
     tokenizer/           the backbone's tokenizer (``save_pretrained``; ``tokenizer.json`` is what serving reads)
+    item_index.hnsw      optional: an ANN index over the scorer's table (``laser_core.ann``; manifest ``ann_index``)
 
 The manifest: types are strict (``"10"`` or ``10.0`` is not an integer, ``1`` is not a boolean), unknown fields
 are rejected everywhere except inside ``metadata`` (free JSON from the exporter, e.g. ``model_version``), and
@@ -198,6 +199,38 @@ class AddedItemsEntry(_Section):
     item_weights: ColdItemWeights | None = None  # the bundle's cold_item weights when the items were added
 
 
+class AnnCalibration(_Section):
+    queries: PositiveInt
+    query_rule: str
+    k: PositiveInt
+    target_recall: Annotated[float, Field(gt=0, le=1)]
+    recall: Annotated[float, Field(ge=0, le=1)]
+    reached: bool
+
+
+class AnnIndexSection(_Section):
+    """The optional approximate-nearest-neighbour index over the scorer's table (``laser_core.ann``)."""
+
+    file: BundlePath
+    library: Literal["hnswlib"]
+    library_version: Name
+    kind: Literal["hnsw"]
+    metric: Literal["ip"]
+    n_items: PositiveInt
+    dim: PositiveInt
+    M: PositiveInt
+    ef_construction: PositiveInt
+    ef_search: PositiveInt
+    scorer_sha256: Sha256  # of the file holding the scorer's table (scorer_table_file)
+    calibration: AnnCalibration | None = None
+
+
+def scorer_table_file(files: dict[str, str], scorer_file: str) -> str:
+    """The bundle file that holds the scorer's table values: ``<scorer>.data`` when :func:`export_scorer` wrote
+    it as external data (tables of 1 GiB and more), else the scorer itself."""
+    return scorer_file + ".data" if scorer_file + ".data" in files else scorer_file
+
+
 # ---------------------------------------------------------------------------------------------- manifest
 class BundleManifest(_Section):
     """``laser_export.json`` (layout in ``docs/serving.md``)."""
@@ -223,6 +256,7 @@ class BundleManifest(_Section):
     added_items: list[AddedItemsEntry]
     metadata: dict[str, JsonValue]  # free JSON from the exporter: the one place where any key is allowed
     files: dict[BundlePath, Sha256] = Field(min_length=1)
+    ann_index: AnnIndexSection | None = None  # absent: no ANN index (every bundle before it)
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -292,6 +326,21 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
     named = {"scorer.file": m.scorer.file, "catalogue.file": m.catalogue.file, "tokenizer.file": m.tokenizer.file}
     if m.user_tower is not None:
         named["user_tower.file"] = m.user_tower.file
+    if m.ann_index is not None:
+        named["ann_index.file"] = m.ann_index.file
+        if m.ann_index.n_items != m.n_items:
+            bad("ann_index.n_items", f"{m.ann_index.n_items} differs from n_items ({m.n_items})")
+        if m.ann_index.dim != m.dim:
+            bad("ann_index.dim", f"{m.ann_index.dim} differs from dim ({m.dim})")
+        table_file = scorer_table_file(m.files, m.scorer.file)
+        table_sha = m.files.get(table_file)
+        if table_sha is not None and m.ann_index.scorer_sha256 != table_sha:
+            bad(
+                "ann_index.scorer_sha256",
+                f"the index {m.ann_index.file!r} was built over another scorer table (its scorer_sha256 "
+                f"{m.ann_index.scorer_sha256[:12]}... is not {table_file!r}'s {table_sha[:12]}...); "
+                f"rebuild it (laser index build)",
+            )
     for field, name in named.items():
         if name not in m.files:
             bad(field, f"{name!r} is not listed (with its sha256) in 'files'")

@@ -304,6 +304,7 @@ def export_bundle(
     *,
     popularity: Any | None = None,
     parity_tolerance: float = 1e-3,
+    ann_index: bool = False,
 ) -> Path:
     """Write a serving bundle for a trained Laser model to ``out_dir`` (which must be empty or absent).
 
@@ -317,7 +318,9 @@ def export_bundle(
     and checked against that torch model on sample histories (variable lengths, cold items, item rows); a larger
     difference than ``parity_tolerance`` is an :class:`ExportError`. When ``weights.item_state`` holds the
     weights that made ``table`` (stage 2 trained on), the tower carries them as its item side (input
-    ``item_side``), so new items are embedded as the table's rows were. Returns ``out_dir``.
+    ``item_side``), so new items are embedded as the table's rows were. ``ann_index``: also build an
+    approximate-nearest-neighbour index over the table (``laser_core.ann.index_bundle``, default settings; needs
+    the ``ann`` extra). Returns ``out_dir``.
     """
     from laser_core import __version__
     from laser_core.data.text import TextFormatter
@@ -445,6 +448,10 @@ def export_bundle(
             "metadata": metadata,
         }
         write_manifest(out, manifest)
+        if ann_index:
+            from laser_core.ann import index_bundle
+
+            index_bundle(out)
     except BaseException:
         import shutil
 

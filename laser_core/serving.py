@@ -98,6 +98,7 @@ class Recommender:
         scorer: Any,
         tower: Any | None,
         popularity_fallback: bool,
+        ann: Any | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -105,6 +106,7 @@ class Recommender:
         self.tokenizer = tokenizer
         self._scorer = scorer
         self._tower = tower
+        self._ann = ann  # laser_core.ann.AnnIndex when the bundle has an ANN index and exact scoring is off
         self.popularity_fallback = popularity_fallback
         self.text_config = TextConfig.model_validate(manifest["text"])
         self.formatter = TextFormatter(catalogue, self.text_config, tokenizer=tokenizer)
@@ -128,13 +130,19 @@ class Recommender:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(
-        cls, bundle_dir: str | Path, popularity_fallback: bool = False, verify: bool = True, threads: int | None = None
+        cls,
+        bundle_dir: str | Path,
+        popularity_fallback: bool = False,
+        verify: bool = True,
+        threads: int | None = None,
+        exact: bool = False,
     ) -> "Recommender":
         """Load a bundle. ``popularity_fallback``: answer an empty (or all-unknown) history with the most
         popular training items instead of raising :class:`EmptyHistoryError` (the bundle must hold item
         popularity). ``verify``: check every file's sha256 against the manifest (the manifest itself is always
         validated, and every file of the bundle must be listed in it). ``threads``: onnxruntime intra-op
-        threads (default: its own choice)."""
+        threads (default: its own choice). ``exact``: rank with the exact scorer even when the bundle has an ANN
+        index (``ann_index`` in the manifest; otherwise the index answers, see :attr:`scoring`)."""
         import onnxruntime as ort
 
         root = Path(bundle_dir)
@@ -165,7 +173,8 @@ class Recommender:
         scorer = session(manifest["scorer"]["file"])
         tower = session(manifest["user_tower"]["file"]) if manifest["user_tower"] else None
         check_loaded(root, manifest, catalogue, scorer, tower)
-        return cls(root, manifest, catalogue, tokenizer, scorer, tower, popularity_fallback)
+        ann = _load_ann_index(root, manifest, load=not exact)
+        return cls(root, manifest, catalogue, tokenizer, scorer, tower, popularity_fallback, ann=ann)
 
     # -------------------------------------------------------------- properties
     @property
@@ -177,6 +186,11 @@ class Recommender:
         files = self.manifest["files"]
         digest = files.get((self.manifest["user_tower"] or {}).get("file", ""), files.get(SCORER, ""))
         return f"sha256:{digest[:12]}"
+
+    @property
+    def scoring(self) -> str:
+        """``"exact"`` (the scorer ranks the whole table) or ``"ann"`` (the bundle's ANN index answers)."""
+        return "exact" if self._ann is None else "ann"
 
     @property
     def n_items(self) -> int:
@@ -298,7 +312,11 @@ class Recommender:
         used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids) :]]
         emb = self.user_embeddings([rows])
         exclude = set(rows) if exclude_history else set()
-        if k + len(exclude) <= self.k:
+        need = k + len(exclude)
+        if self._ann is not None and need <= self.n_items:  # approximate top-need: same filtering as below
+            scores, indices = self._ann.search(emb, need)
+            scores, indices = scores[0], indices[0]
+        elif need <= self.k:
             scores, indices = self._scorer.run(["scores", "indices"], {"user_embedding": emb.astype(np.float32)})
             scores, indices = scores[0], indices[0]
         else:  # more than the scorer's top-k: exact full ranking over the same normalized table, same ties
@@ -346,6 +364,48 @@ def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
             f"{path}: duplicate item_id values {cat['item_id'][cat['item_id'].duplicated()].tolist()[:10]}"
         )
     return cat
+
+
+def _load_ann_index(root: Path, manifest: dict, load: bool = True) -> Any | None:
+    """The bundle's ANN index (:class:`laser_core.ann.AnnIndex`) or ``None`` (none in the bundle, or not
+    ``load``). Its header must agree with the manifest (rows, width) even when it is not loaded."""
+    from laser_core.ann import AnnError, AnnIndex, read_header
+
+    entry = manifest.get("ann_index")
+    if not entry:
+        return None
+    path = root / entry["file"]
+    try:
+        header = read_header(path)
+        if (header["n_items"], header["dim"]) != (manifest["n_items"], manifest["dim"]):
+            raise AnnError(
+                f"{path}: the ANN index holds {header['n_items']} items of width {header['dim']}, but the scorer's "
+                f"table is [n_items, dim] = [{manifest['n_items']}, {manifest['dim']}]; rebuild it (laser index build)"
+            )
+        if not load:
+            return None
+        return AnnIndex.load(path, dim=manifest["dim"], ef=entry["ef_search"], n_items=manifest["n_items"])
+    except AnnError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def _extend_ann_index(rec: Recommender, entry: dict, new_rows: np.ndarray, table: np.ndarray, out: Path) -> dict:
+    """``rec``'s ANN index plus ``new_rows`` (their labels continue the rows), its ef recalibrated over the new
+    ``table`` when it was calibrated, saved to ``out``; returns the new manifest section."""
+    from laser_core.ann import AnnIndex, calibrate_ef, index_entry
+
+    index = rec._ann
+    if index is None:  # loaded with exact=True: read it here
+        index = AnnIndex.load(rec.bundle_dir / entry["file"], dim=int(rec.manifest["dim"]), n_items=rec.n_items)
+    index.add(new_rows)
+    calibration = entry.get("calibration")
+    if calibration:
+        calibration = calibrate_ef(index, table, int(rec.manifest["k"]), target=calibration["target_recall"])
+    else:
+        index.ef = int(entry["ef_search"])
+    index.save(out / entry["file"])
+    scorer_sha = sha256_file(out / rec.manifest["scorer"]["file"])
+    return index_entry(index, scorer_sha, calibration, entry["M"], entry["ef_construction"])
 
 
 def read_items_file(path: str | Path) -> pd.DataFrame:
@@ -412,7 +472,8 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     side, one visible cold-item position (``item_ids = -1``: the SR model's unknown-item vector, since a new
     item has no trained ID embedding; see ``laser_core.bundle.COLD_ITEM_TREATMENT``). New rows are appended
     after the existing ones. Duplicate ids (within ``new_items`` or against the catalogue) are a
-    ``ValueError``."""
+    ``ValueError``. A bundle with an ANN index (``ann_index``) gets it extended by the new rows and its search
+    breadth recalibrated (``laser_core.ann``)."""
     src = Path(bundle_dir)
     out = Path(out_dir)
     if out.resolve() == src.resolve():
@@ -429,12 +490,15 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
             UserWarning,
             stacklevel=2,
         )
-    table = np.concatenate([rec.table(), l2_normalize(rec.item_embeddings(new, batch_size=batch_size))], axis=0)
+    new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size))
+    table = np.concatenate([rec.table(), new_rows_table], axis=0)
     manifest = dict(rec.manifest)
+    ann_entry = manifest.get("ann_index")
+    skip = {manifest["scorer"]["file"], manifest["catalogue"]["file"], *([ann_entry["file"]] if ann_entry else [])}
     out.mkdir(parents=True, exist_ok=True)
     try:
         for name in manifest["files"]:
-            if name in (manifest["scorer"]["file"], manifest["catalogue"]["file"]):
+            if name in skip:
                 continue
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, out / name)
@@ -446,6 +510,8 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
         cat = pd.concat([cat, new_rows[list(cat.columns)]], ignore_index=True)
         cat.to_parquet(out / manifest["catalogue"]["file"], index=False)
         manifest["n_items"] = len(cat)
+        if ann_entry:
+            manifest["ann_index"] = _extend_ann_index(rec, ann_entry, new_rows_table, table, out)
         manifest["added_items"] = [
             *manifest.get("added_items", []),
             {
