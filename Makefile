@@ -26,9 +26,10 @@ $(STAMP): pyproject.toml requirements.lock
 # The tests also need the `kubernetes` extra (the client plus six small packages, pinned by its lock file =
 # requirements.lock + those): ZenML validates a Kubeflow orchestrator's configuration with the kubernetes client,
 # and compiles a pipeline on a Kubernetes stack with it (tests/test_infra.py). The `kubeflow` extra cannot join:
-# kfp needs protobuf<7, requirements.lock has 7, so the Kubeflow compile test skips here.
+# kfp needs protobuf<7, requirements.lock has 7, so the Kubeflow compile test skips here. The `ann` extra (hnswlib,
+# the optional ANN index; tests/test_ann.py skips without it) is a source distribution: pip compiles it with g++.
 $(TEST_STAMP): $(STAMP) infra/kubernetes/requirements-kubernetes.lock
-	$(BIN)/python -m pip install --quiet -c infra/kubernetes/requirements-kubernetes.lock -e ".[dev,kubernetes]"
+	$(BIN)/python -m pip install --quiet -c infra/kubernetes/requirements-kubernetes.lock -e ".[dev,kubernetes,ann]"
 	@touch $(TEST_STAMP)
 
 demo: $(STAMP)
