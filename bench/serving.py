@@ -24,7 +24,9 @@ is exported with ``laser_core.export.export_bundle`` over a 200-item synthetic c
 ``laser_core.serving.Recommender.recommend`` call (tokenize + tower + scorer). Needs the backbone in the cache:
 ``LASER_CACHE_DIR=/tmp/lasercache`` here (``laser models fetch smollm2-135m-instruct``).
 
-Writes ``bench/results/serving.json`` and prints Markdown tables.
+Writes ``bench/results/serving.json`` and prints Markdown tables. ``python bench/serving.py --ann [options]`` runs
+``bench/serving_ann.py`` instead: the optional ANN index against this exact scorer (recall@10, p50/p99 at batch
+1), written to ``bench/results/serving_ann.json``.
 """
 
 from __future__ import annotations
@@ -439,4 +441,10 @@ def markdown_table_for(out: dict, markdown_table) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if "--ann" in sys.argv[1:]:  # the ANN index vs the exact scorer: bench/serving_ann.py's options after --ann
+        sys.path.insert(0, str(ROOT / "bench"))
+        from serving_ann import main as ann_main
+
+        ann_main([a for a in sys.argv[1:] if a != "--ann"])
+    else:
+        main()
