@@ -425,9 +425,16 @@ def lineage_cmd(target: str, as_json: bool) -> None:
 @cli.command(name="export")
 @click.argument("target")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write the bundle to.")
-def export_cmd(target: str, out: str) -> None:
+@click.option(
+    "--ann-index",
+    type=click.Choice(["hnsw"]),
+    default=None,
+    help="Also build an approximate-nearest-neighbour index (large catalogues; needs the `ann` extra).",
+)
+def export_cmd(target: str, out: str, ann_index: str | None) -> None:
     """Copy the exported bundle (scorer.onnx, user_tower.onnx, tokenizer, catalogue) of a model version
-    (NAME[:VERSION|STAGE]) to a folder, for `laser serve` / `laser recommend`."""
+    (NAME[:VERSION|STAGE]) to a folder, for `laser serve` / `laser recommend`; `--ann-index hnsw` adds an HNSW
+    index to the copy (`laser index build` with its defaults)."""
     import shutil
 
     from laser_cli.registry import resolve_version
@@ -448,6 +455,11 @@ def export_cmd(target: str, out: str) -> None:
         raise click.ClickException(f"{dest}: folder exists and is not empty")
     shutil.copytree(bundle.path, dest, dirs_exist_ok=True)
     click.echo(f"{name} v{mv.name}: {len(bundle.files())} files -> {dest}")
+    if ann_index:
+        from laser_cli.serving_cmds import _ann_summary, build_ann_index
+
+        entry = build_ann_index(str(dest), 16, 100, 0.99, None, None)
+        click.echo(f"built {_ann_summary(entry)}")
 
 
 @cli.group()

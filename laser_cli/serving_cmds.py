@@ -51,8 +51,80 @@ def _items_group() -> click.Group:
         except (BundleError, ValueError, FileExistsError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"added {len(new_items)} item(s): {out} now holds {manifest['n_items']} items")
+        if manifest.get("ann_index"):
+            click.echo(f"ANN index extended: {_ann_summary(manifest['ann_index'])}")
 
     return items
+
+
+def _ann_summary(entry: dict) -> str:
+    cal = entry.get("calibration")
+    recall = f", recall@{cal['k']} {cal['recall']:.3f} on {cal['queries']} calibration queries" if cal else ""
+    return (
+        f"{entry['file']} ({entry['library']} {entry['kind']}, {entry['n_items']} items, M={entry['M']}, "
+        f"ef_search={entry['ef_search']}{recall})"
+    )
+
+
+def ann_index_options(f):
+    """``--M``, ``--ef-construction``, ``--target-recall``, ``--ef``, ``--threads`` of an index build."""
+    f = click.option("--threads", default=None, type=click.IntRange(min=1), help="Build threads (default: all).")(f)
+    f = click.option(
+        "--ef",
+        "ef",
+        default=None,
+        type=click.IntRange(min=1),
+        help="Search breadth to record instead of calibrating it.",
+    )(f)
+    f = click.option(
+        "--target-recall",
+        default=0.99,
+        show_default=True,
+        type=click.FloatRange(min=0, max=1, min_open=True),
+        help="Calibrate the search breadth to this recall@k against the exact scorer.",
+    )(f)
+    f = click.option("--ef-construction", default=100, show_default=True, type=click.IntRange(min=1))(f)
+    f = click.option("--M", "m", default=16, show_default=True, type=click.IntRange(min=2), help="HNSW graph degree.")(
+        f
+    )
+    return f
+
+
+def build_ann_index(bundle: str, m: int, ef_construction: int, target_recall: float, ef: int | None, threads) -> dict:
+    from laser_core.ann import AnnError, index_bundle
+    from laser_core.serving import BundleError
+
+    try:
+        return index_bundle(
+            bundle, M=m, ef_construction=ef_construction, target_recall=target_recall, ef=ef, threads=threads
+        )
+    except (AnnError, BundleError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _index_group() -> click.Group:
+    @click.group(name="index")
+    def index() -> None:
+        """The optional approximate-nearest-neighbour index of an export bundle (large catalogues)."""
+
+    @index.command(name="build")
+    @click.option(
+        "--bundle",
+        "bundle",
+        required=True,
+        type=click.Path(file_okay=False, exists=True),
+        help="The export bundle (changed in place: item_index.hnsw and the manifest's ann_index).",
+    )
+    @ann_index_options
+    def build(bundle: str, m: int, ef_construction: int, target_recall: float, ef: int | None, threads) -> None:
+        """Build (or rebuild) an HNSW index over the bundle's item table; laser serve then uses it."""
+        entry = build_ann_index(bundle, m, ef_construction, target_recall, ef, threads)
+        click.echo(f"built {_ann_summary(entry)}")
+        cal = entry.get("calibration")
+        if cal and not cal["reached"]:
+            click.echo(f"warning: recall {cal['recall']:.3f} is below the target {cal['target_recall']}", err=True)
+
+    return index
 
 
 @click.command(name="recommend")
@@ -78,6 +150,7 @@ def _items_group() -> click.Group:
     help="Answer an empty or all-unknown history with the most popular items instead of failing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--exact", is_flag=True, help="Rank with the exact scorer even if the bundle has an ANN index.")
 def recommend(
     bundle: str,
     history: tuple[str, ...],
@@ -85,12 +158,13 @@ def recommend(
     exclude_history: bool,
     popularity_fallback: bool,
     as_json: bool,
+    exact: bool,
 ) -> None:
     """Recommend items for a history of catalogue item ids with an export bundle (onnxruntime)."""
     from laser_core.serving import BundleError, Recommender
 
     try:
-        rec = Recommender.load(bundle, popularity_fallback=popularity_fallback)
+        rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, exact=exact)
         result = rec.recommend(list(history), k=k, exclude_history=exclude_history)
     except (BundleError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -150,6 +224,11 @@ def recommend(
     help="Seconds requests in flight get to finish after SIGTERM or Ctrl-C.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Rank with the exact scorer (a scan of the whole table) even if the bundle has an ANN index.",
+)
 def serve(
     bundle: str,
     host: str,
@@ -160,6 +239,7 @@ def serve(
     threads: int | None,
     graceful_timeout: float,
     access_log: bool,
+    exact: bool,
 ) -> None:
     """HTTP JSON service (FastAPI on uvicorn): POST /recommend {"history": [...], "k": 10}, GET /health, GET /ready,
     API docs at /docs. SIGTERM or Ctrl-C shuts it down gracefully."""
@@ -170,7 +250,11 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads)
+        rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads, exact=exact)
+        logging.getLogger("laser.serve").info(
+            "scoring: %s",
+            "ANN index " + _ann_summary(rec.manifest["ann_index"]) if rec.scoring == "ann" else "exact scorer",
+        )
         app = create_app(rec, max_k=max_k, max_body_bytes=max_body_bytes)
         sock = bind(host, port)  # before serving: a busy port is one clear error
     except (BundleError, ValueError, FileNotFoundError, ListenError) as exc:
@@ -179,7 +263,8 @@ def serve(
 
 
 def register(cli: click.Group) -> None:
-    """Add ``items add``, ``recommend`` and ``serve`` to the ``laser`` command group."""
+    """Add ``items add``, ``index build``, ``recommend`` and ``serve`` to the ``laser`` command group."""
     cli.add_command(_items_group())
+    cli.add_command(_index_group())
     cli.add_command(recommend)
     cli.add_command(serve)
