@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from laser_core.export import export_scorer
+    from laser_core.bundle import export_scorer
     from laser_core.reporting import markdown_table
 
     k = args.k

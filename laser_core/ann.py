@@ -10,7 +10,7 @@ usearch, see ``bench/serving_ann.py`` and ``docs/serving_http.md``) visits a few
   exact top-k on held-out queries drawn from the table (rows with noise);
 - :func:`index_bundle` adds one to an existing bundle (``item_index.hnsw``, hnswlib's own binary format, listed
   with its sha256 in the manifest's ``files`` and described by its ``ann_index`` section, which ties it to the
-  scorer's table by the scorer's sha256, the row count and the width);
+  scorer's table by the sha256 of the file holding it, the row count and the width);
 - :class:`AnnIndex` loads and searches it (thread-safe searches; ``laser_core.serving.Recommender`` uses it
   unless ``exact=True``).
 
@@ -242,6 +242,15 @@ def calibrate_ef(
     }
 
 
+def table_sha256(bundle_dir: str | Path, scorer_file: str) -> str:
+    """sha256 of the file holding the scorer's table: ``<scorer>.data`` when the table is ONNX external data
+    (``laser_core.bundle.scorer_table_file``), else the scorer; the index's ``scorer_sha256``."""
+    from laser_core.bundle import sha256_file
+
+    data = Path(bundle_dir) / (scorer_file + ".data")
+    return sha256_file(data if data.is_file() else Path(bundle_dir) / scorer_file)
+
+
 def index_entry(index: AnnIndex, scorer_sha256: str, calibration: dict | None, M: int, ef_construction: int) -> dict:
     """The manifest's ``ann_index`` section for ``index`` saved as :data:`INDEX_FILE`."""
     return {
@@ -273,9 +282,7 @@ def index_bundle(
     writes :data:`INDEX_FILE` and the manifest's ``ann_index`` section (``files`` gets its sha256). ``ef``: the
     search breadth to record; default: :func:`calibrate_ef` at ``target_recall`` for the bundle's k. Returns the
     section."""
-    from laser_core.export import sha256_file, write_manifest
-    from laser_core.manifest import read_manifest
-    from laser_core.serving import read_scorer_table
+    from laser_core.bundle import read_manifest, read_scorer_table, write_manifest
 
     root = Path(bundle_dir)
     manifest = read_manifest(root)
@@ -290,7 +297,7 @@ def index_bundle(
     tmp = root / (INDEX_FILE + ".tmp")
     index.save(tmp)
     tmp.replace(root / INDEX_FILE)
-    entry = index_entry(index, sha256_file(scorer), calibration, M, ef_construction)
+    entry = index_entry(index, table_sha256(root, manifest["scorer"]["file"]), calibration, M, ef_construction)
     manifest = {key: value for key, value in manifest.items() if key != "files"}
     manifest["ann_index"] = entry
     write_manifest(root, manifest)

@@ -392,7 +392,7 @@ def _load_ann_index(root: Path, manifest: dict, load: bool = True) -> Any | None
 def _extend_ann_index(rec: Recommender, entry: dict, new_rows: np.ndarray, table: np.ndarray, out: Path) -> dict:
     """``rec``'s ANN index plus ``new_rows`` (their labels continue the rows), its ef recalibrated over the new
     ``table`` when it was calibrated, saved to ``out``; returns the new manifest section."""
-    from laser_core.ann import AnnIndex, calibrate_ef, index_entry
+    from laser_core.ann import AnnIndex, calibrate_ef, index_entry, table_sha256
 
     index = rec._ann
     if index is None:  # loaded with exact=True: read it here
@@ -404,7 +404,7 @@ def _extend_ann_index(rec: Recommender, entry: dict, new_rows: np.ndarray, table
     else:
         index.ef = int(entry["ef_search"])
     index.save(out / entry["file"])
-    scorer_sha = sha256_file(out / rec.manifest["scorer"]["file"])
+    scorer_sha = table_sha256(out, rec.manifest["scorer"]["file"])
     return index_entry(index, scorer_sha, calibration, entry["M"], entry["ef_construction"])
 
 

@@ -20,7 +20,7 @@ hnswlib = pytest.importorskip("hnswlib", reason="the ANN index needs the `ann` e
 from click.testing import CliRunner  # noqa: E402
 
 from laser_core import ann  # noqa: E402
-from laser_core.export import MANIFEST, l2_normalize, sha256_file  # noqa: E402
+from laser_core.bundle import MANIFEST, l2_normalize, sha256_file  # noqa: E402
 from laser_core.serving import BundleError, Recommender, add_items, read_manifest, write_manifest  # noqa: E402
 
 
@@ -319,3 +319,29 @@ def test_cli_index_build_and_exact(setup, tmp_path):
     assert "--exact" in runner.invoke(cli, ["serve", "--help"]).output
     missing = runner.invoke(cli, ["index", "build", "--bundle", str(tmp_path)])
     assert missing.exit_code == 1 and "not a Laser export bundle" in missing.output
+
+
+def test_an_external_data_scorer_ties_the_index_to_its_data_file(setup, tmp_path, monkeypatch):
+    """Tables of 1 GiB and more live in scorer.onnx.data (the graph file does not change with the values): the
+    index is tied to that file, so a scorer whose table values changed is refused (a small threshold here)."""
+    import laser_core.bundle as bundle
+
+    table = Recommender.load(setup["plain"], exact=True).table()
+    monkeypatch.setattr(bundle, "EXTERNAL_DATA_BYTES", 1)
+    copy = shutil.copytree(setup["plain"], tmp_path / "ext")
+    bundle.export_scorer(table, copy / "scorer.onnx", k=10)
+    _relisted(copy)
+    files = read_manifest(copy)["files"]
+    assert "scorer.onnx.data" in files
+    entry = ann.index_bundle(copy, M=8, ef_construction=64, ef=N_ITEMS, threads=1)
+    assert entry["scorer_sha256"] == files["scorer.onnx.data"] != files["scorer.onnx"]
+    history = ids(setup, [5, 6])
+    got = [i.row for i in Recommender.load(copy).recommend(history).items]
+    assert got == [i.row for i in Recommender.load(copy, exact=True).recommend(history).items]
+    # new table values in the data file, the same graph file: the index no longer matches
+    bundle.export_scorer(table[::-1], copy / "scorer.onnx", k=10)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"] = {**manifest["files"], "scorer.onnx.data": sha256_file(copy / "scorer.onnx.data")}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"ann_index\.scorer_sha256.*another scorer table.*scorer\.onnx\.data"):
+        Recommender.load(copy)
