@@ -345,3 +345,22 @@ def test_an_external_data_scorer_ties_the_index_to_its_data_file(setup, tmp_path
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"ann_index\.scorer_sha256.*another scorer table.*scorer\.onnx\.data"):
         Recommender.load(copy)
+
+
+def test_laser_export_builds_the_index_into_the_copy(setup, tmp_path, monkeypatch):
+    """``laser export NAME:VERSION --out DIR --ann-index hnsw``: the registry's bundle copied out, then indexed."""
+    from types import SimpleNamespace
+
+    import laser_cli.registry
+    from laser_cli.main import cli
+    from laser_core.bundle import ExportBundle
+
+    artifact = SimpleNamespace(load=lambda: ExportBundle(setup["plain"]))
+    version = SimpleNamespace(name="3", get_artifact=lambda name: artifact if name == "scorer_bundle" else None)
+    monkeypatch.setattr(laser_cli.registry, "resolve_version", lambda name, wanted=None: version)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["export", "laser:3", "--out", str(out), "--ann-index", "hnsw"])
+    assert res.exit_code == 0, res.output
+    assert "built item_index.hnsw (hnswlib hnsw, 300 items, M=16" in res.output
+    assert Recommender.load(out).scoring == "ann"
+    assert "ann_index" not in read_manifest(setup["plain"])  # the stored bundle is untouched
