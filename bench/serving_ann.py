@@ -308,12 +308,15 @@ def main(argv: list[str] | None = None) -> dict:
         "ef_rule": "smallest ef of --efs with recall >= target on the held-out calibration queries",
         "timing": "batch 1, time.perf_counter per call, exact ONNX scorer and index interleaved query by query",
     }
-    out["machine"] = {
+    machine = {
+        "command": command.strip(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
     }
+    out.pop("machine", None)
+    out.setdefault("machine_runs", []).append(machine)  # one entry per run (--merge keeps the earlier ones)
     for n in args.sizes:
         for kind in args.tables:
             key = f"{kind}/{n}"
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every cell: a long run keeps its figures
-    out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}\n")
     print(markdown_table_for(out, markdown_table))
