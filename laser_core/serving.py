@@ -313,9 +313,9 @@ class Recommender:
         emb = self.user_embeddings([rows])
         exclude = set(rows) if exclude_history else set()
         need = k + len(exclude)
-        if self._ann is not None and need <= self.n_items:  # approximate top-need: same filtering as below
-            scores, indices = self._ann.search(emb, need)
-            scores, indices = scores[0], indices[0]
+        approx = self._ann_top(emb, need)
+        if approx is not None:  # the index's approximate top-need: filtered as the exact results below
+            scores, indices = approx
         elif need <= self.k:
             scores, indices = self._scorer.run(["scores", "indices"], {"user_embedding": emb.astype(np.float32)})
             scores, indices = scores[0], indices[0]
@@ -333,6 +333,17 @@ class Recommender:
             model_version=self.model_version,
             excluded=sorted({self._ids[r] for r in exclude}),
         )
+
+    def _ann_top(self, emb: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(scores, rows)`` of the ANN index's top-``need`` for one user, or ``None`` (no index, or it could not
+        return ``need`` rows: hnswlib raises when its graph search finds fewer; the exact path answers then)."""
+        if self._ann is None or need > self.n_items:
+            return None
+        try:
+            scores, indices = self._ann.search(emb, need)
+        except RuntimeError:
+            return None
+        return scores[0], indices[0]
 
     def _popular(self, k: int, dropped: list[str]) -> Recommendation:
         pop = self._popularity

@@ -168,6 +168,19 @@ def test_indexed_bundle_gives_the_exact_top_k(setup):
                 assert not set(i.row for i in got.items) & set(h)
 
 
+def test_an_index_search_that_fails_falls_back_to_the_exact_path(setup, monkeypatch):
+    rec, exact = Recommender.load(setup["calibrated"]), Recommender.load(setup["calibrated"], exact=True)
+
+    def fails(queries, k):
+        raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
+
+    monkeypatch.setattr(rec._ann, "search", fails)
+    hist = ids(setup, [3, 4, 5])
+    for kwargs in ({}, {"k": 20, "exclude_history": True}):
+        want = [i.row for i in exact.recommend(hist, **kwargs).items]
+        assert [i.row for i in rec.recommend(hist, **kwargs).items] == want
+
+
 def test_calibrated_bundle_recall(setup):
     rec, exact = Recommender.load(setup["calibrated"]), Recommender.load(setup["calibrated"], exact=True)
     hits = total = 0
