@@ -11,19 +11,18 @@ import json
 import click
 
 
+def bundle_option(help: str):
+    """The ``--bundle DIR`` option of the bundle commands: an existing export bundle directory."""
+    return click.option("--bundle", "bundle", required=True, type=click.Path(file_okay=False, exists=True), help=help)
+
+
 def _items_group() -> click.Group:
     @click.group(name="items")
     def items() -> None:
         """Manage the item catalogue of an export bundle."""
 
     @items.command(name="add")
-    @click.option(
-        "--bundle",
-        "bundle",
-        required=True,
-        type=click.Path(file_okay=False, exists=True),
-        help="The export bundle to extend (left untouched).",
-    )
+    @bundle_option("The export bundle to extend (left untouched).")
     @click.option(
         "--items",
         "items_file",
@@ -108,13 +107,7 @@ def _index_group() -> click.Group:
         """The optional approximate-nearest-neighbour index of an export bundle (large catalogues)."""
 
     @index.command(name="build")
-    @click.option(
-        "--bundle",
-        "bundle",
-        required=True,
-        type=click.Path(file_okay=False, exists=True),
-        help="The export bundle (changed in place: item_index.hnsw and the manifest's ann_index).",
-    )
+    @bundle_option("The export bundle (changed in place: item_index.hnsw and the manifest's ann_index).")
     @ann_index_options
     def build(bundle: str, m: int, ef_construction: int, target_recall: float, ef: int | None, threads) -> None:
         """Build (or rebuild) an HNSW index over the bundle's item table; laser serve then uses it."""
@@ -128,13 +121,7 @@ def _index_group() -> click.Group:
 
 
 @click.command(name="recommend")
-@click.option(
-    "--bundle",
-    "bundle",
-    required=True,
-    type=click.Path(file_okay=False, exists=True),
-    help="An export bundle directory.",
-)
+@bundle_option("An export bundle directory.")
 @click.option(
     "--history",
     "history",
@@ -181,13 +168,7 @@ def recommend(
 
 
 @click.command(name="serve")
-@click.option(
-    "--bundle",
-    "bundle",
-    required=True,
-    type=click.Path(file_okay=False, exists=True),
-    help="An export bundle directory (`laser export NAME:production --out DIR`).",
-)
+@bundle_option("An export bundle directory (`laser export NAME:production --out DIR`).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option(
     "--port",
