@@ -6,6 +6,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 
+def full_ranking_protocol(users: int, **extra: object) -> dict:
+    """The evaluation protocol of a pipeline test report: leave-one-out, full ranking, no history masking."""
+    return {
+        "ranking": "full, over all items",
+        "mask_history": False,
+        "split": "leave-one-out",
+        "users": int(users),
+        **extra,
+    }
+
+
 def _cell(value: object) -> str:
     if isinstance(value, float):
         text = f"{value:.4f}"

@@ -11,7 +11,7 @@ from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser, item_state_beside
 from laser_core.sr import SequentialRecommender
-from laser_core.reporting import MetricsReport
+from laser_core.reporting import MetricsReport, full_ranking_protocol
 from laser_core.sr import SRConfig, evaluate
 from laser_core.sr.popularity import Popularity
 from laser_core.launch import fit_launched
@@ -157,13 +157,7 @@ def evaluate_laser(
         model="laser",
         split="test",
         metrics=metrics,
-        protocol={
-            "ranking": "full, over all items",
-            "mask_history": False,
-            "split": "leave-one-out",
-            "users": len(targets),
-            "test_users": cfg.test_users or "all",
-        },
+        protocol=full_ranking_protocol(len(targets), test_users=cfg.test_users or "all"),
         details={
             "trainable": model.n_trainable(),
             "backbone": laser_model.spec.backbone.model_dump(),

@@ -12,7 +12,7 @@ from laser_core.data.split import Split
 from laser_core.llm.backbones import default_cache_dir
 from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, evaluate_split, fit
 from laser_core.sr.trainer import config_hash
-from laser_core.reporting import MetricsReport
+from laser_core.reporting import MetricsReport, full_ranking_protocol
 from steps.mcp import log_model_metadata
 from steps.materializers import JSONDictMaterializer, MetricsReportMaterializer, SRModelMaterializer
 
@@ -62,12 +62,7 @@ def evaluate_sr(sr_model: SequentialRecommender, split: Split) -> Annotated[Metr
         model=sr_model.config.model,
         split="test",
         metrics=metrics,
-        protocol={
-            "ranking": "full, over all items",
-            "mask_history": False,
-            "split": "leave-one-out",
-            "users": int(len(split.eval_users)),
-        },
+        protocol=full_ranking_protocol(int(len(split.eval_users))),
         details={"parameters": sr_model.n_parameters()},
     )
     logger.info("%s test: %s", sr_model.config.model, report.headline())
