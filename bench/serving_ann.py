@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("hnswlib", "faiss", "usearch")
 TABLES = ("clustered", "random", "scientific")
 # the trained Laser item table of the Scientific run (SmolLM2-135M, 5,327 items x 576; not in the repository)
-REAL_TABLE = ROOT.parent / "main" / "runs" / "laser-sci" / "laser-laser-0bd0b0da22b7d0dc" / "best_table.safetensors"
+REAL_TABLE = ROOT / "runs" / "laser-sci" / "laser-laser-0bd0b0da22b7d0dc" / "best_table.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,23 +122,6 @@ def make_table(kind: str, n: int, dim: int, latent: int, seed: int, real: Path |
         table[lo:hi] = draw(hi - lo, rng)
     table /= np.linalg.norm(table, axis=1, keepdims=True)
     return table, draw
-
-
-def exact_topk(table, queries, k: int):
-    import numpy as np
-
-    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    out = np.empty((len(q), k), dtype=np.int64)
-    for lo in range(0, len(q), 64):
-        s = q[lo : lo + 64] @ table.T
-        part = np.argpartition(-s, k, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
-        out[lo : lo + 64] = np.take_along_axis(part, order, axis=1)
-    return out
-
-
-def recall(found, truth) -> float:
-    return float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / truth.size)
 
 
 # ------------------------------------------------------------------------------------------------ indexes
@@ -281,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from laser_core.ann import exact_top_k, recall_at_k
     from laser_core.bundle import export_scorer
     from laser_core.reporting import markdown_table
 
@@ -325,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             qrng = np.random.default_rng(args.seed + 1)
             calib = draw(args.calib_queries, qrng)
             timed = draw(args.timed_queries, qrng)
-            truth_calib = exact_topk(table, calib, k)
-            truth_timed = exact_topk(table, timed, k)
+            truth_calib = exact_top_k(table, calib, k)
+            truth_timed = exact_top_k(table, timed, k)
             cell: dict = {"table": kind, "n_items": n, "table_s": round(time.perf_counter() - t0, 1)}
             print(f"[{key}] table + ground truth in {cell['table_s']} s", flush=True)
             with tempfile.TemporaryDirectory(prefix="laser-ann-") as tmp:
@@ -341,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                     got = np.concatenate(
                         [session.run(None, {"user_embedding": timed[i : i + 1]})[1] for i in range(20)]
                     )
-                    cell["exact_onnx_recall_vs_numpy"] = recall(got, truth_timed[:20])
+                    cell["exact_onnx_recall_vs_numpy"] = recall_at_k(got, truth_timed[:20])
                 for lib_name in args.libraries:
                     lib = LIBS[lib_name](args)
                     rec: dict = {"version": lib.version()}
@@ -370,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
                         t0 = time.perf_counter()
                         found = np.stack([lib.search(calib[i : i + 1], k) for i in range(len(calib))])
                         ms = (time.perf_counter() - t0) * 1e3 / len(calib)
-                        r = recall(found, truth_calib)
+                        r = recall_at_k(found, truth_calib)
                         curve[str(ef)] = {"recall": round(r, 4), "mean_ms": round(ms, 3)}
                         if r >= args.target_recall:
                             chosen = ef
@@ -382,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
                         chosen = max(args.efs)
                     lib.set_ef(chosen)
                     found = np.stack([lib.search(timed[i : i + 1], k) for i in range(len(timed))])
-                    rec["recall_timed"] = round(recall(found, truth_timed), 4)
+                    rec["recall_timed"] = round(recall_at_k(found, truth_timed), 4)
                     runners = {"ann": lambda u: lib.search(u, k)}
                     if session is not None:
                         runners["exact_onnx"] = lambda u: session.run(None, {"user_embedding": u})

@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from laser_core.bundle import l2_normalize, read_manifest, read_scorer_table, sha256_file, write_manifest
+from laser_core.ranking import top_k
+
 INDEX_FILE = "item_index.hnsw"
 LIBRARY = "hnswlib"
 KIND = "hnsw"
@@ -63,13 +66,12 @@ def library_version() -> str:
 
 
 def _normalized(x: Any) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    arr = np.asarray(x, dtype=np.float32)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"expected a [n, d] matrix, got shape {arr.shape}")
-    norms = np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), np.float32(1e-12))
-    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+    return np.ascontiguousarray(l2_normalize(arr), dtype=np.float32)
 
 
 def read_header(path: str | Path) -> dict:
@@ -183,15 +185,10 @@ def build_index(
 
 
 def exact_top_k(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the exact top-``k`` cosines (``table`` normalized), best first, ``[B, k]``."""
+    """Rows of the exact top-``k`` cosines (``table`` normalized), best first, ``[B, k]`` (ties as the scorer's)."""
     q = _normalized(queries)
-    out = np.empty((len(q), k), dtype=np.int64)
-    for lo in range(0, len(q), 64):
-        s = q[lo : lo + 64] @ table.T
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
-        out[lo : lo + 64] = np.take_along_axis(part, order, axis=1)
-    return out
+    chunks = [top_k(q[lo : lo + 16] @ table.T, k)[0] for lo in range(0, len(q), 16)]
+    return np.concatenate(chunks) if chunks else np.empty((0, k), dtype=np.int64)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -245,7 +242,6 @@ def calibrate_ef(
 def table_sha256(bundle_dir: str | Path, scorer_file: str) -> str:
     """sha256 of the file holding the scorer's table: ``<scorer>.data`` when the table is ONNX external data
     (``laser_core.bundle.scorer_table_file``), else the scorer; the index's ``scorer_sha256``."""
-    from laser_core.bundle import sha256_file
 
     data = Path(bundle_dir) / (scorer_file + ".data")
     return sha256_file(data if data.is_file() else Path(bundle_dir) / scorer_file)
@@ -282,7 +278,6 @@ def index_bundle(
     writes :data:`INDEX_FILE` and the manifest's ``ann_index`` section (``files`` gets its sha256). ``ef``: the
     search breadth to record; default: :func:`calibrate_ef` at ``target_recall`` for the bundle's k. Returns the
     section."""
-    from laser_core.bundle import read_manifest, read_scorer_table, write_manifest
 
     root = Path(bundle_dir)
     manifest = read_manifest(root)
