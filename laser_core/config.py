@@ -127,6 +127,70 @@ def read_yaml(path: Path) -> object:
     return yaml.load(path.read_text(encoding="utf8"), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
+BASE_KEY = "base"
+
+
+def merge_layers(base: dict, overlay: dict) -> dict:
+    """``overlay`` on top of ``base``: mappings are merged key by key (recursively), anything else (a value, a
+    list, ``null``) replaces what the base had."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_layers(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_mapping(path: Path) -> dict:
+    """One config file as a mapping (an empty file is ``{}``); a :class:`ConfigError` naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = read_yaml(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def read_layered(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw settings of a config file with its bases under it.
+
+    A file may start with ``base: FILE`` or ``base: [FILE, ...]`` (paths relative to the file's folder): the
+    bases are read first (each with its own bases), merged in order, then the file's own settings on top
+    (:func:`merge_layers`). So a dataset's file holds what is true of the data, and a variant (``*_cpu``,
+    ``*_fusion``) only what it changes. A relative ``dataset.path`` is resolved against the folder of the file
+    that sets it. A base that (indirectly) names itself is an error."""
+    path = Path(path)
+    where = path.resolve()
+    if where in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, where))
+        raise ConfigError(f"{path}: `{BASE_KEY}:` chain names a file twice ({cycle})")
+    raw = _read_mapping(path)
+    dataset = raw.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        data_path = Path(dataset["path"]).expanduser()
+        if not data_path.is_absolute():
+            raw["dataset"] = {**dataset, "path": str((path.parent / data_path).resolve())}
+    bases = raw.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: `{BASE_KEY}:` must be a file name or a list of file names, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = merge_layers(merged, read_layered(path.parent / base, (*_chain, where)))
+    return merge_layers(merged, raw)
+
+
 def apply_overrides(raw: dict, overrides: Sequence[str], source: str) -> dict:
     """``KEY.PATH=VALUE`` settings on top of a raw config (the value read as YAML: ``bitune.prefix=none``,
     ``laser_train.lr=3e-4``, ``bitune.mformer.n_layers=2``); intermediate sections are created when missing."""
@@ -154,25 +218,15 @@ def load_config(path: str | Path, data_dir: str | None = None, overrides: Sequen
     A relative ``dataset.path`` is resolved against the config file's folder. An empty file is an error (a run
     on nothing but defaults is never what was meant). ``data_dir`` with a config whose ``dataset.format`` is
     ``synthetic`` reads the files in ``data_dir``: the format becomes ``auto`` (detected from the folder), since
-    generated data would ignore the folder the command line names.
+    generated data would ignore the folder the command line names. ``base:`` files are merged under the file's
+    own settings first (:func:`read_layered`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = read_yaml(path)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
-    if raw is None or raw == {}:
+    raw = read_layered(path)
+    if raw == {}:
         raise ConfigError(
             f"{path}: the config file is empty; a run needs at least a `dataset:` section "
             "(see configs/tiny.yaml for a complete example)"
-        )
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of sections (dataset:, sr:, ...) at top level, got {type(raw).__name__}"
         )
     raw = apply_overrides(raw, overrides, str(path))
     try:

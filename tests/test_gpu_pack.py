@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from laser_core.config import load_config
+from laser_core.config import load_config, read_yaml
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextFormatter
 from laser_core.fingerprint import split_fingerprint
@@ -68,14 +68,11 @@ bitune:
 """
     + TRAIN
 )
-FUSION = (
-    COMMON
-    + """sr: {model: sasrec, hidden_size: 64, dropout: 0.5, attn_dropout: 0.5}
+FUSION = """base: laser.yaml
+sr: {model: sasrec, dropout: 0.5, attn_dropout: 0.5}
 bitune: {prefix: none, embedding_transform: whiten, fusion: concat}
-"""
-    + TRAIN
-    + "  fusion_weight_grid: [1.0, 5.0]\n"
-)
+laser_train: {fusion_weight_grid: [1.0, 5.0]}
+"""  # a layer over FAITHFUL, as configs/scientific_gpu_fusion.yaml is
 
 
 def write_recformer(root: Path, n_users: int = 90, n_items: int = 40, seed: int = 5) -> Path:
@@ -233,7 +230,11 @@ def test_pack_holds_the_data_the_sr_checkpoints_and_the_configs(built, tmp_path)
     assert set(manifest["files"]) | {"pack.json"} == set(on_disk)
     assert set(manifest["runs"]) == {"laser", "laser-fusion"}
     assert manifest["runs"]["laser-fusion"]["frozen_encoder"] == "sasrec"
-    assert (pack / "configs" / "laser.yaml").read_text() == FAITHFUL
+    # each run's config as given, flattened (its `base:` files merged in), without the local data path
+    assert read_yaml(pack / "configs" / "laser.yaml") == read_yaml_text(FAITHFUL)
+    fused = read_yaml(pack / "configs" / "laser-fusion.yaml")
+    assert "base" not in fused and fused["dataset"] == {"format": "recformer", "name": "tinysci"}
+    assert fused["bitune"]["fusion"] == "concat" and fused["laser_train"]["fusion_weight_grid"] == [1.0, 5.0]
     # the data: unpacked, the same split as the source folder's
     data = gpu_pack.extract_tar_xz(pack / gpu_pack.DATA, tmp_path / "data")
     split = leave_one_out(load_dataset({"format": "recformer", "path": str(data)}))
@@ -394,3 +395,9 @@ def test_merge_takes_each_run_from_its_last_call_and_refuses_other_pairs(tmp_pat
     files[1].write_text(json.dumps(doc({"b": 0.25}, 0.31, pairs=6)))
     with pytest.raises(SystemExit, match="other test pairs"):
         merge.merge(files)
+
+
+def read_yaml_text(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)

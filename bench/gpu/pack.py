@@ -167,7 +167,9 @@ def build_pack(
     from laser_benchmark import baseline_model
     from transformers import AutoTokenizer
 
-    from laser_core.config import load_config
+    import yaml
+
+    from laser_core.config import load_config, read_layered
     from laser_core.data import leave_one_out, load_dataset
     from laser_core.data.text import TextFormatter
     from laser_core.llm.backbones import resolve_backbone
@@ -196,10 +198,12 @@ def build_pack(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     manifest: dict = {"format": FORMAT, "version": VERSION, "runs": {}, "sr": {}}
-    # the runs' configs, as given
+    # the runs' configs, as given but flattened (their `base:` files merged in; the data path is the pack's data/)
     (tmp / "configs").mkdir()
     for label, path in runs.items():
-        shutil.copyfile(path, tmp / "configs" / f"{label}.yaml")
+        raw = read_layered(path)
+        raw.get("dataset", {}).pop("path", None)
+        (tmp / "configs" / f"{label}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf8")
         manifest["runs"][label] = {
             "config": f"configs/{label}.yaml",
             "source": Path(path).as_posix(),
