@@ -1,4 +1,11 @@
-"""One entry point for every supported format: :func:`load_dataset` with a :class:`DatasetConfig`."""
+"""One entry point for every supported format: :func:`load_dataset` with a :class:`DatasetConfig`.
+
+Whatever the format, the item texts (title, brand, category) are then cut to ``max_text_chars`` characters
+(:data:`DEFAULT_MAX_TEXT_CHARS` unless configured; at a word boundary when possible), so a runaway field cannot
+reach the tokenizer or the scorer whole. How many of each were cut is kept in ``SeqDataset.source["texts_cut"]``
+and shown in the validation report. The text template's own budget (``text.title_max_chars`` /
+``title_max_tokens``) still applies when the texts are formatted.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,13 @@ from laser_core.data.errors import DataFormatError
 from laser_core.data.model import SeqDataset
 from laser_core.data.synthetic import SyntheticConfig, generate_synthetic
 from laser_core.data.table import TableColumns, load_table
+from laser_core.data.text import truncate
 
 Format = Literal["auto", "synthetic", "recformer", "seqrecbench", "amazon2018", "table"]
+#: the default bound on an item's title, brand and category, in characters (the longest title of the shipped
+#: Amazon datasets has 841)
+DEFAULT_MAX_TEXT_CHARS = 2000
+TEXT_FIELDS = ("title", "brand", "category")
 
 
 class DatasetConfig(StrictConfig):
@@ -34,6 +46,8 @@ class DatasetConfig(StrictConfig):
     columns: dict[str, str | None] = Field(default_factory=dict)
     # synthetic: the generator's settings (see SyntheticConfig)
     synthetic: dict[str, float | int] = Field(default_factory=dict)
+    # every format: item titles, brands and categories longer than this are cut (and counted)
+    max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
 
     @model_validator(mode="after")
     def _synthetic_reads_no_path(self) -> "DatasetConfig":
@@ -55,7 +69,7 @@ def detect_format(path: Path) -> str:
         return "seqrecbench"
     if amazon_raw.looks_like(path):
         return "amazon2018"
-    if any((path / f).is_file() for f in ("interactions.csv", "interactions.parquet")):
+    if any((path / f).is_file() for f in TABLE_FILES["interactions"]):
         return "table"
     raise DataFormatError(
         path,
@@ -63,6 +77,38 @@ def detect_format(path: Path) -> str:
         "SeqRecBench files (user2item.jsonl.gz, item2title.jsonl.gz), raw Amazon 2018 files "
         "(<Category>_5.json.gz, meta_<Category>.json.gz) or interactions.csv + items.csv",
     )
+
+
+#: the default file names of the table format, CSV first; a folder holding both of a pair is ambiguous
+TABLE_FILES = {"interactions": ("interactions.csv", "interactions.parquet"), "items": ("items.csv", "items.parquet")}
+
+
+def _table_file(root: Path, configured: str, kind: str) -> Path:
+    """The ``kind`` file of a table folder: the configured name, or, for the default name, whichever of the CSV
+    and the Parquet file exists (both present is refused: which one was meant cannot be told)."""
+    csv, parquet = TABLE_FILES[kind]
+    if configured != csv:
+        return root / configured
+    present = [root / name for name in (csv, parquet) if (root / name).exists()]
+    if len(present) == 2:
+        raise DataFormatError(
+            root,
+            f"both {csv} and {parquet} are present, so which {kind} table to read is ambiguous: remove one, or "
+            f"name it with dataset.{kind}_file",
+        )
+    return present[0] if present else root / csv
+
+
+def cut_texts(dataset: SeqDataset, max_chars: int) -> dict[str, int]:
+    """Cut the item texts of ``dataset`` longer than ``max_chars`` in place; the number cut per field."""
+    cut = {}
+    for column in TEXT_FIELDS:
+        values = dataset.items[column]
+        over = values.str.len() > max_chars
+        cut[column] = int(over.sum())
+        if cut[column]:
+            dataset.items.loc[over, column] = [truncate(t, max_chars=max_chars) for t in values[over]]
+    return cut
 
 
 def resolve_format(config: DatasetConfig) -> str:
@@ -74,7 +120,15 @@ def resolve_format(config: DatasetConfig) -> str:
 
 
 def load_dataset(config: DatasetConfig | dict | None = None) -> SeqDataset:
+    """Load the dataset ``config`` describes, its item texts cut to ``max_text_chars`` (see the module docstring)."""
     cfg = config if isinstance(config, DatasetConfig) else DatasetConfig.model_validate(config or {})
+    dataset = _load(cfg)
+    dataset.source["max_text_chars"] = cfg.max_text_chars
+    dataset.source["texts_cut"] = cut_texts(dataset, cfg.max_text_chars)
+    return dataset
+
+
+def _load(cfg: DatasetConfig) -> SeqDataset:
     fmt = resolve_format(cfg)
     if fmt == "synthetic":
         known = {f.name for f in fields(SyntheticConfig)}
@@ -99,11 +153,7 @@ def load_dataset(config: DatasetConfig | dict | None = None) -> SeqDataset:
         unknown = set(cfg.columns) - known
         if unknown:
             raise ValueError(f"dataset.columns: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        inter = root / cfg.interactions_file
-        if not inter.exists() and cfg.interactions_file == "interactions.csv":
-            inter = root / "interactions.parquet"
-        items = root / cfg.items_file
-        if not items.exists() and cfg.items_file == "items.csv":
-            items = root / "items.parquet"
+        inter = _table_file(root, cfg.interactions_file, "interactions")
+        items = _table_file(root, cfg.items_file, "items")
         return load_table(inter, items, TableColumns(**cfg.columns), name=cfg.name)
     raise ValueError(f"unknown dataset format {fmt!r}")

@@ -3,6 +3,16 @@
 Interactions need a user column, an item column and (optionally) a timestamp column; items need an item
 column and a title, with brand and category optional. Column names are configurable. Rows are ordered per
 user by timestamp (stable, so equal times keep file order), or by file order when there is no timestamp.
+
+Timestamps become integer seconds since the Unix epoch (UTC), whatever form they come in:
+
+* numbers (int or float columns, numeric CSV text) are taken as seconds; a fraction is floored;
+* datetimes (a Parquet ``timestamp`` column of any unit, time-zone aware or naive = UTC) are converted;
+* ISO-8601 text (``2024-01-01``, ``2024-01-01T12:00:00+02:00``; naive = UTC) is parsed and converted.
+
+A missing, non-finite (``inf``, ``nan``) or out-of-range value (beyond year 9999 in seconds, e.g. milliseconds
+or ``1e30``) is refused with a :class:`DataFormatError` naming the file, the CSV line (the header is line 1) or
+the Parquet row (1-based), and the column.
 """
 
 from __future__ import annotations
@@ -39,11 +49,57 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def _row_error(path: Path, frame: pd.DataFrame, mask: pd.Series, column: str, message: str) -> None:
+    """Raise for the first row where ``mask`` is true: its CSV line (header = line 1) or Parquet row (1-based).
+    ``message`` may hold ``{value}``, filled with that row's value of ``column``."""
     if mask.any():
         first = int(np.flatnonzero(mask.to_numpy())[0])
         # CSV: header is line 1, so data row k (0-based) is on line k + 2
-        where = {"line": first + 2} if path.suffix != ".parquet" else {"record": f"row {first}"}
+        where = {"line": first + 2} if path.suffix != ".parquet" else {"row": first + 1}
+        value = frame[column].iloc[first]
+        message = message.format(value=(repr(value) if isinstance(value, str) else str(value))[:60])
         raise DataFormatError(path, f"{message} ({int(mask.sum())} rows)", field=column, **where)
+
+
+#: the largest timestamp read, in seconds: 9999-12-31T23:59:59Z (milliseconds or nanoseconds are far above it)
+MAX_TIMESTAMP = 253_402_300_799
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def _datetime_seconds(values: pd.Series) -> pd.Series:
+    """Seconds since the epoch of a datetime64 series of any unit, naive (read as UTC) or tz-aware; NaT gives NaN."""
+    utc = values.dt.tz_convert("UTC") if values.dt.tz is not None else values.dt.tz_localize("UTC")
+    return (utc - _EPOCH) // pd.Timedelta(seconds=1)
+
+
+def timestamp_seconds(path: Path, frame: pd.DataFrame, column: str) -> pd.Series:
+    """The ``column`` of ``frame`` as int64 seconds since the epoch (see the module docstring), or a
+    :class:`DataFormatError` naming the first bad row."""
+    raw = frame[column]
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        ts = _datetime_seconds(raw)
+    else:
+        if pd.api.types.is_bool_dtype(raw):
+            _row_error(path, frame, raw.notna(), column, "timestamp {value} is a boolean, not a number or a date")
+        ts = pd.to_numeric(raw, errors="coerce")
+        text = ts.isna() & raw.notna()
+        if text.any():  # ISO-8601 dates as well as Unix seconds
+            parsed = pd.to_datetime(raw.where(text), errors="coerce", utc=True, format="ISO8601")
+            ts = ts.astype("float64").fillna(_datetime_seconds(parsed))
+    _row_error(path, frame, raw.isna(), column, "missing timestamp")
+    _row_error(path, frame, ts.isna(), column, "timestamp {value} is neither a number nor a date")
+    values = ts.to_numpy(dtype="float64")
+    _row_error(path, frame, pd.Series(~np.isfinite(values)), column, "timestamp {value} is not a finite number")
+    _row_error(
+        path,
+        frame,
+        pd.Series(np.abs(values) > MAX_TIMESTAMP),
+        column,
+        f"timestamp {{value}} is out of range: expected seconds since 1970-01-01 within +-{MAX_TIMESTAMP} "
+        "(up to year 9999; milliseconds or nanoseconds must be divided down to seconds)",
+    )
+    if ts.dtype.kind in "iu":
+        return ts.astype("int64")
+    return pd.Series(np.floor(values).astype("int64"), index=ts.index)
 
 
 def load_table(
@@ -65,13 +121,7 @@ def load_table(
 
     has_ts = cols.timestamp is not None and cols.timestamp in inter.columns
     if has_ts:
-        raw_ts = inter[cols.timestamp]
-        ts = pd.to_numeric(raw_ts, errors="coerce")
-        if ts.isna().any():  # allow ISO-8601 dates as well as Unix seconds
-            parsed = pd.to_datetime(raw_ts.where(ts.isna()), errors="coerce", utc=True, format="ISO8601")
-            ts = ts.fillna((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
-        _row_error(ipath, inter, ts.isna(), cols.timestamp, "timestamp is neither a number nor a date")
-        inter = inter.assign(_ts=ts.astype("int64"))
+        inter = inter.assign(_ts=timestamp_seconds(ipath, inter, cols.timestamp))
 
     item_idx = pd.Series(np.arange(len(meta)), index=meta_ids.to_numpy())
     inter_items = inter[cols.item].astype(str)

@@ -2,7 +2,9 @@
 
 Three tables are checked: the interactions (one row per user-item event), the catalogue, and a per-user table
 of sequence lengths. The suite: at least one interaction, item and user; required columns, non-null ids, every
-interacted item in the catalogue, unique item ids, non-empty titles, timestamps >= 0 and in time order within each
+interacted item in the catalogue, unique item ids, non-empty titles of at most ``max_text_chars`` characters
+(the bound :func:`laser_core.data.load_dataset` cuts them to; the report's statistics count the texts it cut),
+timestamps >= 0 and in time order within each
 user (when timestamps exist: the time delta to the user's previous event is >= 0), no duplicate (user, item,
 timestamp) rows (when timestamps exist), sequence-length bounds, and at least one sequence long enough for the
 leave-one-out split (>= 3 items: a validation and a test target). :func:`validate` returns a
@@ -21,6 +23,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field
 
 from laser_core.configbase import StrictConfig
+from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import MIN_EVAL_LENGTH
 from laser_core.errors import EXIT_DATA, UserError
@@ -214,11 +217,13 @@ def validate(
             gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
             gxe.ExpectColumnValuesToBeUnique(column="item_id"),
         ]
+    provenance = dataset.source if dataset is not None else {}
+    max_chars = int(provenance.get("max_text_chars", DEFAULT_MAX_TEXT_CHARS))
     if "title" in items.columns:
         item_frame = items.assign(title=items["title"].astype("string").str.strip())
         item_exp += [
             gxe.ExpectColumnValuesToNotBeNull(column="title"),
-            gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1, max_value=max_chars),
         ]
     suites["items"] = (item_frame, item_exp)
 
@@ -266,6 +271,8 @@ def validate(
         "avg_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
         "has_timestamps": bool(has_ts),
     }
+    for column, n in (provenance.get("texts_cut") or {}).items():
+        stats[f"{column} values cut to {max_chars} chars"] = int(n)
     return ValidationReport(
         dataset=name,
         success=all(o.success for o in outcomes),

