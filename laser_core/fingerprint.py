@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from laser_core.paths import default_cache_dir
+
 FINGERPRINT_FORMAT = 1
 LARGE_FILE = 16 << 20  # files this big get their sha256 memoized on disk (path, size, mtime, inode)
 
@@ -187,8 +189,6 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     if st.st_size < LARGE_FILE:
         return _read_sha256(path)
-    from laser_core.llm.backbones import default_cache_dir
-
     real = str(path.resolve())
     stamp = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     memo = (

@@ -265,7 +265,7 @@ def build_pack(
         wheel_dir = Path(wheels) if wheels != "auto" else None
         with tempfile.TemporaryDirectory() as wtmp:
             if wheel_dir is None:
-                from laser_core.llm.backbones import default_cache_dir
+                from laser_core.paths import default_cache_dir
 
                 wheel_dir = default_cache_dir() / "wheels" / f"cp{GPU_PYTHON.replace('.', '')}"
                 if not all(

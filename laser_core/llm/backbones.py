@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,10 @@ from torch import nn
 
 from laser_core.configbase import StrictConfig
 from laser_core.device import resolve_device
+from laser_core.paths import default_cache_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = ("tiny-random-llama", "tiny-random-gpt2")
-
-
-def default_cache_dir() -> Path:
-    """``LASER_CACHE_DIR`` or ``~/.cache/laser``."""
-    return Path(os.environ.get("LASER_CACHE_DIR", Path.home() / ".cache" / "laser"))
 
 
 class TinyConfig(StrictConfig):
