@@ -20,23 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import ConfigDict, Field
 from torch import nn
 
-from laser_core.configbase import StrictConfig
-
-
-class MFormerConfig(StrictConfig):
-    model_config = ConfigDict(extra="forbid")
-
-    n_experts: int = Field(default=8, ge=1)  # K
-    n_query: int = Field(default=32, ge=1)  # L
-    width: int = Field(default=768, ge=8)  # d_m
-    n_layers: int = Field(default=12, ge=1)  # Z
-    n_heads: int = Field(default=12, ge=1)
-    cross_attention_every: int = Field(default=2, ge=1)
-    ffn_mult: int = Field(default=4, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+from laser_core.configuration import MFormerConfig
 
 
 @dataclass

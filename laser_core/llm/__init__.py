@@ -1,5 +1,6 @@
 """Frozen LLM backbones: name resolution, offline SmolLM2 fetch, tiny test models, 4-bit loading."""
 
+from laser_core.paths import default_cache_dir
 from laser_core.llm.backbones import (
     SMOLLM2,
     TINY,
@@ -7,7 +8,6 @@ from laser_core.llm.backbones import (
     BackboneConfig,
     TinyConfig,
     build_tiny_backbone,
-    default_cache_dir,
     load_backbone,
     quantized_linear_share,
     resolve_backbone,

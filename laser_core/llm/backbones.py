@@ -25,54 +25,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
 from torch import nn
 
-from laser_core.configbase import StrictConfig
+from laser_core.configuration import SMOLLM2, TINY, BackboneConfig, TinyConfig
 from laser_core.device import resolve_device
-from laser_core.paths import default_cache_dir
-
-SMOLLM2 = "smollm2-135m-instruct"
-TINY = ("tiny-random-llama", "tiny-random-gpt2")
-
-
-class TinyConfig(StrictConfig):
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: int = Field(default=64, ge=8)  # keep multiples of 64 for 4-bit on CPU
-    n_layers: int = Field(default=2, ge=1)
-    n_heads: int = Field(default=4, ge=1)
-    vocab_size: int = Field(default=512, ge=300)
-    seed: int = 0
-
-
-class BackboneConfig(StrictConfig):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = SMOLLM2
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto",
-        description=("auto: bfloat16 on a CUDA device, float32 on the CPU (the device the backbone is loaded on)"),
-    )
-    cache_dir: str | None = None
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    num_layers: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "keep only the first N decoder layers (+ the final norm) of the causal LM; None: all of them. Fewer "
-            "layers cost proportionally fewer FLOPs (bench/frozen_llm.py measures quality per N)"
-        ),
-    )
-    tiny: TinyConfig = Field(default_factory=TinyConfig)
-
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
 @dataclass
