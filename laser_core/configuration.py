@@ -103,10 +103,15 @@ class BiTuneConfig(StrictConfig):
 
     @property
     def reads_item_ids(self) -> bool:
-        """The user side reads the item-ID history through the frozen ID model: the M-Former prefix does, and so
-        does the fusion (its user vector joins the ID model's). Such a model needs the ID model, and its user
-        tower takes ``item_ids``/``item_mask``."""
-        return self.prefix == "mformer" or self.fusion != "none"
+        """:func:`reads_item_ids` of these settings."""
+        return reads_item_ids(self.prefix, self.fusion)
+
+
+def reads_item_ids(prefix: str, fusion: str) -> bool:
+    """Whether a Laser model's user side reads the item-ID history through the frozen ID model: the M-Former prefix
+    does, and so does the fusion (its user vector joins the ID model's). Such a model needs the ID model, and its
+    user tower takes ``item_ids``/``item_mask`` (the bundle manifest's rule too)."""
+    return prefix == "mformer" or fusion != "none"
 
 
 class LaserSpec(StrictConfig):

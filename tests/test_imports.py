@@ -23,6 +23,7 @@ TORCH_FREE = (
     "laser_core.artifact",
     "laser_core.bundle",
     "laser_core.configbase",
+    "laser_core.configuration",
     "laser_core.errors",
     "laser_core.metrics",
     "laser_core.paths",
