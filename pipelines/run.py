@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from laser_core.config import LaserConfig, data_fingerprint
+from laser_core.errors import EXIT_MODEL, UserError
 
 
 LOOKUP_AT_RUN = "lookup-at-run-time"  # scheduled runs: the promote step reads the registry when it runs
@@ -15,6 +16,12 @@ LOOKUP_AT_RUN = "lookup-at-run-time"  # scheduled runs: the promote step reads t
 
 class ScheduleError(RuntimeError):
     """A schedule was asked for on a stack whose orchestrator cannot run one (raised before anything runs)."""
+
+
+class ModelVersionError(UserError, RuntimeError):
+    """The model version a batch run needs is missing or has no exported bundle (``laser`` exits 4)."""
+
+    exit_code = EXIT_MODEL
 
 
 def _model(config: LaserConfig, version=None):
@@ -133,12 +140,12 @@ def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
     try:
         mv = Client().get_model_version(name, version)
     except KeyError as exc:
-        raise RuntimeError(
+        raise ModelVersionError(
             f"model {name!r} has no {stage} version yet: run `laser run --config ...` first "
             f"(or `laser model promote {name} <version> --stage {stage}`)"
         ) from exc
     if mv.get_artifact("scorer_bundle") is None:  # the recommendations come from the exported bundle
-        raise RuntimeError(
+        raise ModelVersionError(
             f"model {name!r} version {mv.name} ({stage}) has no exported bundle (scorer_bundle): it was trained "
             f"with stop_after 'laser'; batch recommendations are served from the bundle, as online ones are"
         )

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from laser_cli.main import cli
 from laser_core.data import DataFormatError, load_dataset
 from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS
-from laser_core.errors import EXIT_DATA
+from laser_core.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL
 
 ITEMS = pd.DataFrame({"item_id": list("xyz"), "title": ["X one", "Y two", "Z three"]})
 SECONDS = [1704067200, 1704067210, 1704153600]  # 2024-01-01T00:00:00Z, +10 s, 2024-01-02
@@ -139,3 +139,93 @@ def test_runaway_titles_are_cut_and_counted(tmp_path):
     assert [o.column for o in raw.failures] == ["title"]
     small = load_dataset({"path": str(tmp_path / "t"), "max_text_chars": 10})
     assert small.items["title"].tolist() == ["X one", "word word", "Z three"]
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+TINY_SYNTHETIC = "dataset:\n  format: synthetic\n  synthetic: {n_users: 40, n_items: 30, seed: 2}\n"
+
+
+def test_batch_k_must_be_positive(tmp_path, monkeypatch):
+    """`laser batch -k 0` is refused naming -k (before, 0 silently meant the config's batch.k)."""
+    import pipelines.run
+
+    calls = []
+    monkeypatch.setattr(pipelines.run, "run_batch", lambda cfg, **kw: calls.append(cfg.batch.k))
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_SYNTHETIC)
+    for k in ("0", "-3"):
+        result = CliRunner().invoke(cli, ["batch", "--config", str(config), "-k", k])
+        assert result.exit_code == EXIT_CONFIG and "Invalid value for '-k'" in result.output, result.output
+    assert calls == []
+
+
+@pytest.fixture
+def command():
+    """``command(fn)``: ``fn`` as the ``laser boom-test`` command, for one test."""
+    yield lambda fn: cli.command(name="boom-test")(fn)
+    cli.commands.pop("boom-test", None)
+
+
+def test_click_errors_from_bundle_errors_exit_4_and_debug_shows_tracebacks(tmp_path, command, monkeypatch):
+    """A click error raised from a bundle or index error exits 4 (as the README says; before, 1), and --debug prints
+    the traceback of click's errors too (usage errors included), not only of the others."""
+    import click
+
+    from laser_core.ann import AnnError
+    from laser_core.bundle import BundleError
+
+    monkeypatch.setenv("LASER_LOG_DIR", str(tmp_path / "logs"))
+
+    def boom() -> None:
+        try:
+            raise AnnError("item_index.hnsw: link id 99 out of range")
+        except AnnError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    command(boom)
+    result = CliRunner().invoke(cli, ["boom-test"])
+    assert result.exit_code == EXIT_MODEL and result.output == "Error: item_index.hnsw: link id 99 out of range\n"
+    debug = CliRunner().invoke(cli, ["--debug", "boom-test"])
+    assert debug.exit_code == EXIT_MODEL and "Traceback (most recent call last)" in debug.output
+    assert "AnnError: item_index.hnsw" in debug.output
+    usage = CliRunner().invoke(cli, ["--debug", "batch", "--config", "x.yaml", "-k", "0"])
+    assert usage.exit_code == EXIT_CONFIG and "Traceback (most recent call last)" in usage.output
+    # the real commands: a folder that is not a bundle
+    for args in (["recommend", "--bundle", str(tmp_path)], ["index", "build", "--bundle", str(tmp_path)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == EXIT_MODEL and "not a Laser export bundle" in result.output, result.output
+        assert "Traceback" not in result.output
+    from laser_cli.errors import classify
+
+    assert classify(AnnError("bad index"))[0] == classify(BundleError("bad bundle"))[0] == EXIT_MODEL
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--stack-name", "../../evil name;rm -rf"),
+        ("--stack-name", "-leading-dash"),
+        ("--namespace", "BAD_NS!!"),
+        ("--namespace", "a" * 64),
+        ("--kaniko-namespace", "Upper"),
+        ("--service-account", "sa;rm"),
+    ],
+)
+def test_stack_names_are_kubernetes_names(flag, value, zenml_store):
+    env = {
+        "LASER_KUBE_CONTEXT": "test-cluster",
+        "LASER_ARTIFACT_STORE_PATH": "s3://laser-test-bucket/zenml",
+        "LASER_CONTAINER_REGISTRY_URI": "registry.example.com/laser",
+    }
+    args = ["stack", "register", "kubernetes", "--no-requirements-check", flag, value]
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
+    assert "is not a valid name" in result.output and "Traceback" not in result.output
+
+
+def test_kubeflow_namespaces_are_checked(zenml_store):
+    env = {"LASER_KUBEFLOW_HOST": "https://kfp.example.com", "LASER_KUBE_CONTEXT": "c"}
+    for flag in ("--kubeflow-namespace", "--user-namespace"):
+        args = ["stack", "register", "kubeflow", "--no-requirements-check", flag, "BAD_NS!!"]
+        result = CliRunner().invoke(cli, args, env=env)
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
