@@ -83,9 +83,9 @@ def ann_index_options(f):
         help="Calibrate the search breadth to this recall@k against the exact scorer.",
     )(f)
     f = click.option("--ef-construction", default=100, show_default=True, type=click.IntRange(min=1))(f)
-    f = click.option("--M", "m", default=16, show_default=True, type=click.IntRange(min=2), help="HNSW graph degree.")(
-        f
-    )
+    f = click.option(
+        "--M", "m", default=16, show_default=True, type=click.IntRange(min=2, max=10000), help="HNSW graph degree."
+    )(f)
     return f
 
 
@@ -210,6 +210,40 @@ def recommend(
     is_flag=True,
     help="Rank with the exact scorer (a scan of the whole table) even if the bundle has an ANN index.",
 )
+@click.option(
+    "--scoring-threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Recommend requests scored at once (default: the CPU count); /health and /ready never wait for them.",
+)
+@click.option(
+    "--max-connections",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Open connections at most (default: what the open-file limit, ulimit -n, leaves). At the limit a new "
+    "connection closes the longest-idle one, or gets a 503 when none is idle.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a connection has to send a whole request head (408, or a quiet close if it sent nothing).",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request body has to arrive after its head (408).",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an idle keep-alive connection stays open.",
+)
 def serve(
     bundle: str,
     host: str,
@@ -221,12 +255,18 @@ def serve(
     graceful_timeout: float,
     access_log: bool,
     exact: bool,
+    scoring_threads: int | None,
+    max_connections: int | None,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive_timeout: float,
 ) -> None:
     """HTTP JSON service (FastAPI on uvicorn): POST /recommend {"history": [...], "k": 10}, GET /health, GET /ready,
     API docs at /docs. SIGTERM or Ctrl-C shuts it down gracefully."""
     import logging
 
-    from laser_core.service import ListenError, bind, create_app, serve as serve_app
+    from laser_core.service import DEFAULT_SCORING_THREADS, ListenError, ServerSettings, bind, create_app
+    from laser_core.service import serve as serve_app
     from laser_core.serving import BundleError, Recommender
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -236,11 +276,29 @@ def serve(
             "scoring: %s",
             "ANN index " + _ann_summary(rec.manifest["ann_index"]) if rec.scoring == "ann" else "exact scorer",
         )
-        app = create_app(rec, max_k=max_k, max_body_bytes=max_body_bytes)
+        app = create_app(
+            rec,
+            max_k=max_k,
+            max_body_bytes=max_body_bytes,
+            scoring_threads=scoring_threads or DEFAULT_SCORING_THREADS,
+            body_timeout=body_timeout,
+        )
+        try:  # after the bundle is loaded: the connection limit counts the files it opened
+            settings = ServerSettings(
+                max_connections=max_connections,
+                header_timeout=header_timeout,
+                keep_alive_timeout=keep_alive_timeout,
+                timeout_graceful_shutdown=graceful_timeout,
+                access_log=access_log,
+            ).resolved()
+        except ValueError as exc:
+            raise click.BadParameter(
+                str(exc).replace("max_connections", "--max-connections"), param_hint="'--max-connections'"
+            ) from exc
         sock = bind(host, port)  # before serving: a busy port is one clear error
     except (BundleError, ValueError, FileNotFoundError, ListenError) as exc:
         raise click.ClickException(str(exc)) from exc
-    serve_app(app, sock, timeout_graceful_shutdown=graceful_timeout, access_log=access_log)
+    serve_app(app, sock, settings)
 
 
 def register(cli: click.Group) -> None:

@@ -20,6 +20,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ LIBRARY = "hnswlib"
 KIND = "hnsw"
 METRIC = "ip"  # inner product over L2-normalized rows = cosine
 DEFAULT_M = 16
+MAX_M = 10000  # hnswlib caps M here silently (with a warning on stderr); larger values are refused
 DEFAULT_EF_CONSTRUCTION = 100  # what bench/serving_ann.py measured
 DEFAULT_TARGET_RECALL = 0.99
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -74,10 +76,7 @@ def _normalized(x: Any) -> np.ndarray:
     return np.ascontiguousarray(l2_normalize(arr), dtype=np.float32)
 
 
-def read_header(path: str | Path) -> dict:
-    """``n_items`` (elements in the index), ``dim``, ``M`` and ``ef_construction`` from an hnswlib index file's
-    header, without loading the graph; an :class:`AnnError` naming the file if it is not one."""
-    path = Path(path)
+def _header_fields(path: Path) -> tuple:
     try:
         with path.open("rb") as f:
             raw = f.read(_HEADER.size)
@@ -85,13 +84,136 @@ def read_header(path: str | Path) -> dict:
         raise AnnError(f"{path}: cannot read the ANN index ({exc})") from None
     if len(raw) != _HEADER.size:
         raise AnnError(f"{path}: not an hnswlib index (the file is {len(raw)} bytes, shorter than its header)")
-    (_, max_elements, count, per_element, label_offset, data_offset, max_level, _, _, _, m, _, ef_c) = _HEADER.unpack(
-        raw
+    return _HEADER.unpack(raw)
+
+
+def read_header(path: str | Path) -> dict:
+    """``n_items`` (elements in the index), ``dim``, ``M`` and ``ef_construction`` from an hnswlib index file's
+    header, without loading the graph; an :class:`AnnError` naming the file if it is not one."""
+    path = Path(path)
+    (_, max_elements, count, per_element, label_offset, data_offset, max_level, _, _, _, m, _, ef_c) = _header_fields(
+        path
     )
     data_bytes = label_offset - data_offset
     if not (0 <= count <= max_elements and 0 < data_bytes < per_element and data_bytes % 4 == 0 and max_level >= 0):
         raise AnnError(f"{path}: not an hnswlib index (inconsistent header)")
     return {"n_items": int(count), "dim": data_bytes // 4, "M": int(m), "ef_construction": int(ef_c)}
+
+
+def _upper_levels(sizes: np.ndarray, count: int, block_words: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Walk the per-element upper-level records (a uint32 byte size, then that many bytes of link lists) held in
+    ``sizes`` (the file's tail as uint32 words): ``(levels [count], first word of each element's lists [count])``.
+    The loop steps only over elements that have upper levels (about 1/M of them): the zero-size records between
+    two of them are consecutive words, found with a search over the tail's non-zero words."""
+    levels = np.zeros(count, dtype=np.int64)
+    starts = np.zeros(count, dtype=np.int64)
+    nonzero = np.flatnonzero(sizes)
+    pos, element, n_words = 0, 0, len(sizes)
+    while element < count:
+        j = int(np.searchsorted(nonzero, pos))
+        nxt = int(nonzero[j]) if j < len(nonzero) else n_words
+        if nxt - pos >= count - element:  # every remaining element has level 0
+            pos += count - element
+            break
+        element += nxt - pos
+        if nxt >= n_words:  # the file ends before its last elements' records
+            pos = n_words + count - element
+            break
+        size = int(sizes[nxt])
+        if size % (block_words * 4):
+            raise AnnError(
+                f"{path}: not a valid hnswlib index: element {element}'s upper-level link lists are {size} bytes, not a multiple of "
+                f"size_links_per_element ({block_words * 4})"
+            )
+        levels[element] = size // (block_words * 4)
+        starts[element] = nxt + 1
+        pos = nxt + 1 + size // 4
+        element += 1
+        if pos > n_words:
+            break
+    if pos != n_words:
+        gap = (pos - n_words) * 4
+        raise AnnError(
+            f"{path}: not a valid hnswlib index: the file's length does not match its header and link lists "
+            f"({abs(gap)} bytes {'short' if gap > 0 else 'too many'})"
+        )
+    return levels, starts
+
+
+def validate_index_file(path: str | Path, dim: int | None = None) -> dict:
+    """Check a whole hnswlib index file (hnswlib 0.8's ``saveIndex`` layout) before hnswlib reads it, so that a
+    corrupted or crafted file is an :class:`AnnError` naming it and the first problem instead of a crash:
+    the header's sizes (the level-0 record of ``4 + 4*maxM0`` link bytes, ``4*dim`` vector bytes and an 8-byte
+    label; ``maxM = M``, ``maxM0 = 2M``, ``M <= 10000``), ``count <= max_elements <= 2 count``, the file length,
+    every link count (``<= maxM0`` at level 0, ``<= maxM`` above) and link id (``< count``, pointing at an
+    element that has that level), no deleted marks, the entry point (``< count``, on the top level) and the labels
+    (a permutation of ``0..count-1``: label = catalogue row). Vectorised with numpy over a memory map (the upper
+    levels are walked over the elements that have them). Returns :func:`read_header`'s dict."""
+    path = Path(path)
+    header = read_header(path)
+    (off0, max_elements, count, per_el, label_off, data_off, max_level, entry, max_m, max_m0, m, mult, _) = (
+        _header_fields(path)
+    )
+    bad = f"{path}: not a valid hnswlib index:"
+    if dim is not None and header["dim"] != dim:
+        raise AnnError(f"{path}: the ANN index holds vectors of width {header['dim']}, but the table's is {dim}")
+    if not 2 <= m <= 10000 or max_m != m or max_m0 != 2 * m:
+        raise AnnError(f"{bad} M={m}, maxM={max_m}, maxM0={max_m0} (hnswlib writes 2 <= M <= 10000, maxM0 = 2M)")
+    if not (off0 == 0 and data_off == 4 + 4 * max_m0 and per_el == label_off + 8):
+        raise AnnError(f"{bad} its element layout (offsets {off0}, {data_off}, {label_off}, {per_el}) is not hnswlib's")
+    if not math.isclose(mult, 1 / math.log(m), rel_tol=1e-9):
+        raise AnnError(f"{bad} its level multiplier {mult} is not 1/ln(M)")
+    if count < 1 or max_elements > 2 * count:
+        raise AnnError(f"{bad} {count} elements with room for {max_elements} (must be 1 <= count <= room <= 2 count)")
+    size = path.stat().st_size
+    level0_words = count * per_el // 4
+    if size < _HEADER.size + count * (per_el + 4) or (size - _HEADER.size) % 4:
+        raise AnnError(f"{bad} the file ({size} bytes) is too short for its {count} elements")
+    words = np.memmap(path, dtype="<u4", mode="r", offset=_HEADER.size)
+    level0 = words[:level0_words].reshape(count, per_el // 4)
+    head = np.asarray(level0[:, 0])
+    n_links = head & 0xFFFF
+    if (head >> 16).any():
+        raise AnnError(f"{bad} element {int(np.flatnonzero(head >> 16)[0])} is marked deleted (or its header is bad)")
+    _check_links(bad, 0, n_links, np.asarray(level0[:, 1 : 1 + max_m0]), max_m0, count, None)
+    lo, hi = np.asarray(level0[:, label_off // 4]), np.asarray(level0[:, label_off // 4 + 1])
+    if hi.any() or not np.array_equal(np.sort(lo), np.arange(count, dtype=lo.dtype)):
+        raise AnnError(f"{bad} its labels are not the rows 0..{count - 1}, each once")
+    block = 1 + max_m  # words of one upper-level link list: the count, then maxM ids
+    levels, starts = _upper_levels(np.asarray(words[level0_words:]), count, block, path)
+    top = int(levels.max())
+    if max_level != top or not 0 <= entry < count or levels[entry] != max_level:
+        raise AnnError(
+            f"{bad} entry point {entry} on level {max_level} (the elements' top level is {top}"
+            f"{f', the entry point is on level {int(levels[entry])}' if 0 <= entry < count else ''}; must be < {count})"
+        )
+    if top:
+        owners = np.repeat(np.arange(count), levels)
+        within = np.arange(len(owners)) - np.repeat(np.cumsum(levels) - levels, levels)  # 0 = level 1
+        rows = starts[owners] + within * block
+        lists = np.asarray(words[level0_words:])[rows[:, None] + np.arange(block)]
+        _check_links(bad, within + 1, lists[:, 0], lists[:, 1:], max_m, count, levels)
+    del words
+    return header
+
+
+def _check_links(bad: str, level, n_links, links, limit: int, count: int, levels) -> None:
+    """Link counts ``<= limit``; the first ``n_links`` ids of each row ``< count`` and (``levels``: above level 0)
+    pointing at elements that reach ``level``."""
+    over = np.flatnonzero(n_links > limit)
+    if len(over):
+        raise AnnError(f"{bad} a link list of {int(n_links[over[0]])} ids (more than {limit})")
+    used = np.arange(links.shape[1]) < n_links[:, None]
+    out = used & (links >= count)
+    if out.any():
+        raise AnnError(f"{bad} link id {int(links[out][0])} is out of range (the index holds {count} elements)")
+    if levels is not None:
+        low = used & (levels[np.minimum(links, count - 1)] < np.asarray(level)[:, None])
+        if low.any():
+            raise AnnError(
+                f"{bad} a level-{int(np.broadcast_to(level, low.shape[:1])[low.any(axis=1)][0])} link "
+                f"points at an element below that level"
+            )
 
 
 class AnnIndex:
@@ -120,8 +242,9 @@ class AnnIndex:
 
     @classmethod
     def load(cls, path: str | Path, dim: int, ef: int = 64, n_items: int | None = None) -> "AnnIndex":
-        """Load ``path``; with ``n_items``, its element count and width must be ``n_items`` and ``dim``
-        (checked from the header before the graph is read)."""
+        """Load ``path``; with ``n_items``, its element count and width must be ``n_items`` and ``dim``. The whole
+        file is checked first (:func:`validate_index_file`): hnswlib trusts it, and a crafted graph would crash
+        the process."""
         hnswlib = _hnswlib()
         path = Path(path)
         header = read_header(path)
@@ -131,6 +254,7 @@ class AnnIndex:
             raise AnnError(
                 f"{path}: the ANN index holds {header['n_items']} items, but the scorer's table has {n_items} rows"
             )
+        validate_index_file(path)
         index = hnswlib.Index(space=METRIC, dim=int(dim))
         try:
             index.load_index(str(path))
@@ -171,7 +295,9 @@ def build_index(
     seed: int = 0,
     ef: int = 64,
 ) -> AnnIndex:
-    """An HNSW index over the L2-normalized rows of ``table`` ``[n, d]`` (row i = label i)."""
+    """An HNSW index over the L2-normalized rows of ``table`` ``[n, d]`` (row i = label i); ``M`` in
+    ``2..MAX_M`` (hnswlib would silently cap a larger one)."""
+    check_M(M)
     hnswlib = _hnswlib()
     x = _normalized(table)
     n, d = x.shape
@@ -182,6 +308,13 @@ def build_index(
     index.add_items(x, np.arange(n, dtype=np.int64), num_threads=threads or -1)
     index.set_num_threads(1)
     return AnnIndex(index, ef)
+
+
+def check_M(M: Any) -> int:
+    """``M`` (the graph degree) as an int in ``2..MAX_M``, else a ``ValueError`` saying so."""
+    if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or not 2 <= M <= MAX_M:
+        raise ValueError(f"M must be an integer in 2..{MAX_M} (hnswlib's range), got {M!r}")
+    return int(M)
 
 
 def exact_top_k(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -279,6 +412,7 @@ def index_bundle(
     search breadth to record; default: :func:`calibrate_ef` at ``target_recall`` for the bundle's k. Returns the
     section."""
 
+    check_M(M)
     root = Path(bundle_dir)
     manifest = read_manifest(root)
     scorer = root / manifest["scorer"]["file"]

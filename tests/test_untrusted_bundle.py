@@ -1,0 +1,225 @@
+"""A hostile or corrupted bundle fails cleanly: a BundleError naming the file, never a crash, never a read outside.
+
+The manifest's sha256s are integrity, not trust (anyone who can edit the bundle can rewrite them): every crafted
+bundle here has its ``files`` hashes rewritten to match, so only the loader's own checks stand between it and
+hnswlib / onnxruntime / the file system (``docs/serving.md``, "Trust model"). Loads that could crash run in a
+subprocess, so that a regression is a failing test instead of a dead pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("hnswlib")
+
+from laser_core import ann  # noqa: E402
+from laser_core.bundle import MANIFEST, sha256_file  # noqa: E402
+
+N_ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """One small exported bundle (text budget: history 3, titles 8 tokens) and a copy with an ANN index."""
+    import torch
+
+    from laser_core.data import leave_one_out, load_dataset
+    from laser_core.data.text import TextConfig
+    from laser_core.export import export_bundle
+    from laser_core.llm import BackboneConfig
+    from laser_core.mformer import MFormerConfig
+    from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+    from laser_core.sr import SRConfig, TrainConfig, fit
+
+    ds = load_dataset({"synthetic": {"n_users": 80, "n_items": N_ITEMS, "n_user_types": 4, "seed": 7}})
+    split = leave_one_out(ds)
+    sr = fit(SRConfig(model="bert4rec", hidden_size=16, max_len=6), TrainConfig(epochs=1, progress=False), split).model
+    spec = LaserSpec(
+        bitune=BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2)),
+        text=TextConfig(history_len=3, title_max_tokens=8),
+        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+    )
+    torch.manual_seed(0)
+    model = build_laser(spec, ds.items, sr)
+    weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    table = np.random.default_rng(1).standard_normal((N_ITEMS, model.embedding_size)).astype(np.float32)
+    root = tmp_path_factory.mktemp("untrusted")
+    plain = export_bundle(weights, sr, ds.items, table, root / "plain", k=5, metadata={"model_version": "u-1"})
+    indexed = shutil.copytree(plain, root / "indexed")
+    ann.index_bundle(indexed, M=4, ef_construction=32, ef=N_ITEMS, threads=1)
+    return {"ds": ds, "plain": plain, "indexed": indexed, "root": root}
+
+
+def relist(bundle: Path, *names: str) -> None:
+    """Rewrite the manifest's sha256 of ``names`` to match the (tampered) files: what anyone who can edit the
+    bundle can do."""
+    path = bundle / MANIFEST
+    manifest = json.loads(path.read_text())
+    for name in names:
+        manifest["files"][name] = sha256_file(bundle / name)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def load_in_subprocess(bundles: list[Path], history: list[str]) -> list[dict]:
+    """Load each bundle and recommend once, each in its own process; returns per bundle ``rc`` (-11: a crash)
+    and ``out`` (the BundleError, or "ok" and the items)."""
+    script = textwrap.dedent("""
+        import json, sys
+        from laser_core.serving import BundleError, Recommender
+        try:
+            rec = Recommender.load(sys.argv[1])
+            print(json.dumps(["ok", [i.item_id for i in rec.recommend(json.loads(sys.argv[2]), k=5).items]]))
+        except BundleError as exc:
+            print(json.dumps(["BundleError", str(exc)]))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    results = []
+    for bundle in bundles:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(bundle), json.dumps(history)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        out = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout else None
+        results.append({"rc": proc.returncode, "out": out, "stderr": proc.stderr[-2000:]})
+    return results
+
+
+# ------------------------------------------------------------------------------------------ the ANN index
+_H = ann._HEADER
+_ENTRY = 6 * 8 + 4  # byte offset of enterpoint_node_ in the header (after six size_t and maxlevel_)
+
+
+def _layout(raw: bytes) -> dict:
+    off0, max_el, count, per_el, label_off, data_off, max_level, entry, max_m, max_m0, m, mult, efc = _H.unpack(
+        raw[: _H.size]
+    )
+    upper = _H.size + count * per_el  # the per-element upper-level records start here
+    return {"count": count, "per_el": per_el, "label_off": label_off, "max_m0": max_m0, "max_m": max_m, "upper": upper}
+
+
+def _first_upper_list(raw: bytes, lay: dict) -> int:
+    """Byte offset of the first upper-level link list (the element's level-1 list: count word, then ids)."""
+    pos = lay["upper"]
+    for _ in range(lay["count"]):
+        (size,) = struct.unpack_from("<I", raw, pos)
+        if size:
+            return pos + 4
+        pos += 4
+    raise AssertionError("no element above level 0")
+
+
+def _corrupt(raw: bytearray, case: str) -> None:
+    lay = _layout(raw)
+    el = lambda i: _H.size + i * lay["per_el"]  # noqa: E731 - element i's level-0 record
+    if case == "link id out of range":
+        for i in range(lay["count"]):
+            struct.pack_into("<I", raw, el(i) + 4, 10**9)
+    elif case == "entry point out of range":
+        struct.pack_into("<I", raw, _ENTRY, 10**9)
+    elif case == "link count above maxM0":
+        struct.pack_into("<H", raw, el(3), lay["max_m0"] + 40)
+    elif case == "upper-level link id out of range":
+        pos = _first_upper_list(raw, lay)
+        struct.pack_into("<H", raw, pos, 1)
+        struct.pack_into("<I", raw, pos + 4, lay["count"] + 5)
+    elif case == "upper-level link count above maxM":
+        struct.pack_into("<H", raw, _first_upper_list(raw, lay), lay["max_m"] + 1)
+    elif case == "duplicate label":
+        struct.pack_into("<Q", raw, el(1) + lay["label_off"], 0)
+        struct.pack_into("<Q", raw, el(0) + lay["label_off"], 0)
+    elif case == "room for 2**40 elements":
+        struct.pack_into("<Q", raw, 8, 1 << 40)
+    elif case == "truncated":
+        del raw[-4:]
+    elif case == "upper-level size not a whole list":
+        struct.pack_into("<I", raw, _first_upper_list(raw, lay) - 4, 6)
+    else:
+        raise AssertionError(case)
+
+
+CORRUPTIONS = [
+    ("link id out of range", r"link id 1000000000 is out of range"),
+    ("entry point out of range", r"entry point 1000000000"),
+    ("link count above maxM0", r"a link list of \d+ ids \(more than 8\)"),
+    ("upper-level link id out of range", r"link id 45 is out of range"),
+    ("upper-level link count above maxM", r"a link list of 5 ids \(more than 4\)"),
+    ("duplicate label", r"labels are not the rows 0\.\.39, each once"),
+    ("room for 2**40 elements", r"40 elements with room for 1099511627776"),
+    ("truncated", r"length does not match"),
+    ("upper-level size not a whole list", r"not a multiple of size_links_per_element"),
+]
+
+
+def test_a_crafted_ann_index_is_refused_naming_the_file_not_a_crash(setup, tmp_path):
+    """Before this check, hnswlib trusted the file: link ids or the entry point out of range segfaulted the
+    process (``laser recommend`` exit 139) even with the manifest's sha256 rewritten to match."""
+    bundles = []
+    for case, _ in CORRUPTIONS:
+        copy = shutil.copytree(setup["indexed"], tmp_path / case.replace(" ", "-"))
+        raw = bytearray((copy / ann.INDEX_FILE).read_bytes())
+        _corrupt(raw, case)
+        (copy / ann.INDEX_FILE).write_bytes(bytes(raw))
+        relist(copy, ann.INDEX_FILE)
+        bundles.append(copy)
+        with pytest.raises(ann.AnnError, match=r"item_index\.hnsw: "):  # numpy only: safe in this process
+            ann.validate_index_file(copy / ann.INDEX_FILE)
+    history = [setup["ds"].items["item_id"][r] for r in (1, 2)]
+    for (case, message), result in zip(CORRUPTIONS, load_in_subprocess(bundles, history)):
+        assert result["rc"] == 0, f"{case}: the process died (exit {result['rc']}): {result['stderr']}"
+        kind, text = result["out"]
+        assert kind == "BundleError", f"{case}: loaded and served {text}"
+        assert f"{ann.INDEX_FILE}: not a valid hnswlib index" in text, (case, text)
+        assert re.search(message, text), (case, text)
+
+
+def test_valid_indexes_pass_the_check(setup, tmp_path):
+    """Indexes hnswlib writes (several M, one element, grown by add) pass; the check is the loader's."""
+    rng = np.random.default_rng(0)
+    for n, m in [(1, 2), (2, 2), (500, 4), (3000, 16)]:
+        index = ann.build_index(rng.standard_normal((n, 8)), M=m, ef_construction=32, threads=1)
+        index.add(rng.standard_normal((7, 8)))
+        path = index.save(tmp_path / f"{n}-{m}.hnsw")
+        assert ann.validate_index_file(path)["n_items"] == n + 7
+        assert ann.AnnIndex.load(path, dim=8, ef=32, n_items=n + 7).search(rng.standard_normal((2, 8)), 3)[1].shape == (
+            2,
+            3,
+        )
+    assert ann.validate_index_file(setup["indexed"] / ann.INDEX_FILE)["n_items"] == N_ITEMS
+
+
+def test_out_of_range_M_is_refused_by_the_cli_and_the_library(setup, tmp_path):
+    """hnswlib caps M at 10000 silently: ``--M 100000`` used to be recorded as 100000 in the manifest."""
+    import click
+    from click.testing import CliRunner
+
+    from laser_cli.serving_cmds import register
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    copy = shutil.copytree(setup["plain"], tmp_path / "m")
+    res = CliRunner().invoke(cli, ["index", "build", "--bundle", str(copy), "--M", "100000"])
+    assert res.exit_code == 2 and "--M" in res.output and "100000" in res.output, res.output
+    assert not (copy / ann.INDEX_FILE).exists()
+    for bad in (1, 10001, 100000):
+        with pytest.raises(ValueError, match=rf"M must be an integer in 2\.\.10000 \(hnswlib.s range\), got {bad}"):
+            ann.build_index(np.ones((3, 4)), M=bad)
+        with pytest.raises(ValueError, match=r"M must be an integer in 2\.\.10000"):
+            ann.index_bundle(copy, M=bad)
+    assert not (copy / ann.INDEX_FILE).exists()
