@@ -197,6 +197,11 @@ class Recommender:
         return len(self._ids)
 
     @property
+    def item_ids(self) -> Sequence[str]:
+        """The catalogue's item ids in table order (the HTTP service's warm-up query uses the first)."""
+        return tuple(self._ids)
+
+    @property
     def metadata(self) -> dict:
         return dict(self.manifest["metadata"])
 

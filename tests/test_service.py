@@ -21,13 +21,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from laser_core.service import ListenError, RecommenderLike, bind, create_app
+from laser_core.service import ListenError, RecommenderLike, ServerSettings, bind, build_server, create_app
 
 N_ITEMS, DIM = 400, 24
 
@@ -53,6 +54,7 @@ class CosineRecommender:
         table = rng.standard_normal((n_items, dim)).astype(np.float32)
         self.table = table / np.linalg.norm(table, axis=1, keepdims=True)
         self.ids = [f"item{i}" for i in range(n_items)]
+        self.item_ids = self.ids
         self.index = {item: i for i, item in enumerate(self.ids)}
         self.model_version = f"cosine-seed{seed}"
         self.n_items = n_items
@@ -113,8 +115,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def client(recommender, **kwargs) -> TestClient:
-    """A TestClient over ``create_app``; enter it (``with``) to run the app's startup (``/ready`` turns 200)."""
+    """A TestClient over ``create_app``; enter it (``with``) to run the app's startup (its warm-up query, after
+    which ``/ready`` turns 200: :func:`wait_ready`)."""
     return TestClient(create_app(recommender, **kwargs), raise_server_exceptions=False)
+
+
+def wait_ready(get, timeout: float = 60.0):
+    """Poll ``get("/ready")`` (a TestClient's or an httpx client's get) until it is 200 (the warm-up query ran)."""
+    deadline = time.monotonic() + timeout
+    while (resp := get("/ready")).status_code != 200:
+        assert resp.status_code == 503 and "warm-up" in resp.json()["message"], resp.text
+        assert time.monotonic() < deadline, resp.text
+        time.sleep(0.02)
+    return resp
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +362,7 @@ def test_health_and_readiness():
         assert resp.json() == {"status": "ok", "model_version": "cosine-seed0", "n_items": N_ITEMS}
         assert resp.headers["X-Model-Version"] == "cosine-seed0" and resp.headers["Cache-Control"] == "no-store"
         assert c.get("/health?verbose=1").status_code == 200
-        resp = c.get("/ready")
-        assert resp.status_code == 200
+        resp = wait_ready(c.get)
         assert resp.json() == {"status": "ready", "model_version": "cosine-seed0", "n_items": N_ITEMS}
     assert c.get("/ready").status_code == 503  # after the shutdown
 
@@ -363,7 +375,7 @@ def test_a_shutdown_signal_turns_readiness_off_at_once():
 
     with client(CosineRecommender()) as c:
         server = _Server(uvicorn.Config(c.app))
-        assert c.get("/ready").status_code == 200
+        wait_ready(c.get)
         server.handle_exit(signal.SIGTERM, None)
         assert server.should_exit
         resp = c.get("/ready")
@@ -603,6 +615,321 @@ def test_laser_serve_rejects_a_bad_bundle_or_option_in_one_line(tmp_path):
     res = CliRunner().invoke(serve_command, ["--bundle", str(tmp_path), "--max-body-bytes", "0"])
     assert res.exit_code == 2 and "--max-body-bytes" in res.output
     assert "/ready" in CliRunner().invoke(serve_command, ["--help"]).output
+
+
+# ------------------------------------------------------------------------------ hostile and careless clients
+@contextmanager
+def running(recommender, settings: ServerSettings | None = None, **app_kwargs) -> Iterator[tuple]:
+    """The real uvicorn server (``build_server``: the connection guard included) in a thread on a free port of
+    127.0.0.1; yields (server, port) once it listens, stops it after."""
+    app = create_app(recommender, **app_kwargs)
+    sock = bind("127.0.0.1", 0)
+    server = build_server(app, settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def _connect(port: int, timeout: float = 30.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not piece:
+            return data
+        data += piece
+
+
+def _status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _http(port: int, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class Gated(CosineRecommender):
+    """Blocks every query with k=5 until ``gate`` is set (the warm-up query, k=1, passes); counts the queries that
+    entered and finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = 0
+        self.finished = 0
+        self.lock = threading.Lock()
+
+    def recommend(self, history, k=None, exclude_history=False):
+        if k == 5:
+            with self.lock:
+                self.entered += 1
+            assert self.gate.wait(timeout=120), "the test never opened the gate"
+            with self.lock:
+                self.finished += 1
+        return super().recommend(history, k, exclude_history)
+
+
+def test_idle_connections_past_the_limit_are_closed_and_health_still_answers():
+    """21,000 idle connections took main down at its file limit. With a limit of 8 connections, 20 silent ones: the
+    longest-idle are closed to make room and /health answers on a new connection; at most 8 stay open."""
+    settings = ServerSettings(max_connections=8, header_timeout=60)
+    with running(CosineRecommender(), settings) as (server, port):
+        idle = [_connect(port) for _ in range(20)]
+        try:
+            assert _http(port, "GET", "/health")[0] == 200
+            closed = 0
+            for sock in idle[:13]:  # the 12 that made room for the later ones and the one /health replaced
+                sock.settimeout(30)
+                assert _read_until_closed(sock) == b""  # closed without an answer: it never asked anything
+                closed += 1
+            assert closed == 13 and len(server.guard.open) <= 8
+            assert server.guard.counts["closed_at_limit"] >= 13
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_past_the_limit_with_every_connection_busy_a_new_one_gets_503():
+    rec = Gated()
+    with running(rec, ServerSettings(max_connections=3), scoring_threads=3) as (server, port):
+        wait_ready(lambda path: _Resp(*_http(port, "GET", path)))
+        answers: list = []
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(_http(port, "POST", "/recommend", {"history": ["item1"], "k": 5}))
+            )
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        while rec.entered < 3:
+            time.sleep(0.01)
+        with _connect(port) as extra:
+            status, body = _status_and_body(_read_until_closed(extra))
+        assert status == 503 and body["error"] == "over_capacity" and body["model_version"] == "cosine-seed0"
+        rec.gate.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert [a[0] for a in answers] == [200, 200, 200]
+        assert server.guard.counts["refused"] == 1
+
+
+class _Resp:
+    """``(status, body)`` as a response object for :func:`wait_ready`."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        self.status_code, self._body = status, body
+        self.text = json.dumps(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+def test_a_request_head_sent_byte_by_byte_is_cut_after_the_header_timeout():
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 400 + b"\r\n\r\n"
+    with running(CosineRecommender(), ServerSettings(header_timeout=1.0)) as (server, port):
+        with _connect(port) as sock:
+            sent = 0
+            try:
+                for byte in head:  # one byte per 20 ms: the whole head would take over 8 s
+                    sock.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.02)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            status, body = _status_and_body(_read_until_closed(sock))
+        assert sent < len(head)  # cut before the head was whole, though bytes kept coming
+        assert status == 408 and body["error"] == "request_timeout" and "request head" in body["message"]
+        with _connect(port) as silent:  # accepted, then nothing: closed without an answer
+            assert _read_until_closed(silent) == b""
+        assert server.guard.counts["head_timeouts"] == 2
+
+
+def test_half_a_body_is_cut_after_the_body_timeout():
+    with running(CosineRecommender(), body_timeout=1.0) as (server, port):
+        with _connect(port) as sock:
+            payload = json.dumps({"history": ["item1", "item2"], "k": 3}).encode()
+            sock.sendall(
+                b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload[: len(payload) // 2]
+            )
+            raw = _read_until_closed(sock)
+        status, body = _status_and_body(raw)
+        assert status == 408 and body["error"] == "request_timeout" and "body" in body["message"]
+        assert b"connection: close" in raw.lower()
+        assert _http(port, "POST", "/recommend", {"history": ["item1"], "k": 2})[0] == 200  # others are served
+
+
+def test_an_idle_keep_alive_connection_is_closed():
+    with running(CosineRecommender(), ServerSettings(keep_alive_timeout=0.5)) as (server, port):
+        with _connect(port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw = _read_until_closed(sock)  # the answer, then the close once the connection idles
+        status, body = _status_and_body(raw)
+        assert status == 200 and body["status"] == "ok" and not server.guard.open
+
+
+def test_health_and_ready_answer_while_every_scoring_thread_is_busy():
+    """Main ran /health in the thread pool that scoring fills (40 threads): 50 slow /recommend requests held it
+    until they finished. Here /health and /ready answer while all 50 are still in flight."""
+    rec = Gated()
+    with running(rec, scoring_threads=2) as (server, port):
+        wait_ready(lambda path: _Resp(*_http(port, "GET", path)))
+        answers: list = []
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(_http(port, "POST", "/recommend", {"history": ["item1"], "k": 5}))
+            )
+            for _ in range(50)
+        ]
+        for t in threads:
+            t.start()
+        while rec.entered < 2:
+            time.sleep(0.01)
+        assert _http(port, "GET", "/health")[0] == 200
+        assert _http(port, "GET", "/ready")[0] == 200
+        assert rec.finished == 0 and not answers  # answered ahead of every scoring request
+        assert rec.entered == 2  # the scoring pool is bounded: the others wait for a thread
+        rec.gate.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert [a[0] for a in answers] == [200] * 50
+
+
+class FirstQueryBlocks(CosineRecommender):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def recommend(self, history, k=None, exclude_history=False):
+        assert self.release.wait(timeout=120), "the test never released the first query"
+        return super().recommend(history, k, exclude_history)
+
+
+def test_ready_turns_200_only_after_the_warm_up_query_went_through():
+    rec = FirstQueryBlocks()
+    with running(rec) as (server, port):
+        assert _http(port, "GET", "/health")[0] == 200
+        status, body = _http(port, "GET", "/ready")
+        assert status == 503 and body["error"] == "not_ready" and "warm-up" in body["message"]
+        rec.release.set()
+        assert wait_ready(lambda path: _Resp(*_http(port, "GET", path))).json()["status"] == "ready"
+
+
+def test_a_failed_warm_up_keeps_ready_503_and_is_logged_once(caplog):
+    with caplog.at_level(logging.ERROR, logger="laser.service"), client(Exploding()) as c:
+        deadline = time.monotonic() + 60
+        while not any("warm-up" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(3):
+            resp = c.get("/ready")
+            assert resp.status_code == 503 and "the warm-up query failed" in resp.json()["message"]
+            assert "index file vanished" in resp.json()["message"]
+        assert c.get("/health").status_code == 200
+    assert sum("warm-up query failed" in r.getMessage() for r in caplog.records) == 1
+
+
+ACCEPT_ERRORS = """
+import logging, os, resource, sys, threading, time
+sys.path.insert(0, "tests")
+logging.basicConfig(level=logging.INFO)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from test_service import CosineRecommender
+from laser_core.service import ServerSettings, bind, create_app, serve
+
+def exhaust():  # once serving, take every free file for 3 s: accept() fails with EMFILE meanwhile
+    time.sleep(1.0)
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    print("exhausted", flush=True)
+    time.sleep(3.0)
+    for fd in held:
+        os.close(fd)
+    print("released", flush=True)
+
+threading.Thread(target=exhaust, daemon=True).start()
+serve(create_app(CosineRecommender()), bind("127.0.0.1", {port}), ServerSettings(log_interval=60))
+"""
+
+
+def test_accept_errors_at_the_file_limit_are_logged_once_per_interval():
+    """Main logged a traceback for every failed accept() (311,295 in 25 s at the file limit)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ACCEPT_ERRORS.replace("{port}", str(port))],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    socks = []
+    try:
+        assert proc.stdout.readline().strip() == "exhausted", proc.stderr.read()
+        socks = [_connect(port) for _ in range(5)]  # wait in the backlog: accept() fails while no file is free
+        assert proc.stdout.readline().strip() == "released"
+        deadline = time.monotonic() + 60
+        while True:  # asyncio retries accept() a second after a failure
+            try:
+                assert _get(port, "/health")[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        for sock in socks:
+            sock.close()
+        _, stderr = _stop(proc, signal.SIGINT)
+    assert proc.returncode == 0, stderr
+    failed = [line for line in stderr.splitlines() if "accept() failed" in line]
+    assert len(failed) == 1, stderr[-3000:]
+    assert "Too many open files" in failed[0] and "open-file limit 256" in failed[0]
+    assert "Traceback" not in stderr and "out of system resource" not in stderr
+    assert "more accept() errors not logged" in stderr  # the count of the dropped ones, at shutdown
+
+
+def test_server_settings_are_checked_against_the_file_limit():
+    with pytest.raises(ValueError, match=r"open-file limit \(ulimit -n\) is \d+: it leaves room for \d+ connections"):
+        ServerSettings(max_connections=10**9).resolved()
+    from laser_core.service import FILE_MARGIN, open_file_limit
+
+    settings = ServerSettings().resolved()
+    assert settings.backlog >= 16
+    assert 0 < settings.max_connections + 3 * settings.backlog + FILE_MARGIN < open_file_limit()
+    with pytest.raises(ValueError, match="header_timeout must be > 0"):
+        ServerSettings(header_timeout=0).resolved()
 
 
 # ------------------------------------------------------------------------------------- a real exported bundle
