@@ -102,12 +102,16 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
 
 
 def _write_log(exc: BaseException, extra: list[tuple[str, BaseException]]) -> Path | None:
-    """The command line and every traceback, in a new file of :func:`log_dir` (the oldest beyond 50 removed)."""
+    """The command line and every traceback, appended to the command's log file in :func:`log_dir` (where the
+    libraries' records went: ``laser_core/logs.py``), or a new one (the oldest beyond 50 removed)."""
+    from laser_core.logs import current_log_file, new_log_path
+
     try:
         folder = log_dir()
-        folder.mkdir(parents=True, exist_ok=True)
         now = dt.datetime.now()
-        path = folder / f"laser-{now:%Y%m%d-%H%M%S}-{os.getpid()}.log"
+        path = current_log_file()
+        if path is None or path.parent != folder:
+            path = new_log_path(folder, keep=KEEP_LOGS)
         parts = [
             f"laser {' '.join(sys.argv[1:])}",
             f"time: {now.isoformat(timespec='seconds')}",
@@ -117,9 +121,8 @@ def _write_log(exc: BaseException, extra: list[tuple[str, BaseException]]) -> Pa
         for title, err in extra:
             parts += [f"--- {title}", "".join(traceback.format_exception(err))]
         parts += ["--- the error the command ended with", "".join(traceback.format_exception(exc))]
-        path.write_text("\n".join(parts), encoding="utf8")
-        for old in sorted(folder.glob("laser-*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
-            old.unlink(missing_ok=True)
+        with path.open("a", encoding="utf8") as f:
+            f.write("\n".join(parts))
         return path
     except OSError:
         return None
@@ -159,6 +162,8 @@ def report(exc: BaseException, debug: bool = False) -> int:
         run = exc.run_name
         kept = f" Its saved artifacts are kept: laser lineage {run}" if run else ""
         click.echo(f"Pipeline run {run or '(unknown)'} failed at step {steps}.{kept}", err=True)
+        for note in getattr(exc.error, "__notes__", ()):  # e.g. the failed run's model version was removed
+            click.echo(note, err=True)
     if known is None or isinstance(exc, PipelineFailed):
         click.echo(f"({where}; `laser --debug ...` prints it)", err=True)
     return code

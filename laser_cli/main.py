@@ -43,6 +43,10 @@ class LaserGroup(click.Group):
             ctx.exit(report(exc, debug=_debug(ctx)))
 
 
+#: commands that load a model with transformers: its logging is set up before they start (it imports transformers)
+MODEL_COMMANDS = ("run", "models")
+
+
 def _debug(ctx: click.Context | None = None) -> bool:
     ctx = ctx or click.get_current_context(silent=True)
     root = ctx.find_root() if ctx is not None else None
@@ -57,8 +61,19 @@ def _debug(ctx: click.Context | None = None) -> bool:
     help="On an error, print the full traceback (it is always written to a log file, whose path "
     "an unexpected error prints).",
 )
-def cli(debug: bool) -> None:
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also show the libraries' warnings and log records (transformers, bitsandbytes, torch.onnx, onnxscript, "
+    "ZenML set-up notes) on the terminal; they always go to the command's log file ($LASER_LOG_DIR).",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Laser: a frozen 4-bit LLM as a sequential recommender, as a ZenML pipeline."""
+    from laser_cli.errors import log_dir
+    from laser_core.logs import configure
+
+    configure(log_dir(), verbose=verbose, libraries=ctx.invoked_subcommand in MODEL_COMMANDS)
 
 
 def _config(config_path: str, data_dir: str | None):
@@ -132,6 +147,8 @@ def run(
     try:
         for orphan in mark_orphaned_runs():
             click.echo(f"Marked interrupted run {orphan.run} failed ({orphan.status} before): {orphan.reason}")
+            if orphan.removed_version:
+                click.echo(f"  removed its model version {orphan.removed_version}")
     except Exception as exc:  # bookkeeping: never stop a run for it (`laser runs clean` reports it fully)
         click.echo(f"warning: could not check for interrupted runs: {exc}", err=True)
     with pipeline_failures(_debug()):
@@ -494,13 +511,16 @@ def runs() -> None:
 @click.option("--dry-run", is_flag=True, help="Only list the runs that would be marked.")
 def runs_clean(older_than: float | None, dry_run: bool) -> None:
     """Mark failed the runs left "running" by a process that died (killed, crashed); `laser run` does this for
-    runs of this host when it starts. Their finished steps' artifacts are kept."""
+    runs of this host when it starts. Their finished steps' artifacts are kept; the model version a killed
+    training run was bound to is removed (unless it has a stage)."""
     from pipelines.orphans import mark_orphaned_runs
 
     found = mark_orphaned_runs(older_than_hours=older_than, dry_run=dry_run)
     for orphan in found:
         verb = "would mark" if dry_run else "marked"
         click.echo(f"{verb} {orphan.run} ({orphan.status}) failed: {orphan.reason}")
+        if orphan.removed_version:
+            click.echo(f"  removed its model version {orphan.removed_version} (its artifacts are kept)")
     if not found:
         click.echo("no interrupted runs")
 

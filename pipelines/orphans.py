@@ -7,6 +7,12 @@ starts, and by ``laser runs clean``) then finds the unfinished runs of these pip
 is gone on this host (no such pid, or the pid now belongs to a process started later) and marks them, and their
 unfinished steps, failed. The artifacts their finished steps saved stay in the store.
 
+A killed or failed training run leaves no model version behind: :func:`discard_model_version` deletes the version
+such a run was bound to (when no stage was given to it and no other run uses it), so ``laser model list`` and
+``laser model promote`` never see a version without a finished run. The run and its artifacts stay
+(``laser lineage RUN``). :func:`mark_failed` does it for killed runs, ``pipelines.run.run_training`` for runs that
+fail in the process that started them.
+
 A run recorded on another host (a Kubernetes pod, another machine) cannot be checked from here and is left
 alone, as is a run with no record (its process died before its first step started); ``laser runs clean
 --older-than HOURS`` marks those too when they have not been updated for that long.
@@ -61,6 +67,42 @@ class Orphan:
     status: str
     reason: str
     marked: bool = False
+    removed_version: str | None = None  # "<model> v<version>" deleted with it (see discard_model_version)
+
+
+def discard_model_version(run) -> str | None:
+    """Delete the model version the failed (or killed) training ``run`` was bound to, unless it has a stage or
+    another run is bound to it too; ``"<model> v<version>"`` when one was deleted. Batch runs, which use an
+    existing version, are left alone."""
+    from zenml.client import Client
+
+    client = Client()
+    run = client.get_pipeline_run(run.id)
+    mv = run.model_version
+    if mv is None or run.pipeline is None or run.pipeline.name != "laser_training" or mv.stage is not None:
+        return None
+    if any(r.id != run.id for r in client.list_pipeline_runs(model_version_id=mv.id, size=10).items):
+        return None
+    client.delete_model_version(mv.id)
+    return f"{mv.model.name} v{mv.name}"
+
+
+def discard_failed_versions(since: dt.datetime) -> list[str]:
+    """:func:`discard_model_version` for each failed training run created since ``since`` by this process (or with
+    no process record: it failed before its first step); the versions deleted."""
+    from zenml.client import Client
+
+    removed = []
+    for run in Client().list_pipeline_runs(sort_by="desc:created", size=20, hydrate=True).items:
+        created = run.created if run.created.tzinfo else run.created.replace(tzinfo=dt.timezone.utc)
+        if created < since:
+            break
+        pid = (run.run_metadata or {}).get(PID)
+        if run.status.value == "failed" and pid in (None, os.getpid()):
+            name = discard_model_version(run)
+            if name is not None:
+                removed.append(name)
+    return removed
 
 
 def _process_gone(meta: dict) -> str | None:
@@ -134,7 +176,11 @@ def mark_orphaned_runs(older_than_hours: float | None = None, dry_run: bool = Fa
     """Find (:func:`find_orphaned_runs`) and, unless ``dry_run``, mark failed the runs whose process is gone."""
     out = []
     for run, reason in find_orphaned_runs(older_than_hours):
+        removed = None
         if not dry_run:
             mark_failed(run, reason)
-        out.append(Orphan(run=run.name, status=run.status.value, reason=reason, marked=not dry_run))
+            removed = discard_model_version(run)
+        out.append(
+            Orphan(run=run.name, status=run.status.value, reason=reason, marked=not dry_run, removed_version=removed)
+        )
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shlex
 import shutil
 import sys
@@ -99,7 +100,9 @@ def run_training(
     """Run the training pipeline on the active ZenML stack, bound to the config's ZenML Model (a new version per
     run), and return the pipeline run response. ``schedule`` (from :func:`make_schedule`) registers it instead.
     ``resume=False`` (with ``enable_cache=False``: ``laser run --no-cache``): the training steps also reuse no
-    private checkpoint (finished or interrupted runs under ``LASER_CACHE_DIR``) and train from scratch."""
+    private checkpoint (finished or interrupted runs under ``LASER_CACHE_DIR``) and train from scratch. A run that
+    fails leaves no model version: the one it was bound to is deleted (its artifacts and the run stay) and a note
+    on the raised exception says so."""
     from pipelines.training import training_pipeline
 
     cache = config.pipeline.enable_cache if enable_cache is None else enable_cache
@@ -110,7 +113,7 @@ def run_training(
     if schedule is not None:
         options["schedule"] = schedule
     pipe = training_pipeline.with_options(**options)
-    return pipe(
+    params = dict(
         dataset=config.dataset.model_dump(),
         validation=config.validation.model_dump(),
         data_fingerprint=data_fingerprint(config.dataset),
@@ -126,6 +129,21 @@ def run_training(
         fresh_data=schedule is not None,
         resume=resume,
     )
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    try:
+        return pipe(**params)
+    except Exception as exc:  # a failed run leaves no model version (pipelines/orphans.py)
+        if schedule is None:
+            from pipelines.orphans import discard_failed_versions
+
+            try:
+                removed = discard_failed_versions(since)
+            except Exception as cleanup:  # never hide the run's own error behind the clean-up's
+                exc.add_note(f"(the failed run's model version could not be removed: {cleanup})")
+            else:
+                for name in removed:
+                    exc.add_note(f"Model version {name} of the failed run was removed (its artifacts are kept).")
+        raise
 
 
 def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):

@@ -229,3 +229,69 @@ def test_kubeflow_namespaces_are_checked(zenml_store):
         args = ["stack", "register", "kubeflow", "--no-requirements-check", flag, "BAD_NS!!"]
         result = CliRunner().invoke(cli, args, env=env)
         assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
+
+
+# ------------------------------------------------------------------- failed runs leave no version
+def _versions(model: str) -> list[str]:
+    from zenml.client import Client
+
+    try:
+        return [v.name for v in Client().list_model_versions(model=model, size=100).items]
+    except KeyError:
+        return []
+
+
+def test_failed_or_killed_training_runs_leave_no_model_version(tmp_path, zenml_store, monkeypatch):
+    """A run whose validation fails, and a run killed mid-way (`laser runs clean`), leave no model version
+    (before, each left an empty one that `laser model list` showed); a finished run keeps its version."""
+    import socket
+    import subprocess
+    import sys
+    import uuid
+
+    from zenml import log_metadata
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+    from zenml.models import PipelineRunRequest
+
+    monkeypatch.setenv("LASER_LOG_DIR", str(tmp_path / "logs"))
+    model = "laser-inputs-failed"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pd.DataFrame({"user_id": list("aaab"), "item_id": list("xyxz")}).to_csv(bad / "interactions.csv", index=False)
+    ITEMS.assign(title=["X one", "", "Z three"]).to_csv(bad / "items.csv", index=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_SYNTHETIC + f"model: {{name: {model}}}\npipeline: {{stop_after: split}}\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config), "--data-dir", str(bad)])
+    assert result.exit_code == EXIT_DATA, result.output
+    assert f"Model version {model} v1 of the failed run was removed" in result.output
+    assert _versions(model) == []
+    run = Client().get_pipeline_run(result.output.split("laser lineage ")[1].split()[0])
+    assert run.status.value == "failed" and "dataset" in run.steps["load_dataset"].outputs  # artifacts kept
+
+    # a finished run keeps its version; a run of it left "running" by a killed process loses its own
+    from laser_core.config import load_config
+    from pipelines.run import run_training
+
+    finished = run_training(load_config(config))
+    [kept] = _versions(model)
+    client = Client()
+    killed = client.zen_store.get_or_create_run(
+        PipelineRunRequest(
+            name=f"killed-{uuid.uuid4().hex[:8]}",
+            snapshot=client.get_pipeline_run(finished.id).snapshot.id,
+            project=client.active_project.id,
+            status=ExecutionStatus.RUNNING,
+            orchestrator_run_id=uuid.uuid4().hex,
+        )
+    )
+    killed = killed[0] if isinstance(killed, tuple) else killed
+    empty = client.get_pipeline_run(killed.id).model_version.name
+    assert sorted(_versions(model)) == sorted([kept, empty])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = {"laser_pid": dead.pid, "laser_host": socket.gethostname(), "laser_process_started": 1.0}
+    log_metadata(metadata=record, run_id_name_or_prefix=killed.id)
+    cleaned = CliRunner().invoke(cli, ["runs", "clean"])
+    assert cleaned.exit_code == 0 and f"removed its model version {model} v{empty}" in cleaned.output, cleaned.output
+    assert _versions(model) == [kept] and client.get_pipeline_run(killed.id).status.value == "failed"
