@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from laser_core.bundle import l2_normalize, read_manifest, read_scorer_table, sha256_file, write_manifest
+from laser_core.bundle import (
+    l2_normalize,
+    read_manifest,
+    read_scorer_table,
+    sha256_file,
+    verify_bundle,
+    write_manifest,
+)
 from laser_core.ranking import top_k
 
 INDEX_FILE = "item_index.hnsw"
@@ -415,6 +422,7 @@ def index_bundle(
     check_M(M)
     root = Path(bundle_dir)
     manifest = read_manifest(root)
+    verify_bundle(root, manifest)  # the table read below is the listed one, and no path leads outside
     scorer = root / manifest["scorer"]["file"]
     table = read_scorer_table(scorer)
     index = build_index(table, M=M, ef_construction=ef_construction, threads=threads, seed=seed)

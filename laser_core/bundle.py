@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from pydantic import (
     model_validator,
 )
 
+from laser_core.configuration import reads_item_ids
 from laser_core.data.text import TextConfig
 
 # ------------------------------------------------------------------------------------------- names
@@ -295,7 +297,7 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
     if m.parity_max_abs_diff is not None and not math.isfinite(m.parity_max_abs_diff):
         bad("parity_max_abs_diff", f"must be finite, got {m.parity_max_abs_diff}")
     fusion = m.bitune.fusion != "none"
-    mformer = m.bitune.prefix == "mformer" or fusion  # the tower reads the item-id history
+    mformer = reads_item_ids(m.bitune.prefix, m.bitune.fusion)  # the tower reads the item-id history
     if mformer and m.sr is None:
         bad("sr", "the M-Former prefix and the fusion need the SR encoder's settings (model, max_len), got null")
     if not mformer and m.sr is not None:
@@ -421,6 +423,8 @@ def _check_format_version(data: dict, source: str | Path) -> None:
 
 def _read_json(bundle_dir: str | Path) -> tuple[Path, Any]:
     path = Path(bundle_dir) / MANIFEST
+    if path.is_symlink():
+        raise BundleError(f"{path}: a symbolic link (to {os.readlink(path)}); a bundle holds regular files only")
     if not path.is_file():
         raise BundleError(f"{path} not found: not a Laser export bundle")
     try:
@@ -482,11 +486,31 @@ def bundle_files(bundle_dir: str | Path) -> list[str]:
     )
 
 
+def check_inside(bundle_dir: str | Path) -> None:
+    """Every path under the bundle folder, file or folder, is a regular file or folder of its own: no symbolic
+    link (pointing out of the bundle or not: a bundle is refused, never half-read), no FIFO, socket or device. So
+    every path the manifest names resolves inside the folder (the folder itself may be reached through a link)."""
+    root = Path(bundle_dir)
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow links to folders
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise BundleError(
+                    f"{path}: a symbolic link (to {os.readlink(path)}); a bundle holds regular files and folders "
+                    f"only, so that nothing outside it is read"
+                )
+            if not (path.is_dir() or path.is_file()):
+                raise BundleError(f"{path}: not a regular file or folder (a bundle holds no FIFO, socket or device)")
+
+
 def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None, hashes: bool = True) -> None:
-    """Every file of the bundle is listed in the manifest's ``files`` and every listed file exists; with
-    ``hashes``, each one's sha256 matches."""
+    """Every path of the bundle is a regular file or folder inside it (:func:`check_inside`: no symbolic link),
+    every file (but the manifest) is listed in the manifest's ``files`` and every listed file exists; with
+    ``hashes``, each one's sha256 matches. Every loader goes through here (``Recommender.load``,
+    ``ExportBundle.load``, ``add_items``, ``index_bundle``)."""
     root = Path(bundle_dir)
     manifest = manifest or read_manifest(root)
+    check_inside(root)
     listed = manifest["files"]
     present = bundle_files(root)
     unlisted = [name for name in present if name not in listed]

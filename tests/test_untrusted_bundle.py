@@ -19,12 +19,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("hnswlib")
 
 from laser_core import ann  # noqa: E402
-from laser_core.bundle import MANIFEST, sha256_file  # noqa: E402
+from laser_core.bundle import MANIFEST, BundleError, sha256_file  # noqa: E402
 
 N_ITEMS = 40
 
@@ -223,3 +224,89 @@ def test_out_of_range_M_is_refused_by_the_cli_and_the_library(setup, tmp_path):
         with pytest.raises(ValueError, match=r"M must be an integer in 2\.\.10000"):
             ann.index_bundle(copy, M=bad)
     assert not (copy / ann.INDEX_FILE).exists()
+
+
+# -------------------------------------------------------------------------------------------- symlinks
+def _link(bundle: Path, name: str, target: Path) -> None:
+    path = bundle / name
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def test_symbolic_links_are_refused_by_every_loader(setup, tmp_path):
+    """``items.parquet -> /etc/passwd`` was read, ``scorer.onnx`` and ``tokenizer/`` pointing outside were loaded
+    and served (their sha256 rewritten to match). Any link is refused, out of the bundle or not."""
+    from laser_core.bundle import ExportBundle
+    from laser_core.serving import Recommender, add_items
+
+    plain = setup["plain"]
+    outside = shutil.copytree(plain, tmp_path / "outside")  # the same bytes: the hashes match through the links
+    cases = [
+        ("items.parquet", Path("/etc/passwd")),
+        ("scorer.onnx", outside / "scorer.onnx"),
+        ("user_tower.onnx", outside / "user_tower.onnx"),
+        ("tokenizer", outside / "tokenizer"),
+        ("tokenizer/tokenizer.json", outside / "tokenizer" / "tokenizer.json"),
+        ("scorer.onnx", Path("user_tower.onnx")),  # a link inside the bundle (to another of its files)
+    ]
+    new = pd.DataFrame({"item_id": ["n1"], "title": ["A new item"]})
+    for i, (name, target) in enumerate(cases):
+        copy = shutil.copytree(plain, tmp_path / f"c{i}")
+        _link(copy, name, target)
+        if name == "items.parquet":
+            relist(copy, name)
+        link = re.escape(str(copy / name)) + r": a symbolic link \(to "
+        for load in (
+            lambda: Recommender.load(copy),
+            lambda: Recommender.load(copy, verify=False),
+            lambda: ExportBundle.load(copy),
+            lambda: ann.index_bundle(copy, M=4, ef=8, threads=1),
+            lambda: add_items(copy, new, tmp_path / f"out{i}"),
+        ):
+            with pytest.raises(BundleError, match=link):
+                load()
+        assert not (tmp_path / f"out{i}").exists() and not (copy / ann.INDEX_FILE).exists()
+    # the manifest itself
+    copy = shutil.copytree(plain, tmp_path / "manifest")
+    _link(copy, MANIFEST, outside / MANIFEST)
+    with pytest.raises(BundleError, match=re.escape(str(copy / MANIFEST)) + r": a symbolic link"):
+        Recommender.load(copy)
+    # a FIFO would block the hash check forever
+    copy = shutil.copytree(plain, tmp_path / "fifo")
+    os.mkfifo(copy / "extra")
+    with pytest.raises(BundleError, match=r"extra: not a regular file or folder"):
+        Recommender.load(copy)
+    # the bundle folder itself may be reached through a link
+    via = tmp_path / "via"
+    via.symlink_to(plain, target_is_directory=True)
+    assert Recommender.load(via).n_items == N_ITEMS
+
+
+def test_onnx_external_data_outside_the_bundle_is_refused(setup, tmp_path):
+    """A scorer whose table is ONNX external data at ``../outside.data`` (hashes rewritten): onnxruntime and
+    onnx (the pinned versions) refuse external data outside the model's folder; the loader reports it as a
+    BundleError naming the file."""
+    import onnx
+
+    from laser_core.bundle import SCORER_TABLE
+    from laser_core.serving import Recommender
+
+    copy = shutil.copytree(setup["plain"], tmp_path / "b")
+    model = onnx.load(str(copy / "scorer.onnx"))
+    (init,) = [t for t in model.graph.initializer if t.name == SCORER_TABLE]
+    (tmp_path / "outside.data").write_bytes(init.raw_data)
+    length = len(init.raw_data)
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../outside.data"), ("offset", "0"), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(model, str(copy / "scorer.onnx"))
+    relist(copy, "scorer.onnx")
+    with pytest.raises(BundleError, match=r"scorer\.onnx: .*(outside|escapes)"):
+        Recommender.load(copy)
+    with pytest.raises(BundleError, match=r"scorer\.onnx: "):
+        ann.index_bundle(copy, M=4, ef=8, threads=1)
