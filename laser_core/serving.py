@@ -151,8 +151,8 @@ class Recommender:
         catalogue = _read_catalogue(root / manifest["catalogue"].get("file", CATALOGUE), manifest)
         if popularity_fallback and "popularity" not in catalogue.columns:
             raise BundleError(
-                f"{root}: popularity_fallback needs item popularity, and this bundle has none "
-                f"(export it with popularity=...)"
+                f"{root}: the popularity fallback (--popularity-fallback; popularity_fallback=True in Python) needs "
+                "item popularity, and this bundle has none (bundles `laser run` exports have it)"
             )
         tok = manifest["tokenizer"]
         tokenizer = load_tokenizer(root / tok["file"], tok.get("clean_up_tokenization_spaces", False))
@@ -219,7 +219,10 @@ class Recommender:
     # -------------------------------------------------------------- embedding
     def _require_tower(self) -> Any:
         if self._tower is None:
-            raise BundleError(f"{self.bundle_dir}: the bundle has no user tower (exported with user_tower=False)")
+            raise BundleError(
+                f"{self.bundle_dir}: the bundle has no user tower (exported with export.user_tower: false in the "
+                "run config)"
+            )
         return self._tower
 
     def _tower_feeds(
@@ -307,8 +310,8 @@ class Recommender:
                 what = f"none of its {len(dropped)} item id(s) is in the catalogue" if dropped else "it is empty"
                 raise EmptyHistoryError(
                     f"cannot recommend for this history: {what} (dropped: {dropped[:20]}); "
-                    f"load the bundle with popularity_fallback=True to answer such requests "
-                    f"with the most popular items"
+                    "start `laser serve` or `laser recommend` with --popularity-fallback (popularity_fallback=True "
+                    "of Recommender.load in Python) to answer such requests with the most popular items"
                 )
             return self._popular(k, dropped)
         H = self.text_config.history_len

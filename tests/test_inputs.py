@@ -295,3 +295,20 @@ def test_failed_or_killed_training_runs_leave_no_model_version(tmp_path, zenml_s
     cleaned = CliRunner().invoke(cli, ["runs", "clean"])
     assert cleaned.exit_code == 0 and f"removed its model version {model} v{empty}" in cleaned.output, cleaned.output
     assert _versions(model) == [kept] and client.get_pipeline_run(killed.id).status.value == "failed"
+
+
+# ---------------------------------------------------------------------------- messages name flags
+def test_recommend_messages_name_the_cli_flags(tmp_path):
+    """The serving errors a CLI user meets name `--popularity-fallback` and the run config's key, not only the
+    Python argument (before: `popularity_fallback=True`, `user_tower=False`, `popularity=...`)."""
+    from test_bundle_format import write_format_bundle
+
+    bundle = str(write_format_bundle(tmp_path / "bundle"))
+    empty = CliRunner().invoke(cli, ["recommend", "--bundle", bundle])
+    assert empty.exit_code == 1 and "it is empty" in empty.output
+    assert "with --popularity-fallback" in empty.output, empty.output
+    no_pop = CliRunner().invoke(cli, ["recommend", "--bundle", bundle, "--popularity-fallback", "--history", "i1"])
+    assert no_pop.exit_code == EXIT_MODEL and "(--popularity-fallback;" in no_pop.output, no_pop.output
+    assert "popularity=..." not in no_pop.output
+    no_tower = CliRunner().invoke(cli, ["recommend", "--bundle", bundle, "--history", "i1"])
+    assert no_tower.exit_code == EXIT_MODEL and "export.user_tower: false" in no_tower.output, no_tower.output
