@@ -32,7 +32,8 @@ from sr_baselines import DEFAULTS, PAPER  # noqa: E402
 from laser_core.config import load_config  # noqa: E402
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
-from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate, fit  # noqa: E402
+from laser_core.evaluation import evaluate  # noqa: E402
+from laser_core.sr import SRConfig, TrainConfig, build_model, fit  # noqa: E402
 from laser_core.train import LaserTrainer, test_examples, test_laser  # noqa: E402
 
 PAPER_LASER = {

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.reporting import markdown_table  # noqa: E402
-from laser_core.sr import SRConfig, TrainConfig, evaluate_split, fit  # noqa: E402
+from laser_core.evaluation import evaluate_split  # noqa: E402
+from laser_core.sr import SRConfig, TrainConfig, fit  # noqa: E402
 
 # Chosen on the validation split of Scientific (see docs/sr_baselines.md for what was tried).
 DEFAULTS: dict[str, dict] = {

@@ -65,6 +65,7 @@ from laser_core.collate import LaserBatch, LaserCollator
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.device import resolve_device
+from laser_core.losses import iic_loss, load_balancing_loss
 from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
 from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
@@ -109,6 +110,20 @@ class LaserOutput:
 
     user_embedding: torch.Tensor
     router: RouterOutput | None = None
+
+
+@dataclass
+class LaserTrainingBatch:
+    """A training mini-batch for :meth:`LaserModel.calculate_loss`: the users' ``inputs``
+    (:meth:`LaserModel.collate` of their histories), their ``targets`` (rows of ``item_table``, the table the
+    epoch trains against) and the two objectives' settings (``LaserTrainConfig.tau`` and ``lb_weight``: the
+    training's, not the model's)."""
+
+    inputs: LaserBatch
+    targets: torch.Tensor
+    item_table: torch.Tensor
+    tau: float
+    lb_weight: float
 
 
 class LaserModel(nn.Module):
@@ -379,6 +394,21 @@ class LaserModel(nn.Module):
     def embed(self, histories: Sequence[Sequence[int]]) -> LaserOutput:
         """Embeddings for histories of item indices (users): ``self(self.collate(histories))``."""
         return self(self.collate(histories))
+
+    def calculate_loss(self, batch: LaserTrainingBatch) -> torch.Tensor:
+        """The training loss of a mini-batch (RecBole's interface, as the ID models'): the main objective, the
+        IIC loss (softmax cross-entropy over the whole table of ``cos / tau``) or, for a fused model, softmax
+        cross-entropy on the fused dot product (the ID model's logits + w x cosine: the learned fusion weight
+        plays the temperature's part), plus ``lb_weight`` x the M-Former router's load-balancing loss."""
+        out = self(batch.inputs)
+        emb, route = out.user_embedding, out.router
+        if self.config.fusion != "none":
+            loss = F.cross_entropy(emb @ batch.item_table.T, batch.targets)
+        else:
+            loss = iic_loss(emb, batch.item_table, batch.targets, batch.tau)
+        if route is not None and batch.lb_weight > 0:
+            loss = loss + batch.lb_weight * load_balancing_loss(route.probs, route.mask)
+        return loss
 
     @torch.no_grad()
     def embed_items(self, items: Sequence[int], batch_size: int = 16, progress=None, fuse: bool = True) -> torch.Tensor:

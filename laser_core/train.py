@@ -21,8 +21,12 @@ Training examples: each epoch samples ``users_per_epoch`` training users (all wh
 random cut of the user's training sequence: history = the items before the cut, target = the item at it (so
 every transition of a user can be seen over epochs, as with RecFormer/Laser's all-prefix data).
 
-Checkpoints (``workdir``): only trainable weights (safetensors) + optimizer state + ``state.json`` after every
-epoch, the best weights and table. A restarted run with the same content key resumes where it stopped (a
+The loop is the shared trainer's (:class:`laser_core.trainer.Trainer`): its step is
+:meth:`LaserModel.calculate_loss` on a :class:`~laser_core.model.LaserTrainingBatch` (the users against the
+epoch's table), backward, and the optimizer step at :func:`lr_at` with the non-finite-gradient guard.
+
+Checkpoints (``workdir``, the shared trainer's): only trainable weights (safetensors) + optimizer state +
+``state.json`` after every epoch, the best weights and table (``best/``). A restarted run with the same content key resumes where it stopped (a
 finished one is reloaded): the key (:meth:`LaserTrainer.run_hash`, through :mod:`laser_core.fingerprint`) covers
 every result-affecting training setting, the process count, the starting weights, the frozen backbone's files,
 the frozen SR encoder's weights, the catalogue's item texts, the split's data, and, per ``fit`` call, the stages
@@ -39,7 +43,6 @@ mini-batches and optimizer steps and DDP's gradient all-reduces pair up.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -57,11 +60,11 @@ from laser_core.collate import LaserBatch
 from laser_core.configbase import StrictConfig
 from laser_core.data.split import Split
 from laser_core.device import DEVICE_PATTERN, resolve_device
-from laser_core.losses import cosine_scores, iic_loss, load_balancing_loss
+from laser_core.evaluation import evaluate
+from laser_core.losses import cosine_scores
 from laser_core.metrics import compute_metrics
-from laser_core.model import LaserModel
-from laser_core.sr.checkpoint import atomic_write, load_optimizer, save_optimizer, save_tensors
-from laser_core.sr.trainer import evaluate
+from laser_core.model import LaserModel, LaserTrainingBatch
+from laser_core.trainer import Trainer, save_tensors
 
 
 class LaserTrainConfig(StrictConfig):
@@ -255,7 +258,7 @@ def _sample(n: int, k: int | None, seed: int) -> np.ndarray:
 
 class LaserScorer:
     """Laser with the ID models' ``full_sort_predict`` contract (:mod:`laser_core.sr.base`) over an item table,
-    so :func:`laser_core.sr.evaluate` is its evaluation loop too (validation and test).
+    so :func:`laser_core.evaluation.evaluate` is its evaluation loop too (validation and test).
 
     ``predict_inputs(histories)`` is the batch (:meth:`LaserModel.collate`: the padded token ids and item ids);
     ``full_sort_predict(batch)`` is ``[B, n_items]`` cosines of the users' embeddings to the table's rows (on
@@ -296,7 +299,7 @@ class LaserScorer:
         return cosine_scores(emb, self.item_table)
 
 
-class LaserTrainer:
+class LaserTrainer(Trainer):
     def __init__(
         self,
         model: LaserModel,
@@ -310,28 +313,21 @@ class LaserTrainer:
         """Checkpoints go to ``workdir``, or to ``workdir_root/<label>-<run hash>`` (one folder per distinct
         run, so a restarted pipeline step finds its own checkpoints). ``resume=False``: read nothing from there
         (no resumed or reloaded run, no cached item table), train from scratch."""
-        self.model, self.split, self.cfg = model, split, config
+        self.split, self.cfg = split, config
         self.device = resolve_device(config.device)
         if model.device != self.device:  # before the optimizer: it holds the parameters it steps
             model.to(self.device)
-        self.resume = resume
-        self.wd = Path(workdir) if workdir is not None else None
-        self.optimizer = build_optimizer(model.trainable_parameters(), config)
-        self.accelerator = None
-        self.rank, self.world = 0, 1
-        self._forward = model
+        super().__init__(
+            model,
+            build_optimizer(model.trainable_parameters(), config),
+            workdir=workdir,
+            resume=resume,
+            progress=config.progress,
+            patience=config.patience,
+            grad_accumulation=config.grad_accumulation,
+        )
         if config.accelerate:
-            from accelerate import Accelerator, DistributedDataParallelKwargs
-
-            # experts the router did not pick in a batch get no gradient: DDP must allow unused parameters
-            self.accelerator = Accelerator(
-                cpu=self.device.type == "cpu",
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-            )
-            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-            if self.world > 1:  # DDP over the trainable modules (the frozen backbone is outside the module tree)
-                self._forward = self.accelerator.prepare_model(model)
+            self.use_accelerator(cpu=self.device.type == "cpu")
         users, hist, targets = split.valid_examples()
         keep = _sample(len(users), config.valid_users, config.seed + 1)
         self.valid = ([hist[i] for i in keep], targets[keep])
@@ -339,21 +335,8 @@ class LaserTrainer:
         if not len(self.train_users):
             raise ValueError("no user has 2 or more training items")
         self.planned_steps = self.stage_steps(1) + self.stage_steps(2)
-        self.global_step = 0  # optimizer steps taken in the run (sets the learning rate; in state.json)
         self.users_seen = 0  # training users of the run so far, all processes together (in state.json)
-        self.cost = {
-            "item_seconds": 0.0,
-            "items_encoded": 0,
-            "train_seconds": 0.0,
-            "users_trained": 0,
-            "nonfinite_batches": 0,
-            "skipped_steps": 0,
-            "eval_seconds": 0.0,
-            "users_evaluated": 0,
-        }
-        self._best_weights: dict[str, torch.Tensor] = {}
-        self._best_table: torch.Tensor | None = None
-        self.state: dict = {}  # the current fit's state (what state.json holds)
+        self.cost.update(item_seconds=0.0, items_encoded=0, users_trained=0, eval_seconds=0.0, users_evaluated=0)
         self._fitted_table: torch.Tensor | None = None
         if self.wd is None and workdir_root is not None:
             self.wd = Path(workdir_root) / f"{label}-{self.run_hash()}"
@@ -404,31 +387,21 @@ class LaserTrainer:
         return epochs * self.steps_per_epoch()
 
     def current_lr(self) -> float:
-        """The learning rate of the next optimizer step."""
+        """The learning rate of the next optimizer step (:func:`lr_at`)."""
         return lr_at(self.global_step, self.planned_steps, self.cfg)
 
-    def _optimizer_step(self) -> None:
-        """One optimizer step at the schedule's learning rate; skipped (as a loss scaler skips it) when a
-        gradient is not finite, so one bad mini-batch cannot turn the weights into NaN. The step counter (and so
-        the schedule) advances either way; ``cost["skipped_steps"]`` counts the skips."""
-        lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self.cost["skipped_steps"] += 1
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-
-    def _loss(self, emb: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The main loss of a mini-batch (the load-balancing term is added by :meth:`train_epoch`): the IIC loss
-        (cosine / tau) or, for a fused model, softmax cross-entropy on the fused dot product (the ID model's
-        logits + w x cosine: the learned fusion weight plays the temperature's part)."""
-        if self.model.config.fusion != "none":
-            return torch.nn.functional.cross_entropy(emb @ table.T, targets)
-        return iic_loss(emb, table, targets, self.cfg.tau)
+    def training_batch(
+        self, histories: Sequence[np.ndarray], targets: torch.Tensor, table: torch.Tensor
+    ) -> LaserTrainingBatch:
+        """The mini-batch :meth:`LaserModel.calculate_loss` takes: the users' histories against ``table`` (rows
+        ``targets``), on the trainer's device, with the configured ``tau`` and ``lb_weight``."""
+        return LaserTrainingBatch(
+            inputs=self.model.collate(histories),
+            targets=targets.to(self.device),
+            item_table=table.to(self.device),
+            tau=self.cfg.tau,
+            lb_weight=self.cfg.lb_weight,
+        )
 
     def fit_embedding_transform(self) -> None:
         """Fit the model's embedding transform (``bitune.embedding_transform``) once, on the LLM rows of the
@@ -524,64 +497,36 @@ class LaserTrainer:
         if self.world > 1:  # each process trains on its equal shard of the epoch's users (same seed everywhere)
             keep = shard(n_epoch, self.rank, self.world)
             hist, targets = [hist[i] for i in keep], targets[keep]
-        self.model.train()
-        t0 = time.perf_counter()
-        paused = 0.0
-        total, n_batches = 0.0, 0
-        bar = tqdm(
-            total=len(hist), desc=f"stage {stage} epoch {epoch}", unit="user", disable=not cfg.progress, leave=False
-        )
         target_t = torch.from_numpy(targets).to(self.device)
         table = table.to(self.device)
-        bs, acc = cfg.batch_size, cfg.grad_accumulation
+        bs = cfg.batch_size
         starts = range(0, len(hist), bs)
+        batches = (
+            (self.training_batch(hist[lo : lo + bs], target_t[lo : lo + bs], table), len(hist[lo : lo + bs]))
+            for lo in starts
+        )
         every = cfg.curve_every_users if on_curve is not None else None
         seen0 = self.users_seen
-        self.optimizer.zero_grad(set_to_none=True)
-        for b, lo in enumerate(starts):
-            out = self._forward(self.model.collate(hist[lo : lo + bs]))  # the DDP wrapper, when there is one
-            emb, route = out.user_embedding, out.router
-            loss = self._loss(emb, table, target_t[lo : lo + bs])
-            if route is not None and cfg.lb_weight > 0:
-                loss = loss + cfg.lb_weight * load_balancing_loss(route.probs, route.mask)
-            group = min(acc, len(starts) - (b // acc) * acc)  # mini-batches in this optimizer step
-            scaled = loss / group
-            if self.accelerator is not None:
-                self.accelerator.backward(scaled)
-            else:
-                scaled.backward()
-            if (b + 1) % acc == 0 or b + 1 == len(starts):
-                self._optimizer_step()
-            value = float(loss.detach())
-            if math.isfinite(value):  # the epoch's mean loss is over finite mini-batch losses
-                total += value
-                n_batches += 1
-            else:
-                self.cost["nonfinite_batches"] += 1
-            bar.update(len(emb))
-            bar.set_postfix(loss=f"{total / max(n_batches, 1):.4f}")
-            if every is not None:  # the same decision on every process (from the batch index alone); the
-                # users trained count the epoch's users once (a shard's wrapped-around repeats are not new)
-                before = seen0 + min(n_epoch, lo * self.world)
-                now = seen0 + min(n_epoch, (lo + bs) * self.world)
-                if now // every > before // every:
-                    t1 = time.perf_counter()
-                    on_curve(
-                        {
-                            "stage": stage,
-                            "epoch": epoch,
-                            "users_seen": now,
-                            "valid": self.validate(table),
-                            "curve": True,
-                        }
-                    )
-                    self.model.train()
-                    paused += time.perf_counter() - t1
-        bar.close()
+
+        def curve(b: int) -> float:
+            """After mini-batch ``b``: a learning-curve validation when the users trained cross a multiple of
+            ``every`` (the same decision on every process, from the batch index alone; the users trained count
+            the epoch's users once: a shard's wrapped-around repeats are not new). Returns its seconds."""
+            lo = starts[b]
+            before = seen0 + min(n_epoch, lo * self.world)
+            now = seen0 + min(n_epoch, (lo + bs) * self.world)
+            if now // every <= before // every:
+                return 0.0
+            t1 = time.perf_counter()
+            on_curve({"stage": stage, "epoch": epoch, "users_seen": now, "valid": self.validate(table), "curve": True})
+            self.model.train()
+            return time.perf_counter() - t1
+
+        desc = f"stage {stage} epoch {epoch}"
+        loss, _ = self.run_epoch(batches, len(starts), len(hist), desc, "user", curve if every is not None else None)
         self.users_seen = seen0 + n_epoch
-        self.cost["train_seconds"] += time.perf_counter() - t0 - paused
         self.cost["users_trained"] += len(hist)
-        return total / n_batches if n_batches else float("nan")
+        return loss
 
     def validate(self, table: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -624,23 +569,12 @@ class LaserTrainer:
         self.cost["users_evaluated"] += len(hist)
         return {"grid": {str(w): v for w, v in scores.items()}, "chosen": chosen}
 
-    # ----------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
-
-    def _save(self, state: dict, best_table: torch.Tensor | None) -> None:
-        if self.wd is None or self.rank != 0:
-            return
-        self.wd.mkdir(parents=True, exist_ok=True)
-        save_tensors(self._trainable_state(), self.wd / "last.safetensors")
-        save_optimizer(self.optimizer, self.wd / "optimizer.safetensors")
-        if best_table is not None and state.get("best_changed"):
-            save_tensors(self._best_weights, self.wd / "best.safetensors")
-            save_tensors({"table": best_table}, self.wd / "best_table.safetensors")
-        state = {k: v for k, v in state.items() if k != "best_changed"}
-        atomic_write(self.wd / "state.json", json.dumps(state, indent=1))
-
     # ------------------------------------------------------------------ fit
+    @property
+    def _best_table(self) -> torch.Tensor | None:
+        """The best validation epoch's item table (the shared trainer keeps it with the best weights)."""
+        return self.best_extra.get("table")
+
     def fit(
         self,
         callbacks: Sequence[Callable[[int, int, dict], None]] = (),
@@ -648,67 +582,28 @@ class LaserTrainer:
         table: torch.Tensor | None = None,
     ) -> LaserFitResult:
         """Run the stages in ``stages`` (the pipeline runs them as two steps). Without stage 1 the frozen table
-        is ``table`` when given (the stage-1 step's output), else the table of the current weights."""
+        is ``table`` when given (the stage-1 step's output), else the table of the current weights.
+        ``callbacks``: ``callback(stage, epoch, entry)`` after each validated epoch's checkpoint."""
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = {
-            "run_hash": self._fit_key(stages, table),
-            "stage": 1,
-            "epoch": -1,
-            "history": [],
-            "best": {},
-            "stage1_done": False,
-        }
-        self._best_weights = self._trainable_state()
-        best_table: torch.Tensor | None = None
-        if self.resume and self.wd is not None and (self.wd / "state.json").is_file():
-            saved = json.loads((self.wd / "state.json").read_text(encoding="utf8"))
-            if saved.get("run_hash") == state["run_hash"]:
-                state = saved
-                self.model.load_state_dict(load_file(str(self.wd / "last.safetensors")))
-                load_optimizer(self.optimizer, self.wd / "optimizer.safetensors")
-                if (self.wd / "best.safetensors").is_file():
-                    self._best_weights = load_file(str(self.wd / "best.safetensors"))
-                    best_table = load_file(str(self.wd / "best_table.safetensors"))["table"]
-                self.cost.update(state.get("cost", {}))
-                self.global_step = int(state.get("global_step", 0))
-                self.users_seen = int(state.get("users_seen", 0))
-        self.state = state
-        self._best_table = best_table
+        self.callbacks = [lambda entry, cb=cb: cb(entry["stage"], entry["epoch"], entry) for cb in callbacks]
+        self._best_weights = self.model_state()
+        self.best_extra = {}
+        state = self.start(self._fit_key(stages, table), stage1_done=False)
+        self.users_seen = int(state.get("users_seen", 0))
+        best_table = self._best_table
         if self.model.needs_transform_fit():  # once, before any training (a resumed run has it in its weights)
             self.fit_embedding_transform()
             if not state["best"]:
-                self._best_weights = self._trainable_state()
+                self._best_weights = self.model_state()
 
         def record(stage: int, epoch: int, loss: float | None, valid: dict, table: torch.Tensor) -> None:
             nonlocal best_table
+            state["users_seen"] = self.users_seen
             entry = {"stage": stage, "epoch": epoch, "loss": loss, "valid": valid, "users_seen": self.users_seen}
-            state["history"].append(entry)
-            best = state["best"].get(str(stage))
-            changed = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
-            if changed:
-                state["best"][str(stage)] = {"epoch": epoch, "valid": valid}
-                self._best_weights = self._trainable_state()
-                best_table = self._best_table = table
-            state.update(
-                stage=stage,
-                epoch=epoch,
-                best_changed=changed,
-                cost=dict(self.cost),
-                global_step=self.global_step,
-                users_seen=self.users_seen,
-            )
-            self._save(state, best_table)
-            for cb in callbacks:
-                cb(stage, epoch, entry)
-
-        def patience_spent(stage: int) -> bool:
-            """``patience`` epochs of ``stage`` done since its best (from the state: survives a resume)."""
-            best = state["best"].get(str(stage))
-            if cfg.patience is None or best is None or state["stage"] != stage:
-                return False
-            return state["epoch"] - best["epoch"] >= cfg.patience
+            if self.record(entry, stage, best_extra={"table": table}):
+                best_table = table
 
         curve = state["history"].append if cfg.curve_every_users else None
 
@@ -716,7 +611,7 @@ class LaserTrainer:
             """Once, before any training: the validation-tuned fusion weight (``fusion_weight_grid``)."""
             if cfg.fusion_weight_grid and self.model.config.fusion != "none" and "fusion_weight" not in state:
                 state["fusion_weight"] = self.choose_fusion_weight(table)
-                self._best_weights = self._trainable_state()
+                self._best_weights = self.model_state()
 
         # ---- stage 1: refresh the table every epoch
         if not state["stage1_done"]:
@@ -726,12 +621,12 @@ class LaserTrainer:
                     tune_fusion(table)
                     record(1, -1, None, self.validate(table), table)
                 for epoch in range(state["epoch"] + 1, cfg.stage1_epochs):
-                    if patience_spent(1):
+                    if self.patience_spent(1):
                         break
                     loss = self.train_epoch(table, 1, epoch, on_curve=curve)
                     table = self.item_table()
                     record(1, epoch, loss, self.validate(table), table)
-                self.model.load_state_dict(self._best_weights)
+                self.restore_best()
             else:
                 best_table = table if table is not None else self.item_table()
             state.update(stage1_done=True, stage=2, epoch=-1)
@@ -746,11 +641,11 @@ class LaserTrainer:
                 record(2, -1, None, self.validate(frozen), frozen)
             start = state["epoch"] + 1 if state["stage"] == 2 else 0
             for epoch in range(start, cfg.stage2_epochs):
-                if patience_spent(2):
+                if self.patience_spent(2):
                     break
                 loss = self.train_epoch(frozen, 2, epoch, on_curve=curve)
                 record(2, epoch, loss, self.validate(frozen), frozen)
-            self.model.load_state_dict(self._best_weights)
+            self.restore_best()
         self.model.eval()
         return self._result(frozen)
 
@@ -775,7 +670,7 @@ class LaserTrainer:
         (eval mode) and its item table (in stage 2: the frozen table)."""
         if self._best_table is None or not self.state.get("best"):
             raise RuntimeError("no validated epoch yet: fit() stopped before its first validation")
-        self.model.load_state_dict(self._best_weights)
+        self.restore_best()
         self.model.eval()
         return self._result(self._best_table)
 
@@ -784,8 +679,9 @@ def test_laser(
     model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig, stats: dict | None = None
 ) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample): the
-    evaluation loop of the ID models (:func:`laser_core.sr.evaluate`) over :class:`LaserScorer`. ``stats``, when
-    given, receives ``expert_counts`` (how often the router picked each expert; None without a router)."""
+    evaluation loop of the ID models (:func:`laser_core.evaluation.evaluate`) over :class:`LaserScorer`.
+    ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert; None without a
+    router)."""
     hist, targets = test_examples(split, config)
     scorer = LaserScorer(model, item_table)
     metrics = evaluate(scorer, hist, targets, config.eval_batch_size, progress=config.progress, desc="test")

@@ -12,7 +12,8 @@ from laser_core.data.split import Split
 from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser, item_state_beside
 from laser_core.sr import SequentialRecommender
 from laser_core.reporting import MetricsReport, full_ranking_protocol
-from laser_core.sr import SRConfig, evaluate
+from laser_core.evaluation import evaluate
+from laser_core.sr import SRConfig
 from laser_core.sr.popularity import Popularity
 from laser_core.launch import fit_launched
 from laser_core.train import LaserTrainConfig, LaserTrainer, test_examples, test_laser

@@ -10,7 +10,8 @@ from zenml.logger import get_logger
 
 from laser_core.data.split import Split
 from laser_core.paths import default_cache_dir
-from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, evaluate_split, fit
+from laser_core.evaluation import evaluate_split
+from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, fit
 from laser_core.sr.trainer import config_hash
 from laser_core.reporting import MetricsReport, full_ranking_protocol
 from steps.mcp import log_model_metadata

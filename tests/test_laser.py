@@ -16,7 +16,8 @@ from laser_core.llm import BackboneConfig, quantized_linear_share
 from laser_core.losses import iic_loss, load_balancing_loss
 from laser_core.mformer import MFormer, MFormerConfig, Router
 from laser_core.model import BiTuneConfig, LaserSpec, build_laser
-from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate_split, fit
+from laser_core.evaluation import evaluate_split
+from laser_core.sr import SRConfig, TrainConfig, build_model, fit
 from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
 
 SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
@@ -483,12 +484,12 @@ def test_training_improves_validation_and_beats_popularity_on_synthetic(data, sr
 
 
 def test_laser_scorer_has_the_id_models_contract_and_their_evaluation_loop(data, sr):
-    """LaserScorer: full_sort_predict over the item table, so laser_core.sr.evaluate (the ID models' loop) scores
-    Laser: the metrics of the cosines to the table, history masking as for the ID models, the mode restored,
-    every user routed once."""
+    """LaserScorer: full_sort_predict over the item table, so laser_core.evaluation.evaluate (the ID models'
+    loop) scores Laser: the metrics of the cosines to the table, history masking as for the ID models, the mode
+    restored, every user routed once."""
     from laser_core.losses import cosine_scores
     from laser_core.metrics import compute_metrics
-    from laser_core.sr import evaluate
+    from laser_core.evaluation import evaluate
     from laser_core.train import LaserScorer
 
     ds, split = data
@@ -564,7 +565,7 @@ LAUNCH = dict(
 def _last_weights(root) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    (path,) = list(root.glob("*/last.safetensors"))
+    (path,) = list(root.glob("*/last/model.safetensors"))
     return load_file(str(path))
 
 

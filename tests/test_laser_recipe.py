@@ -192,8 +192,8 @@ def test_accumulation_steps_every_group_and_at_the_end_of_the_epoch(data, sr):
         make(data, sr), split, cfg_(users_per_epoch=10, batch_size=2, **{**PLAIN, "grad_accumulation": 2})
     )
     steps = []
-    real = trainer._optimizer_step
-    trainer._optimizer_step = lambda: (
+    real = trainer.optimizer_step
+    trainer.optimizer_step = lambda: (
         steps.append(sum(p.grad is not None for p in trainer.model.trainable_parameters())),
         real(),
     )[1]
@@ -390,7 +390,7 @@ def test_adamw_decays_only_weights_of_two_or_more_dims(data, sr):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for p in model.trainable_parameters():
         p.grad = torch.zeros_like(p)
-    trainer._optimizer_step()
+    trainer.optimizer_step()
     for n, p in model.named_parameters():
         if p.requires_grad:
             want = before[n] * (1 - 0.1 * 0.5) if shapes[n] >= 2 else before[n]
@@ -440,14 +440,14 @@ def test_group_by_length_deals_the_same_examples_into_steps_of_similar_length(da
 def test_a_nonfinite_loss_skips_its_step_and_leaves_the_weights_finite(data, sr):
     trainer = LaserTrainer(make(data, sr), data[1], cfg_(**{**PLAIN, "batch_size": 8, "users_per_epoch": 32}))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    real, calls = trainer._loss, []
+    real, calls = trainer.compute_loss, []
 
-    def poisoned(emb, table, targets):  # the second mini-batch's loss is NaN (as a bad bf16 batch would be)
+    def poisoned(batch):  # the second mini-batch's loss is NaN (as a bad bf16 batch would be)
         calls.append(1)
-        loss = real(emb, table, targets)
+        loss = real(batch)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    trainer._loss = poisoned
+    trainer.compute_loss = poisoned
     table = trainer.item_table()
     loss = trainer.train_epoch(table, 1, 0)
     assert len(calls) == 4 and math.isfinite(loss)

@@ -208,11 +208,17 @@ def test_trainer_fits_the_transform_once_and_a_fused_model_trains_on_the_fused_d
     assert float(model.fusion_log_weight.detach()) != w0  # the fusion weight is trained
     curve = [h for h in result.history if h.get("curve")]
     assert [h["users_seen"] for h in curve] == [24, 48, 72, 96]
-    # the fused loss is the softmax cross-entropy of the fused dot product
-    emb = model.embed([[1, 2], [3]]).user_embedding
+    # the fused loss (LaserModel.calculate_loss) is the softmax cross-entropy of the fused dot product (plus the
+    # router's load balancing, as for every model with the M-Former)
+    from laser_core.losses import load_balancing_loss
+
+    out = model.embed([[1, 2], [3]])
     t = torch.tensor([4, 5])
-    expected = torch.nn.functional.cross_entropy(emb @ result.item_table.T, t)
-    torch.testing.assert_close(trainer._loss(emb, result.item_table, t), expected)
+    expected = torch.nn.functional.cross_entropy(out.user_embedding @ result.item_table.T, t)
+    expected = expected + cfg.lb_weight * load_balancing_loss(out.router.probs, out.router.mask)
+    torch.testing.assert_close(
+        model.calculate_loss(trainer.training_batch([[1, 2], [3]], t, result.item_table)), expected
+    )
     # a resumed (finished) run reloads the fitted transform with the weights, and does not refit
     again = make(data, sr, fusion="concat", embedding_transform="center")
     calls = []

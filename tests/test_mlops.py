@@ -111,7 +111,7 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
     assert "popularity" in decision.reason and "over the same 24 test users" in decision.reason
     assert mv.run_metadata["id_model_test"]["ndcg@10"] == pytest.approx(decision.id_model_value)
     # the ID model's score is the frozen SR encoder's on exactly Laser's (history, target) test pairs
-    from laser_core.sr import evaluate
+    from laser_core.evaluation import evaluate
     from laser_core.train import test_examples
 
     steps_ = Client().get_pipeline_run(run.id).steps

@@ -84,7 +84,7 @@ def test_pipeline_end_to_end_then_cached(zenml_store):
     metrics = run.steps["evaluate_sr"].outputs["sr_metrics"][0].load()
     assert metrics.protocol["mask_history"] is False and 0 < metrics.metrics["ndcg@10"] <= 1
     # the stored model reproduces the test metrics it was evaluated with
-    from laser_core.sr import evaluate_split
+    from laser_core.evaluation import evaluate_split
 
     assert evaluate_split(sr_model.load(), loaded, "test") == metrics.metrics
 

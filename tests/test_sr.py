@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from laser_core.data import leave_one_out, load_dataset
-from laser_core.sr import SRConfig, TrainConfig, build_model, evaluate_split, fit, load_model, save_model
+from laser_core.evaluation import evaluate_split
+from laser_core.sr import SRConfig, TrainConfig, build_model, fit, load_model, save_model
 from laser_core.sr.batching import pad_left, windows
 
 N_ITEMS = 30

@@ -3,7 +3,7 @@
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.checkpoint import build_model, load_model, save_model
 from laser_core.sr.config import SRConfig, TrainConfig
-from laser_core.sr.trainer import FitResult, evaluate, evaluate_split, fit
+from laser_core.sr.trainer import FitResult, fit
 
 __all__ = [
     "FitResult",
@@ -11,8 +11,6 @@ __all__ = [
     "SequentialRecommender",
     "TrainConfig",
     "build_model",
-    "evaluate",
-    "evaluate_split",
     "fit",
     "load_model",
     "save_model",

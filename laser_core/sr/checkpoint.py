@@ -11,24 +11,11 @@ from safetensors.torch import load_file
 from laser_core.artifact import read_meta
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.config import SRConfig
+from laser_core.trainer import atomic_write, save_tensors
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf8") if isinstance(data, str) else data)
-    tmp.replace(path)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save
-
-    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def build_model(config: SRConfig, n_items: int) -> SequentialRecommender:
@@ -64,25 +51,3 @@ def load_model(directory: str | Path) -> SequentialRecommender:
     model.load_state_dict(load_file(str(d / WEIGHTS)))
     model.eval()
     return model
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Adam-style state as tensors ``{param_index}.{key}`` in safetensors, hyper-parameters in JSON."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
-    save_tensors(tensors, path)
-    atomic_write(path.with_suffix(".json"), json.dumps(sd["param_groups"]))
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    groups = json.loads(path.with_suffix(".json").read_text(encoding="utf8"))
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
