@@ -13,8 +13,11 @@ EOS-initialised suffix does not differ either), each after a warm-up:
 
 - items/s: ``embed_items`` over the sampled items, in length-sorted batches of ``item_batch_size`` (as the
   training's table refresh) taken in a seeded random order;
-- training users/s: forward + IIC loss (+ load balancing) + backward + Adam step on ``batch_size`` users, each a
-  random history cut as in training;
+- training users/s: the trainer's own epoch loop (:meth:`laser_core.trainer.Trainer.run_epoch` of a
+  :class:`~laser_core.train.LaserTrainer` with the config's ``laser_train``): ``LaserModel.calculate_loss``
+  (the IIC loss, or the fused cross-entropy, + load balancing), backward, and the configured optimizer (AdamW or
+  Adam, gradient accumulation, the learning-rate schedule, the non-finite-gradient guard) on ``batch_size``
+  users a mini-batch, each a random history cut as in training;
 - fidelity: the mean and min cosine of the variant's item rows (and of one batch of user rows) to those of the
   unquantized float32 model with the same number of decoder layers (a variant of the run, else built for it).
 
@@ -53,9 +56,9 @@ from laser_core.config import load_config  # noqa: E402
 from laser_core.data import leave_one_out, load_dataset  # noqa: E402
 from laser_core.llm import BackboneConfig  # noqa: E402
 from laser_core.llm.backbones import _compute_dtype  # noqa: E402
-from laser_core.losses import iic_loss, load_balancing_loss  # noqa: E402
 from laser_core.model import LaserModel, LaserSpec, build_laser  # noqa: E402
 from laser_core.sr import build_model  # noqa: E402
+from laser_core.train import LaserTrainer  # noqa: E402
 
 # name -> overrides of the config's backbone section. "baseline" is the configured CPU budget (NF4 weights,
 # float32 compute, all 30 layers of SmolLM2-135M).
@@ -156,32 +159,42 @@ def user_rows(model: LaserModel, sample: Sample) -> torch.Tensor:
     return model.embed(sample.histories[: sample.user_batch]).user_embedding.float()
 
 
-def train(model: LaserModel, sample: Sample, table: torch.Tensor, lt, cap: float, row: dict) -> None:
-    """Training users/s: the trainer's step (forward, IIC + load balancing, backward, Adam) after a warm-up step."""
+def train(model: LaserModel, sample: Sample, table: torch.Tensor, split, lt, cap: float, row: dict) -> None:
+    """Training users/s: the trainer's epoch loop (:meth:`LaserTrainer.run_epoch`: the model's
+    ``calculate_loss``, backward, the configured optimizer with its accumulation and schedule) over the sample's
+    users against the embedded item rows, after a warm-up step; capped, it stops after the mini-batch that
+    crosses ``cap`` seconds."""
     known = torch.nonzero(~table[:, 0].isnan()).flatten()
     rows = table[known]
     targets = torch.from_numpy(sample.targets) % len(known)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=lt.lr)
-    B = lt.batch_size
+    trainer = LaserTrainer(model, split, lt.model_copy(update={"progress": False}))
+    n, B = len(sample.histories), lt.batch_size
+    spans = [range(lo, min(lo + B, n)) for lo in range(0, n, B)]
+    done = 0
 
-    def step(span: range):
-        lo, hi = span.start, span.stop
-        out = model(model.collate(sample.histories[lo:hi]))
-        emb, route = out.user_embedding, out.router
-        loss = iic_loss(emb, rows, targets[lo:hi], lt.tau)
-        if route is not None and lt.lb_weight > 0:
-            loss = loss + lt.lb_weight * load_balancing_loss(route.probs, route.mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def batch(span: range):
+        return trainer.training_batch(sample.histories[span.start : span.stop], targets[span.start : span.stop], rows)
+
+    def batches():
+        nonlocal done
+        t0 = time.perf_counter()
+        for span in spans:
+            yield batch(span), len(span)
+            done += len(span)
+            if cap and time.perf_counter() - t0 >= cap:
+                return
 
     torch.manual_seed(0)
     model.train()
-    n = len(sample.histories)
-    spans = [range(lo, min(lo + B, n)) for lo in range(0, n, B)]
-    step(spans[0])  # warm-up
-    done, seconds = _timed(spans, step, cap)
-    row.update(train_users_per_second=done / seconds, users_timed=done, train_seconds=round(seconds, 2))
+    trainer.training_step(batch(spans[0]))  # warm-up
+    steps0 = trainer.global_step
+    _, seconds = trainer.run_epoch(batches(), len(spans), n, "train", "user")
+    row.update(
+        train_users_per_second=done / seconds,
+        users_timed=done,
+        train_seconds=round(seconds, 2),
+        optimizer_steps=trainer.global_step - steps0,
+    )
 
 
 def cosines(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -193,8 +206,8 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 class Runner:
-    def __init__(self, cfg, ds, sample: Sample, args) -> None:
-        self.cfg, self.ds, self.sample, self.args = cfg, ds, sample, args
+    def __init__(self, cfg, ds, split, sample: Sample, args) -> None:
+        self.cfg, self.ds, self.split, self.sample, self.args = cfg, ds, split, sample, args
         torch.manual_seed(cfg.laser_train.seed)
         self.sr = build_model(cfg.sr, ds.n_items).eval()  # costs and fidelity do not need trained SR weights
         self.state: dict[str, torch.Tensor] | None = None  # the first variant's trainable weights
@@ -249,7 +262,7 @@ class Runner:
             table, users = embed(model, self.sample, batches, cap, row)
             self.tables[name] = (layers, table, users)
             if timed:
-                train(model, self.sample, table, self.cfg.laser_train, cap, row)
+                train(model, self.sample, table, self.split, self.cfg.laser_train, cap, row)
         except Exception as exc:  # noqa: BLE001 (a variant this machine cannot run is a result, not a crash)
             row["error"] = error_text(exc)
         finally:
@@ -455,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = Sample(ds, split, args.items, args.users, lt.batch_size, args.seed)
 
     t_start = time.perf_counter()
-    runner = Runner(cfg, ds, sample, args)
+    runner = Runner(cfg, ds, split, sample, args)
     rows = [runner.measure(n, VARIANTS[n]) for n in names]
     refs = runner.fidelity(rows)
     baseline, ratios, best = summarize(rows, args.fidelity)
@@ -476,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": lt.batch_size,
             "item_batch_size": args.item_batch,
             "lr": lt.lr,
+            "optimizer": lt.optimizer,
+            "schedule": lt.schedule,
+            "grad_accumulation": lt.grad_accumulation,
             "tau": lt.tau,
             "lb_weight": lt.lb_weight,
             "items": len(sample.items),

@@ -46,8 +46,20 @@ def run(cost, tmp_path: Path, *extra: str) -> dict:
     return json.loads((tmp_path / "laser_cost_t.json").read_text(encoding="utf8"))
 
 
-def test_two_variants_side_by_side(cost, tmp_path):
+def test_two_variants_side_by_side(cost, tmp_path, monkeypatch):
+    from laser_core.model import LaserModel, LaserTrainingBatch
+
+    losses = []
+    real = LaserModel.calculate_loss
+
+    def spy(self, batch):  # the timed step is the trainer's: the model's own loss on the trainer's batches
+        assert isinstance(batch, LaserTrainingBatch) and batch.tau == 0.05 and batch.lb_weight == 0.01
+        losses.append(len(batch.targets))
+        return real(self, batch)
+
+    monkeypatch.setattr(LaserModel, "calculate_loss", spy)
     out = run(cost, tmp_path, "--variants", "baseline,none-fp32")
+    assert losses == [8, 8, 8] * 2  # per variant: the warm-up, then the 16 users in mini-batches of 8
     rows = out["results"]
     assert set(rows) == {"baseline", "none-fp32"}
     for r in rows.values():
@@ -55,6 +67,7 @@ def test_two_variants_side_by_side(cost, tmp_path):
         assert r["items_per_second"] > 0 and r["train_users_per_second"] > 0 and r["backbone_memory_mb"] > 0
         assert r["items_timed"] == 16 and r["users_timed"] == 16 and r["mean_item_tokens"] > 0
         assert r["num_layers"] == 2 and r["fidelity"]["reference"] == "none-fp32"
+        assert r["optimizer_steps"] == 2  # configs/tiny.yaml: Adam, a step per mini-batch
     assert rows["baseline"]["quantization"] == "nf4" and rows["none-fp32"]["quantization"] == "none"
     assert rows["none-fp32"]["trainable_weights"].startswith("equal to baseline")  # the seeded build
     fid = rows["none-fp32"]["fidelity"]
@@ -69,6 +82,7 @@ def test_two_variants_side_by_side(cost, tmp_path):
     assert ratios["none-fp32"]["memory"] > 1 and ratios["none-fp32"]["train_users_per_second"] > 0
     assert out["best"]["variant"] in rows and out["best"]["item_cosine_mean"] >= 0.99
     assert out["budget"]["history_len"] == 3 and out["budget"]["mformer"]["n_experts"] == 2  # configs/tiny.yaml
+    assert (out["budget"]["optimizer"], out["budget"]["grad_accumulation"]) == ("adam", 1)
     assert out["machine"]["cpu_threads"] == 1 and out["machine"]["torch"] == torch.__version__
     md = (tmp_path / "laser_cost_t.md").read_text(encoding="utf8")
     assert "| baseline | nf4 | float32 | 2 |" in md and "| none-fp32 |" in md and "Best" in md
