@@ -45,7 +45,11 @@ def _items_group() -> click.Group:
 
         try:
             new_items = read_items_file(items_file)
-            out = add_items(bundle, new_items, out_dir, batch_size=batch_size)
+            bar = click.progressbar(
+                length=len(new_items), label="embedding new items", file=click.get_text_stream("stderr")
+            )
+            with bar:
+                out = add_items(bundle, new_items, out_dir, batch_size=batch_size, progress=bar.update)
             manifest = read_manifest(out)
         except (BundleError, ValueError, FileExistsError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc

@@ -57,7 +57,8 @@ from pydantic import (
 )
 
 from laser_core.configuration import reads_item_ids
-from laser_core.data.text import TextConfig
+from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS, TEXT_FIELDS
+from laser_core.data.text import TextConfig, truncate
 
 # ------------------------------------------------------------------------------------------- names
 FORMAT_VERSION = 1
@@ -694,6 +695,24 @@ def read_scorer_table(path: str | Path) -> np.ndarray:
     from onnx import numpy_helper
 
     return np.ascontiguousarray(numpy_helper.to_array(_scorer_table(path, with_data=True)).T.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------ item texts
+def bound_item_texts(items: Any, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Any:
+    """``items`` (a DataFrame with title, brand, category) with every field longer than ``max_chars`` characters
+    cut to it (``truncate``: at a word boundary when possible), a copy when any was cut: the bound every item
+    text has before it is formatted and tokenized, in export, in ``add_items`` and in a loaded catalogue (the
+    data loader cuts to the same default, ``dataset.max_text_chars``). The template's own budget
+    (``text.title_max_tokens`` ...) applies after; this one holds when the config sets none, so a 1 MB title
+    never reaches the tokenizer or the tower whole."""
+    over = {c: items[c].astype(str).str.len() > max_chars for c in TEXT_FIELDS if c in items.columns}
+    if not any(mask.any() for mask in over.values()):
+        return items
+    items = items.copy()
+    for column, mask in over.items():
+        if mask.any():
+            items.loc[mask, column] = [truncate(str(t), max_chars=max_chars) for t in items.loc[mask, column]]
+    return items
 
 
 # ------------------------------------------------------------------------------------------- tokenizer

@@ -31,6 +31,7 @@ from laser_core.bundle import (
     TOKENIZER_DIR,
     USER_TOWER,
     as_float_matrix,
+    bound_item_texts,
     export_scorer,
     load_tokenizer,
     write_manifest,
@@ -89,7 +90,7 @@ def reference_model(weights: LaserWeights, sr_model: SequentialRecommender | Non
     backbone = float_backbone(spec.backbone, texts)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
-    needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"
+    needs_sr = spec.bitune.reads_item_ids
     sr = copy.deepcopy(sr_model).float().cpu().eval() if needs_sr else None
     model = LaserModel(backbone, sr, formatter, spec.bitune)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in weights.state.items()})
@@ -330,6 +331,7 @@ def export_bundle(
         raise FileExistsError(f"{out} exists and is not an empty directory")
     arr = as_float_matrix(table)
     n_items, dim = arr.shape
+    items = bound_item_texts(items)  # the bound serving keeps too (a no-op for a dataset from load_dataset)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n_items:
         raise ValueError(f"k must be an integer in 1..{n_items} (the number of items), got {k!r}")
     catalogue = _catalogue(items, n_items, popularity)
@@ -345,7 +347,7 @@ def export_bundle(
             UserWarning,
             stacklevel=2,
         )
-    if spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none":
+    if spec.bitune.reads_item_ids:
         if sr_model is None:
             raise ValueError(
                 f"prefix {spec.bitune.prefix!r} with fusion {spec.bitune.fusion!r} needs the frozen "

@@ -21,7 +21,7 @@ import json
 import shutil
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from laser_core.bundle import (
     SCORER,
     BundleError,
     ServingTokenizer,
+    bound_item_texts,
     check_loaded,
     export_scorer,
     l2_normalize,
@@ -244,12 +245,17 @@ class Recommender:
         return tower.run(["user_embedding"], self._tower_feeds(histories, token_ids))[0]
 
     def item_embeddings(
-        self, items: pd.DataFrame, item_ids: Sequence[int] | None = None, batch_size: int = 16
+        self,
+        items: pd.DataFrame,
+        item_ids: Sequence[int] | None = None,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Item-table rows ``[n, d]`` (not normalized) for ``items`` (title, brand, category), embedded as the
         table's rows are (``LaserModel.embed_item_rows``): each a one-item history of the item template, through
         the tower's item side (:attr:`cold_item_weights`), its ID position the cold item (``-1``) or, with
-        ``item_ids``, the rows' catalogue rows (re-embedding a trained item reproduces its table row)."""
+        ``item_ids``, the rows' catalogue rows (re-embedding a trained item reproduces its table row).
+        ``progress(n)``: called after each batch with the number of rows it embedded."""
         tower = self._require_tower()
         ids = [COLD_ITEM] * len(items) if item_ids is None else [int(i) for i in item_ids]
         if len(ids) != len(items):
@@ -268,6 +274,8 @@ class Recommender:
             idx = order[lo : lo + batch_size]
             feeds = self._tower_feeds([[ids[i]] for i in idx], [token_ids[i] for i in idx], item_side=True)
             emb[idx] = tower.run(["user_embedding"], feeds)[0]
+            if progress is not None:
+                progress(len(idx))
         return emb
 
     def table(self) -> np.ndarray:
@@ -378,6 +386,7 @@ def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
         raise BundleError(f"{path}: {len(cat)} rows, but the manifest says n_items={manifest['n_items']}")
     for c in ITEM_COLUMNS:
         cat[c] = cat[c].fillna("").astype(str)
+    cat = bound_item_texts(cat)  # a crafted catalogue's 1 MB title is cut as the exporter would have
     if cat["item_id"].duplicated().any():
         raise BundleError(
             f"{path}: duplicate item_id values {cat['item_id'][cat['item_id'].duplicated()].tolist()[:10]}"
@@ -468,6 +477,7 @@ def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: s
     out = pd.DataFrame({"item_id": [normalize_text(v) for v in new_items["item_id"]]})
     for c in ("title", "brand", "category"):
         out[c] = [normalize_text(v) for v in new_items[c]] if c in new_items.columns else ""
+    out = bound_item_texts(out)  # before anything is tokenized: a 1 MB title is cut to the bound
     for c in ("item_id", "title"):
         empty = [int(i) for i in np.flatnonzero(out[c].to_numpy() == "")]
         if empty:
@@ -481,7 +491,13 @@ def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: s
     return out
 
 
-def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Path, batch_size: int = 16) -> Path:
+def add_items(
+    bundle_dir: str | Path,
+    new_items: pd.DataFrame,
+    out_dir: str | Path,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
     """A new bundle in ``out_dir`` whose catalogue and scorer also hold ``new_items`` (item_id, title, brand,
     category), without retraining; ``bundle_dir`` is left untouched.
 
@@ -492,7 +508,9 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
     item has no trained ID embedding; see ``laser_core.bundle.COLD_ITEM_TREATMENT``). New rows are appended
     after the existing ones. Duplicate ids (within ``new_items`` or against the catalogue) are a
     ``ValueError``. A bundle with an ANN index (``ann_index``) gets it extended by the new rows and its search
-    breadth recalibrated (``laser_core.ann``)."""
+    breadth recalibrated (``laser_core.ann``). Item texts are cut to ``laser_core.bundle.bound_item_texts``'s
+    bound before they are tokenized. ``progress(n)``: called after each embedded batch with its number of items
+    (the CLI draws a progress bar with it; the library prints nothing)."""
     src = Path(bundle_dir)
     out = Path(out_dir)
     if out.resolve() == src.resolve():
@@ -509,7 +527,7 @@ def add_items(bundle_dir: str | Path, new_items: pd.DataFrame, out_dir: str | Pa
             UserWarning,
             stacklevel=2,
         )
-    new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size))
+    new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size, progress=progress))
     table = np.concatenate([rec.table(), new_rows_table], axis=0)
     manifest = dict(rec.manifest)
     ann_entry = manifest.get("ann_index")

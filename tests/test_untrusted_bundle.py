@@ -310,3 +310,62 @@ def test_onnx_external_data_outside_the_bundle_is_refused(setup, tmp_path):
         Recommender.load(copy)
     with pytest.raises(BundleError, match=r"scorer\.onnx: "):
         ann.index_bundle(copy, M=4, ef=8, threads=1)
+
+
+# ------------------------------------------------------------------------------------------- text bound
+def test_a_1mb_title_is_cut_before_it_is_tokenized(setup, tmp_path, monkeypatch):
+    """With no token budget in the bundle's text config, a 1 MB title made ``items add`` ask onnxruntime for
+    17.6 TB (the whole title in one sequence). Every field is cut to ``DEFAULT_MAX_TEXT_CHARS`` first."""
+    from laser_core.bundle import bound_item_texts
+    from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS
+    from laser_core.serving import Recommender, add_items
+
+    copy = shutil.copytree(setup["plain"], tmp_path / "nolimit")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["text"].update(title_max_tokens=None, title_max_chars=None, category_max_tokens=None)
+    (copy / MANIFEST).write_text(json.dumps(manifest))  # the manifest is not in its own 'files'
+    lengths = []
+    feeds = Recommender._tower_feeds
+
+    def recording(self, histories, token_ids, item_side=False):
+        lengths.append(max(len(t) for t in token_ids))
+        assert lengths[-1] <= 4 * DEFAULT_MAX_TEXT_CHARS, "an unbounded text reached the tower"
+        return feeds(self, histories, token_ids, item_side)
+
+    monkeypatch.setattr(Recommender, "_tower_feeds", recording)
+    huge = "word " * 200_000  # 1 MB
+    new = pd.DataFrame({"item_id": ["big", "small"], "title": [huge, "A small item"], "brand": [huge, "B"]})
+    out = add_items(copy, new, tmp_path / "out")
+    assert max(lengths) <= 4 * DEFAULT_MAX_TEXT_CHARS
+    rec = Recommender.load(out)
+    assert len(rec.catalogue["title"].iloc[-2]) <= DEFAULT_MAX_TEXT_CHARS
+    assert rec.catalogue["title"].iloc[-1] == "A small item"
+    # the exported / loaded side of the same bound
+    cut = bound_item_texts(pd.DataFrame({"title": [huge, "x"], "brand": ["b", huge], "category": ["c", "d"]}))
+    assert cut["title"].str.len().max() <= DEFAULT_MAX_TEXT_CHARS and cut["title"][1] == "x"
+    assert cut["brand"].str.len().max() <= DEFAULT_MAX_TEXT_CHARS
+
+
+def test_items_add_reports_progress_on_stderr(setup, tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from laser_cli.serving_cmds import register
+    from laser_core.serving import add_items
+
+    seen = []
+    new = pd.DataFrame({"item_id": [f"p{i}" for i in range(10)], "title": [f"Item number {i}" for i in range(10)]})
+    add_items(setup["plain"], new, tmp_path / "lib", batch_size=4, progress=seen.append)
+    assert seen == [4, 4, 2]
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    new.to_csv(tmp_path / "new.csv", index=False)
+    args = ["items", "add", "--bundle", str(setup["plain"]), "--items", str(tmp_path / "new.csv")]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "cli"), "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert "embedding new items" in res.stderr and "embedding" not in res.stdout
+    assert "added 10 item(s)" in res.stdout
