@@ -19,6 +19,11 @@ has, how it validates and what its run's content key is. The base does the rest,
   the stage's best; :meth:`Trainer.restore_best` loads the best epoch's weights;
 - callbacks: every recorded epoch's entry goes to each callback, after its checkpoint is written (a callback
   that raises stops the run there, and a restart resumes after that epoch).
+
+The checkpoint files are safetensors (tensors, the optimizer's state) and JSON, each written to a temporary name
+and renamed (:func:`atomic_write`): nothing is pickled, and a kill never leaves a half-written file. A state
+file of the older trainers (format 1, before this base) of the same run is refused (:class:`StaleCheckpointError`,
+retrain with ``resume=False``).
 """
 
 from __future__ import annotations
