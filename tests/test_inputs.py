@@ -97,10 +97,32 @@ def test_bad_csv_timestamps_are_refused_by_line(tmp_path, value, message):
     assert result.exit_code == EXIT_DATA and "interactions.csv, line 3" in result.output, result.output
 
 
-def test_boolean_timestamps_are_refused(tmp_path):
+def test_boolean_and_duration_timestamps_are_refused(tmp_path):
     root = _table(tmp_path / "t", [True, False, True])
     with pytest.raises(DataFormatError, match=r"row 1, field 'timestamp': timestamp True is a boolean"):
         load_dataset({"path": str(root)})
+    root = _table(tmp_path / "d", pd.to_timedelta([1, 2, 3], unit="s"))
+    with pytest.raises(DataFormatError, match=r"row 1, field 'timestamp': timestamp .* is a duration, not a time"):
+        load_dataset({"path": str(root)})
+
+
+def test_json_formats_refuse_out_of_range_timestamps(tmp_path):
+    """Amazon 2018 reviews and SeqRecBench sequences: a timestamp beyond int64 was an unexpected OverflowError
+    (exit 70); now the file, line and field are named (exit 3)."""
+    from test_loaders import amazon_fixture, seqrecbench_fixture, write_jsonl_gz
+
+    amazon = amazon_fixture(tmp_path / "amazon")
+    review = {"reviewerID": "U9", "asin": "B1", "unixReviewTime": 2**70}
+    write_jsonl_gz(amazon / "Tools_5.json.gz", [review])
+    result = CliRunner().invoke(cli, ["data", "stats", str(amazon)])
+    assert result.exit_code == EXIT_DATA, result.output
+    assert "Tools_5.json.gz, line 1, field 'unixReviewTime': timestamp 1180591620717411303424 is out of range" in (
+        result.output
+    )
+    srb = seqrecbench_fixture(tmp_path / "srb")
+    write_jsonl_gz(srb / "user2item.jsonl.gz", [{"UserID": 1, "ItemID": [100, 101], "Timestamp": [1, 10**13]}])
+    with pytest.raises(DataFormatError, match=r"user2item\.jsonl\.gz, line 1, field 'Timestamp': .* out of range"):
+        load_dataset({"path": str(srb)})
 
 
 # ---------------------------------------------------------------------------------- ambiguous files

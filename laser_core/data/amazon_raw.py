@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from laser_core.data.errors import DataFormatError
-from laser_core.data.io import iter_jsonl, require
+from laser_core.data.io import check_timestamp, iter_jsonl, require
 from laser_core.data.model import SeqDataset, build_items_frame, normalize_text
 
 
@@ -72,6 +72,7 @@ def load_amazon2018(path: str | Path, category: str | None = None, name: str | N
         user = require(rec, "reviewerID", reviews_path, line=lineno, types=str)
         asin = require(rec, "asin", reviews_path, line=lineno, types=str)
         t = require(rec, "unixReviewTime", reviews_path, line=lineno, types=int)
+        check_timestamp(t, reviews_path, line=lineno, field="unixReviewTime")
         if asin in meta:
             raw.setdefault(user, []).append((t, asin))
 

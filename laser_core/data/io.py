@@ -72,3 +72,18 @@ def require(
             path, f"expected {tname}, got {type(value).__name__} {value!r:.60}", line=line, record=record, field=key
         )
     return value
+
+
+#: the largest timestamp read, in seconds: 9999-12-31T23:59:59Z (milliseconds or nanoseconds are far above it)
+MAX_TIMESTAMP = 253_402_300_799
+TIMESTAMP_RANGE = (
+    f"expected seconds since 1970-01-01 within +-{MAX_TIMESTAMP} (up to year 9999; milliseconds or nanoseconds "
+    "must be divided down to seconds)"
+)
+
+
+def check_timestamp(value: int, path: Path, *, line: int | None = None, field: str | None = None) -> int:
+    """``value`` (an int of a JSON file) if it is a timestamp in range, else a DataFormatError naming it."""
+    if abs(value) > MAX_TIMESTAMP:
+        raise DataFormatError(path, f"timestamp {value} is out of range: {TIMESTAMP_RANGE}", line=line, field=field)
+    return value

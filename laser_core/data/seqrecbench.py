@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from laser_core.data.errors import DataFormatError
-from laser_core.data.io import iter_jsonl, require
+from laser_core.data.io import check_timestamp, iter_jsonl, require
 from laser_core.data.model import SeqDataset, build_items_frame
 
 USERS_FILE = "user2item.jsonl.gz"
@@ -69,6 +69,8 @@ def load_seqrecbench(path: str | Path, name: str | None = None) -> SeqDataset:
             raise DataFormatError(
                 users_path, "timestamps must be integers (Unix seconds)", line=lineno, field="Timestamp"
             )
+        for t in ts:
+            check_timestamp(t, users_path, line=lineno, field="Timestamp")
         if not seq:
             continue
         users.append(uid)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from laser_core.data.errors import DataFormatError
+from laser_core.data.io import MAX_TIMESTAMP, TIMESTAMP_RANGE
 from laser_core.data.model import SeqDataset, build_items_frame
 
 
@@ -60,8 +61,6 @@ def _row_error(path: Path, frame: pd.DataFrame, mask: pd.Series, column: str, me
         raise DataFormatError(path, f"{message} ({int(mask.sum())} rows)", field=column, **where)
 
 
-#: the largest timestamp read, in seconds: 9999-12-31T23:59:59Z (milliseconds or nanoseconds are far above it)
-MAX_TIMESTAMP = 253_402_300_799
 _EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -75,6 +74,8 @@ def timestamp_seconds(path: Path, frame: pd.DataFrame, column: str) -> pd.Series
     """The ``column`` of ``frame`` as int64 seconds since the epoch (see the module docstring), or a
     :class:`DataFormatError` naming the first bad row."""
     raw = frame[column]
+    if pd.api.types.is_timedelta64_dtype(raw):
+        _row_error(path, frame, raw.notna() | raw.isna(), column, "timestamp {value} is a duration, not a time")
     if pd.api.types.is_datetime64_any_dtype(raw):
         ts = _datetime_seconds(raw)
     else:
@@ -94,8 +95,7 @@ def timestamp_seconds(path: Path, frame: pd.DataFrame, column: str) -> pd.Series
         frame,
         pd.Series(np.abs(values) > MAX_TIMESTAMP),
         column,
-        f"timestamp {{value}} is out of range: expected seconds since 1970-01-01 within +-{MAX_TIMESTAMP} "
-        "(up to year 9999; milliseconds or nanoseconds must be divided down to seconds)",
+        f"timestamp {{value}} is out of range: {TIMESTAMP_RANGE}",
     )
     if ts.dtype.kind in "iu":
         return ts.astype("int64")
