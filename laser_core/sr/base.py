@@ -1,6 +1,8 @@
 """The interface every ID-based recommender follows (in the spirit of RecBole).
 
-- ``calculate_loss(batch) -> scalar``: training loss for a batch from the trainer's collate function;
+- ``calculate_loss(batch) -> scalar``: training loss for a batch of :meth:`SequentialRecommender.make_batch`, what
+  the shared trainer (:class:`laser_core.trainer.Trainer`) steps on, as it does on Laser's
+  (:meth:`laser_core.model.LaserModel.calculate_loss`);
 - ``full_sort_predict(batch) -> [B, n_items]``: scores over the whole catalogue for ``batch["input_ids"]``
   (left-padded history tokens, see :mod:`laser_core.sr.batching`);
 - ``encode(item_ids, mask) -> [B, N, d]``: one vector per history position (what Laser's M-Former reads); a
