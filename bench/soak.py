@@ -1,6 +1,7 @@
 """Soak test of the HTTP service (laser_core/service.py) on 127.0.0.1, with hostile and slow clients mixed in.
 
     python bench/soak.py                                  # 10,000 requests at concurrency 32 (the full soak)
+    python bench/soak.py --smoke                          # 600 requests, a short flood, report in /tmp
     python bench/soak.py --requests 1000 --out /tmp/soak.json
     python bench/soak.py --bundle DIR                     # an existing bundle instead of the tiny one
 
@@ -14,18 +15,28 @@ catalogue); latency does not depend on the weights' values.
 ``--requests`` are done or ``--max-seconds`` have passed (then the rest are reported as not sent). Most are
 ``POST /recommend`` over keep-alive connections; mixed in are client errors (malformed JSON, JSON nested 5,000
 deep, validation errors, all-unknown histories, unknown paths, wrong methods, a declared 32 MiB body) and slow
-clients on their own sockets: bodies sent in pieces, responses read late in 16-byte pieces, and clients that hang
-up mid-body. (uvicorn has no timeout for a client that stalls mid-request; a reverse proxy in front of the
-service enforces one, so stalled clients are not part of the mix.) Every kind has the statuses it must get;
-anything else is counted as unexpected. A request is
+clients on their own sockets: bodies sent in pieces, responses read late in 16-byte pieces, clients that hang
+up mid-body, and clients that stall: half a request head or half a body, then nothing (the server answers 408
+after its ``--header-timeout`` / ``--body-timeout``, 2 s here, or closes the connection to make room during the
+flood). Every kind has the statuses it must get; anything else is counted as unexpected. A request is
 *answered* when a whole HTTP response came back (the hang-ups expect none).
+
+The server runs with a low open-file limit (``--server-nofile``, 1024: the connection limit it derives from it is
+in its log) so that a flood is cheap: from 20 % to 80 % of the requests done, a flood thread holds
+``--flood`` x that limit connections open, a third silent, a third sending a request head a byte every 0.5 s,
+a third with half a body, and opens a new one for each the server closes, at most ``--flood-rate`` a second
+(the server closes the longest-silent to make room, or answers 503 when every connection has a request in the
+app: counted in ``flood``, not as the mix's 5xx). Meanwhile a prober opens a new connection for ``GET /health`` every 50 ms for the whole run
+(``health_probe``: p50/p99/max overall and during the flood; a probe that gets no 200 is a failure).
 
 Reported (``bench/results/soak.json`` and ``.md``): requests served, statuses overall and per kind, 5xx count,
 unanswered and unexpected counts (with examples), latency p50/p90/p99/max per kind (``recommend`` is the
-service's real latency; the slow kinds include their deliberate delays), throughput, the server's RSS, threads
-and open files at start (after a warm-up), middle (half the requests done) and end, and whether its log holds
-a traceback. ``passed`` is true when there is no 5xx, no unanswered or unexpected request, and no traceback.
-Exit status 1 when not passed. Latencies are only meaningful on an otherwise idle machine.
+service's real latency; the slow kinds include their deliberate delays), throughput, the server's RSS, threads,
+open files and log size at start (after a warm-up), middle (half the requests done) and end, the flood's and the
+health probe's figures, and whether the server log holds a traceback. ``passed`` is true when there is no 5xx,
+no unanswered or unexpected request, no failed health probe and no traceback. ``goals``: ``/health`` p99 under
+100 ms throughout, RSS growth under 50 MiB, server log under 1 MiB, zero 5xx for well-formed requests. Exit status
+1 when not passed or a goal is missed. Latencies are only meaningful on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import os
 import platform
 import random
 import re
+import selectors
 import shlex
 import signal
 import socket
@@ -68,6 +80,8 @@ MIX: dict[str, float] = {
     "slow_sender": 0.04,
     "slow_reader": 0.04,
     "hang_up": 0.01,
+    "stall_headers": 0.005,
+    "stall_body": 0.015,
 }
 EXPECTED: dict[str, set[int | None]] = {
     "recommend": {200},
@@ -83,11 +97,17 @@ EXPECTED: dict[str, set[int | None]] = {
     "slow_sender": {200},
     "slow_reader": {200},
     "hang_up": {None},  # None: no response expected
+    "stall_headers": {408, None},  # None: closed without an answer, to make room during the flood
+    "stall_body": {408, None},
 }
-SLOW_KINDS = ("slow_sender", "slow_reader", "hang_up")
+SLOW_KINDS = ("slow_sender", "slow_reader", "hang_up", "stall_headers", "stall_body")
 KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive timeout: an idle connection is closed by the server after it
 CLIENT_TIMEOUT_S = 60.0
 _SERVING_LINE = re.compile(r"serving model .* on http://([^:\s]+):(\d+)")
+_LIMIT_LINE = re.compile(r"connections: at most (\d+) open")
+STALL_TIMEOUT_S = 2.0  # the server's --header-timeout and --body-timeout in the soak
+HEALTH_EVERY_S = 0.05
+GOALS = {"health_p99_ms": 100.0, "rss_growth_mib": 50.0, "log_bytes": 1 << 20}
 
 
 # ------------------------------------------------------------------------------------------ the server
@@ -152,16 +172,34 @@ class ServerProcess:
     """A server command run as a subprocess that logs ``serving model ... on http://HOST:PORT`` to stderr
     (``laser_core.service.serve`` does); its stderr goes to a file, read for the port and tracebacks."""
 
-    def __init__(self, command: Sequence[str], start_timeout: float = 180.0, cwd: Path = ROOT) -> None:
+    def __init__(
+        self, command: Sequence[str], start_timeout: float = 180.0, cwd: Path = ROOT, nofile: int | None = None
+    ) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="laser-soak-server-", suffix=".log", delete=False)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(list(command), cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=self._log, env=env)
+        self.nofile = nofile
+
+        def limit_files() -> None:  # in the child: its soft open-file limit
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+        self.proc = subprocess.Popen(
+            list(command),
+            cwd=str(cwd),
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=env,
+            preexec_fn=limit_files if nofile else None,
+        )
         self.pid = self.proc.pid
         deadline = time.monotonic() + start_timeout
         while True:
-            match = _SERVING_LINE.search(self.log())
-            if match:
+            log = self.log()
+            match, limit = _SERVING_LINE.search(log), _LIMIT_LINE.search(log)
+            if match and limit:
                 self.host, self.port = match.group(1), int(match.group(2))
+                self.max_connections = int(limit.group(1))  # the server's connection limit (laser serve logs it)
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -173,8 +211,14 @@ class ServerProcess:
     def log(self) -> str:
         return Path(self._log.name).read_text(encoding="utf8", errors="replace")
 
+    def log_bytes(self) -> int:
+        try:
+            return Path(self._log.name).stat().st_size
+        except OSError:
+            return 0
+
     def status(self) -> dict[str, int]:
-        return _proc_status(self.pid)
+        return {**_proc_status(self.pid), "log_bytes": self.log_bytes()}
 
     def stop(self) -> int | None:
         """SIGINT (a clean shutdown), then SIGKILL if it has not exited within 30 s; returns the exit status."""
@@ -193,7 +237,8 @@ class ServerProcess:
 
 
 def bundle_server_command(bundle: Path, threads: int) -> list[str]:
-    """``laser serve`` (as ``python -m laser_cli.main serve``) on a free port of 127.0.0.1."""
+    """``laser serve`` (as ``python -m laser_cli.main serve``) on a free port of 127.0.0.1, with the soak's
+    stall timeouts."""
     return [
         sys.executable,
         "-m",
@@ -207,6 +252,10 @@ def bundle_server_command(bundle: Path, threads: int) -> list[str]:
         "0",
         "--threads",
         str(threads),
+        "--header-timeout",
+        str(STALL_TIMEOUT_S),
+        "--body-timeout",
+        str(STALL_TIMEOUT_S),
     ]
 
 
@@ -376,6 +425,13 @@ class Client:
             with self._socket() as sock:
                 sock.sendall(_post_head("/recommend", len(payload)) + payload[: len(payload) // 3])
             return None, b""
+        if kind in ("stall_headers", "stall_body"):  # then nothing: the server's timeout answers (or it closes)
+            start = _post_head("/recommend", len(payload))
+            start = start[: len(start) // 2] if kind == "stall_headers" else start + payload[: len(payload) // 2]
+            try:
+                return self._raw(lambda s: s.sendall(start))
+            except ConnectionError:
+                return None, b""
         raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -396,6 +452,142 @@ def check_outcome(kind: str, status: int | None, body: bytes, work: Workload) ->
         if not items or any(not isinstance(it, dict) or "item_id" not in it for it in items):
             return f"status 200 without items: {body[:200]!r}"
     return None
+
+
+# ------------------------------------------------------------------------------------------- the flood
+FLOOD_KINDS = ("silent", "slow_head", "half_body")
+
+
+class Flood:
+    """Holds ``target`` connections open to the server (a third each of :data:`FLOOD_KINDS`) from
+    :meth:`start` to :meth:`stop`, opening a new one for each the server closes or answers, at most ``rate``
+    a second; counts what the server did with them."""
+
+    def __init__(self, host: str, port: int, target: int, rate: float = 2000.0) -> None:
+        self.host, self.port, self.target, self.rate = host, port, target, rate
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("opened", "connect_errors", "closed_without_answer", "answered_503", "answered_408", "answered_other"),
+            0,
+        )
+        self.stats["peak_open"] = 0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.active = False
+
+    def start(self) -> None:
+        self.active = True
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.active = False
+        self.seconds = round(time.monotonic() - self._started, 2)
+
+    def _open(self, kind: str) -> socket.socket | None:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=5)
+            if kind == "slow_head":
+                sock.sendall(b"GET /health HTTP/1.1\r\n")
+            elif kind == "half_body":
+                sock.sendall(_post_head("/recommend", 200) + b'{"history": ["')
+        except OSError:
+            self.stats["connect_errors"] += 1
+            return None
+        sock.setblocking(False)
+        self.stats["opened"] += 1
+        return sock
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()  # epoll: more sockets than select() takes
+        n = 0
+        next_drip = time.monotonic() + 0.5
+        budget, refilled = 0.0, time.monotonic()  # opens allowed now (a token bucket of ``rate`` a second)
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                budget, refilled = min(self.rate * 0.1, budget + (now - refilled) * self.rate), now
+                while len(sel.get_map()) < self.target and budget >= 1 and not self._stop.is_set():
+                    budget -= 1
+                    kind = FLOOD_KINDS[n % len(FLOOD_KINDS)]
+                    n += 1
+                    sock = self._open(kind)
+                    if sock is None:
+                        time.sleep(0.05)
+                        break
+                    sel.register(sock, selectors.EVENT_READ, kind)
+                self.stats["peak_open"] = max(self.stats["peak_open"], len(sel.get_map()))
+                for key, _ in sel.select(timeout=0.05):  # the server answered or closed: count, replace
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(256)
+                    except OSError:
+                        data = b""
+                    outcome = (
+                        "closed_without_answer"
+                        if not data
+                        else {b"503": "answered_503", b"408": "answered_408"}.get(data[9:12], "answered_other")
+                    )
+                    self.stats[outcome] += 1
+                    sel.unregister(sock)
+                    sock.close()
+                if time.monotonic() >= next_drip:  # slow heads: one more byte every 0.5 s
+                    next_drip = time.monotonic() + 0.5
+                    for key in list(sel.get_map().values()):
+                        if key.data == "slow_head":
+                            try:
+                                key.fileobj.send(b"X")
+                            except OSError:
+                                pass
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
+
+
+class HealthProbe:
+    """``GET /health`` on a new connection every :data:`HEALTH_EVERY_S` seconds (as a kubelet probes), each
+    timed from connect to the whole response and marked whether the flood was on."""
+
+    def __init__(self, host: str, port: int, flood: Flood | None) -> None:
+        self.host, self.port, self.flood = host, port, flood
+        self.results: list[tuple[float, bool, str | None]] = []  # latency s, during the flood, failure
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEALTH_EVERY_S):
+            flooding = self.flood is not None and self.flood.active
+            start = time.perf_counter()
+            failure = None
+            try:
+                with socket.create_connection((self.host, self.port), timeout=10) as sock:
+                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+                    status, _, _ = _read_response(sock)
+                if status != 200:
+                    failure = f"status {status}"
+            except (OSError, ValueError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"[:200]
+            self.results.append((time.perf_counter() - start, flooding, failure))
+
+    def summary(self) -> dict:
+        failures = [f for _, _, f in self.results if f]
+        return {
+            "every_s": HEALTH_EVERY_S,
+            "all": _latency_summary([t for t, _, f in self.results if not f]),
+            "during_flood": _latency_summary([t for t, flooding, f in self.results if flooding and not f]),
+            "failures": len(failures),
+            "failure_examples": failures[:5],
+        }
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -441,9 +633,17 @@ def run_soak(
     warmup: int = 640,
     sample_every: float = 0.25,
     progress: bool = False,
+    flood: float = 1.5,
+    flood_window: tuple[float, float] = (0.2, 0.8),
+    flood_rate: float = 2000.0,
 ) -> dict:
-    """Drive ``server`` with ``requests`` requests from ``concurrency`` threads; the report (see the module doc)."""
+    """Drive ``server`` with ``requests`` requests from ``concurrency`` threads, a flood of ``flood`` x the server's
+    connection limit while the done requests are within ``flood_window`` (fractions; ``flood=0``: none) and the
+    health probe throughout; the report (see the module doc)."""
     work = Workload(server.host, server.port, item_ids, max_k)
+    target = math.ceil(flood * server.max_connections)
+    flooder = Flood(server.host, server.port, target, flood_rate) if flood > 0 else None
+    probe = HealthProbe(server.host, server.port, flooder)
 
     def warm(index: int) -> None:  # at full concurrency: onnxruntime and the allocator grow to their working set
         client, rng = Client(work), random.Random(-1 - index)
@@ -474,7 +674,21 @@ def run_soak(
         while not done.wait(sample_every):
             with lock:
                 n_done = len(outcomes)
-            status = {**server.status(), "t_s": round(time.monotonic() - t0, 2), "requests_done": n_done}
+            if (
+                flooder is not None
+                and not flooder.active
+                and not flooder.seconds
+                and n_done >= flood_window[0] * requests
+            ):
+                flooder.start()
+            if flooder is not None and flooder.active and n_done >= flood_window[1] * requests:
+                flooder.stop()
+            status = {
+                **server.status(),
+                "t_s": round(time.monotonic() - t0, 2),
+                "requests_done": n_done,
+                "flood_on": bool(flooder and flooder.active),
+            }
             samples.append(status)
             if "middle" not in snapshots and n_done >= requests // 2:
                 snapshots["middle"] = status
@@ -507,6 +721,7 @@ def run_soak(
 
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
+    probe.start()
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
         t.start()
@@ -515,10 +730,60 @@ def run_soak(
     wall = time.monotonic() - t0
     done.set()
     watcher.join(timeout=5)
+    if flooder is not None and flooder.active:
+        flooder.stop()
+    probe.stop()
     time.sleep(1.0)  # let the server finish closing the last connections
     snapshots.setdefault("middle", samples[len(samples) // 2] if samples else {})
     snapshots["end"] = {**server.status(), "requests_done": len(outcomes)}
-    return summarize(outcomes, requests, wall, snapshots, samples, server.log(), any(t.is_alive() for t in threads))
+    report = summarize(outcomes, requests, wall, snapshots, samples, server.log(), any(t.is_alive() for t in threads))
+    report["flood"] = {
+        "server_max_connections": server.max_connections,
+        "server_open_file_limit": server.nofile,
+        "target_open": flooder.target if flooder else 0,
+        "kinds": list(FLOOD_KINDS),
+        "window_of_requests_done": list(flood_window),
+        "seconds": flooder.seconds if flooder else 0.0,
+        "max_opens_per_s": flooder.rate if flooder else 0.0,
+        **(flooder.stats if flooder else {}),
+    }
+    report["health_probe"] = probe.summary()
+    report["passed"] = report["passed"] and report["health_probe"]["failures"] == 0
+    report["goals"] = goals(report)
+    return report
+
+
+def goals(report: dict) -> dict:
+    """Each goal of the soak (:data:`GOALS`) with the figure and whether it is met."""
+    health_p99 = report["health_probe"]["all"]["p99_ms"]
+    growth = report["memory"]["growth_start_to_end_mib"]
+    log_bytes = report["server_log"]["bytes"]
+    out = {
+        "health_p99_under_ms": {
+            "goal": GOALS["health_p99_ms"],
+            "value": health_p99,
+            "met": health_p99 is not None
+            and health_p99 < GOALS["health_p99_ms"]
+            and report["health_probe"]["failures"] == 0,
+        },
+        "rss_growth_under_mib": {
+            "goal": GOALS["rss_growth_mib"],
+            "value": growth,
+            "met": growth is not None and growth < GOALS["rss_growth_mib"],
+        },
+        "server_log_under_bytes": {
+            "goal": GOALS["log_bytes"],
+            "value": log_bytes,
+            "met": log_bytes < GOALS["log_bytes"],
+        },
+        "zero_5xx_for_well_formed_requests": {
+            "goal": 0,
+            "value": report["errors_5xx"],
+            "met": report["errors_5xx"] == 0,
+        },
+    }
+    out["all_met"] = all(v["met"] for v in out.values())
+    return out
 
 
 def summarize(
@@ -583,9 +848,14 @@ def summarize(
             "growth_middle_to_end_mib": second_half,
             "threads": {n: snapshots.get(n, {}).get("threads") for n in ("start", "middle", "end")},
             "open_files": {n: snapshots.get(n, {}).get("open_files") for n in ("start", "middle", "end")},
+            "open_files_peak": max((s.get("open_files", 0) for s in samples), default=None),
+            "log_bytes": {n: snapshots.get(n, {}).get("log_bytes") for n in ("start", "middle", "end")},
             "samples": samples[:: max(1, len(samples) // 200)],
         },
         "server_log": {
+            "bytes": len(server_log.encode("utf8", "replace")),
+            "lines": server_log.count("\n"),
+            "accept_error_lines": server_log.count("accept() failed") + server_log.count("out of system resource"),
             "tracebacks": tracebacks,
             "unhandled_errors": server_log.count("unhandled error"),
             "warnings_or_errors": sum(
@@ -612,6 +882,7 @@ def markdown(report: dict) -> str:
     from laser_core.reporting import markdown_table
 
     cfg, req, mem = report["config"], report["requests"], report["memory"]
+    flood, probe = report["flood"], report["health_probe"]
 
     def num(value: float | None) -> str:
         return "" if value is None else f"{value:g}" if isinstance(value, int) else f"{value:.1f}"
@@ -631,6 +902,25 @@ def markdown(report: dict) -> str:
         f"{report['server_log']['tracebacks']} tracebacks in the server log. `POST /recommend` latency p50 "
         f"{rec['p50_ms']} ms, p99 {rec['p99_ms']} ms.",
         "",
+        f"Flood (server open-file limit {flood['server_open_file_limit']}, connection limit "
+        f"{flood['server_max_connections']}): {flood['target_open']} connections held open "
+        f"({', '.join(flood['kinds'])}) for {flood['seconds']} s, {flood.get('opened', 0):,} opened, "
+        f"{flood.get('closed_without_answer', 0):,} closed by the server without an answer, "
+        f"{flood.get('answered_503', 0):,} answered 503, {flood.get('answered_408', 0):,} answered 408, "
+        f"{flood.get('connect_errors', 0):,} connects failed. `GET /health` probes (a new connection every "
+        f"{probe['every_s']} s): p50 {probe['all']['p50_ms']} ms, p99 {probe['all']['p99_ms']} ms, max "
+        f"{probe['all']['max_ms']} ms; during the flood p99 {probe['during_flood']['p99_ms']} ms; "
+        f"{probe['failures']} failed. Server log: {report['server_log']['bytes']:,} bytes, "
+        f"{report['server_log']['accept_error_lines']} accept-error lines.",
+        "",
+        "Goals: "
+        + "; ".join(
+            f"{name} {v['goal']}: {v['value']} ({'met' if v['met'] else 'MISSED'})"
+            for name, v in report["goals"].items()
+            if name != "all_met"
+        )
+        + ".",
+        "",
         "Server memory (RSS, MiB) and resources: start (after a warm-up) / middle / end; growth start to end "
         f"{mem['growth_start_to_end_mib']} MiB, middle to end {mem['growth_middle_to_end_mib']} MiB.",
         "",
@@ -639,7 +929,8 @@ def markdown(report: dict) -> str:
             [
                 ["RSS MiB", *(num(mem["rss_mib"][n]) for n in ("start", "middle", "end", "peak"))],
                 ["threads", *(mem["threads"][n] for n in ("start", "middle", "end")), ""],
-                ["open files", *(mem["open_files"][n] for n in ("start", "middle", "end")), ""],
+                ["open files", *(mem["open_files"][n] for n in ("start", "middle", "end")), mem["open_files_peak"]],
+                ["log bytes", *(mem["log_bytes"][n] for n in ("start", "middle", "end")), ""],
             ],
         ),
         "Requests by kind (latency includes the deliberate delays of the slow kinds):",
@@ -688,14 +979,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="POST /recommend requests (at full concurrency) before the start snapshot, not counted",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--server-nofile",
+        type=int,
+        default=1024,
+        help="the server's open-file limit (it derives its connection limit from it); 0: this process's",
+    )
+    p.add_argument(
+        "--flood",
+        type=float,
+        default=1.5,
+        help="connections the flood holds open, as a multiple of the server's connection limit (0: no flood)",
+    )
+    p.add_argument(
+        "--flood-rate",
+        type=float,
+        default=2000.0,
+        help="new connections the flood opens a second at most (replacing those the server closes)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short check that the soak works: 600 requests at concurrency 8, 32 warm-up requests, the report "
+        "in /tmp/laser-soak-smoke.json unless --out is given (never bench/results: not a measurement)",
+    )
     p.add_argument("--bundle", type=Path, default=None, help="serve this bundle (default: build the tiny one)")
     p.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "bench" / "results" / "soak.json",
-        help="the JSON report; the Markdown one is written beside it (.md)",
+        default=None,
+        help="the JSON report (default bench/results/soak.json); the Markdown one is written beside it (.md)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        given = set(argv if argv is not None else sys.argv[1:])
+        for flag, value in (("--requests", 600), ("--concurrency", 8), ("--warmup", 32)):
+            if flag not in given:
+                setattr(args, flag[2:], value)
+        args.out = args.out or Path(tempfile.gettempdir()) / "laser-soak-smoke.json"
+    args.out = args.out or ROOT / "bench" / "results" / "soak.json"
+    return args
+
+
+def _raise_own_file_limit(need: int) -> None:
+    """The flood holds many sockets in this process: its soft open-file limit up to the hard one if needed."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -712,13 +1046,14 @@ def main(argv: list[str] | None = None) -> int:
             print("building the tiny bundle ...", file=sys.stderr)
             bundle = build_tiny_bundle(Path(tmp) / "bundle", seed=args.seed)
             print(f"  built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        from laser_core.bundle import read_manifest
+        from laser_core.bundle import load_manifest
 
-        manifest = read_manifest(bundle)
+        manifest = load_manifest(bundle)
         import pandas as pd
 
-        item_ids = pd.read_parquet(bundle / manifest["catalogue"]["file"])["item_id"].astype(str).tolist()
-        server = ServerProcess(bundle_server_command(bundle, args.server_threads))
+        item_ids = pd.read_parquet(bundle / manifest.catalogue.file)["item_id"].astype(str).tolist()
+        server = ServerProcess(bundle_server_command(bundle, args.server_threads), nofile=args.server_nofile or None)
+        _raise_own_file_limit(math.ceil(args.flood * server.max_connections) + 4 * args.concurrency + 256)
         try:
             print(
                 f"server pid {server.pid} on {server.host}:{server.port}; {args.requests} requests ...", file=sys.stderr
@@ -733,6 +1068,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 warmup=args.warmup,
                 progress=True,
+                flood=args.flood,
+                flood_rate=args.flood_rate,
             )
         finally:
             exit_status = server.stop()
@@ -747,9 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
             "server_threads": args.server_threads,
             "warmup": args.warmup,
             "seed": args.seed,
+            "smoke": args.smoke,
+            "server_nofile": args.server_nofile,
+            "flood": args.flood,
+            "flood_rate": args.flood_rate,
+            "stall_timeout_s": STALL_TIMEOUT_S,
             "bundle": "tiny (built in a temporary folder)" if args.bundle is None else str(args.bundle),
-            "model_version": manifest["metadata"].get("model_version"),
-            "n_items": manifest["n_items"],
+            "model_version": manifest.metadata.get("model_version"),
+            "n_items": manifest.n_items,
             "mix": MIX,
             "expected": {k: sorted(v, key=str) for k, v in EXPECTED.items()},
         },
@@ -762,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(report)
     args.out.with_suffix(".md").write_text(md, encoding="utf8")
     print(md)
-    return 0 if report["passed"] else 1
+    return 0 if report["passed"] and report["goals"]["all_met"] else 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ once per ``log_interval`` with a count. Nothing here imports torch.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import errno
 import functools
@@ -61,6 +62,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:  # the count of bytes a socket holds unread (POSIX)
+    from fcntl import ioctl as _ioctl
+    from termios import FIONREAD as _FIONREAD
+except ImportError:  # pragma: no cover - Windows
+    _ioctl, _FIONREAD = None, 0
 
 logger = logging.getLogger("laser.service")
 
@@ -691,18 +698,25 @@ class AcceptErrorLogFilter(logging.Filter):
 
 
 class _ConnectionGuard:
-    """The connections of one server: at most ``max_connections`` open. At the limit a new connection closes the
-    connection that has waited the longest for a request head (idle keep-alive, accepted and silent, or a head
-    still incomplete), or, when every connection has a request in progress, is answered 503 and closed. A
-    request head must be whole within ``header_timeout`` seconds of the connection or of the first byte after a
-    keep-alive pause. Logs at most one line per ``log_interval`` about connections closed or refused at the limit."""
+    """The connections of one server: at most ``max_connections`` open. At the limit a new connection closes
+    another to make room (:meth:`_victim`): first a connection that has not completed a request and has none
+    in progress (silent since it was accepted, or a head still incomplete: what a flood holds), then one whose
+    request body is still arriving, the one whose last byte came the longest ago first (a stalled body would
+    hold its slot for the whole body timeout), then the
+    keep-alive connection idle the longest (a client that has been served). When every connection has a request
+    with a whole body in the app it is answered 503 and closed. A request head must be whole
+    within ``header_timeout`` seconds of the connection or of the first byte after a keep-alive pause. Logs at
+    most one line per ``log_interval`` about connections closed or refused at the limit."""
 
     def __init__(self, settings: ServerSettings, model_version: str) -> None:
         assert settings.max_connections is not None, "resolve the settings first (ServerSettings.resolved)"
         self.max_connections = settings.max_connections
         self.header_timeout = settings.header_timeout
         self.open: set[_GuardedH11Protocol] = set()
-        self.waiting: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # longest waiting first
+        # the connections that may be closed to make room, each in the order they entered it (oldest first)
+        self.fresh: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # no request completed, none under way
+        self.uploading: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # a body arriving, by its last byte
+        self.kept: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # idle after a completed request
         self.counts = {"closed_at_limit": 0, "refused": 0, "head_timeouts": 0}
         self._since_log = {"closed_at_limit": 0, "refused": 0}
         self._throttle = _Throttle(settings.log_interval)
@@ -719,27 +733,57 @@ class _ConnectionGuard:
 
     def admit(self, conn: _GuardedH11Protocol) -> bool:
         if len(self.open) >= self.max_connections:
-            if not self.waiting:
+            victim = self._victim()
+            if victim is None:
                 self._count("refused")
                 return False
-            oldest, _ = self.waiting.popitem(last=False)
-            self.open.discard(oldest)
-            oldest.close_idle()
+            self.forget(victim)
+            victim.close_idle()
             self._count("closed_at_limit")
         self.open.add(conn)
-        self.waiting[conn] = None
+        self.fresh[conn] = None
         return True
 
-    def wait_for_head(self, conn: _GuardedH11Protocol) -> None:
-        self.waiting[conn] = None
-        self.waiting.move_to_end(conn)
+    def _victim(self, look: int = 64) -> _GuardedH11Protocol | None:
+        """The connection to close to make room, the first of: the longest-open fresh connection whose client
+        has sent nothing the server has not read (silent, or a head that stalls); the upload stalled longest; the
+        longest-idle keep-alive connection; the longest-open fresh connection with bytes not yet read. Those
+        bytes are most likely a whole request head that the event loop reads on its next turn (under a flood a
+        turn accepts many connections), so such connections come last. Looks at ``look`` fresh ones at most."""
+        unread = None
+        for n, conn in enumerate(self.fresh):
+            if n == look:
+                break
+            if not conn.has_unread_bytes():
+                return conn
+            unread = unread or conn
+        return next(iter(self.uploading or self.kept), None) or unread
 
-    def request_started(self, conn: _GuardedH11Protocol) -> None:
-        self.waiting.pop(conn, None)
+    def awaits_head(self, conn: _GuardedH11Protocol) -> bool:
+        return conn in self.fresh or conn in self.kept
+
+    def request_completed(self, conn: _GuardedH11Protocol) -> None:
+        """The response went out and the connection stays open for the next request."""
+        self.kept[conn] = None
+
+    def request_started(self, conn: _GuardedH11Protocol, body_to_come: bool) -> None:
+        self.fresh.pop(conn, None)
+        self.kept.pop(conn, None)
+        if body_to_come:
+            self.uploading[conn] = None
+
+    def body_progress(self, conn: _GuardedH11Protocol) -> None:
+        """More of a body came: the upload goes last in line (the one stalled the longest is closed first)."""
+        if conn in self.uploading:
+            self.uploading.move_to_end(conn)
+
+    def body_arrived(self, conn: _GuardedH11Protocol) -> None:
+        self.uploading.pop(conn, None)
 
     def forget(self, conn: _GuardedH11Protocol) -> None:
         self.open.discard(conn)
-        self.waiting.pop(conn, None)
+        for queue in (self.fresh, self.uploading, self.kept):
+            queue.pop(conn, None)
 
     def _count(self, what: str) -> None:
         self.counts[what] += 1
@@ -788,32 +832,55 @@ class _GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
-        if self in self.guard.waiting:
+        if self.guard.awaits_head(self):
             self.head_started = True
             if self.head_timer is None:  # the first byte after a keep-alive pause
                 self._arm_head_timer()
+        else:
+            self.guard.body_progress(self)
         super().data_received(data)
 
     def handle_events(self) -> None:
         cycle = self.cycle
         super().handle_events()
-        if self.cycle is not cycle and self.admitted:  # a request head has come (or a pipelined one was next)
+        if not self.admitted or self.cycle is None:
+            return
+        if self.cycle is not cycle:  # a request head has come (or a pipelined one was next)
             self._cancel_head_timer()
             self.head_started = False
-            self.guard.request_started(self)
+            self.guard.request_started(self, body_to_come=self.cycle.more_body)
+        elif not self.cycle.more_body:
+            self.guard.body_arrived(self)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # arms uvicorn's keep-alive timer
-        if self.admitted and not self.transport.is_closing() and self.cycle.response_complete:
-            self.guard.wait_for_head(self)
+        if not self.admitted:
+            return
+        if self.transport.is_closing():  # answered with Connection: close: its slot is free
+            self.guard.forget(self)
+        elif self.cycle.response_complete:  # no pipelined request started: waiting for the next head
+            self.guard.request_completed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self.guard.forget(self)
         super().connection_lost(exc)
 
+    def has_unread_bytes(self) -> bool:
+        """Whether the client's bytes wait in the kernel, not yet read (FIONREAD; False where there is none)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or _ioctl is None:
+            return False
+        count = array.array("i", [0])
+        try:
+            _ioctl(sock.fileno(), _FIONREAD, count, True)
+        except OSError:  # the connection is gone
+            return False
+        return count[0] > 0
+
     def close_idle(self) -> None:
-        """Closed by the guard to make room (no request in progress)."""
+        """Closed by the guard to make room (no request head yet, or a body still arriving: the app reads a
+        disconnect)."""
         self._cancel_head_timer()
         self._unset_keepalive_if_required()
         self.transport.close()

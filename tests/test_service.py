@@ -716,29 +716,35 @@ def test_idle_connections_past_the_limit_are_closed_and_health_still_answers():
                 sock.close()
 
 
-def test_past_the_limit_with_every_connection_busy_a_new_one_gets_503():
+def test_past_the_limit_a_stalled_body_makes_room_and_with_every_request_busy_a_new_connection_gets_503():
     rec = Gated()
     with running(rec, ServerSettings(max_connections=3), scoring_threads=3) as (server, port):
         wait_ready(lambda path: _Resp(*_http(port, "GET", path)))
         answers: list = []
-        threads = [
-            threading.Thread(
-                target=lambda: answers.append(_http(port, "POST", "/recommend", {"history": ["item1"], "k": 5}))
-            )
-            for _ in range(3)
-        ]
-        for t in threads:
+
+        def slow_request() -> None:
+            answers.append(_http(port, "POST", "/recommend", {"history": ["item1"], "k": 5}))
+
+        threads = [threading.Thread(target=slow_request) for _ in range(3)]
+        for t in threads[:2]:
             t.start()
+        while rec.entered < 2:
+            time.sleep(0.01)
+        with _connect(port) as stalled:  # the third slot: a body that stops halfway
+            stalled.sendall(b'POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"hist')
+            assert _http(port, "GET", "/health")[0] == 200  # made room by closing the stalled body
+            assert _read_until_closed(stalled) == b""
+        threads[2].start()
         while rec.entered < 3:
             time.sleep(0.01)
-        with _connect(port) as extra:
+        with _connect(port) as extra:  # three requests in the app: nothing to close
             status, body = _status_and_body(_read_until_closed(extra))
         assert status == 503 and body["error"] == "over_capacity" and body["model_version"] == "cosine-seed0"
         rec.gate.set()
         for t in threads:
             t.join(timeout=60)
         assert [a[0] for a in answers] == [200, 200, 200]
-        assert server.guard.counts["refused"] == 1
+        assert server.guard.counts["refused"] == 1 and server.guard.counts["closed_at_limit"] == 1
 
 
 class _Resp:
@@ -1071,14 +1077,22 @@ def _check_soak(report: dict, n: int) -> None:
         assert report["memory"]["rss_mib"]["end"] > 0 and report["memory"]["threads"]["end"] >= 1
 
 
+SOAK_COSINE = (
+    "import logging, sys; sys.path.insert(0, 'tests'); logging.basicConfig(level=logging.INFO)\n"
+    "from test_service import CosineRecommender\nfrom laser_core.service import ServerSettings, bind, create_app, serve\n"
+    "serve(create_app(CosineRecommender(seed=5), body_timeout={t}), bind('127.0.0.1', 0),\n"
+    "      ServerSettings(header_timeout={t}, max_connections=200))\n"
+)
+
+
 def test_soak_every_request_is_answered_and_none_is_a_5xx():
     """bench/soak.py in small: 300 requests at concurrency 8, every kind of client of the full soak (slow senders
-    and readers, hang-ups, oversized, malformed and deeply nested JSON ...), against a uvicorn server process
-    (the cosine recommender)."""
+    and readers, hang-ups, stalled heads and bodies, oversized, malformed and deeply nested JSON ...) and a flood
+    of 300 connections (silent, slow heads, half bodies) past the server's limit of 200, against a uvicorn server
+    process (the cosine recommender); /health probed throughout."""
     soak = _soak()
-    server = soak.ServerProcess(
-        [sys.executable, "-c", SERVE_COSINE.format(cls="CosineRecommender", port=0)], start_timeout=120
-    )
+    command = [sys.executable, "-c", SOAK_COSINE.format(t=soak.STALL_TIMEOUT_S)]
+    server = soak.ServerProcess(command, start_timeout=120)
     try:
         report = soak.run_soak(
             server, [f"item{i}" for i in range(N_ITEMS)], 20, requests=300, concurrency=8, max_seconds=240, warmup=16
@@ -1088,6 +1102,10 @@ def test_soak_every_request_is_answered_and_none_is_a_5xx():
         server.cleanup()
     assert set(report["by_kind"]) == set(soak.MIX)  # every kind ran at least once
     _check_soak(report, 300)
+    flood = report["flood"]
+    assert flood["target_open"] == 300 and flood["opened"] >= 300 and flood["closed_without_answer"] > 0
+    assert report["health_probe"]["failures"] == 0 and report["health_probe"]["during_flood"]["n"] > 0
+    assert report["server_log"]["accept_error_lines"] == 0
     assert exit_status == 0
 
 
