@@ -334,3 +334,24 @@ def test_recommend_messages_name_the_cli_flags(tmp_path):
     assert "popularity=..." not in no_pop.output
     no_tower = CliRunner().invoke(cli, ["recommend", "--bundle", bundle, "--history", "i1"])
     assert no_tower.exit_code == EXIT_MODEL and "export.user_tower: false" in no_tower.output, no_tower.output
+
+
+@pytest.mark.parametrize(
+    "settings,says",
+    [
+        ("seed: -1", "seed: Input should be greater than or equal to 0 (got -1)"),
+        ("seed: 1.5", "seed: Input should be a valid integer (got 1.5)"),
+        ("n_users: 1e30", "n_users: Input should be a valid integer (got 1e+30)"),
+        ("n_items: 5", "n_items: Input should be greater than or equal to 10 (got 5)"),
+        ("min_length: 9, max_length: 4", "max_length: Value error, must be >= min_length (9) (got 4)"),
+        ("n_brands: 100000", "n_brands: Input should be less than or equal to"),
+    ],
+)
+def test_synthetic_settings_are_checked_with_the_config(tmp_path, settings, says):
+    """Impossible generator settings are a config error (exit 2) before anything runs; before, a negative or
+    fractional seed or a float count was an unexpected error (exit 70) inside the pipeline's load step."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset:\n  format: synthetic\n  synthetic: {{{settings}}}\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config)])
+    assert result.exit_code == EXIT_CONFIG and "dataset.synthetic: Value error, " in result.output, result.output
+    assert says in result.output and "Pipeline run" not in result.output

@@ -13,9 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from laser_core.configbase import StrictConfig
+from laser_core.configbase import StrictConfig, describe_validation_error
 from laser_core.data import amazon_raw, recformer, seqrecbench
 from laser_core.data.errors import DataFormatError
 from laser_core.data.model import SeqDataset
@@ -48,6 +48,17 @@ class DatasetConfig(StrictConfig):
     synthetic: dict[str, float | int] = Field(default_factory=dict)
     # every format: item titles, brands and categories longer than this are cut (and counted)
     max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
+
+    @field_validator("synthetic")
+    @classmethod
+    def _synthetic_settings(cls, value: dict[str, float | int]) -> dict[str, float | int]:
+        """The known settings checked as :class:`SyntheticConfig` checks them (unknown ones: :func:`load_dataset`)."""
+        known = {f.name for f in fields(SyntheticConfig)}
+        try:
+            SyntheticConfig(**{k: v for k, v in value.items() if k in known})
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _synthetic_reads_no_path(self) -> "DatasetConfig":

@@ -9,10 +9,14 @@ drawn from one ``numpy`` generator seeded by ``seed``: same config, same dataset
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
 
 import numpy as np
 
+from laser_core.data.io import MAX_TIMESTAMP
 from laser_core.data.model import SeqDataset, build_items_frame
 
 # top category -> leaf category -> product nouns
@@ -95,19 +99,34 @@ COLOURS = ["Black", "White", "Silver", "Blue", "Red", "Green", "Graphite", "Sand
 SIZES = ["Small", "Medium", "Large", "2-Pack", "3-Pack", "12 oz", "500 ml", "10 Inch", "Set of 6"]
 
 
-@dataclass
+#: how many distinct brand names :func:`_brands` can make (a syllable, an ending, one of 6 suffixes or none)
+MAX_BRANDS = len(BRAND_SYLLABLES) * len(BRAND_ENDINGS) * 7
+
+
+@dataclass(config=ConfigDict(strict=True))
 class SyntheticConfig:
-    n_users: int = 3000
-    n_items: int = 1000
-    n_user_types: int = 8
-    n_brands: int = 60
-    mean_length: float = 8.0  # mean sequence length (at least min_length)
-    min_length: int = 3
-    max_length: int = 50
-    p_follow: float = 0.55  # probability that the next item is a type-specific follow-up of the last item
-    p_stay: float = 0.25  # otherwise: probability of staying in the last item's category
-    seed: int = 0
-    start_time: int = 1_500_000_000  # Unix seconds
+    """The generator's settings (``dataset.synthetic`` of a run config), checked when made: a wrong type or an
+    impossible value is a pydantic ``ValidationError`` naming the setting."""
+
+    n_users: int = Field(default=3000, ge=1)
+    n_items: int = Field(default=1000, ge=10)
+    n_user_types: int = Field(default=8, ge=1)
+    n_brands: int = Field(default=60, ge=1, le=MAX_BRANDS)
+    mean_length: float = Field(default=8.0, gt=0, allow_inf_nan=False)  # mean sequence length (>= min_length)
+    min_length: int = Field(default=3, ge=1)
+    max_length: int = Field(default=50, ge=1)
+    # probability that the next item is a type-specific follow-up of the last item
+    p_follow: float = Field(default=0.55, ge=0, le=1)
+    p_stay: float = Field(default=0.25, ge=0, le=1)  # otherwise: probability of staying in the last item's category
+    seed: int = Field(default=0, ge=0)
+    start_time: int = Field(default=1_500_000_000, ge=0, le=MAX_TIMESTAMP // 2)  # Unix seconds
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("min_length", 1):
+            raise ValueError(f"must be >= min_length ({info.data['min_length']})")
+        return value
 
 
 def _brands(rng: np.random.Generator, n: int) -> list[str]:
@@ -125,10 +144,6 @@ def _brands(rng: np.random.Generator, n: int) -> list[str]:
 
 def generate_synthetic(config: SyntheticConfig | None = None) -> SeqDataset:
     cfg = config or SyntheticConfig()
-    if cfg.n_items < 10 or cfg.n_users < 1 or cfg.n_user_types < 1:
-        raise ValueError("synthetic dataset needs n_items >= 10, n_users >= 1, n_user_types >= 1")
-    if not 1 <= cfg.min_length <= cfg.max_length:
-        raise ValueError("synthetic dataset needs 1 <= min_length <= max_length")
     rng = np.random.default_rng(cfg.seed)
     leaves = [(top, leaf, nouns) for top, sub in TAXONOMY.items() for leaf, nouns in sub.items()]
     n_cat = len(leaves)
