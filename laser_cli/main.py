@@ -515,6 +515,8 @@ def runs_clean(older_than: float | None, dry_run: bool) -> None:
     training run was bound to is removed (unless it has a stage)."""
     from pipelines.orphans import mark_orphaned_runs
 
+    if older_than is not None and older_than != older_than:  # click's FloatRange lets NaN through
+        raise click.BadParameter("nan is not a number of hours", param_hint="'--older-than'")
     found = mark_orphaned_runs(older_than_hours=older_than, dry_run=dry_run)
     for orphan in found:
         verb = "would mark" if dry_run else "marked"

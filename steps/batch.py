@@ -33,7 +33,7 @@ def map_histories(
     if users is not None:
         missing = [u for u in users if u not in index]
         if missing:
-            raise ValueError(f"batch.users: {len(missing)} user id(s) not in the data, e.g. {missing[:5]}")
+            raise ValueError(f"batch.users (--user): {len(missing)} user id(s) not in the data, e.g. {missing[:5]}")
     chosen = users if users is not None else list(dataset.users)
     out_users, out_hist, dropped, skipped = [], [], 0, []
     for u in chosen:

@@ -342,7 +342,7 @@ def test_recommend_messages_name_the_cli_flags(tmp_path):
         ("seed: -1", "seed: Input should be greater than or equal to 0 (got -1)"),
         ("seed: 1.5", "seed: Input should be a valid integer (got 1.5)"),
         ("n_users: 1e30", "n_users: Input should be a valid integer (got 1e+30)"),
-        ("n_items: 5", "n_items: Input should be greater than or equal to 10 (got 5)"),
+        ("n_items: 12", "n_items: Input should be greater than or equal to 19 (got 12)"),  # was a crash
         ("min_length: 9, max_length: 4", "max_length: Value error, must be >= min_length (9) (got 4)"),
         ("n_brands: 100000", "n_brands: Input should be less than or equal to"),
     ],
@@ -355,3 +355,14 @@ def test_synthetic_settings_are_checked_with_the_config(tmp_path, settings, says
     result = CliRunner().invoke(cli, ["run", "--config", str(config)])
     assert result.exit_code == EXIT_CONFIG and "dataset.synthetic: Value error, " in result.output, result.output
     assert says in result.output and "Pipeline run" not in result.output
+
+
+def test_batch_users_and_runs_clean_hours_name_their_flags():
+    from steps.batch import map_histories
+
+    ds = load_dataset({"synthetic": {"n_users": 20, "n_items": 30, "seed": 1}})
+    catalogue = ds.items[["item_id"]]
+    with pytest.raises(ValueError, match=r"batch\.users \(--user\): 1 user id\(s\) not in the data"):
+        map_histories(ds, catalogue, [ds.users[0], "ghost"])
+    result = CliRunner().invoke(cli, ["runs", "clean", "--older-than", "nan", "--dry-run"])
+    assert result.exit_code == EXIT_CONFIG and "Invalid value for '--older-than'" in result.output, result.output

@@ -99,6 +99,8 @@ COLOURS = ["Black", "White", "Silver", "Blue", "Red", "Green", "Graphite", "Sand
 SIZES = ["Small", "Medium", "Large", "2-Pack", "3-Pack", "12 oz", "500 ml", "10 Inch", "Set of 6"]
 
 
+#: the leaf categories: every one gets an item, so a catalogue needs at least this many
+N_CATEGORIES = sum(len(sub) for sub in TAXONOMY.values())
 #: how many distinct brand names :func:`_brands` can make (a syllable, an ending, one of 6 suffixes or none)
 MAX_BRANDS = len(BRAND_SYLLABLES) * len(BRAND_ENDINGS) * 7
 
@@ -109,7 +111,7 @@ class SyntheticConfig:
     impossible value is a pydantic ``ValidationError`` naming the setting."""
 
     n_users: int = Field(default=3000, ge=1)
-    n_items: int = Field(default=1000, ge=10)
+    n_items: int = Field(default=1000, ge=N_CATEGORIES)
     n_user_types: int = Field(default=8, ge=1)
     n_brands: int = Field(default=60, ge=1, le=MAX_BRANDS)
     mean_length: float = Field(default=8.0, gt=0, allow_inf_nan=False)  # mean sequence length (>= min_length)
