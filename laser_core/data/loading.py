@@ -21,13 +21,9 @@ from laser_core.data.errors import DataFormatError
 from laser_core.data.model import SeqDataset
 from laser_core.data.synthetic import SyntheticConfig, generate_synthetic
 from laser_core.data.table import TableColumns, load_table
-from laser_core.data.text import truncate
+from laser_core.data.text import TEXT_FIELDS, DEFAULT_MAX_TEXT_CHARS, cut_item_texts  # noqa: F401 (re-exported)
 
 Format = Literal["auto", "synthetic", "recformer", "seqrecbench", "amazon2018", "table"]
-#: the default bound on an item's title, brand and category, in characters (the longest title of the shipped
-#: Amazon datasets has 841)
-DEFAULT_MAX_TEXT_CHARS = 2000
-TEXT_FIELDS = ("title", "brand", "category")
 
 
 class DatasetConfig(StrictConfig):
@@ -110,18 +106,6 @@ def _table_file(root: Path, configured: str, kind: str) -> Path:
     return present[0] if present else root / csv
 
 
-def cut_texts(dataset: SeqDataset, max_chars: int) -> dict[str, int]:
-    """Cut the item texts of ``dataset`` longer than ``max_chars`` in place; the number cut per field."""
-    cut = {}
-    for column in TEXT_FIELDS:
-        values = dataset.items[column]
-        over = values.str.len() > max_chars
-        cut[column] = int(over.sum())
-        if cut[column]:
-            dataset.items.loc[over, column] = [truncate(t, max_chars=max_chars) for t in values[over]]
-    return cut
-
-
 def resolve_format(config: DatasetConfig) -> str:
     if config.format != "auto":
         return config.format
@@ -134,8 +118,9 @@ def load_dataset(config: DatasetConfig | dict | None = None) -> SeqDataset:
     """Load the dataset ``config`` describes, its item texts cut to ``max_text_chars`` (see the module docstring)."""
     cfg = config if isinstance(config, DatasetConfig) else DatasetConfig.model_validate(config or {})
     dataset = _load(cfg)
+    dataset.items, cut = cut_item_texts(dataset.items, cfg.max_text_chars)
     dataset.source["max_text_chars"] = cfg.max_text_chars
-    dataset.source["texts_cut"] = cut_texts(dataset, cfg.max_text_chars)
+    dataset.source["texts_cut"] = cut
     return dataset
 
 

@@ -61,6 +61,25 @@ def truncate(
     return text
 
 
+#: the default bound on an item's title, brand and category, in characters (the longest title of the shipped
+#: Amazon datasets has 841): ``dataset.max_text_chars`` at loading, and the bundle's bound at export / items add
+DEFAULT_MAX_TEXT_CHARS = 2000
+TEXT_FIELDS = ("title", "brand", "category")
+
+
+def cut_item_texts(items: pd.DataFrame, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> tuple[pd.DataFrame, dict]:
+    """``items`` with each of its :data:`TEXT_FIELDS` longer than ``max_chars`` characters cut to it
+    (:func:`truncate`: at a word boundary when possible; a copy when any was cut), and how many were cut per field."""
+    over = {c: items[c].astype(str).str.len() > max_chars for c in TEXT_FIELDS if c in items.columns}
+    counts = {c: int(mask.sum()) for c, mask in over.items()}
+    if any(counts.values()):
+        items = items.copy()
+        for column, mask in over.items():
+            if mask.any():
+                items.loc[mask, column] = [truncate(str(t), max_chars=max_chars) for t in items.loc[mask, column]]
+    return items, counts
+
+
 class TextFormatter:
     """Formats item and user texts with one :class:`TextConfig` (and a tokenizer for token limits)."""
 

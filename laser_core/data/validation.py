@@ -23,9 +23,9 @@ import pandas as pd
 from pydantic import ConfigDict, Field
 
 from laser_core.configbase import StrictConfig
-from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import MIN_EVAL_LENGTH
+from laser_core.data.text import DEFAULT_MAX_TEXT_CHARS
 from laser_core.errors import EXIT_DATA, UserError
 from laser_core.reporting import markdown_table
 
