@@ -21,10 +21,9 @@ from laser_core.errors import EXIT_CONFIG, UserError
 from laser_core.data.loading import DatasetConfig, resolve_format
 from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
-from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec
+from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, LaserTrainConfig
 from laser_core.promotion import PromotionConfig
-from laser_core.sr.config import SRConfig, TrainConfig
-from laser_core.train import LaserTrainConfig
+from laser_core.configuration import SRConfig, TrainConfig
 
 
 class PipelineConfig(StrictConfig):

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+from laser_core.configuration import DEVICE_PATTERN
 
 
 def resolve_device(setting: str | torch.device | None = "auto") -> torch.device:

@@ -55,51 +55,20 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ConfigDict, Field
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from laser_core.artifact import read_meta, write_meta
 from laser_core.collate import LaserBatch, LaserCollator
-from laser_core.configbase import StrictConfig
-from laser_core.data.text import TextConfig, TextFormatter
+from laser_core.data.text import TextFormatter
 from laser_core.device import resolve_device
 from laser_core.losses import iic_loss, load_balancing_loss
-from laser_core.llm.backbones import TINY, Backbone, BackboneConfig, load_backbone
-from laser_core.mformer import MFormer, MFormerConfig, PlainPrefix, RouterOutput
+from laser_core.llm.backbones import TINY, Backbone, load_backbone
+from laser_core.configuration import BiTuneConfig, LaserSpec
+from laser_core.mformer import MFormer, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.checkpoint import save_tensors
-
-
-class BiTuneConfig(StrictConfig):
-    """The model side of Laser. Paper: M-Former K=8, L=32, width 768, 12 blocks, 12 heads; suffix pooling."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prefix: Literal["mformer", "plain", "none"] = "mformer"
-    pooling: Literal["suffix", "mean", "eos"] = "suffix"
-    mformer: MFormerConfig = Field(default_factory=MFormerConfig)
-    prefix_init: Literal["default", "token_norm"] = Field(
-        default="default",
-        description=(
-            "token_norm: scale the prefix at initialisation to the mean norm of the backbone's token embeddings"
-        ),
-    )
-    embedding_transform: Literal["none", "center", "whiten"] = Field(
-        default="none",
-        description=(
-            "centre (or ZCA-whiten) the LLM embeddings of users and items, fitted once on the initial item table"
-        ),
-    )
-    fusion: Literal["none", "concat"] = Field(
-        default="none",
-        description=(
-            "concat: score = the frozen ID model's score + w x Laser's cosine (user and item vectors concatenated; "
-            "needs an ID model with dot-product scores: SASRec or BERT4Rec)"
-        ),
-    )
-    fusion_init_weight: float = Field(default=10.0, gt=0, description="w at initialisation (fusion: concat)")
 
 
 @dataclass
@@ -145,7 +114,7 @@ class LaserModel(nn.Module):
         # frozen parts are kept out of the module tree: state_dict() holds only what is trained
         object.__setattr__(self, "llm", backbone.model)
         object.__setattr__(self, "sr", sr_model)
-        if sr_model is None and (cfg.prefix == "mformer" or cfg.fusion != "none"):
+        if sr_model is None and cfg.reads_item_ids:
             raise ValueError(f"prefix {cfg.prefix!r} with fusion {cfg.fusion!r} needs the frozen ID-based recommender")
         if sr_model is not None:
             sr_model.eval()
@@ -228,8 +197,8 @@ class LaserModel(nn.Module):
 
     @property
     def reads_item_ids(self) -> bool:
-        """Whether the embedding reads the item-id history (the M-Former prefix, the fusion's ID vectors)."""
-        return self.mformer is not None or self.config.fusion != "none"
+        """Whether the embedding reads the item-id history (``BiTuneConfig.reads_item_ids``)."""
+        return self.config.reads_item_ids
 
     @torch.no_grad()
     def _scale_prefix_to_tokens(self) -> None:
@@ -563,17 +532,6 @@ class LaserModel(nn.Module):
         return self
 
 
-class LaserSpec(StrictConfig):
-    """Everything needed to rebuild a Laser model around its trained weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
-    text: TextConfig = Field(default_factory=TextConfig)
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    seed: int = 0
-
-
 WEIGHTS_FORMAT = 1  # LaserWeights.save's folder (laser.json's format_version)
 TABLE_FORMAT = 1  # ItemTable.save's folder (table.json's format_version; absent in the first artifacts)
 
@@ -666,7 +624,7 @@ def build_laser(
     backbone = load_backbone(spec.backbone, texts=tokenizer_texts(spec, items), device=device)
     formatter = TextFormatter(items, spec.text, tokenizer=backbone.tokenizer)
     torch.manual_seed(spec.seed)
-    needs_sr = spec.bitune.prefix == "mformer" or spec.bitune.fusion != "none"
+    needs_sr = spec.bitune.reads_item_ids
     model = LaserModel(backbone, sr_model if needs_sr else None, formatter, spec.bitune)
     if weights is not None:
         model.load_state_dict(weights.state)

@@ -48,155 +48,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from laser_core.collate import LaserBatch
-from laser_core.configbase import StrictConfig
+from laser_core.configuration import LaserTrainConfig
 from laser_core.data.split import Split
-from laser_core.device import DEVICE_PATTERN, resolve_device
+from laser_core.device import resolve_device
 from laser_core.evaluation import evaluate
 from laser_core.losses import cosine_scores
 from laser_core.metrics import compute_metrics
 from laser_core.model import LaserModel, LaserTrainingBatch
 from laser_core.trainer import Trainer, save_tensors
-
-
-class LaserTrainConfig(StrictConfig):
-    """Paper: batch 4, lr 1e-4, 15 + 5 epochs, tau 0.05, lambda 0.01. The defaults are the official Laser
-    recipe: AdamW (weight decay 0.05 on >= 2-D weights only), linear warm-up over 500 optimizer steps from
-    1e-6 to ``lr``, then cosine decay to 1e-5 at the run's last planned optimizer step, gradient accumulation
-    8 (effective batch 32), early stopping after 3 epochs without a better validation NDCG@10. ``optimizer:
-    adam, schedule: constant, grad_accumulation: 1, weight_decay: 0, patience: null`` is the plain loop (Adam at
-    a constant ``lr``, one step per mini-batch, every epoch trained). CPU budgets shrink the epochs and sample
-    users per epoch; evaluation can be limited to a seeded sample of users."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    stage1_epochs: int = Field(default=15, ge=0)
-    stage2_epochs: int = Field(default=5, ge=0)
-    skip_stage1: bool = False
-    skip_stage2: bool = False
-    batch_size: int = Field(default=4, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    tau: float = Field(default=0.05, gt=0)
-    lb_weight: float = Field(default=0.01, ge=0)
-    optimizer: Literal["adamw", "adam"] = Field(
-        default="adamw",
-        description=("adamw: decoupled weight decay; adam: weight_decay as an L2 term (on the same >= 2-D weights)"),
-    )
-    weight_decay: float = Field(
-        default=0.05,
-        ge=0,
-        description=("on >= 2-D weights only (no decay on biases, norms, the suffix vector, scalars)"),
-    )
-    schedule: Literal["cosine", "constant"] = Field(
-        default="cosine",
-        description=(
-            "cosine: linear warm-up from warmup_start_lr to lr over warmup_steps optimizer steps, then cosine decay "
-            "to min_lr at the run's last planned optimizer step; constant: lr throughout"
-        ),
-    )
-    warmup_steps: int = Field(default=500, ge=0, description="optimizer steps (capped to the planned steps)")
-    warmup_start_lr: float = Field(default=1e-6, ge=0)
-    min_lr: float = Field(default=1e-5, ge=0)
-    grad_accumulation: int = Field(
-        default=8,
-        ge=1,
-        description=(
-            "mini-batches per optimizer step (effective batch = batch_size x grad_accumulation); the epoch's last, "
-            "partial group steps too"
-        ),
-    )
-    patience: int | None = Field(
-        default=3,
-        ge=1,
-        description=(
-            "stop a stage after this many consecutive epochs without a better validation ndcg@10 than the stage's "
-            "best (None: train every epoch)"
-        ),
-    )
-    fusion_weight_grid: list[float] | None = Field(
-        default=None,
-        description=(
-            "fusion: concat: before any training, set the fusion weight w to the value of this grid with the best "
-            "validation NDCG@10 (one pass over the validation users; every value's figure is kept in the fit's "
-            "fusion_weight record). None: w starts at bitune.fusion_init_weight"
-        ),
-    )
-    curve_every_users: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "learning curve: validate every this many training users inside the epochs (history entries with "
-            "curve: true; they never pick the best epoch nor count for early stopping)"
-        ),
-    )
-    users_per_epoch: int | None = Field(default=None, ge=1)
-    group_by_length: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "length-grouped batches (as transformers' group_by_length): the epoch's shuffled users are cut into "
-            "groups of this many, each group is sorted by history length and dealt into optimizer steps (batch_size "
-            "x grad_accumulation x processes users), and the steps are shuffled. The same examples, far less "
-            "padding (on Scientific at H = 50, groups of 512: 2.6x fewer padded tokens). None: random batches"
-        ),
-    )
-    valid_users: int | None = Field(default=None, ge=1, description="seeded sample for validation (None: all)")
-    test_users: int | None = Field(default=None, ge=1, description="seeded sample for the test (None: all)")
-    item_batch_size: int = Field(default=16, ge=1)
-    eval_batch_size: int = Field(default=16, ge=1)
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1)
-    progress: bool = True
-    device: str = Field(
-        default="auto",
-        pattern=DEVICE_PATTERN,
-        description=(
-            "where the backbone, the frozen SR encoder, the M-Former, the suffix and every batch live: auto (CUDA "
-            "when available, else the CPU), cpu, cuda or cuda:N. Under `accelerate launch`, auto and cuda give each "
-            "process its own GPU (LOCAL_RANK). The backbone's compute_dtype auto is bfloat16 on CUDA"
-        ),
-    )
-    accelerate: bool = Field(
-        default=False,
-        description=(
-            "train through Hugging Face Accelerate: data-parallel over the processes of `accelerate launch` "
-            "(multi-GPU); in one process it is the same computation as without it. The pipeline's Bi-Tuning "
-            "steps then run as `accelerate launch` jobs (laser_core.launch)"
-        ),
-    )
-    processes: int = Field(
-        default=1,
-        ge=1,
-        description=(
-            "processes for `accelerate launch` when `accelerate` is on (one per GPU; on a CPU-only machine, gloo "
-            "processes sharing the cores)"
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _grid_is_positive(self) -> "LaserTrainConfig":
-        if self.fusion_weight_grid is not None and (not self.fusion_weight_grid or min(self.fusion_weight_grid) <= 0):
-            raise ValueError(
-                f"laser_train.fusion_weight_grid must be a non-empty list of weights > 0, got {self.fusion_weight_grid}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _processes_need_accelerate(self) -> "LaserTrainConfig":
-        if self.processes > 1 and not self.accelerate:
-            raise ValueError(
-                f"laser_train.processes = {self.processes} needs laser_train.accelerate: true "
-                "(the processes are launched through Hugging Face Accelerate)"
-            )
-        return self
 
 
 def lr_at(step: int, planned: int, cfg: LaserTrainConfig) -> float:

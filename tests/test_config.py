@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,16 @@ def test_shipped_variants_are_layers_of_their_dataset():
 
 def read_yaml_base(path: Path) -> object:
     return (read_yaml(path) or {}).get(BASE_KEY)
+
+
+def test_reading_a_config_imports_no_torch():
+    """Config classes live in torch-free modules (laser_core.configuration): a YAML is read and checked without
+    torch or transformers (a subprocess, so no other test's imports count)."""
+    code = (
+        "import sys; from laser_core.config import load_config; "
+        "[load_config(p) for p in ('configs/demo.yaml', 'configs/scientific_cpu_fusion.yaml')]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -22,6 +22,7 @@ TORCH_FREE = (
     "laser_core.ann",
     "laser_core.artifact",
     "laser_core.bundle",
+    "laser_core.config",
     "laser_core.configbase",
     "laser_core.configuration",
     "laser_core.errors",
@@ -32,7 +33,6 @@ TORCH_FREE = (
     "laser_core.reporting",
     "laser_core.service",
     "laser_core.serving",
-    "laser_core.sr.config",
 )
 HEAVY = ("torch", "transformers", "bitsandbytes", "accelerate")
 

@@ -2,7 +2,7 @@
 
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.checkpoint import build_model, load_model, save_model
-from laser_core.sr.config import SRConfig, TrainConfig
+from laser_core.configuration import SRConfig, TrainConfig
 from laser_core.sr.trainer import FitResult, fit
 
 __all__ = [

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from laser_core.sr.batching import pad_left, tokens_from_ids
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 
 
 class SequentialRecommender(nn.Module):

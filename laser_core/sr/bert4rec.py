@@ -10,7 +10,7 @@ from torch import nn
 
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.batching import pad_left, tokens_from_ids
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 from laser_core.sr.transformer import Encoder
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from laser_core.artifact import read_meta
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 from laser_core.trainer import atomic_write, save_tensors
 
 WEIGHTS = "model.safetensors"

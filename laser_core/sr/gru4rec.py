@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from laser_core.sr.base import SequentialRecommender, next_item_loss
 from laser_core.sr.batching import tokens_from_ids
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 
 
 class GRU4Rec(SequentialRecommender):

@@ -9,7 +9,7 @@ import torch
 
 from laser_core.ranking import popularity_counts
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 
 
 class Popularity(SequentialRecommender):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from laser_core.sr.base import SequentialRecommender, next_item_loss
-from laser_core.sr.config import SRConfig
+from laser_core.configuration import SRConfig
 from laser_core.sr.transformer import Encoder
 
 

@@ -25,7 +25,7 @@ from laser_core.evaluation import evaluate, evaluate_split
 from laser_core.sr.base import SequentialRecommender
 from laser_core.sr.batching import windows
 from laser_core.sr.checkpoint import build_model, save_model
-from laser_core.sr.config import SRConfig, TrainConfig
+from laser_core.configuration import SRConfig, TrainConfig
 from laser_core.sr.popularity import Popularity
 from laser_core.trainer import Trainer
 
