@@ -26,8 +26,9 @@ in its log) so that a flood is cheap: from 20 % to 80 % of the requests done, a 
 ``--flood`` x that limit connections open, a third silent, a third sending a request head a byte every 0.5 s,
 a third with half a body, and opens a new one for each the server closes, at most ``--flood-rate`` a second
 (the server closes the longest-silent to make room, or answers 503 when every connection has a request in the
-app: counted in ``flood``, not as the mix's 5xx). Meanwhile a prober opens a new connection for ``GET /health`` every 50 ms for the whole run
-(``health_probe``: p50/p99/max overall and during the flood; a probe that gets no 200 is a failure).
+app: counted in ``flood``, not as the mix's 5xx). Meanwhile a prober opens a new connection for ``GET /health``
+every 50 ms for the whole run (``health_probe``: p50/p99/max overall and during the flood; a probe that gets no
+200 is a failure).
 
 Reported (``bench/results/soak.json`` and ``.md``): requests served, statuses overall and per kind, 5xx count,
 unanswered and unexpected counts (with examples), latency p50/p90/p99/max per kind (``recommend`` is the

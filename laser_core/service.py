@@ -594,10 +594,12 @@ def _open_files() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    """How :func:`serve` guards its connections (``laser serve`` has an option for each; docs/serving_http.md).
+    """How :func:`serve` guards its connections (``laser serve`` has an option for most; docs/serving_http.md).
 
-    ``max_connections`` None: what the open-file limit leaves (:meth:`resolved`). ``backlog`` None: 1/16 of the
-    file limit, at most 2048 (it is also how many connections asyncio accepts at once, before they are counted).
+    ``backlog``: the kernel's queue of connections not yet accepted (uvicorn's ``backlog``; a full queue drops new
+    connections' SYNs and their clients retry after a second). ``accept_batch``: how many connections asyncio
+    accepts at once (it opens, counts and closes them over the next loop turns); None: 1/16 of the open-file limit,
+    16 to 2048. ``max_connections`` None: what the open-file limit leaves (:meth:`resolved`).
     """
 
     max_connections: int | None = None
@@ -605,16 +607,16 @@ class ServerSettings:
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
     timeout_graceful_shutdown: float = DEFAULT_GRACEFUL_SHUTDOWN
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    backlog: int | None = None
+    backlog: int = 2048
+    accept_batch: int | None = None
     log_interval: float = DEFAULT_LOG_INTERVAL
     access_log: bool = False
 
     def resolved(self) -> ServerSettings:
-        """The settings with ``max_connections`` and ``backlog`` filled in from the open-file limit and the files
-        open now (call it once the recommender is loaded): the connections, the sockets accepted but not yet
-        counted (up to 3 x ``backlog``: asyncio accepts ``backlog`` at once and opens, counts and closes them over
-        the next loop turns) and ``FILE_MARGIN`` files for the app stay below the limit. ValueError names the
-        setting that does not fit."""
+        """The settings with ``max_connections`` and ``accept_batch`` filled in from the open-file limit and the
+        files open now (call it once the recommender is loaded): the connections, the sockets accepted but not
+        yet counted (up to 3 x ``accept_batch``) and ``FILE_MARGIN`` files for the app stay below the limit.
+        ValueError names the setting that does not fit."""
         for name in ("header_timeout", "keep_alive_timeout", "log_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -622,23 +624,22 @@ class ServerSettings:
             raise ValueError(f"timeout_graceful_shutdown must be >= 0 seconds, got {self.timeout_graceful_shutdown}")
         if self.max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
-        if self.backlog is not None and self.backlog < 1:
-            raise ValueError(f"backlog must be >= 1, got {self.backlog}")
+        for name in ("max_connections", "backlog", "accept_batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         limit = open_file_limit()
-        backlog = self.backlog or (2048 if limit is None else max(16, min(2048, limit // 16)))
+        batch = self.accept_batch or (2048 if limit is None else max(16, min(2048, limit // 16)))
         if limit is None:
-            return dataclasses.replace(self, max_connections=self.max_connections or 10_000, backlog=backlog)
-        room = limit - _open_files() - FILE_MARGIN - 3 * backlog
+            return dataclasses.replace(self, max_connections=self.max_connections or 10_000, accept_batch=batch)
+        room = limit - _open_files() - FILE_MARGIN - 3 * batch
         if room < 1 or (self.max_connections or 0) > room:
             want = "any connection" if self.max_connections is None else f"max_connections {self.max_connections}"
             raise ValueError(
                 f"the open-file limit (ulimit -n) is {limit}: it leaves room for {max(room, 0)} connections, not "
-                f"{want} ({_open_files()} files open now, {FILE_MARGIN} kept for the app, {3 * backlog} for "
-                f"connections being accepted with backlog {backlog}); raise the limit or lower max_connections"
+                f"{want} ({_open_files()} files open now, {FILE_MARGIN} kept for the app, {3 * batch} for "
+                f"connections being accepted {batch} at a time); raise the limit or lower max_connections"
             )
-        return dataclasses.replace(self, max_connections=self.max_connections or room, backlog=backlog)
+        return dataclasses.replace(self, max_connections=self.max_connections or room, accept_batch=batch)
 
 
 class _Throttle:
@@ -661,7 +662,7 @@ class _Throttle:
 
 class AcceptErrorLogFilter(logging.Filter):
     """On the ``asyncio`` logger: asyncio logs "socket.accept() out of system resource" with a traceback for
-    every failed accept() (EMFILE, ENFILE: the file limit is reached; in Python 3.11 up to ``backlog`` times per
+    every failed accept() (EMFILE, ENFILE: the file limit is reached; in Python 3.11 up to ``accept_batch`` times per
     loop turn). This passes one line per ``interval`` seconds, with the count of those it dropped, and no
     traceback; other records pass untouched."""
 
@@ -906,7 +907,17 @@ class _GuardedH11Protocol(H11Protocol):
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server; the first shutdown signal also turns ``/ready`` to 503 for requests still in flight."""
+    """uvicorn's server; the first shutdown signal also turns ``/ready`` to 503 for requests still in flight.
+    uvicorn's ``backlog`` is given to asyncio as both the kernel's listen queue and the accept batch; once
+    listening, the queue is set to ``settings.backlog`` again (the batch stays ``settings.accept_batch``)."""
+
+    settings: ServerSettings
+    guard: _ConnectionGuard
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        for sock in sockets or []:
+            sock.listen(self.settings.backlog)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         state = self.config.app.state
@@ -919,7 +930,7 @@ def build_server(app: FastAPI, settings: ServerSettings | None = None) -> _Serve
     yet); run it with ``server.run(sockets=[sock])``, stop it with ``server.should_exit = True``. The connection
     guard is ``server.guard``."""
     settings = settings or ServerSettings()
-    if settings.max_connections is None or settings.backlog is None:
+    if settings.max_connections is None or settings.accept_batch is None:
         settings = settings.resolved()
     guard = _ConnectionGuard(settings, str(app.state.recommender.model_version))
     config = uvicorn.Config(
@@ -932,7 +943,7 @@ def build_server(app: FastAPI, settings: ServerSettings | None = None) -> _Serve
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.timeout_graceful_shutdown,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
-        backlog=settings.backlog,  # type: ignore[arg-type]
+        backlog=settings.accept_batch,  # type: ignore[arg-type]  # the listen queue follows in _Server.startup
         log_config=None,
     )
     server = _Server(config)
@@ -954,11 +965,13 @@ def serve(app: FastAPI, sock: socket.socket, settings: ServerSettings | None = N
         "serving model %s (%d items) on http://%s:%d", recommender.model_version, recommender.n_items, host, port
     )
     logger.info(
-        "connections: at most %d open (open-file limit %s), backlog %d; request head within %g s, idle keep-alive "
+        "connections: at most %d open (open-file limit %s), backlog %d, accepted %d at a time; request head within "
+        "%g s, idle keep-alive "
         "closed after %g s",
         settings.max_connections,
         open_file_limit(),
         settings.backlog,
+        settings.accept_batch,
         settings.header_timeout,
         settings.keep_alive_timeout,
     )

@@ -932,8 +932,8 @@ def test_server_settings_are_checked_against_the_file_limit():
     from laser_core.service import FILE_MARGIN, open_file_limit
 
     settings = ServerSettings().resolved()
-    assert settings.backlog >= 16
-    assert 0 < settings.max_connections + 3 * settings.backlog + FILE_MARGIN < open_file_limit()
+    assert settings.accept_batch >= 16 and settings.backlog == 2048
+    assert 0 < settings.max_connections + 3 * settings.accept_batch + FILE_MARGIN < open_file_limit()
     with pytest.raises(ValueError, match="header_timeout must be > 0"):
         ServerSettings(header_timeout=0).resolved()
 
@@ -1079,7 +1079,8 @@ def _check_soak(report: dict, n: int) -> None:
 
 SOAK_COSINE = (
     "import logging, sys; sys.path.insert(0, 'tests'); logging.basicConfig(level=logging.INFO)\n"
-    "from test_service import CosineRecommender\nfrom laser_core.service import ServerSettings, bind, create_app, serve\n"
+    "from test_service import CosineRecommender\n"
+    "from laser_core.service import ServerSettings, bind, create_app, serve\n"
     "serve(create_app(CosineRecommender(seed=5), body_timeout={t}), bind('127.0.0.1', 0),\n"
     "      ServerSettings(header_timeout={t}, max_connections=200))\n"
 )
