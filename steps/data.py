@@ -35,6 +35,13 @@ def load_dataset(config: dict[str, Any], fingerprint: str) -> Annotated[SeqDatas
         stats["interactions"],
         stats["avg_length"],
     )
+    cut = {field: n for field, n in dataset.source.get("texts_cut", {}).items() if n}
+    if cut:  # counted in the validation report too
+        logger.warning(
+            "Item texts longer than %d characters were cut (dataset.max_text_chars): %s",
+            dataset.source["max_text_chars"],
+            ", ".join(f"{n} {field}(s)" for field, n in cut.items()),
+        )
     return dataset
 
 
