@@ -703,11 +703,11 @@ class _ConnectionGuard:
     another to make room (:meth:`_victim`): first a connection that has not completed a request and has none
     in progress (silent since it was accepted, or a head still incomplete: what a flood holds), then one whose
     request body is still arriving, the one whose last byte came the longest ago first (a stalled body would
-    hold its slot for the whole body timeout), then the
-    keep-alive connection idle the longest (a client that has been served). When every connection has a request
-    with a whole body in the app it is answered 503 and closed. A request head must be whole
-    within ``header_timeout`` seconds of the connection or of the first byte after a keep-alive pause. Logs at
-    most one line per ``log_interval`` about connections closed or refused at the limit."""
+    hold its slot for the whole body timeout), then the keep-alive connection idle the longest (a client that
+    has been served). When every connection has a request with a whole body in the app it is answered 503 and
+    closed. A request head must be whole within ``header_timeout`` seconds of the connection or of the first
+    byte after a keep-alive pause. Logs at most one line per ``log_interval`` about connections closed or
+    refused at the limit."""
 
     def __init__(self, settings: ServerSettings, model_version: str) -> None:
         assert settings.max_connections is not None, "resolve the settings first (ServerSettings.resolved)"
@@ -764,12 +764,14 @@ class _ConnectionGuard:
         return conn in self.fresh or conn in self.kept
 
     def request_completed(self, conn: _GuardedH11Protocol) -> None:
-        """The response went out and the connection stays open for the next request."""
+        """The response went out and the connection stays open for the next request (the rest of a body the
+        app did not read, if any, then counts against the header timeout)."""
+        self.uploading.pop(conn, None)
         self.kept[conn] = None
 
     def request_started(self, conn: _GuardedH11Protocol, body_to_come: bool) -> None:
-        self.fresh.pop(conn, None)
-        self.kept.pop(conn, None)
+        for queue in (self.fresh, self.uploading, self.kept):
+            queue.pop(conn, None)
         if body_to_come:
             self.uploading[conn] = None
 
@@ -791,8 +793,8 @@ class _ConnectionGuard:
         self._since_log[what] += 1
         if self._throttle.due() is not None:
             logger.warning(
-                "connection limit %d reached: %d idle connection(s) closed to make room, %d refused with 503 "
-                "(in the last %g s at most)",
+                "connection limit %d reached: %d connection(s) without a request in the app closed to make room, "
+                "%d refused with 503 (in the last %g s at most)",
                 self.max_connections,
                 self._since_log["closed_at_limit"],
                 self._since_log["refused"],
