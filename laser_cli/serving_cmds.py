@@ -40,7 +40,7 @@ def _items_group() -> click.Group:
     @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
     def add(bundle: str, items_file: str, out_dir: str, batch_size: int) -> None:
         """Add cold-start items (embedded from their text, no retraining) into a new bundle."""
-        from laser_core.bundle import BundleError, read_manifest
+        from laser_core.bundle import BundleError, load_manifest
         from laser_core.serving import add_items, read_items_file
 
         try:
@@ -50,22 +50,23 @@ def _items_group() -> click.Group:
             )
             with bar:
                 out = add_items(bundle, new_items, out_dir, batch_size=batch_size, progress=bar.update)
-            manifest = read_manifest(out)
+            manifest = load_manifest(out)
         except (BundleError, ValueError, FileExistsError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(f"added {len(new_items)} item(s): {out} now holds {manifest['n_items']} items")
-        if manifest.get("ann_index"):
-            click.echo(f"ANN index extended: {_ann_summary(manifest['ann_index'])}")
+        click.echo(f"added {len(new_items)} item(s): {out} now holds {manifest.n_items} items")
+        if manifest.ann_index is not None:
+            click.echo(f"ANN index extended: {_ann_summary(manifest.ann_index)}")
 
     return items
 
 
-def _ann_summary(entry: dict) -> str:
-    cal = entry.get("calibration")
-    recall = f", recall@{cal['k']} {cal['recall']:.3f} on {cal['queries']} calibration queries" if cal else ""
+def _ann_summary(entry) -> str:
+    """One line about an ``ann_index`` section (``laser_core.bundle.AnnIndexSection``)."""
+    cal = entry.calibration
+    recall = f", recall@{cal.k} {cal.recall:.3f} on {cal.queries} calibration queries" if cal else ""
     return (
-        f"{entry['file']} ({entry['library']} {entry['kind']}, {entry['n_items']} items, M={entry['M']}, "
-        f"ef_search={entry['ef_search']}{recall})"
+        f"{entry.file} ({entry.library} {entry.kind}, {entry.n_items} items, M={entry.M}, "
+        f"ef_search={entry.ef_search}{recall})"
     )
 
 
@@ -93,7 +94,7 @@ def ann_index_options(f):
     return f
 
 
-def build_ann_index(bundle: str, m: int, ef_construction: int, target_recall: float, ef: int | None, threads) -> dict:
+def build_ann_index(bundle: str, m: int, ef_construction: int, target_recall: float, ef: int | None, threads):
     from laser_core.ann import AnnError, index_bundle
     from laser_core.serving import BundleError
 
@@ -117,9 +118,9 @@ def _index_group() -> click.Group:
         """Build (or rebuild) an HNSW index over the bundle's item table; laser serve then uses it."""
         entry = build_ann_index(bundle, m, ef_construction, target_recall, ef, threads)
         click.echo(f"built {_ann_summary(entry)}")
-        cal = entry.get("calibration")
-        if cal and not cal["reached"]:
-            click.echo(f"warning: recall {cal['recall']:.3f} is below the target {cal['target_recall']}", err=True)
+        cal = entry.calibration
+        if cal and not cal.reached:
+            click.echo(f"warning: recall {cal.recall:.3f} is below the target {cal.target_recall}", err=True)
 
     return index
 
@@ -278,7 +279,7 @@ def serve(
         rec = Recommender.load(bundle, popularity_fallback=popularity_fallback, threads=threads, exact=exact)
         logging.getLogger("laser.serve").info(
             "scoring: %s",
-            "ANN index " + _ann_summary(rec.manifest["ann_index"]) if rec.scoring == "ann" else "exact scorer",
+            "ANN index " + _ann_summary(rec.manifest.ann_index) if rec.scoring == "ann" else "exact scorer",
         )
         app = create_app(
             rec,

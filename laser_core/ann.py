@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from laser_core.bundle import (
+    AnnCalibration,
+    AnnIndexSection,
     l2_normalize,
-    read_manifest,
+    load_manifest,
     read_scorer_table,
     sha256_file,
     verify_bundle,
@@ -387,22 +389,24 @@ def table_sha256(bundle_dir: str | Path, scorer_file: str) -> str:
     return sha256_file(data if data.is_file() else Path(bundle_dir) / scorer_file)
 
 
-def index_entry(index: AnnIndex, scorer_sha256: str, calibration: dict | None, M: int, ef_construction: int) -> dict:
+def index_entry(
+    index: AnnIndex, scorer_sha256: str, calibration: dict | None, M: int, ef_construction: int
+) -> AnnIndexSection:
     """The manifest's ``ann_index`` section for ``index`` saved as :data:`INDEX_FILE`."""
-    return {
-        "file": INDEX_FILE,
-        "library": LIBRARY,
-        "library_version": library_version(),
-        "kind": KIND,
-        "metric": METRIC,
-        "n_items": index.n_items,
-        "dim": index.dim,
-        "M": int(M),
-        "ef_construction": int(ef_construction),
-        "ef_search": index.ef,
-        "scorer_sha256": scorer_sha256,
-        "calibration": calibration,
-    }
+    return AnnIndexSection(
+        file=INDEX_FILE,
+        library=LIBRARY,
+        library_version=library_version(),
+        kind=KIND,
+        metric=METRIC,
+        n_items=index.n_items,
+        dim=index.dim,
+        M=int(M),
+        ef_construction=int(ef_construction),
+        ef_search=index.ef,
+        scorer_sha256=scorer_sha256,
+        calibration=None if calibration is None else AnnCalibration(**calibration),
+    )
 
 
 def index_bundle(
@@ -413,7 +417,7 @@ def index_bundle(
     ef: int | None = None,
     threads: int | None = None,
     seed: int = 0,
-) -> dict:
+) -> AnnIndexSection:
     """Build (or rebuild) the ANN index of the bundle in ``bundle_dir`` over its scorer's table, in place:
     writes :data:`INDEX_FILE` and the manifest's ``ann_index`` section (``files`` gets its sha256). ``ef``: the
     search breadth to record; default: :func:`calibrate_ef` at ``target_recall`` for the bundle's k. Returns the
@@ -421,21 +425,19 @@ def index_bundle(
 
     check_M(M)
     root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    manifest = load_manifest(root)
     verify_bundle(root, manifest)  # the table read below is the listed one, and no path leads outside
-    scorer = root / manifest["scorer"]["file"]
+    scorer = root / manifest.scorer.file
     table = read_scorer_table(scorer)
     index = build_index(table, M=M, ef_construction=ef_construction, threads=threads, seed=seed)
     calibration = None
     if ef is None:
-        calibration = calibrate_ef(index, table, manifest["k"], target=target_recall, seed=seed)
+        calibration = calibrate_ef(index, table, manifest.k, target=target_recall, seed=seed)
     else:
         index.ef = ef
     tmp = root / (INDEX_FILE + ".tmp")
     index.save(tmp)
     tmp.replace(root / INDEX_FILE)
-    entry = index_entry(index, table_sha256(root, manifest["scorer"]["file"]), calibration, M, ef_construction)
-    manifest = {key: value for key, value in manifest.items() if key != "files"}
-    manifest["ann_index"] = entry
-    write_manifest(root, manifest)
+    entry = index_entry(index, table_sha256(root, manifest.scorer.file), calibration, M, ef_construction)
+    write_manifest(root, manifest.model_copy(update={"ann_index": entry}))
     return entry

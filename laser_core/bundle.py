@@ -21,10 +21,13 @@ Layout (``docs/serving.md``)::
 The manifest: types are strict (``"10"`` or ``10.0`` is not an integer, ``1`` is not a boolean), unknown fields
 are rejected everywhere except inside ``metadata`` (free JSON from the exporter, e.g. ``model_version``), and
 the fields must agree with each other (``k <= n_items``, the scorer's ``k`` is the bundle's, ``added_items``
-account for the rows past ``n_trained_items``, every file the manifest names is listed in ``files`` ...). A
-bundle of another ``format_version`` is refused with a message saying whether it is older or newer.
+account for the rows past ``n_trained_items``, every file the manifest names is listed in ``files`` ...). It is
+built, edited (``model_copy(update=...)``, validated again by :func:`write_manifest`) and read as a
+:class:`BundleManifest` everywhere. Format 1 is upgraded on read by :func:`upgrade_manifest`; a bundle of another
+``format_version`` is refused with a message saying whether it is older or newer.
 
-:func:`verify_bundle` checks the folder against ``files``: every file of the bundle (but the manifest) must be
+:func:`verify_bundle` checks the folder against ``files`` (no symbolic link anywhere in it: :func:`check_inside`;
+the trust model is in ``docs/serving.md``): every file of the bundle (but the manifest) must be
 listed, every listed file must exist, and (``hashes=True``) match its sha256. :func:`check_loaded` checks what
 only the loaded files can tell: the catalogue's columns and rows, the scorer's table shape and top-k, the user
 tower's inputs and width. Every failure is a :class:`BundleError` naming the file and the field.
@@ -61,7 +64,7 @@ from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS, TEXT_FIELDS
 from laser_core.data.text import TextConfig, truncate
 
 # ------------------------------------------------------------------------------------------- names
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fusion, cold_item.item_weights(_note), added_items[].item_weights, ann_index required
 MANIFEST = "laser_export.json"
 SCORER = "scorer.onnx"
 USER_TOWER = "user_tower.onnx"
@@ -147,7 +150,7 @@ class BiTuneSection(_Section):
     pooling: Literal["suffix", "mean", "eos"]
     n_query: NonNegativeInt
     n_experts: NonNegativeInt
-    fusion: Literal["none", "concat"] = "none"  # bundles before the fusion variant have no such key
+    fusion: Literal["none", "concat"]
 
 
 class BackboneSection(_Section):
@@ -190,16 +193,15 @@ class CatalogueSection(_Section):
 class ColdItemSection(_Section):
     item_id: int
     treatment: Name
-    # which weights embed new items (COLD_ITEM_WEIGHTS); absent in bundles from before it
-    item_weights: ColdItemWeights | None = None
-    item_weights_note: Name | None = None
+    item_weights: ColdItemWeights  # which weights embed new items (COLD_ITEM_WEIGHTS)
+    item_weights_note: Name
 
 
 class AddedItemsEntry(_Section):
     n: PositiveInt
     first_row: NonNegativeInt
     source_manifest_sha256: Sha256
-    item_weights: ColdItemWeights | None = None  # the bundle's cold_item weights when the items were added
+    item_weights: ColdItemWeights  # the bundle's cold_item weights when the items were added
 
 
 class AnnCalibration(_Section):
@@ -225,7 +227,7 @@ class AnnIndexSection(_Section):
     ef_construction: PositiveInt
     ef_search: PositiveInt
     scorer_sha256: Sha256  # of the file holding the scorer's table (scorer_table_file)
-    calibration: AnnCalibration | None = None
+    calibration: AnnCalibration | None  # null: ef_search was given, not calibrated
 
 
 def scorer_table_file(files: dict[str, str], scorer_file: str) -> str:
@@ -236,10 +238,12 @@ def scorer_table_file(files: dict[str, str], scorer_file: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- manifest
 class BundleManifest(_Section):
-    """``laser_export.json`` (layout in ``docs/serving.md``)."""
+    """``laser_export.json`` (layout in ``docs/serving.md``): built as ``BundleManifest(...)`` by the exporter,
+    edited with ``model_copy(update=...)`` and written (re-validated) by :func:`write_manifest`, read by
+    :func:`load_manifest` (a format-1 manifest upgraded by :func:`upgrade_manifest` first)."""
 
     format: Literal["laser-export"]
-    format_version: Literal[1]
+    format_version: Literal[2]
     created_by: Name
     k: PositiveInt
     dim: PositiveInt
@@ -259,7 +263,7 @@ class BundleManifest(_Section):
     added_items: list[AddedItemsEntry]
     metadata: dict[str, JsonValue]  # free JSON from the exporter: the one place where any key is allowed
     files: dict[BundlePath, Sha256] = Field(min_length=1)
-    ann_index: AnnIndexSection | None = None  # absent: no ANN index (every bundle before it)
+    ann_index: AnnIndexSection | None  # null: no ANN index
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -313,7 +317,7 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
                 f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
                 f"got {m.user_tower.inputs}",
             )
-        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights not in (None, "item_side") and not fusion:
+        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights != "item_side" and not fusion:
             bad(
                 "cold_item.item_weights",
                 f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
@@ -375,11 +379,12 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def validate_manifest(data: Any, source: str | Path = MANIFEST) -> BundleManifest:
-    """``data`` (a parsed ``laser_export.json``) as a :class:`BundleManifest`; a :class:`BundleError` naming
-    ``source`` and every bad field otherwise."""
+    """``data`` (a parsed ``laser_export.json``, format 2 or, upgraded by :func:`upgrade_manifest`, 1) as a
+    :class:`BundleManifest`; a :class:`BundleError` naming ``source`` and every bad field otherwise."""
     if not isinstance(data, dict):
         raise BundleError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    _check_format_version(data, source)
+    if _check_format_version(data, source) == 1:
+        data = upgrade_manifest(data)
     try:
         return BundleManifest.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -401,21 +406,57 @@ def validate_manifest(data: Any, source: str | Path = MANIFEST) -> BundleManifes
         raise BundleError(f"{source}: invalid manifest: " + "; ".join(problems) + hint) from None
 
 
+def upgrade_manifest(data: dict) -> dict:
+    """A format-1 manifest (``data``, parsed JSON) as format 2: the fields format 2 requires and format 1 wrote
+    only in later releases get the values a format-1 reader gave their absence: ``bitune.fusion`` ``"none"``,
+    ``ann_index`` null (``calibration`` null), ``cold_item.item_weights`` ``"item_side"`` when the tower has an
+    ``item_side`` input, else ``"user_side"`` (an export from before the item side was kept; ``"shared"`` was
+    always written), its note from :data:`COLD_ITEM_WEIGHTS`, and each ``added_items`` entry the bundle's weights
+    (the tower does not change when items are added). The result is validated as any format-2 manifest."""
+    out = json.loads(json.dumps(data))  # a deep copy
+    out["format_version"] = 2
+    if not (isinstance(out.get("bitune"), dict) and isinstance(out.get("cold_item"), dict)):
+        return out  # malformed: the model names the field
+    out["bitune"].setdefault("fusion", "none")
+    out.setdefault("ann_index", None)
+    if isinstance(out["ann_index"], dict):
+        out["ann_index"].setdefault("calibration", None)
+    tower = out.get("user_tower")
+    inputs = tower.get("inputs") if isinstance(tower, dict) else None
+    cold = out["cold_item"]
+    if cold.get("item_weights") is None:
+        cold["item_weights"] = "item_side" if isinstance(inputs, list) and ITEM_SIDE in inputs else "user_side"
+    if cold.get("item_weights_note") is None and cold["item_weights"] in COLD_ITEM_WEIGHTS:
+        cold["item_weights_note"] = COLD_ITEM_WEIGHTS[cold["item_weights"]]
+    for entry in out.get("added_items") or []:
+        if isinstance(entry, dict) and entry.get("item_weights") is None:
+            entry["item_weights"] = cold["item_weights"]
+    return out
+
+
 def _reader() -> str:
     from laser_core import __version__
 
     return f"laser {__version__}"
 
 
-def _check_format_version(data: dict, source: str | Path) -> None:
-    """A clear refusal of a bundle of another format: older (or from before ``format_version``), or newer."""
+#: the format versions this reader loads: the current one, and the older ones :func:`upgrade_manifest` upgrades
+READABLE_VERSIONS = (1, FORMAT_VERSION)
+
+
+def _check_format_version(data: dict, source: str | Path) -> int | None:
+    """The bundle's format version when this reader loads it (:data:`READABLE_VERSIONS`); a clear refusal of
+    another one: older (or from before ``format_version``), or newer."""
     if data.get("format") != "laser-export":
-        return  # not a Laser bundle at all: the model's "field 'format'" error says so
+        return None  # not a Laser bundle at all: the model's "field 'format'" error says so
     version = data.get("format_version")
-    if type(version) is int and version == FORMAT_VERSION:
-        return
-    said = f"format_version {version!r} is not supported: {_reader()} reads format_version {FORMAT_VERSION}, and"
-    if "format_version" not in data or (type(version) is int and version < FORMAT_VERSION):
+    if type(version) is int and version in READABLE_VERSIONS:
+        return version
+    said = (
+        f"format_version {version!r} is not supported: {_reader()} reads format_versions "
+        f"{READABLE_VERSIONS[0]} to {FORMAT_VERSION}, and"
+    )
+    if "format_version" not in data or (type(version) is int and version < READABLE_VERSIONS[0]):
         raise BundleError(f"{source}: {said} the bundle is of an older format; re-export the model with this laser")
     if type(version) is int:
         raise BundleError(f"{source}: {said} the bundle is of a newer format; upgrade laser to load it")
@@ -444,25 +485,21 @@ def load_manifest(bundle_dir: str | Path) -> BundleManifest:
     return validate_manifest(data, path)
 
 
-def read_manifest(bundle_dir: str | Path) -> dict:
-    """``laser_export.json`` of a bundle, validated by :class:`BundleManifest`, as the parsed JSON (the dict that
-    :func:`write_manifest` takes: what a writer edits and writes back)."""
-    path, data = _read_json(bundle_dir)
-    validate_manifest(data, path)
-    return data
-
-
-def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
-    """Fill ``files`` (sha256 of every other file in the bundle) and write ``laser_export.json``, after checking
-    it with the loader's model (:class:`BundleManifest`): a bundle that would not load is never written."""
+def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> BundleManifest:
+    """Write ``manifest`` (a :class:`BundleManifest`, e.g. edited with ``model_copy(update=...)``, which does not
+    validate) as ``laser_export.json`` with ``files`` refilled (sha256 of every other file in the bundle), after
+    validating it again as the loader will read it back: a bundle that would not load is never written.
+    Returns the manifest written."""
+    if not isinstance(manifest, BundleManifest):
+        raise TypeError(f"write_manifest takes a BundleManifest, got {type(manifest).__name__}")
     root = Path(bundle_dir)
-    manifest = {**manifest, "files": files_sha256(root)}
     path = root / MANIFEST
-    validate_manifest(json.loads(json.dumps(manifest)), path)  # as the loader will read it back
+    data = {**manifest.model_dump(mode="json", warnings="error"), "files": files_sha256(root)}
+    written = validate_manifest(data, path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf8")
     tmp.replace(path)
-    return path
+    return written
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -504,15 +541,15 @@ def check_inside(bundle_dir: str | Path) -> None:
                 raise BundleError(f"{path}: not a regular file or folder (a bundle holds no FIFO, socket or device)")
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None, hashes: bool = True) -> None:
+def verify_bundle(bundle_dir: str | Path, manifest: BundleManifest | None = None, hashes: bool = True) -> None:
     """Every path of the bundle is a regular file or folder inside it (:func:`check_inside`: no symbolic link),
     every file (but the manifest) is listed in the manifest's ``files`` and every listed file exists; with
     ``hashes``, each one's sha256 matches. Every loader goes through here (``Recommender.load``,
     ``ExportBundle.load``, ``add_items``, ``index_bundle``)."""
     root = Path(bundle_dir)
-    manifest = manifest or read_manifest(root)
+    manifest = manifest or load_manifest(root)
     check_inside(root)
-    listed = manifest["files"]
+    listed = manifest.files
     present = bundle_files(root)
     unlisted = [name for name in present if name not in listed]
     if unlisted:
@@ -533,17 +570,17 @@ def _static_dims(shape: Any) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in (shape or [])]
 
 
-def check_loaded(root: Path, manifest: dict, catalogue: Any, scorer: Any, tower: Any | None) -> None:
+def check_loaded(root: Path, manifest: BundleManifest, catalogue: Any, scorer: Any, tower: Any | None) -> None:
     """The loaded files agree with the manifest: catalogue columns and rows, the scorer's table shape, k and
     width, the user tower's inputs and width (``scorer``/``tower``: onnxruntime sessions)."""
-    n_items, dim, k = manifest["n_items"], manifest["dim"], manifest["k"]
-    cat_path = root / manifest["catalogue"]["file"]
-    if list(catalogue.columns) != manifest["catalogue"]["columns"]:
+    n_items, dim, k = manifest.n_items, manifest.dim, manifest.k
+    cat_path = root / manifest.catalogue.file
+    if list(catalogue.columns) != manifest.catalogue.columns:
         raise BundleError(
             f"{cat_path}: columns {list(catalogue.columns)} differ from the manifest's "
-            f"catalogue.columns {manifest['catalogue']['columns']}"
+            f"catalogue.columns {manifest.catalogue.columns}"
         )
-    scorer_path = root / manifest["scorer"]["file"]
+    scorer_path = root / manifest.scorer.file
     shape = scorer_table_shape(scorer_path)
     if shape != (n_items, dim):
         raise BundleError(
@@ -564,12 +601,11 @@ def check_loaded(root: Path, manifest: dict, catalogue: Any, scorer: Any, tower:
         raise BundleError(f"{scorer_path}: returns top-{outputs['scores'][1]}, but the manifest says k={k}")
     if tower is None:
         return
-    tower_path = root / manifest["user_tower"]["file"]
+    tower_path = root / manifest.user_tower.file
     names = [i.name for i in tower.get_inputs()]
-    if sorted(names) != sorted(manifest["user_tower"]["inputs"]):
+    if sorted(names) != sorted(manifest.user_tower.inputs):
         raise BundleError(
-            f"{tower_path}: inputs {names} differ from the manifest's user_tower.inputs "
-            f"{manifest['user_tower']['inputs']}"
+            f"{tower_path}: inputs {names} differ from the manifest's user_tower.inputs {manifest.user_tower.inputs}"
         )
     tower_out = {o.name: _static_dims(o.shape) for o in tower.get_outputs()}
     if "user_embedding" not in tower_out:
@@ -780,7 +816,7 @@ class ExportBundle:
     def verify(self, hashes: bool = True) -> BundleManifest:
         """The manifest, after checking every file of the folder against it (:func:`verify_bundle`)."""
         manifest = self.manifest
-        verify_bundle(self.path, hashes=hashes)
+        verify_bundle(self.path, manifest, hashes=hashes)
         return manifest
 
     def files(self) -> list[Path]:

@@ -30,9 +30,19 @@ from laser_core.bundle import (
     SCORER_OPSET,
     TOKENIZER_DIR,
     USER_TOWER,
+    BackboneSection,
+    BiTuneSection,
+    BundleManifest,
+    CatalogueSection,
+    ColdItemSection,
+    ScorerSection,
+    SRSection,
+    TokenizerSection,
+    UserTowerSection,
     as_float_matrix,
     bound_item_texts,
     export_scorer,
+    files_sha256,
     load_tokenizer,
     write_manifest,
 )
@@ -395,60 +405,56 @@ def export_bundle(
             if not parity <= parity_tolerance:
                 raise ExportError(f"{USER_TOWER} differs from the torch model by {parity:.3g} (> {parity_tolerance})")
         catalogue.to_parquet(out / CATALOGUE, index=False)
-        manifest = {
-            "format": "laser-export",
-            "format_version": FORMAT_VERSION,
-            "created_by": f"laser {__version__}",
-            "k": int(k),
-            "dim": int(dim),
-            "n_items": int(n_items),
-            "n_trained_items": int(n_items),
-            "text": spec.text.model_dump(mode="json"),
-            "sr": (
-                {"model": sr_model.config.model, "max_len": int(sr_model.config.max_len)}
-                if model.reads_item_ids
-                else None
+        manifest = BundleManifest(
+            format="laser-export",
+            format_version=FORMAT_VERSION,
+            created_by=f"laser {__version__}",
+            k=int(k),
+            dim=int(dim),
+            n_items=int(n_items),
+            n_trained_items=int(n_items),
+            text=spec.text,
+            sr=SRSection(model=sr_model.config.model, max_len=int(sr_model.config.max_len))
+            if model.reads_item_ids
+            else None,
+            bitune=BiTuneSection(
+                prefix=spec.bitune.prefix,
+                pooling=spec.bitune.pooling,
+                n_query=spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
+                n_experts=spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0,
+                fusion=spec.bitune.fusion,
             ),
-            "bitune": {
-                "prefix": spec.bitune.prefix,
-                "pooling": spec.bitune.pooling,
-                "n_query": spec.bitune.mformer.n_query if spec.bitune.prefix != "none" else 0,
-                "n_experts": spec.bitune.mformer.n_experts if spec.bitune.prefix == "mformer" else 0,
-                "fusion": spec.bitune.fusion,
-            },
-            "backbone": {
-                "name": spec.backbone.name,
-                "trained_quantization": spec.backbone.quantization,
-                "exported_dtype": "float32",
-                "exported_weights": "unquantized"
+            backbone=BackboneSection(
+                name=spec.backbone.name,
+                trained_quantization=spec.backbone.quantization,
+                exported_dtype="float32",
+                exported_weights="unquantized"
                 if spec.backbone.quantization == "none"
                 else f"dequantized from {spec.backbone.quantization}",
-            },
-            "tokenizer": tok_info,
-            "scorer": {
-                "file": SCORER,
-                "k": int(k),
-                "input": "user_embedding",
-                "outputs": ["scores", "indices"],
-                "opset": SCORER_OPSET,
-            },
-            "user_tower": tower_entry,
-            "parity_max_abs_diff": parity,
-            "catalogue": {
-                "file": CATALOGUE,
-                "columns": list(catalogue.columns),
-                "row_order": "row i of the catalogue is row i of the scorer's table (its indices)",
-            },
-            "popularity": "popularity" in catalogue.columns,
-            "cold_item": {
-                "item_id": COLD_ITEM,
-                "treatment": COLD_ITEM_TREATMENT,
-                "item_weights": cold_item_weights,
-                "item_weights_note": COLD_ITEM_WEIGHTS[cold_item_weights],
-            },
-            "added_items": [],
-            "metadata": metadata,
-        }
+            ),
+            tokenizer=TokenizerSection(**tok_info),
+            scorer=ScorerSection(
+                file=SCORER, k=int(k), input="user_embedding", outputs=["scores", "indices"], opset=SCORER_OPSET
+            ),
+            user_tower=UserTowerSection(**tower_entry) if tower_entry else None,
+            parity_max_abs_diff=None if parity is None else float(parity),
+            catalogue=CatalogueSection(
+                file=CATALOGUE,
+                columns=list(catalogue.columns),
+                row_order="row i of the catalogue is row i of the scorer's table (its indices)",
+            ),
+            popularity="popularity" in catalogue.columns,
+            cold_item=ColdItemSection(
+                item_id=COLD_ITEM,
+                treatment=COLD_ITEM_TREATMENT,
+                item_weights=cold_item_weights,
+                item_weights_note=COLD_ITEM_WEIGHTS[cold_item_weights],
+            ),
+            added_items=[],
+            metadata=metadata,
+            files=files_sha256(out),
+            ann_index=None,
+        )
         write_manifest(out, manifest)
         if ann_index:
             from laser_core.ann import index_bundle

@@ -32,21 +32,23 @@ import pandas as pd
 from laser_core.collate import LaserCollator
 from laser_core.data.text import TextConfig, TextFormatter
 from laser_core.bundle import (
-    CATALOGUE,
     COLD_ITEM,
     COLD_ITEM_WEIGHTS,
     ITEM_COLUMNS,
     ITEM_SIDE,
     MANIFEST,
     SCORER,
+    AddedItemsEntry,
+    AnnIndexSection,
     BundleError,
+    BundleManifest,
     ServingTokenizer,
     bound_item_texts,
     check_loaded,
     export_scorer,
     l2_normalize,
+    load_manifest,
     load_tokenizer,
-    read_manifest,
     read_scorer_table,
     sha256_file,
     verify_bundle,
@@ -93,7 +95,7 @@ class Recommender:
     def __init__(
         self,
         bundle_dir: Path,
-        manifest: dict,
+        manifest: BundleManifest,
         catalogue: pd.DataFrame,
         tokenizer: ServingTokenizer,
         scorer: Any,
@@ -109,18 +111,16 @@ class Recommender:
         self._tower = tower
         self._ann = ann  # laser_core.ann.AnnIndex when the bundle has an ANN index and exact scoring is off
         self.popularity_fallback = popularity_fallback
-        self.text_config = TextConfig.model_validate(manifest["text"])
+        self.text_config: TextConfig = manifest.text
         self.formatter = TextFormatter(catalogue, self.text_config, tokenizer=tokenizer)
         self._row = {item_id: row for row, item_id in enumerate(catalogue["item_id"])}
         self._ids = catalogue["item_id"].tolist()
         self._titles = catalogue["title"].tolist()
-        self.k = int(manifest["scorer"].get("k", manifest["k"]))
-        self.n_trained_items = int(manifest["n_trained_items"])
-        sr = manifest["sr"]
-        self.sr_max_len = int(sr["max_len"]) if sr else None
-        tok = manifest["tokenizer"]
-        self.pad_token_id = int(tok["pad_token_id"])
-        self._tower_inputs = list(manifest["user_tower"]["inputs"]) if manifest["user_tower"] else []
+        self.k = manifest.scorer.k
+        self.n_trained_items = manifest.n_trained_items
+        self.sr_max_len = manifest.sr.max_len if manifest.sr else None
+        self.pad_token_id = manifest.tokenizer.pad_token_id
+        self._tower_inputs = list(manifest.user_tower.inputs) if manifest.user_tower else []
         # the torch model's padding (LaserModel.collate): the same collator
         self.collator = LaserCollator(self.pad_token_id, self.sr_max_len if "item_ids" in self._tower_inputs else None)
         self._table: np.ndarray | None = None
@@ -147,16 +147,15 @@ class Recommender:
         import onnxruntime as ort
 
         root = Path(bundle_dir)
-        manifest = read_manifest(root)
+        manifest = load_manifest(root)
         verify_bundle(root, manifest, hashes=verify)
-        catalogue = _read_catalogue(root / manifest["catalogue"].get("file", CATALOGUE), manifest)
+        catalogue = _read_catalogue(root / manifest.catalogue.file, manifest)
         if popularity_fallback and "popularity" not in catalogue.columns:
             raise BundleError(
                 f"{root}: the popularity fallback (--popularity-fallback; popularity_fallback=True in Python) needs "
                 "item popularity, and this bundle has none (bundles `laser run` exports have it)"
             )
-        tok = manifest["tokenizer"]
-        tokenizer = load_tokenizer(root / tok["file"], tok.get("clean_up_tokenization_spaces", False))
+        tokenizer = load_tokenizer(root / manifest.tokenizer.file, manifest.tokenizer.clean_up_tokenization_spaces)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -171,8 +170,8 @@ class Recommender:
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise BundleError(f"{path}: onnxruntime cannot load it ({exc})") from None
 
-        scorer = session(manifest["scorer"]["file"])
-        tower = session(manifest["user_tower"]["file"]) if manifest["user_tower"] else None
+        scorer = session(manifest.scorer.file)
+        tower = session(manifest.user_tower.file) if manifest.user_tower else None
         check_loaded(root, manifest, catalogue, scorer, tower)
         ann = _load_ann_index(root, manifest, load=not exact)
         return cls(root, manifest, catalogue, tokenizer, scorer, tower, popularity_fallback, ann=ann)
@@ -181,11 +180,12 @@ class Recommender:
     @property
     def model_version(self) -> str:
         """``metadata.model_version`` from the manifest, else ``sha256:<first 12 hex of the tower or scorer>``."""
-        version = self.manifest["metadata"].get("model_version")
+        version = self.manifest.metadata.get("model_version")
         if version is not None:
             return str(version)
-        files = self.manifest["files"]
-        digest = files.get((self.manifest["user_tower"] or {}).get("file", ""), files.get(SCORER, ""))
+        files = self.manifest.files
+        tower = self.manifest.user_tower
+        digest = files.get(tower.file if tower else "", files.get(SCORER, ""))
         return f"sha256:{digest[:12]}"
 
     @property
@@ -204,7 +204,7 @@ class Recommender:
 
     @property
     def metadata(self) -> dict:
-        return dict(self.manifest["metadata"])
+        return dict(self.manifest.metadata)
 
     @property
     def cold_item_weights(self) -> str:
@@ -215,7 +215,7 @@ class Recommender:
         ``laser_core.bundle.COLD_ITEM_WEIGHTS``."""
         if ITEM_SIDE in self._tower_inputs:
             return "item_side"
-        return "shared" if (self.manifest.get("cold_item") or {}).get("item_weights") == "shared" else "user_side"
+        return "shared" if self.manifest.cold_item.item_weights == "shared" else "user_side"
 
     # -------------------------------------------------------------- embedding
     def _require_tower(self) -> Any:
@@ -268,7 +268,7 @@ class Recommender:
             )
         fmt = TextFormatter(items.reset_index(drop=True), self.text_config, tokenizer=self.tokenizer)
         token_ids = [self.tokenizer.encode(fmt.item_text(i)) for i in range(len(items))]
-        emb = np.empty((len(items), int(self.manifest["dim"])), dtype=np.float32)
+        emb = np.empty((len(items), self.manifest.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths together: less padding
         for lo in range(0, len(items), batch_size):
             idx = order[lo : lo + batch_size]
@@ -282,7 +282,7 @@ class Recommender:
         """The L2-normalized item table ``[n_items, d]`` (read once from the scorer's initializer)."""
         with self._lock:
             if self._table is None:
-                self._table = read_scorer_table(self.bundle_dir / self.manifest["scorer"]["file"])
+                self._table = read_scorer_table(self.bundle_dir / self.manifest.scorer.file)
             return self._table
 
     # -------------------------------------------------------------- recommend
@@ -375,15 +375,15 @@ class Recommender:
 
 
 # ----------------------------------------------------------------------------------------- catalogue
-def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
+def _read_catalogue(path: Path, manifest: BundleManifest) -> pd.DataFrame:
     if not path.is_file():
         raise BundleError(f"{path} not found")
     cat = pd.read_parquet(path)
     missing = [c for c in ITEM_COLUMNS if c not in cat.columns]
     if missing:
         raise BundleError(f"{path}: missing column(s) {missing}")
-    if len(cat) != manifest["n_items"]:
-        raise BundleError(f"{path}: {len(cat)} rows, but the manifest says n_items={manifest['n_items']}")
+    if len(cat) != manifest.n_items:
+        raise BundleError(f"{path}: {len(cat)} rows, but the manifest says n_items={manifest.n_items}")
     for c in ITEM_COLUMNS:
         cat[c] = cat[c].fillna("").astype(str)
     cat = bound_item_texts(cat)  # a crafted catalogue's 1 MB title is cut as the exporter would have
@@ -394,46 +394,48 @@ def _read_catalogue(path: Path, manifest: dict) -> pd.DataFrame:
     return cat
 
 
-def _load_ann_index(root: Path, manifest: dict, load: bool = True) -> Any | None:
+def _load_ann_index(root: Path, manifest: BundleManifest, load: bool = True) -> Any | None:
     """The bundle's ANN index (:class:`laser_core.ann.AnnIndex`) or ``None`` (none in the bundle, or not
     ``load``). Its header must agree with the manifest (rows, width) even when it is not loaded."""
     from laser_core.ann import AnnError, AnnIndex, read_header
 
-    entry = manifest.get("ann_index")
-    if not entry:
+    entry = manifest.ann_index
+    if entry is None:
         return None
-    path = root / entry["file"]
+    path = root / entry.file
     try:
         header = read_header(path)
-        if (header["n_items"], header["dim"]) != (manifest["n_items"], manifest["dim"]):
+        if (header["n_items"], header["dim"]) != (manifest.n_items, manifest.dim):
             raise AnnError(
                 f"{path}: the ANN index holds {header['n_items']} items of width {header['dim']}, but the scorer's "
-                f"table is [n_items, dim] = [{manifest['n_items']}, {manifest['dim']}]; rebuild it (laser index build)"
+                f"table is [n_items, dim] = [{manifest.n_items}, {manifest.dim}]; rebuild it (laser index build)"
             )
         if not load:
             return None
-        return AnnIndex.load(path, dim=manifest["dim"], ef=entry["ef_search"], n_items=manifest["n_items"])
+        return AnnIndex.load(path, dim=manifest.dim, ef=entry.ef_search, n_items=manifest.n_items)
     except AnnError as exc:
         raise BundleError(str(exc)) from None
 
 
-def _extend_ann_index(rec: Recommender, entry: dict, new_rows: np.ndarray, table: np.ndarray, out: Path) -> dict:
+def _extend_ann_index(
+    rec: Recommender, entry: AnnIndexSection, new_rows: np.ndarray, table: np.ndarray, out: Path
+) -> AnnIndexSection:
     """``rec``'s ANN index plus ``new_rows`` (their labels continue the rows), its ef recalibrated over the new
     ``table`` when it was calibrated, saved to ``out``; returns the new manifest section."""
     from laser_core.ann import AnnIndex, calibrate_ef, index_entry, table_sha256
 
     index = rec._ann
     if index is None:  # loaded with exact=True: read it here
-        index = AnnIndex.load(rec.bundle_dir / entry["file"], dim=int(rec.manifest["dim"]), n_items=rec.n_items)
+        index = AnnIndex.load(rec.bundle_dir / entry.file, dim=rec.manifest.dim, n_items=rec.n_items)
     index.add(new_rows)
-    calibration = entry.get("calibration")
-    if calibration:
-        calibration = calibrate_ef(index, table, int(rec.manifest["k"]), target=calibration["target_recall"])
+    calibration = None
+    if entry.calibration is not None:
+        calibration = calibrate_ef(index, table, rec.manifest.k, target=entry.calibration.target_recall)
     else:
-        index.ef = int(entry["ef_search"])
-    index.save(out / entry["file"])
-    scorer_sha = table_sha256(out, rec.manifest["scorer"]["file"])
-    return index_entry(index, scorer_sha, calibration, entry["M"], entry["ef_construction"])
+        index.ef = entry.ef_search
+    index.save(out / entry.file)
+    scorer_sha = table_sha256(out, rec.manifest.scorer.file)
+    return index_entry(index, scorer_sha, calibration, entry.M, entry.ef_construction)
 
 
 def read_items_file(path: str | Path) -> pd.DataFrame:
@@ -529,37 +531,30 @@ def add_items(
         )
     new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size, progress=progress))
     table = np.concatenate([rec.table(), new_rows_table], axis=0)
-    manifest = dict(rec.manifest)
-    ann_entry = manifest.get("ann_index")
-    skip = {manifest["scorer"]["file"], manifest["catalogue"]["file"], *([ann_entry["file"]] if ann_entry else [])}
+    manifest = rec.manifest
+    ann_entry = manifest.ann_index
+    skip = {manifest.scorer.file, manifest.catalogue.file, *([ann_entry.file] if ann_entry else [])}
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for name in manifest["files"]:
+        for name in manifest.files:
             if name in skip:
                 continue
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, out / name)
-        export_scorer(table, out / manifest["scorer"]["file"], k=rec.k)
+        export_scorer(table, out / manifest.scorer.file, k=rec.k)
         cat = rec.catalogue.copy()
         new_rows = new.copy()
         if "popularity" in cat.columns:
             new_rows["popularity"] = 0.0  # never seen in training
         cat = pd.concat([cat, new_rows[list(cat.columns)]], ignore_index=True)
-        cat.to_parquet(out / manifest["catalogue"]["file"], index=False)
-        manifest["n_items"] = len(cat)
+        cat.to_parquet(out / manifest.catalogue.file, index=False)
+        added = AddedItemsEntry(
+            n=len(new), first_row=rec.n_items, item_weights=weights, source_manifest_sha256=sha256_file(src / MANIFEST)
+        )
+        update = {"n_items": len(cat), "added_items": [*manifest.added_items, added]}
         if ann_entry:
-            manifest["ann_index"] = _extend_ann_index(rec, ann_entry, new_rows_table, table, out)
-        manifest["added_items"] = [
-            *manifest.get("added_items", []),
-            {
-                "n": len(new),
-                "first_row": rec.n_items,
-                "item_weights": weights,
-                "source_manifest_sha256": sha256_file(src / MANIFEST),
-            },
-        ]
-        manifest.pop("files", None)
-        write_manifest(out, manifest)
+            update["ann_index"] = _extend_ann_index(rec, ann_entry, new_rows_table, table, out)
+        write_manifest(out, manifest.model_copy(update=update))  # validated again there, files refilled
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

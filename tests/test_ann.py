@@ -21,7 +21,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from laser_core import ann  # noqa: E402
 from laser_core.bundle import MANIFEST, l2_normalize, sha256_file  # noqa: E402
-from laser_core.serving import BundleError, Recommender, add_items, read_manifest, write_manifest  # noqa: E402
+from laser_core.bundle import files_sha256, load_manifest, validate_manifest, write_manifest  # noqa: E402
+from laser_core.serving import BundleError, Recommender, add_items  # noqa: E402
 
 
 def clustered(n: int, dim: int, seed: int = 0, latent: int = 8) -> np.ndarray:
@@ -131,27 +132,27 @@ def histories(n: int = 25, seed: int = 0) -> list[list[int]]:
 
 def test_bundle_without_index_is_unchanged(setup):
     manifest = json.loads((setup["plain"] / MANIFEST).read_text())
-    assert "ann_index" not in manifest and ann.INDEX_FILE not in manifest["files"]
+    assert manifest["ann_index"] is None and ann.INDEX_FILE not in manifest["files"]
     assert Recommender.load(setup["plain"]).scoring == "exact"
 
 
 def test_index_is_listed_and_tied_to_the_scorer(setup):
     for name in ("indexed", "calibrated"):
-        manifest = read_manifest(setup[name])
-        entry = manifest["ann_index"]
-        assert manifest["files"][ann.INDEX_FILE] == sha256_file(setup[name] / ann.INDEX_FILE)
-        assert entry["scorer_sha256"] == manifest["files"]["scorer.onnx"]
-        assert (entry["n_items"], entry["dim"], entry["library"], entry["kind"]) == (
+        manifest = load_manifest(setup[name])
+        entry = manifest.ann_index
+        assert manifest.files[ann.INDEX_FILE] == sha256_file(setup[name] / ann.INDEX_FILE)
+        assert entry.scorer_sha256 == manifest.files["scorer.onnx"]
+        assert (entry.n_items, entry.dim, entry.library, entry.kind) == (
             N_ITEMS,
-            manifest["dim"],
+            manifest.dim,
             "hnswlib",
             "hnsw",
         )
         head = (setup[name] / ann.INDEX_FILE).read_bytes()[:8]
         assert not head.startswith(b"\x80")  # hnswlib's own binary format, not a pickle
-    assert read_manifest(setup["indexed"])["ann_index"]["ef_search"] == N_ITEMS
-    cal = read_manifest(setup["calibrated"])["ann_index"]["calibration"]
-    assert cal["reached"] and cal["recall"] >= 0.99 and cal["k"] == 10
+    assert load_manifest(setup["indexed"]).ann_index.ef_search == N_ITEMS
+    cal = load_manifest(setup["calibrated"]).ann_index.calibration
+    assert cal.reached and cal.recall >= 0.99 and cal.k == 10
 
 
 def test_indexed_bundle_gives_the_exact_top_k(setup):
@@ -231,16 +232,14 @@ NEW_ITEMS = pd.DataFrame(
 
 def test_add_items_extends_the_index(setup):
     out = add_items(setup["calibrated"], NEW_ITEMS, setup["root"] / "extended")
-    manifest = read_manifest(out)
-    entry = manifest["ann_index"]
-    assert entry["n_items"] == manifest["n_items"] == N_ITEMS + 2
+    manifest = load_manifest(out)
+    entry = manifest.ann_index
+    assert entry.n_items == manifest.n_items == N_ITEMS + 2
     assert ann.read_header(out / ann.INDEX_FILE)["n_items"] == N_ITEMS + 2
     assert (
-        entry["scorer_sha256"]
-        == manifest["files"]["scorer.onnx"]
-        != read_manifest(setup["calibrated"])["files"]["scorer.onnx"]
+        entry.scorer_sha256 == manifest.files["scorer.onnx"] != load_manifest(setup["calibrated"]).files["scorer.onnx"]
     )
-    assert entry["calibration"]["recall"] >= 0.99
+    assert entry.calibration.recall >= 0.99
     rec, exact = Recommender.load(out), Recommender.load(out, exact=True)
     table = exact.table()
     # the new rows are in the index under their catalogue rows
@@ -250,7 +249,7 @@ def test_add_items_extends_the_index(setup):
         want = {i.row for i in exact.recommend(hist, k=10).items}
         assert len(got & want) >= 9
     # the source bundle is untouched
-    assert read_manifest(setup["calibrated"])["ann_index"]["n_items"] == N_ITEMS
+    assert load_manifest(setup["calibrated"]).ann_index.n_items == N_ITEMS
 
 
 # ------------------------------------------------------------------------------------------ mismatches
@@ -258,13 +257,12 @@ def _relisted(copy: Path, **changes) -> None:
     """Rewrite the manifest of ``copy`` with ``changes`` (file hashes recomputed: only the content disagrees)."""
     manifest = json.loads((copy / MANIFEST).read_text())
     manifest.update(changes)
-    manifest.pop("files")
-    write_manifest(copy, manifest)
+    write_manifest(copy, validate_manifest({**manifest, "files": files_sha256(copy)}))
 
 
 def test_an_index_that_does_not_match_its_table_is_refused(setup, tmp_path):
     src = setup["indexed"]
-    dim = read_manifest(src)["dim"]
+    dim = load_manifest(src).dim
     # another row count (an index of an older catalogue)
     copy = shutil.copytree(src, tmp_path / "rows")
     ann.build_index(clustered(N_ITEMS - 1, dim), threads=1).save(copy / ann.INDEX_FILE)
@@ -284,7 +282,7 @@ def test_an_index_that_does_not_match_its_table_is_refused(setup, tmp_path):
     manifest = json.loads((copy / MANIFEST).read_text())
     manifest["ann_index"]["scorer_sha256"] = "0" * 64
     with pytest.raises(BundleError, match=r"ann_index\.scorer_sha256.*item_index\.hnsw.*another scorer table"):
-        write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})
+        validate_manifest(manifest)
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"ann_index\.scorer_sha256.*item_index\.hnsw"):
         Recommender.load(copy)
@@ -344,10 +342,10 @@ def test_an_external_data_scorer_ties_the_index_to_its_data_file(setup, tmp_path
     copy = shutil.copytree(setup["plain"], tmp_path / "ext")
     bundle.export_scorer(table, copy / "scorer.onnx", k=10)
     _relisted(copy)
-    files = read_manifest(copy)["files"]
+    files = load_manifest(copy).files
     assert "scorer.onnx.data" in files
     entry = ann.index_bundle(copy, M=8, ef_construction=64, ef=N_ITEMS, threads=1)
-    assert entry["scorer_sha256"] == files["scorer.onnx.data"] != files["scorer.onnx"]
+    assert entry.scorer_sha256 == files["scorer.onnx.data"] != files["scorer.onnx"]
     history = ids(setup, [5, 6])
     got = [i.row for i in Recommender.load(copy).recommend(history).items]
     assert got == [i.row for i in Recommender.load(copy, exact=True).recommend(history).items]
@@ -376,4 +374,4 @@ def test_laser_export_builds_the_index_into_the_copy(setup, tmp_path, monkeypatc
     assert res.exit_code == 0, res.output
     assert "built item_index.hnsw (hnswlib hnsw, 300 items, M=16" in res.output
     assert Recommender.load(out).scoring == "ann"
-    assert "ann_index" not in read_manifest(setup["plain"])  # the stored bundle is untouched
+    assert load_manifest(setup["plain"]).ann_index is None  # the stored bundle is untouched

@@ -33,7 +33,8 @@ from laser_core.bundle import (
     ExportBundle,
     export_scorer,
     load_manifest,
-    read_manifest,
+    files_sha256,
+    upgrade_manifest,
     validate_manifest,
     write_manifest,
 )
@@ -109,8 +110,9 @@ def write_format_bundle(out: Path) -> Path:
         },
         "added_items": [],
         "metadata": {"model_version": "t-1"},
+        "ann_index": None,
     }
-    write_manifest(out, manifest)
+    write_manifest(out, validate_manifest({**manifest, "files": files_sha256(out)}))
     return out
 
 
@@ -170,7 +172,6 @@ def test_a_written_bundle_loads_as_a_typed_manifest(bundle):
     assert (manifest.n_items, manifest.dim, manifest.k) == (N_ITEMS, DIM, K)
     assert manifest.scorer.file == "scorer.onnx" and manifest.metadata == {"model_version": "t-1"}
     assert load_manifest(bundle) == manifest
-    assert read_manifest(bundle)["files"] == manifest.files  # the dict a writer edits, the same content
     assert sorted(manifest.files) == ["items.parquet", "scorer.onnx", "tokenizer/tokenizer.json"]
 
 
@@ -179,8 +180,8 @@ def test_a_written_bundle_loads_as_a_typed_manifest(bundle):
     [
         (0, "format_version 0 {reads} the bundle is of an older format; re-export the model with this laser"),
         (None, "format_version None {reads} the bundle is of an older format; re-export the model with this laser"),
-        (2, "format_version 2 {reads} the bundle is of a newer format; upgrade laser to load it"),
-        ("1", "format_version '1' {reads} the value is not an integer"),
+        (3, "format_version 3 {reads} the bundle is of a newer format; upgrade laser to load it"),
+        ("2", "format_version '2' {reads} the value is not an integer"),
     ],
 )
 def test_a_bundle_of_another_format_version_says_so_everywhere_it_is_read(
@@ -190,10 +191,10 @@ def test_a_bundle_of_another_format_version_says_so_everywhere_it_is_read(
     from laser_core.serving import Recommender
     from steps.materializers import ExportBundleMaterializer
 
-    says = says.format(reads=f"is not supported: laser {__version__} reads format_version 1, and")
+    says = says.format(reads=f"is not supported: laser {__version__} reads format_versions 1 to 2, and")
     set_manifest(bundle, format_version=version)
     source = f"{bundle / MANIFEST}: "
-    for read in (read_manifest, load_manifest, ExportBundle.load, Recommender.load):
+    for read in (load_manifest, ExportBundle.load, Recommender.load):
         with pytest.raises(BundleError) as err:
             read(bundle)
         assert str(err.value) == source + says, read
@@ -212,6 +213,60 @@ def test_a_bundle_of_another_format_version_says_so_everywhere_it_is_read(
     register(cli)
     res = CliRunner().invoke(cli, ["recommend", "--bundle", str(bundle), "--history", "i1"])
     assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output, res.output
+
+
+def v1_manifest(bundle: Path) -> dict:
+    """The manifest of ``bundle`` as the format-1 exporter wrote it (an early format-1 bundle: no fusion, no
+    cold-item weights, no ann_index, an added-items entry without weights)."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    del manifest["bitune"]["fusion"], manifest["ann_index"]
+    del manifest["cold_item"]["item_weights"], manifest["cold_item"]["item_weights_note"]
+    manifest["n_trained_items"] = N_ITEMS - 2
+    manifest["added_items"] = [{"n": 2, "first_row": N_ITEMS - 2, "source_manifest_sha256": "a" * 64}]
+    return manifest
+
+
+def test_format_1_bundles_load_through_the_one_upgrade(bundle, tmp_path):
+    """Format 2 made the fields added during format 1 required; a format-1 manifest is upgraded (one function,
+    ``upgrade_manifest``) by every reader, with the values format 1 meant by their absence."""
+    from laser_core.serving import Recommender
+
+    old = v1_manifest(bundle)
+    as_written = json.dumps(old)
+    (bundle / MANIFEST).write_text(as_written)
+    for read in (load_manifest, lambda b: ExportBundle.load(b).manifest, lambda b: Recommender.load(b).manifest):
+        manifest = read(bundle)
+        assert manifest.format_version == FORMAT_VERSION == 2
+        assert manifest.bitune.fusion == "none" and manifest.ann_index is None
+        assert manifest.cold_item.item_weights == "user_side"  # no item side in the tower: the user side's weights
+        assert manifest.cold_item.item_weights_note == COLD_ITEM_WEIGHTS["user_side"]
+        assert manifest.added_items[0].item_weights == "user_side"
+    assert json.loads((bundle / MANIFEST).read_text()) == old  # reading never rewrites the bundle
+    up = upgrade_manifest(old)
+    assert up["format_version"] == 2 and old["format_version"] == 1  # a copy
+    # a format-1 manifest that already had the later fields keeps them
+    old["bitune"]["fusion"], old["cold_item"]["item_weights"] = "none", "shared"
+    old["cold_item"]["item_weights_note"] = COLD_ITEM_WEIGHTS["shared"]
+    assert validate_manifest(old).cold_item.item_weights == "shared"
+    # format 2 requires them: the same manifest without them, marked 2, is refused naming them
+    (bundle / MANIFEST).write_text(json.dumps({**json.loads(as_written), "format_version": 2}))
+    with pytest.raises(BundleError) as err:
+        load_manifest(bundle)
+    for field in ("bitune.fusion", "cold_item.item_weights", "added_items[0].item_weights", "ann_index"):
+        assert f"field {field!r}: missing" in str(err.value), field
+
+
+def test_the_manifest_is_edited_as_a_typed_model_and_revalidated_on_write(bundle):
+    manifest = load_manifest(bundle)
+    with pytest.raises(TypeError, match="takes a BundleManifest"):
+        write_manifest(bundle, manifest.model_dump(mode="json"))
+    bad = manifest.model_copy(update={"k": N_ITEMS + 1})  # model_copy does not validate; the writer does
+    with pytest.raises(BundleError, match=r"field 'k': 7 exceeds n_items \(6\)"):
+        write_manifest(bundle, bad)
+    assert load_manifest(bundle) == manifest  # nothing written
+    written = write_manifest(bundle, manifest.model_copy(update={"metadata": {"model_version": "t-2"}}))
+    assert load_manifest(bundle) == written and written.metadata == {"model_version": "t-2"}
 
 
 def test_missing_fields_hint_at_an_older_bundle(bundle):
@@ -245,7 +300,7 @@ def test_export_bundle_artifact_round_trip_and_older_artifacts(bundle, tmp_path,
         assert (back.path / rel).read_bytes() == (bundle / rel).read_bytes()
     back.verify(hashes=True)
     meta = mat.extract_metadata(back)
-    assert (meta["n_items"], meta["dim"], meta["k"], meta["format_version"]) == (N_ITEMS, DIM, K, 1)
+    assert (meta["n_items"], meta["dim"], meta["k"], meta["format_version"]) == (N_ITEMS, DIM, K, FORMAT_VERSION)
     # an artifact stored by the materializer before the bundle format module (it wrote files.json beside it)
     (tmp_path / "store" / "bundle" / "files.json").write_text(json.dumps([p.as_posix() for p in back.files()]))
     older = mat.load(ExportBundle)

@@ -209,7 +209,8 @@ def test_user_tower_matches_torch_on_variable_length_histories(data, trained, bu
 def test_bundle_layout_and_manifest(data, sr, bundle):
     ds, split = data
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["k"] == 10
+    assert manifest["format_version"] == 2 and manifest["k"] == 10
+    assert manifest["ann_index"] is None and manifest["bitune"]["fusion"] == "none"  # format 2: always written
     assert manifest["n_items"] == manifest["n_trained_items"] == ds.n_items
     assert manifest["dim"] == 64 and manifest["sr"] == {"model": "bert4rec", "max_len": sr.config.max_len}
     assert TextConfig.model_validate(manifest["text"]) == TEXT

@@ -130,9 +130,9 @@ def test_full_pipeline_exports_promotes_and_logs(trained):
     assert {"dataset", "split", "sr_model", "laser_model", "item_table", "scorer_bundle"} <= linked
     bundle = steps["export_scorer"].outputs["scorer_bundle"][0]
     manifest = bundle.load().manifest  # the typed manifest (laser_core.bundle.BundleManifest)
-    assert manifest.n_items == 64 and manifest.k == 5 and manifest.format_version == 1
+    assert manifest.n_items == 64 and manifest.k == 5 and manifest.format_version == 2
     assert manifest.metadata["model_version"] == f"laser-mlops:{mv.name}"
-    assert bundle.run_metadata["n_items"] == 64 and bundle.run_metadata["format_version"] == 1
+    assert bundle.run_metadata["n_items"] == 64 and bundle.run_metadata["format_version"] == 2
     assert bundle.run_metadata["files"] >= 3
     # visualizations: the validation curve and the expert-usage histogram
     laser_model = steps["bi_tune_stage2"].outputs["laser_model"][0]

@@ -28,7 +28,7 @@ from laser_core.bundle import (
     BundleManifest,
     export_scorer,
     l2_normalize,
-    read_manifest,
+    load_manifest,
     verify_bundle,
     write_manifest,
 )
@@ -278,14 +278,16 @@ MANIFEST_CASES = {
         "field 'sr': the M-Former prefix and the fusion need the SR encoder's settings",
     ),
     "added rows": (
-        lambda m: m.update(added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0}]),
+        lambda m: m.update(
+            added_items=[{"n": 2, "first_row": 40, "source_manifest_sha256": SHA0, "item_weights": "shared"}]
+        ),
         "field 'added_items': n_trained_items (40) plus the added items (2) is 42, not n_items (40)",
     ),
     "tower inputs": (
         lambda m: m["user_tower"].update(inputs=["input_ids", "attention_mask"]),
         "field 'user_tower.inputs': must be ['item_ids', 'item_mask', 'input_ids', 'attention_mask']",
     ),
-    "format_version": (lambda m: m.update(format_version=2), "format_version 2 is not supported: laser "),
+    "format_version": (lambda m: m.update(format_version=3), "format_version 3 is not supported: laser "),
     "not an object": (lambda m: m.clear(), "field 'format': missing"),
 }
 
@@ -299,7 +301,7 @@ def test_manifest_fields_are_validated(setup, tmp_path, case):
             Recommender.load(copy, verify=verify)
         assert str(err.value).startswith(f"{copy / MANIFEST}: ") and message in str(err.value), str(err.value)
     with pytest.raises(BundleError, match=re.escape(message)):
-        read_manifest(copy)
+        load_manifest(copy)
 
 
 def test_every_bundle_file_is_listed_and_present(setup, tmp_path):
@@ -314,8 +316,8 @@ def test_every_bundle_file_is_listed_and_present(setup, tmp_path):
         ):
             Recommender.load(copy, verify=verify)
     (copy / "tokenizer" / "notes.txt").unlink()
-    manifest = read_manifest(copy)
-    extra = next(n for n in manifest["files"] if n.startswith("tokenizer/") and n != manifest["tokenizer"]["file"])
+    manifest = load_manifest(copy)
+    extra = next(n for n in manifest.files if n.startswith("tokenizer/") and n != manifest.tokenizer.file)
     (copy / extra).unlink()  # a listed file serving does not read is still required
     for verify in (True, False):
         with pytest.raises(BundleError, match=re.escape(f"{copy / extra}: listed in {MANIFEST} 'files' but missing")):
@@ -326,9 +328,7 @@ def _rewrite(copy: Path, **files) -> None:
     """Replace bundle files (name -> writer(path)) and re-hash them into a valid manifest."""
     for name, write in files.items():
         write(copy / name.replace("__", "."))
-    manifest = json.loads((copy / MANIFEST).read_text())
-    manifest.pop("files")
-    write_manifest(copy, manifest)
+    write_manifest(copy, load_manifest(copy))  # files refilled
 
 
 def test_loaded_files_must_agree_with_the_manifest(setup, tmp_path):
@@ -367,8 +367,7 @@ def test_written_bundles_validate_and_invalid_manifests_are_never_written(setup,
         verify_bundle(bundle)
     copy = _copy(setup, tmp_path)
     before = (copy / MANIFEST).read_bytes()
-    manifest = json.loads(before)
-    manifest["k"] = 0
+    manifest = load_manifest(copy).model_copy(update={"k": 0})  # model_copy does not validate; write_manifest does
     with pytest.raises(BundleError, match="field 'k': Input should be greater than or equal to 1"):
         write_manifest(copy, manifest)
     assert (copy / MANIFEST).read_bytes() == before
@@ -387,9 +386,9 @@ def test_added_items_match_the_torch_cold_item_embedding(setup, extended):
     # the source bundle is untouched
     assert Recommender.load(setup["bundle"]).n_items == 40
     assert {p.name: p.read_bytes() for p in setup["bundle"].iterdir() if p.is_file()} == before
-    manifest = read_manifest(extended)
-    assert manifest["n_items"] == 43 and manifest["n_trained_items"] == 40
-    assert manifest["added_items"][0]["n"] == 3 and manifest["added_items"][0]["first_row"] == 40
+    manifest = load_manifest(extended)
+    assert manifest.n_items == 43 and manifest.n_trained_items == 40
+    assert manifest.added_items[0].n == 3 and manifest.added_items[0].first_row == 40
 
 
 def test_added_items_appear_in_recommendations(setup, extended):
@@ -405,20 +404,22 @@ def test_added_items_appear_in_recommendations(setup, extended):
 
 
 def test_a_bundle_without_the_item_side_record_warns_and_keeps_the_user_side(setup, extended, tmp_path):
-    """A bundle from before the item side was kept does not say which weights made its table: add_items warns
-    that new items get the user side's weights (as before) and records it."""
+    """A (format-1) bundle from before the item side was kept does not say which weights made its table: it is
+    upgraded to "user_side", and add_items warns that new items get the user side's weights and records it."""
     assert Recommender.load(setup["bundle"]).cold_item_weights == "shared"
-    assert read_manifest(extended)["added_items"][0]["item_weights"] == "shared"
+    assert load_manifest(extended).added_items[0].item_weights == "shared"
     old = shutil.copytree(setup["bundle"], tmp_path / "old")
-    manifest = read_manifest(old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 1
     for key in ("item_weights", "item_weights_note"):
         del manifest["cold_item"][key]
-    del manifest["files"]
-    write_manifest(old, manifest)
+    del manifest["bitune"]["fusion"], manifest["ann_index"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
     assert Recommender.load(old).cold_item_weights == "user_side"
     with pytest.warns(UserWarning, match="new items come from other weights than the table's rows"):
         out = add_items(old, NEW_ITEMS, tmp_path / "out")
-    assert read_manifest(out)["added_items"][0]["item_weights"] == "user_side"
+    written = load_manifest(out)  # written as format 2
+    assert written.added_items[0].item_weights == "user_side" and written.format_version == 2
     np.testing.assert_allclose(Recommender.load(out).table(), Recommender.load(extended).table(), atol=1e-6)
 
 
