@@ -184,7 +184,7 @@ def validate_index_file(path: str | Path, dim: int | None = None) -> dict:
     n_links = head & 0xFFFF
     if (head >> 16).any():
         raise AnnError(f"{bad} element {int(np.flatnonzero(head >> 16)[0])} is marked deleted (or its header is bad)")
-    _check_links(bad, 0, n_links, np.asarray(level0[:, 1 : 1 + max_m0]), max_m0, count, None)
+    _check_links(bad, n_links, np.asarray(level0[:, 1 : 1 + max_m0]), max_m0, count)
     lo, hi = np.asarray(level0[:, label_off // 4]), np.asarray(level0[:, label_off // 4 + 1])
     if hi.any() or not np.array_equal(np.sort(lo), np.arange(count, dtype=lo.dtype)):
         raise AnnError(f"{bad} its labels are not the rows 0..{count - 1}, each once")
@@ -201,14 +201,15 @@ def validate_index_file(path: str | Path, dim: int | None = None) -> dict:
         within = np.arange(len(owners)) - np.repeat(np.cumsum(levels) - levels, levels)  # 0 = level 1
         rows = starts[owners] + within * block
         lists = np.asarray(words[level0_words:])[rows[:, None] + np.arange(block)]
-        _check_links(bad, within + 1, lists[:, 0], lists[:, 1:], max_m, count, levels)
+        _check_links(bad, lists[:, 0] & 0xFFFF, lists[:, 1:], max_m, count, levels, within + 1)
     del words
     return header
 
 
-def _check_links(bad: str, level, n_links, links, limit: int, count: int, levels) -> None:
-    """Link counts ``<= limit``; the first ``n_links`` ids of each row ``< count`` and (``levels``: above level 0)
-    pointing at elements that reach ``level``."""
+def _check_links(bad: str, n_links, links, limit: int, count: int, levels=None, level=None) -> None:
+    """Link counts ``<= limit``; the first ``n_links`` ids of each row ``< count``; with ``levels`` (every
+    element's top level) and ``level`` (each row's level, above 0), each id pointing at an element that reaches
+    the row's level (hnswlib reads that element's list at the same level next)."""
     over = np.flatnonzero(n_links > limit)
     if len(over):
         raise AnnError(f"{bad} a link list of {int(n_links[over[0]])} ids (more than {limit})")
@@ -217,11 +218,12 @@ def _check_links(bad: str, level, n_links, links, limit: int, count: int, levels
     if out.any():
         raise AnnError(f"{bad} link id {int(links[out][0])} is out of range (the index holds {count} elements)")
     if levels is not None:
-        low = used & (levels[np.minimum(links, count - 1)] < np.asarray(level)[:, None])
+        low = used & (levels[np.minimum(links, count - 1)] < level[:, None])
         if low.any():
+            row, col = (int(i[0]) for i in np.nonzero(low))
             raise AnnError(
-                f"{bad} a level-{int(np.broadcast_to(level, low.shape[:1])[low.any(axis=1)][0])} link "
-                f"points at an element below that level"
+                f"{bad} a level-{int(level[row])} link points at element {int(links[row, col])}, which has no "
+                f"level {int(level[row])}"
             )
 
 

@@ -112,15 +112,23 @@ def _layout(raw: bytes) -> dict:
     return {"count": count, "per_el": per_el, "label_off": label_off, "max_m0": max_m0, "max_m": max_m, "upper": upper}
 
 
-def _first_upper_list(raw: bytes, lay: dict) -> int:
-    """Byte offset of the first upper-level link list (the element's level-1 list: count word, then ids)."""
-    pos = lay["upper"]
-    for _ in range(lay["count"]):
+def _upper_sizes(raw: bytes, lay: dict) -> tuple[int, list[int]]:
+    """Byte offset of the first upper-level link list (an element's level-1 list: count word, then ids), and the
+    elements that have no upper level."""
+    pos, first, flat = lay["upper"], None, []
+    for element in range(lay["count"]):
         (size,) = struct.unpack_from("<I", raw, pos)
-        if size:
-            return pos + 4
-        pos += 4
-    raise AssertionError("no element above level 0")
+        if size and first is None:
+            first = pos + 4
+        if not size:
+            flat.append(element)
+        pos += 4 + size
+    assert first is not None, "no element above level 0"
+    return first, flat
+
+
+def _first_upper_list(raw: bytes, lay: dict) -> int:
+    return _upper_sizes(raw, lay)[0]
 
 
 def _corrupt(raw: bytearray, case: str) -> None:
@@ -137,6 +145,10 @@ def _corrupt(raw: bytearray, case: str) -> None:
         pos = _first_upper_list(raw, lay)
         struct.pack_into("<H", raw, pos, 1)
         struct.pack_into("<I", raw, pos + 4, lay["count"] + 5)
+    elif case == "upper-level link to an element without that level":
+        pos, flat = _upper_sizes(raw, lay)
+        struct.pack_into("<H", raw, pos, 1)
+        struct.pack_into("<I", raw, pos + 4, flat[0])
     elif case == "upper-level link count above maxM":
         struct.pack_into("<H", raw, _first_upper_list(raw, lay), lay["max_m"] + 1)
     elif case == "duplicate label":
@@ -158,6 +170,10 @@ CORRUPTIONS = [
     ("link count above maxM0", r"a link list of \d+ ids \(more than 8\)"),
     ("upper-level link id out of range", r"link id 45 is out of range"),
     ("upper-level link count above maxM", r"a link list of 5 ids \(more than 4\)"),
+    (
+        "upper-level link to an element without that level",
+        r"a level-1 link points at element \d+, which has no level 1",
+    ),
     ("duplicate label", r"labels are not the rows 0\.\.39, each once"),
     ("room for 2**40 elements", r"40 elements with room for 1099511627776"),
     ("truncated", r"length does not match"),
