@@ -1022,6 +1022,14 @@ def test_serves_a_real_exported_bundle(exported):
         resp = post(c, {"history": history, "k": 41})
         assert resp.status_code == 400 and "at most 40 (the catalogue size)" in resp.json()["message"]
 
+    # a connection limit the open-file limit cannot hold is one line naming the option (after the bundle loaded)
+    from click.testing import CliRunner
+
+    from laser_cli.serving_cmds import serve as serve_command
+
+    res = CliRunner().invoke(serve_command, ["--bundle", str(bundle), "--port", "0", "--max-connections", "1000000000"])
+    assert res.exit_code == 2 and "--max-connections" in res.output and "open-file limit" in res.output, res.output
+
     # the command-line entry point (`laser serve`) over the same bundle: serves, then exits cleanly on SIGTERM
     port = _free_port()
     proc = subprocess.Popen(
@@ -1114,7 +1122,7 @@ def test_soak_every_request_is_answered_and_none_is_a_5xx():
 def test_soak_against_a_real_bundle_served_by_laser_serve(exported):
     soak = _soak()
     bundle, ds, _, _ = exported
-    server = soak.ServerProcess(soak.bundle_server_command(bundle, threads=1))
+    server = soak.ServerProcess(soak.bundle_server_command(bundle, threads=1), nofile=1024)  # the flood: 1.5 x ~700
     try:
         report = soak.run_soak(
             server,
