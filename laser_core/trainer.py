@@ -22,13 +22,14 @@ has, how it validates and what its run's content key is. The base does the rest,
 
 The checkpoint files are safetensors (tensors, the optimizer's state) and JSON, each written to a temporary name
 and renamed (:func:`atomic_write`): nothing is pickled, and a kill never leaves a half-written file. A state
-file of the older trainers (format 1, before this base) of the same run is refused (:class:`StaleCheckpointError`,
-retrain with ``resume=False``).
+file of the older trainers (format 1, before this base) cannot be resumed: the run trains from scratch over it,
+with a warning naming the file (checkpoints are a cache of the run: an upgrade costs the time, never the run).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -40,7 +41,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-from laser_core.errors import EXIT_MODEL, UserError
+logger = logging.getLogger(__name__)
+
 
 STATE = "state.json"
 STATE_FORMAT = 2  # 1: the two trainers' own state files before the shared trainer (no "format" field)
@@ -82,12 +84,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         state.setdefault(int(idx), {})[key] = value
     groups = json.loads(path.with_suffix(".json").read_text(encoding="utf8"))
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-class StaleCheckpointError(UserError):
-    """A checkpoint folder of this very run written by an older version of the trainer."""
-
-    exit_code = EXIT_MODEL
 
 
 class _CalculateLoss(nn.Module):
@@ -230,7 +226,7 @@ class Trainer:
     def start(self, key: str, **fresh: Any) -> dict:
         """The run's state for content key ``key``: the saved one (its last and best weights, optimizer state,
         step counter and costs loaded) when resuming a run with this key, else a new one with ``fresh``'s
-        fields. A checkpoint of this run in the older format is refused (:class:`StaleCheckpointError`)."""
+        fields. A checkpoint of this run in the older format is trained over from scratch (a warning says so)."""
         state = {"format": STATE_FORMAT, "key": key, "stage": 1, "epoch": -1, "history": [], "best": {}, **fresh}
         saved = self._saved_state(key)
         if saved is not None:
@@ -255,11 +251,12 @@ class Trainer:
         if saved.get("format") == STATE_FORMAT:
             return saved if saved.get("key") == key else None
         if key in (saved.get(k) for k in LEGACY_KEYS):
-            raise StaleCheckpointError(
-                f"{path}: this run's checkpoints were written by an older version of the trainer and cannot be "
-                f"resumed; retrain from scratch with `laser run --no-cache` (resume=False), or delete {self.wd}"
+            logger.warning(
+                "%s: this run's checkpoints were written by an older version of the trainer and cannot be resumed; "
+                "training from scratch over them",
+                path,
             )
-        return None  # another run's checkpoints: trained over from scratch
+        return None  # another run's checkpoints, or an older trainer's: trained over from scratch
 
     def record(self, entry: dict, stage: int = 1, best_extra: dict[str, torch.Tensor] | None = None) -> bool:
         """Record a validated epoch of ``stage`` (``entry`` has its ``epoch`` and ``valid`` metrics): into the
@@ -316,7 +313,6 @@ class Trainer:
 
 __all__ = [
     "STATE",
-    "StaleCheckpointError",
     "Trainer",
     "atomic_write",
     "load_optimizer",
