@@ -60,8 +60,7 @@ from pydantic import (
 )
 
 from laser_core.configuration import reads_item_ids
-from laser_core.data.loading import DEFAULT_MAX_TEXT_CHARS, TEXT_FIELDS
-from laser_core.data.text import TextConfig, truncate
+from laser_core.data.text import DEFAULT_MAX_TEXT_CHARS, TextConfig, cut_item_texts
 
 # ------------------------------------------------------------------------------------------- names
 FORMAT_VERSION = 2  # 2: fusion, cold_item.item_weights(_note), added_items[].item_weights, ann_index required
@@ -741,14 +740,7 @@ def bound_item_texts(items: Any, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Any
     data loader cuts to the same default, ``dataset.max_text_chars``). The template's own budget
     (``text.title_max_tokens`` ...) applies after; this one holds when the config sets none, so a 1 MB title
     never reaches the tokenizer or the tower whole."""
-    over = {c: items[c].astype(str).str.len() > max_chars for c in TEXT_FIELDS if c in items.columns}
-    if not any(mask.any() for mask in over.values()):
-        return items
-    items = items.copy()
-    for column, mask in over.items():
-        if mask.any():
-            items.loc[mask, column] = [truncate(str(t), max_chars=max_chars) for t in items.loc[mask, column]]
-    return items
+    return cut_item_texts(items, max_chars)[0]
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
