@@ -1,4 +1,5 @@
-"""Test set-up: offline, no telemetry, and an isolated ZenML store for the whole session."""
+"""Test set-up: offline, no telemetry, and an isolated ZenML store for the whole session; the tiny Laser set-up
+(configs, synthetic data, ID model, model weights, exported bundle) the test modules share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, MFormerConfig
+from laser_core.data.text import TextConfig
 
 _ZEN_DIR = tempfile.mkdtemp(prefix="laser-zenml-")
 for _var, _value in {
@@ -63,3 +67,77 @@ def materializer():
         return cls(str(uri), artifact_store=LocalArtifactStore())
 
     return make
+
+
+# ------------------------------------------------------------------- the tiny Laser set-up of the model tests
+SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
+# the plain loop (Adam at a constant lr, a step per mini-batch, no early stop) for the tests whose numbers were
+# set with it; LaserTrainConfig's defaults are the official recipe (tests/test_laser_recipe.py)
+PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
+
+
+def tiny_spec(
+    text: TextConfig | None = None,
+    quant: str = "nf4",
+    name: str = "tiny-random-llama",
+    mformer: MFormerConfig = SMALL_MF,
+    **bitune,
+) -> LaserSpec:
+    """A Laser spec over a tiny random backbone (built from its config: no download): ``text`` (default: a
+    history of 4 items), the backbone's ``quant``isation, the M-Former and the other bi-tuning switches."""
+    return LaserSpec(
+        bitune=BiTuneConfig(mformer=mformer, **bitune),
+        text=TextConfig(history_len=4) if text is None else text,
+        backbone=BackboneConfig(name=name, quantization=quant),
+    )
+
+
+def fit_sr(split, train: dict, **sr):
+    """The ID model ``SRConfig(**sr)`` fitted on ``split`` with ``TrainConfig(**train)`` (no progress bars)."""
+    from laser_core.sr import SRConfig, TrainConfig, fit
+
+    return fit(SRConfig(**sr), TrainConfig(progress=False, **train), split).model
+
+
+@pytest.fixture(scope="module")
+def data(request):
+    """``(dataset, leave-one-out split)`` of the synthetic data set the test module's ``DATA`` describes."""
+    from laser_core.data import leave_one_out, load_dataset
+
+    ds = load_dataset({"synthetic": dict(request.module.DATA)})
+    return ds, leave_one_out(ds)
+
+
+@pytest.fixture(scope="module")
+def sr(request, data):
+    """The ID model ``SRConfig(**SR)`` of the test module, fitted on ``data`` with ``TrainConfig(**SR_TRAIN)``."""
+    return fit_sr(data[1], request.module.SR_TRAIN, **request.module.SR)
+
+
+def tiny_weights(spec: LaserSpec, items, sr, nudge: bool = False):
+    """Weights of an untrained Laser model of ``spec`` (seeded by it), as the training step hands them over;
+    ``nudge`` moves the suffix off its EOS initialisation so that users differ."""
+    import torch
+
+    from laser_core.model import LaserWeights, build_laser
+
+    model = build_laser(spec, items, sr)
+    if nudge and model.suffix is not None:
+        with torch.no_grad():
+            model.suffix.add_(0.1 * torch.randn_like(model.suffix))
+    return LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def export_tiny_bundle(out: Path, spec: LaserSpec, ds, sr, table=None, nudge: bool = False, **export) -> dict:
+    """An untrained Laser model of ``spec`` (:func:`tiny_weights`) over ``ds`` exported as a bundle at ``out``
+    (``export``: export_bundle's options); its item table is its float32 reference model's unless ``table`` is
+    given. Returns ``weights``, ``ref`` (None with a given table), ``table`` and ``bundle`` (the path)."""
+    from laser_core.export import export_bundle, reference_model
+
+    weights = tiny_weights(spec, ds.items, sr, nudge=nudge)
+    ref = None
+    if table is None:
+        ref = reference_model(weights, sr, ds.items)
+        table = ref.embed_items(range(ds.n_items))
+    bundle = export_bundle(weights, sr, ds.items, table, out, **export)
+    return {"weights": weights, "ref": ref, "table": table, "bundle": bundle}

@@ -18,6 +18,7 @@ import pytest
 hnswlib = pytest.importorskip("hnswlib", reason="the ANN index needs the `ann` extra (hnswlib)")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import SMALL_MF, export_tiny_bundle, tiny_spec  # noqa: E402
 
 from laser_core import ann  # noqa: E402
 from laser_core.bundle import MANIFEST, l2_normalize, sha256_file  # noqa: E402
@@ -85,40 +86,45 @@ def test_calibrated_recall_on_a_clustered_table():
 N_ITEMS = 300
 
 
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 150, "n_items": N_ITEMS, "n_user_types": 4, "seed": 5}
+SR = dict(model="bert4rec", hidden_size=16, max_len=6)
+SR_TRAIN = dict(epochs=1)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(data, sr, tmp_path_factory):
     """A bundle over a 300-item clustered table with an index built with ef = n_items (exhaustive search: the
     same top-k as the exact scorer) and one with the calibrated ef."""
-    import torch
-
-    from laser_core.data import leave_one_out, load_dataset
     from laser_core.data.text import TextConfig
     from laser_core.export import export_bundle
-    from laser_core.llm import BackboneConfig
-    from laser_core.mformer import MFormerConfig
-    from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
-    from laser_core.sr import SRConfig, TrainConfig, fit
 
-    ds = load_dataset({"synthetic": {"n_users": 150, "n_items": N_ITEMS, "n_user_types": 4, "seed": 5}})
-    split = leave_one_out(ds)
-    sr = fit(SRConfig(model="bert4rec", hidden_size=16, max_len=6), TrainConfig(epochs=1, progress=False), split).model
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2)),
-        text=TextConfig(history_len=3, title_max_tokens=8),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
-    torch.manual_seed(0)
-    model = build_laser(spec, ds.items, sr)
-    weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
-    table = clustered(N_ITEMS, model.embedding_size, seed=3)
+    ds, _ = data
+    mformer = SMALL_MF.model_copy(update={"dropout": 0.1})  # MFormerConfig's default, as these bundles were made
+    spec = tiny_spec(TextConfig(history_len=3, title_max_tokens=8), quant="none", mformer=mformer)
+    table = clustered(N_ITEMS, spec.backbone.tiny.hidden_size, seed=3)  # the embedding width (no fusion)
     root = tmp_path_factory.mktemp("ann")
-    plain = export_bundle(weights, sr, ds.items, table, root / "plain", k=10, metadata={"model_version": "a-1"})
-    indexed = shutil.copytree(plain, root / "indexed")
+    plain = export_tiny_bundle(root / "plain", spec, ds, sr, table, k=10, metadata={"model_version": "a-1"})
+    indexed = shutil.copytree(plain["bundle"], root / "indexed")
     ann.index_bundle(indexed, M=8, ef_construction=64, ef=N_ITEMS, threads=1)
     calibrated = export_bundle(
-        weights, sr, ds.items, table, root / "calibrated", k=10, metadata={"model_version": "a-1"}, ann_index=True
+        plain["weights"],
+        sr,
+        ds.items,
+        table,
+        root / "calibrated",
+        k=10,
+        metadata={"model_version": "a-1"},
+        ann_index=True,
     )
-    return {"ds": ds, "table": table, "plain": plain, "indexed": indexed, "calibrated": calibrated, "root": root}
+    return {
+        "ds": ds,
+        "table": table,
+        "plain": plain["bundle"],
+        "indexed": indexed,
+        "calibrated": calibrated,
+        "root": root,
+    }
 
 
 def ids(setup, rows):

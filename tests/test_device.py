@@ -10,39 +10,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import PLAIN, tiny_spec
 
-from laser_core.data import leave_one_out, load_dataset
-from laser_core.data.text import TextConfig
 from laser_core.device import resolve_device
-from laser_core.llm import BackboneConfig
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, build_laser
-from laser_core.sr import SRConfig, TrainConfig, fit
+from laser_core.model import build_laser
 from laser_core.train import LaserTrainConfig, LaserTrainer, shard
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
-
-
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 200, "n_items": 50, "n_user_types": 4, "seed": 5}})
-    return ds, leave_one_out(ds)
-
-
-@pytest.fixture(scope="module")
-def sr(data):
-    _, split = data
-    cfg = SRConfig(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
-    return fit(cfg, TrainConfig(epochs=5, batch_size=64, lr=3e-3, progress=False), split).model
-
-
-def spec(quant="nf4", **bitune) -> LaserSpec:
-    return LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization=quant),
-    )
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 200, "n_items": 50, "n_user_types": 4, "seed": 5}
+SR = dict(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
+SR_TRAIN = dict(epochs=5, batch_size=64, lr=3e-3)
 
 
 def every_module(model):
@@ -89,7 +66,7 @@ def test_every_input_of_every_module_is_on_the_models_device(data, sr, fusion):
     """Forward pre-hooks on every module (M-Former, backbone layers, SR encoder) see only tensors on the
     configured device, through a training forward, the item table and a cold item."""
     ds, split = data
-    model = build_laser(spec(fusion=fusion), ds.items, sr, device="cpu")
+    model = build_laser(tiny_spec(fusion=fusion), ds.items, sr, device="cpu")
     assert model.device == torch.device("cpu") and model.backbone.device == torch.device("cpu")
     seen: list = []
     handles = record_input_devices(model, seen)
@@ -112,7 +89,7 @@ def test_to_moves_the_frozen_parts_too_and_inputs_are_made_on_the_new_device(dat
     tensor the model builds up to the LLM call (token ids, masks, position ids, SR inputs, the prefix, the
     suffix, item_side) is made there. The LLM itself can not run on ``meta``: the hook on it stops the forward."""
     ds, split = data
-    model = build_laser(spec(quant="none", fusion="concat"), ds.items, copy.deepcopy(sr), device="cpu")
+    model = build_laser(tiny_spec(quant="none", fusion="concat"), ds.items, copy.deepcopy(sr), device="cpu")
     model.set_item_state({k: v.clone() for k, v in model.state_dict().items()})
     meta = torch.device("meta")
     assert model.to(meta) is model and model.device == meta
@@ -142,7 +119,7 @@ def test_to_moves_the_frozen_parts_too_and_inputs_are_made_on_the_new_device(dat
 
 def test_the_trainer_places_the_model_on_its_device(data, sr):
     ds, split = data
-    model = build_laser(spec(), ds.items, sr, device="cpu")
+    model = build_laser(tiny_spec(), ds.items, sr, device="cpu")
     cfg = LaserTrainConfig(
         device="cpu",
         stage1_epochs=1,
@@ -202,7 +179,10 @@ def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on
     )
     torch.set_num_threads(1)
     one = LaserTrainer(
-        build_laser(spec(), ds.items, sr), split, LaserTrainConfig(**base, batch_size=8), workdir_root=tmp_path / "one"
+        build_laser(tiny_spec(), ds.items, sr),
+        split,
+        LaserTrainConfig(**base, batch_size=8),
+        workdir_root=tmp_path / "one",
     )
     sample = one.examples
 
@@ -217,7 +197,7 @@ def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on
         ds.items,
         split,
         sr,
-        spec(),
+        tiny_spec(),
         LaserTrainConfig(**base, batch_size=4, accelerate=True),
         stages=(1,),
         processes=2,
@@ -227,5 +207,7 @@ def test_two_processes_with_an_odd_user_count_finish_and_train_as_one_process_on
     assert job.processes == 2
     assert [h["users_seen"] for h in job.history] == [0, 9]
     assert_same_trained_weights(
-        _last_weights(tmp_path / "one"), _last_weights(tmp_path / "two"), build_laser(spec(), ds.items, sr).state_dict()
+        _last_weights(tmp_path / "one"),
+        _last_weights(tmp_path / "two"),
+        build_laser(tiny_spec(), ds.items, sr).state_dict(),
     )

@@ -9,17 +9,14 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_spec, tiny_weights
 
-from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
 from laser_core.bundle import COLD_ITEM, MANIFEST, export_scorer, l2_normalize, sha256_file
 from laser_core.export import export_bundle, export_user_tower, popularity_from_sequences, reference_model
-from laser_core.llm import BackboneConfig
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser, item_state_beside
+from laser_core.model import LaserWeights, build_laser, item_state_beside
 from laser_core.sr import SRConfig, TrainConfig, build_model, fit
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
 TEXT = TextConfig(history_len=4, title_max_tokens=6)  # token limits: the tokenizer's decode is part of parity
 
 
@@ -33,32 +30,15 @@ def torch_topk(table: torch.Tensor, users: torch.Tensor, k: int) -> tuple[np.nda
     return scores.numpy(), idx.numpy()
 
 
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}})
-    return ds, leave_one_out(ds)
-
-
-@pytest.fixture(scope="module")
-def sr(data):
-    _, split = data
-    cfg = SRConfig(model="bert4rec", hidden_size=16, max_len=8)
-    return fit(cfg, TrainConfig(epochs=1, batch_size=64, progress=False), split).model
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}
+SR = dict(model="bert4rec", hidden_size=16, max_len=8)
+SR_TRAIN = dict(epochs=1, batch_size=64)
 
 
 def weights_for(data, sr, quant="nf4", **bitune) -> LaserWeights:
     """Weights of a (untrained, randomly initialised) Laser model, as the training step hands them over."""
-    ds, _ = data
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
-        text=TEXT,
-        backbone=BackboneConfig(name="tiny-random-llama", quantization=quant),
-    )
-    model = build_laser(spec, ds.items, sr)
-    with torch.no_grad():  # move the suffix off its EOS initialisation
-        if model.suffix is not None:
-            model.suffix.add_(0.1 * torch.randn_like(model.suffix))
-    return LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    return tiny_weights(tiny_spec(TEXT, quant=quant, **bitune), data[0].items, sr, nudge=True)
 
 
 @pytest.fixture(scope="module")

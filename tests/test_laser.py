@@ -9,21 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PLAIN, SMALL_MF, tiny_spec
 
-from laser_core.data import leave_one_out, load_dataset
-from laser_core.data.text import TextConfig
 from laser_core.llm import BackboneConfig, quantized_linear_share
 from laser_core.losses import iic_loss, load_balancing_loss
 from laser_core.mformer import MFormer, MFormerConfig, Router
-from laser_core.model import BiTuneConfig, LaserSpec, build_laser
+from laser_core.model import build_laser
 from laser_core.evaluation import evaluate_split
-from laser_core.sr import SRConfig, TrainConfig, build_model, fit
+from laser_core.sr import SRConfig, build_model
 from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-# the plain loop (Adam at a constant lr, a step per mini-batch, no early stop) for the tests whose numbers were
-# set with it; LaserTrainConfig's defaults are the official recipe (tests/test_laser_recipe.py)
-PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
 # one short run of both stages on a few users (the tests that check mechanics, not learning)
 SHORT = dict(
     stage1_epochs=1,
@@ -37,30 +32,15 @@ SHORT = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 400, "n_items": 80, "n_user_types": 4, "seed": 2}})
-    return ds, leave_one_out(ds)
-
-
-@pytest.fixture(scope="module")
-def sr(data):
-    _, split = data
-    cfg = SRConfig(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
-    return fit(cfg, TrainConfig(epochs=20, batch_size=64, lr=3e-3, progress=False), split).model
-
-
-def spec(name="tiny-random-llama", quant="nf4", **bitune) -> LaserSpec:
-    return LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name=name, quantization=quant),
-    )
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 400, "n_items": 80, "n_user_types": 4, "seed": 2}
+SR = dict(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
+SR_TRAIN = dict(epochs=20, batch_size=64, lr=3e-3)
 
 
 def make(data, sr, **kw):
     ds, _ = data
-    return build_laser(spec(**kw), ds.items, sr)
+    return build_laser(tiny_spec(**kw), ds.items, sr)
 
 
 def llm_state(model) -> dict[str, torch.Tensor]:
@@ -214,11 +194,7 @@ def test_load_balancing_loss_hand_computed():
 def test_ablation_switches_change_exactly_their_parts(data, sr):
     full = make(data, sr)
     no_moe = build_laser(
-        LaserSpec(
-            bitune=BiTuneConfig(mformer=SMALL_MF.model_copy(update={"n_experts": 1})),
-            text=TextConfig(history_len=4),
-            backbone=BackboneConfig(name="tiny-random-llama"),
-        ),
+        tiny_spec(mformer=SMALL_MF.model_copy(update={"n_experts": 1})),
         data[0].items,
         sr,
     )
@@ -355,7 +331,7 @@ def test_an_edited_item_title_makes_the_next_run_train_again(data, sr, tmp_path)
     items.loc[7, "title"] = items.loc[7, "title"] + " (2nd edition)"
     # the item texts alone are in the key: the same backbone object, only the catalogue differs
     model = make(data, sr)
-    torch.manual_seed(spec().seed)
+    torch.manual_seed(tiny_spec().seed)
     same_backbone = LaserModel(
         model.backbone, sr, TextFormatter(items, model.formatter.config, tokenizer=model.tokenizer), model.config
     )
@@ -363,7 +339,7 @@ def test_an_edited_item_title_makes_the_next_run_train_again(data, sr, tmp_path)
     assert same_backbone.weights_fingerprint() != model.weights_fingerprint()
     # and a run on the edited catalogue trains again in the folder of the old one
     _fit_counting(LaserTrainer(model, split, cfg, workdir=tmp_path / "run"))
-    edited = LaserTrainer(build_laser(spec(), items, sr), split, cfg, workdir=tmp_path / "run")
+    edited = LaserTrainer(build_laser(tiny_spec(), items, sr), split, cfg, workdir=tmp_path / "run")
     result, recorded = _fit_counting(edited)
     assert recorded == TRAINED and result.cost["items_encoded"] > 0
 
@@ -430,7 +406,7 @@ def test_no_cache_reaches_the_bi_tuning_trainers(data, sr, monkeypatch):
 
     monkeypatch.setattr(laser_steps, "LaserTrainer", SpyTrainer)
     ds, split = data
-    laser_steps.bi_tune_stage1.entrypoint(ds, split, sr, spec().model_dump(), CACHE, resume=False)
+    laser_steps.bi_tune_stage1.entrypoint(ds, split, sr, tiny_spec().model_dump(), CACHE, resume=False)
     assert resumes == [False]
 
 
@@ -596,7 +572,7 @@ def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path
     cfg = LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True)
     torch.set_num_threads(1)
     here = LaserTrainer(make(data, sr), split, cfg).fit(stages=(1,))
-    job = fit_launched(ds.items, split, sr, spec(), cfg, stages=(1,), job_dir=tmp_path / "job1")
+    job = fit_launched(ds.items, split, sr, tiny_spec(), cfg, stages=(1,), job_dir=tmp_path / "job1")
     assert job.processes == 1
     assert [h["loss"] for h in job.history] == [h["loss"] for h in here.history]
     assert torch.equal(job.item_table, here.item_table)
@@ -609,7 +585,7 @@ def test_launched_job_in_one_process_equals_training_in_place(data, sr, tmp_path
     here2 = LaserTrainer(make(data, sr), split, cfg)
     here2.model.load_state_dict(job.state)
     here2 = here2.fit(stages=(2,), table=job.item_table)
-    job2 = fit_launched(ds.items, split, sr, spec(), cfg, stages=(2,), weights=job.state, table=job.item_table)
+    job2 = fit_launched(ds.items, split, sr, tiny_spec(), cfg, stages=(2,), weights=job.state, table=job.item_table)
     assert torch.equal(job2.item_table, job.item_table)
     assert [h["loss"] for h in job2.history] == [h["loss"] for h in here2.history]
     for k, v in here2.model.state_dict().items():
@@ -632,7 +608,7 @@ def test_two_launched_processes_train_as_one_process_with_the_combined_batch(dat
         ds.items,
         split,
         sr,
-        spec(),
+        tiny_spec(),
         LaserTrainConfig(**base, batch_size=8, accelerate=True),
         stages=(1,),
         processes=2,
@@ -650,7 +626,9 @@ def test_a_failing_launched_job_names_the_command_and_the_error(data, sr):
     ds, split = data
     broken = ds.items.drop(columns=["title"])
     with pytest.raises(LaunchError) as err:
-        fit_launched(broken, split, sr, spec(), LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True), stages=(1,))
+        fit_launched(
+            broken, split, sr, tiny_spec(), LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=True), stages=(1,)
+        )
     msg = str(err.value)
     assert "exit status" in msg and "accelerate.commands.launch" in msg and "title" in msg
 
@@ -661,7 +639,7 @@ def test_bi_tune_steps_run_as_launched_jobs_with_the_accelerate_switch(data, sr)
     from steps.laser import bi_tune_stage1, bi_tune_stage2
 
     ds, split = data
-    sp = spec().model_dump()
+    sp = tiny_spec().model_dump()
     outs = {}
     for accelerate in (False, True):
         cfg = {**LAUNCH, "batch_size": 8, "accelerate": accelerate, "processes": 1}

@@ -10,42 +10,19 @@ import numpy as np
 import pydantic
 import pytest
 import torch
+from conftest import PLAIN, tiny_spec
 
-from laser_core.data import leave_one_out, load_dataset
-from laser_core.data.text import TextConfig
-from laser_core.llm import BackboneConfig
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, build_laser
-from laser_core.sr import SRConfig, TrainConfig, fit
+from laser_core.model import build_laser
 from laser_core.train import LaserTrainConfig, LaserTrainer, build_optimizer, lr_at
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-PLAIN = dict(optimizer="adam", weight_decay=0.0, schedule="constant", grad_accumulation=1, patience=None)
-
-
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 2}})
-    return ds, leave_one_out(ds)
-
-
-@pytest.fixture(scope="module")
-def sr(data):
-    _, split = data
-    cfg = SRConfig(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
-    return fit(cfg, TrainConfig(epochs=2, batch_size=64, lr=3e-3, progress=False), split).model
-
-
-def spec() -> LaserSpec:
-    return LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF),
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="nf4"),
-    )
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 2}
+SR = dict(model="bert4rec", hidden_size=16, dropout=0.1, attn_dropout=0.1)
+SR_TRAIN = dict(epochs=2, batch_size=64, lr=3e-3)
 
 
 def make(data, sr):
-    return build_laser(spec(), data[0].items, sr)  # seeded: equal weights on every call
+    return build_laser(tiny_spec(), data[0].items, sr)  # seeded: equal weights on every call
 
 
 def cfg_(**kw) -> LaserTrainConfig:

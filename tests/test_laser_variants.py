@@ -6,40 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fit_sr, tiny_spec
 
-from laser_core.data import leave_one_out, load_dataset
-from laser_core.data.text import TextConfig
 from laser_core.losses import cosine_scores
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, build_laser
-from laser_core.sr import SRConfig, TrainConfig, fit
+from laser_core.model import LaserSpec, build_laser
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 300, "n_items": 60, "n_user_types": 4, "seed": 3}})
-    return ds, leave_one_out(ds)
+# the data set of the `data` fixture (tests/conftest.py); the ID model: each of SASRec and BERT4Rec
+DATA = {"n_users": 300, "n_items": 60, "n_user_types": 4, "seed": 3}
+SR = dict(hidden_size=16, dropout=0.1, attn_dropout=0.1)
+SR_TRAIN = dict(epochs=3, batch_size=64, lr=3e-3)
 
 
 @pytest.fixture(scope="module", params=["sasrec", "bert4rec"])
 def sr(request, data):
-    _, split = data
-    cfg = SRConfig(model=request.param, hidden_size=16, dropout=0.1, attn_dropout=0.1)
-    return fit(cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3, progress=False), split).model.eval()
+    return fit_sr(data[1], SR_TRAIN, model=request.param, **SR).eval()
 
 
 def make(data, sr, **bitune):
-    ds, _ = data
-    from laser_core.llm import BackboneConfig
-
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF, **bitune),
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
-    return build_laser(spec, ds.items, sr)
+    return build_laser(tiny_spec(quant="none", **bitune), data[0].items, sr)
 
 
 def test_sr_user_and_item_vectors_reproduce_full_sort_predict(data, sr):
@@ -134,13 +118,7 @@ def test_embedding_transform_is_fitted_once_applied_to_both_sides_and_saved(data
 
 
 def model_spec(model) -> LaserSpec:
-    from laser_core.llm import BackboneConfig
-
-    return LaserSpec(
-        bitune=model.config,
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
+    return tiny_spec(quant="none").model_copy(update={"bitune": model.config})
 
 
 def test_item_side_weights_carry_the_new_state_keys(data, sr):

@@ -939,41 +939,29 @@ def test_server_settings_are_checked_against_the_file_limit():
 
 
 # ------------------------------------------------------------------------------------- a real exported bundle
+DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}  # the `data` fixture's (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(data, tmp_path_factory):
     """A bundle from laser_core.export.export_bundle (tiny random Llama backbone, untrained BERT4Rec + M-Former),
     its torch reference model and item table."""
     if importlib.util.find_spec("laser_core.serving") is None:
         pytest.skip("laser_core.serving (Recommender over an exported bundle) is not in this checkout")
     import torch
+    from conftest import export_tiny_bundle, tiny_spec  # not at the top: server subprocesses import this module
 
-    from laser_core.data import load_dataset
-    from laser_core.data.text import TextConfig
-    from laser_core.export import export_bundle, reference_model
-    from laser_core.llm import BackboneConfig
-    from laser_core.mformer import MFormerConfig
-    from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
     from laser_core.sr import SRConfig, build_model
 
-    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}})
+    ds, _ = data
     torch.manual_seed(0)
     sr = build_model(SRConfig(model="bert4rec", hidden_size=16, max_len=8), ds.n_items).eval()
-    mformer = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=mformer),
-        text=TextConfig(history_len=4),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
-    model = build_laser(spec, ds.items, sr)
-    with torch.no_grad():  # move the suffix off its EOS initialisation so users differ
-        model.suffix.add_(0.1 * torch.randn_like(model.suffix))
-    weights = LaserWeights(spec=spec, state={n: t.detach().clone() for n, t in model.state_dict().items()})
-    ref = reference_model(weights, sr, ds.items)
-    with torch.no_grad():
-        table = ref.embed_items(range(ds.n_items))
     out = tmp_path_factory.mktemp("service-export") / "bundle"
-    export_bundle(weights, sr, ds.items, table, out, k=10, metadata={"model_version": "svc-test-1"})
-    return out, ds, ref, table
+    # nudge: the suffix off its EOS initialisation so that users differ
+    made = export_tiny_bundle(
+        out, tiny_spec(quant="none"), ds, sr, nudge=True, k=10, metadata={"model_version": "svc-test-1"}
+    )
+    return made["bundle"], ds, made["ref"], made["table"]
 
 
 @pytest.mark.slow  # the export (torch.export of the tiny backbone) takes minutes on 2 cores

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import export_tiny_bundle, tiny_spec
 
 from laser_cli.serving_cmds import register
-from laser_core.data import leave_one_out, load_dataset
 from laser_core.data.text import TextConfig
 from laser_core.bundle import (
     MANIFEST,
@@ -32,14 +32,9 @@ from laser_core.bundle import (
     verify_bundle,
     write_manifest,
 )
-from laser_core.export import export_bundle, popularity_from_sequences, reference_model
-from laser_core.llm import BackboneConfig
-from laser_core.mformer import MFormerConfig
-from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
+from laser_core.export import popularity_from_sequences
 from laser_core.serving import EmptyHistoryError, Recommender, add_items, read_items_file
-from laser_core.sr import SRConfig, TrainConfig, fit
 
-SMALL_MF = MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2, dropout=0.0)
 H = 3  # history_len (text)
 MAX_LEN = 6  # SR max_len (ids)
 NEW_ITEMS = pd.DataFrame(
@@ -56,35 +51,34 @@ NEW_ITEMS = pd.DataFrame(
 )
 
 
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 4}
+SR = dict(model="bert4rec", hidden_size=16, max_len=MAX_LEN)
+SR_TRAIN = dict(epochs=1)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(data, sr, tmp_path_factory):
     """One exported bundle (dynamo export runs once), the float32 reference model and the dataset."""
-    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 4}})
-    split = leave_one_out(ds)
-    sr = fit(
-        SRConfig(model="bert4rec", hidden_size=16, max_len=MAX_LEN), TrainConfig(epochs=1, progress=False), split
-    ).model
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=SMALL_MF),
-        text=TextConfig(history_len=H, title_max_tokens=8),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
-    model = build_laser(spec, ds.items, sr)
-    weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
-    ref = reference_model(weights, sr, ds.items)
-    table = ref.embed_items(range(ds.n_items))
+    ds, split = data
     root = tmp_path_factory.mktemp("serving")
-    bundle = export_bundle(
-        weights,
-        sr,
-        ds.items,
-        table,
+    made = export_tiny_bundle(
         root / "bundle",
+        tiny_spec(TextConfig(history_len=H, title_max_tokens=8), quant="none"),
+        ds,
+        sr,
         k=10,
         metadata={"model_version": "m-7"},
         popularity=popularity_from_sequences(split.train, ds.n_items),
     )
-    return {"ds": ds, "split": split, "ref": ref, "table": table, "bundle": bundle, "root": root}
+    return {
+        "ds": ds,
+        "split": split,
+        "ref": made["ref"],
+        "table": made["table"],
+        "bundle": made["bundle"],
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")

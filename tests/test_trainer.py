@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_spec
 from safetensors.torch import load_file
 
-from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, MFormerConfig
-from laser_core.data import leave_one_out, load_dataset
+from laser_core.configuration import MFormerConfig
 from laser_core.data.text import TextConfig
 from laser_core.model import build_laser
 from laser_core.sr import SRConfig, TrainConfig, build_model
@@ -20,10 +20,7 @@ from laser_core.sr.trainer import SRTrainer
 from laser_core.train import LaserTrainConfig, LaserTrainer
 
 
-@pytest.fixture(scope="module")
-def data():
-    ds = load_dataset({"synthetic": {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 1}})
-    return ds, leave_one_out(ds)
+DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 1}  # the `data` fixture's (tests/conftest.py)
 
 
 class Killed(RuntimeError):
@@ -70,10 +67,10 @@ class LaserKind:
         self.items, self.split = data[0].items, data[1]
         torch.manual_seed(0)
         self.sr = build_model(SRConfig(model="bert4rec", hidden_size=16, max_len=8), self.split.n_items).eval()
-        self.spec = LaserSpec(
-            bitune=BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=2, width=16, n_layers=1, n_heads=2)),
-            text=TextConfig(history_len=3),
-            backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
+        self.spec = tiny_spec(
+            TextConfig(history_len=3),
+            quant="none",
+            mformer=MFormerConfig(n_experts=2, n_query=2, width=16, n_layers=1, n_heads=2),
         )
 
     def trainer(self, workdir=None, resume: bool = True, **train) -> LaserTrainer:

@@ -24,39 +24,31 @@ import pytest
 
 pytest.importorskip("hnswlib")
 
+from conftest import SMALL_MF, export_tiny_bundle, tiny_spec  # noqa: E402
 from laser_core import ann  # noqa: E402
 from laser_core.bundle import MANIFEST, BundleError, sha256_file  # noqa: E402
 
 N_ITEMS = 40
 
 
+# the data set and ID model of the `data` and `sr` fixtures (tests/conftest.py)
+DATA = {"n_users": 80, "n_items": N_ITEMS, "n_user_types": 4, "seed": 7}
+SR = dict(model="bert4rec", hidden_size=16, max_len=6)
+SR_TRAIN = dict(epochs=1)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(data, sr, tmp_path_factory):
     """One small exported bundle (text budget: history 3, titles 8 tokens) and a copy with an ANN index."""
-    import torch
-
-    from laser_core.data import leave_one_out, load_dataset
     from laser_core.data.text import TextConfig
-    from laser_core.export import export_bundle
-    from laser_core.llm import BackboneConfig
-    from laser_core.mformer import MFormerConfig
-    from laser_core.model import BiTuneConfig, LaserSpec, LaserWeights, build_laser
-    from laser_core.sr import SRConfig, TrainConfig, fit
 
-    ds = load_dataset({"synthetic": {"n_users": 80, "n_items": N_ITEMS, "n_user_types": 4, "seed": 7}})
-    split = leave_one_out(ds)
-    sr = fit(SRConfig(model="bert4rec", hidden_size=16, max_len=6), TrainConfig(epochs=1, progress=False), split).model
-    spec = LaserSpec(
-        bitune=BiTuneConfig(mformer=MFormerConfig(n_experts=2, n_query=4, width=32, n_layers=2, n_heads=2)),
-        text=TextConfig(history_len=3, title_max_tokens=8),
-        backbone=BackboneConfig(name="tiny-random-llama", quantization="none"),
-    )
-    torch.manual_seed(0)
-    model = build_laser(spec, ds.items, sr)
-    weights = LaserWeights(spec=spec, state={k: v.detach().clone() for k, v in model.state_dict().items()})
-    table = np.random.default_rng(1).standard_normal((N_ITEMS, model.embedding_size)).astype(np.float32)
+    ds, _ = data
+    mformer = SMALL_MF.model_copy(update={"dropout": 0.1})  # MFormerConfig's default, as these bundles were made
+    spec = tiny_spec(TextConfig(history_len=3, title_max_tokens=8), quant="none", mformer=mformer)
+    width = spec.backbone.tiny.hidden_size  # the embedding width (no fusion)
+    table = np.random.default_rng(1).standard_normal((N_ITEMS, width)).astype(np.float32)
     root = tmp_path_factory.mktemp("untrusted")
-    plain = export_bundle(weights, sr, ds.items, table, root / "plain", k=5, metadata={"model_version": "u-1"})
+    plain = export_tiny_bundle(root / "plain", spec, ds, sr, table, k=5, metadata={"model_version": "u-1"})["bundle"]
     indexed = shutil.copytree(plain, root / "indexed")
     ann.index_bundle(indexed, M=4, ef_construction=32, ef=N_ITEMS, threads=1)
     return {"ds": ds, "plain": plain, "indexed": indexed, "root": root}
