@@ -184,11 +184,20 @@ def diff_versions(model: str, a: str, b: str) -> dict[str, Any]:
     config = []
     ra, rb = _training_run(va), _training_run(vb)
     if ra is not None and rb is not None:
-        pa, pb = _flatten(ra.config.parameters or {}), _flatten(rb.config.parameters or {})
+        pa, pb = _flatten(_parameters(ra)), _flatten(_parameters(rb))
         for k in sorted(set(pa) | set(pb)):
             if pa.get(k) != pb.get(k):
                 config.append({"key": k, "a": pa.get(k), "b": pb.get(k)})
     return {"model": model, "a": version_summary(va), "b": version_summary(vb), "metrics": rows, "config": config}
+
+
+def _parameters(run) -> dict[str, Any]:
+    """A pipeline run's parameters as plain JSON values (the config sections are pydantic models when the run
+    was compiled in this process, mappings when read back from the store)."""
+    return {
+        k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+        for k, v in (run.config.parameters or {}).items()
+    }
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -229,7 +238,7 @@ def lineage(target: str) -> dict[str, Any]:
         if run is None:
             raise KeyError(f"model version {name}:{mv.name} has no training run")
     run = client.get_pipeline_run(run.id)
-    params = run.config.parameters or {}
+    params = _parameters(run)
     steps = sorted(
         run.steps.items(), key=lambda kv: (STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else len(STEP_ORDER), kv[0])
     )

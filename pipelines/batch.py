@@ -4,9 +4,10 @@ selected users of the current data, from the version's exported bundle as the on
 
 from __future__ import annotations
 
-from typing import Any
-
 from zenml import get_pipeline_context, pipeline
+
+from laser_core.config import BatchConfig
+from laser_core.data.loading import DatasetConfig
 
 from pipelines.orphans import record_process
 from steps.batch import batch_recommend
@@ -14,9 +15,7 @@ from steps.data import load_dataset
 
 
 @pipeline(name="laser_batch_recommend", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
-def batch_pipeline(
-    dataset: dict[str, Any], data_fingerprint: str, batch: dict[str, Any], model_version: str = ""
-) -> None:
+def batch_pipeline(dataset: DatasetConfig, data_fingerprint: str, batch: BatchConfig, model_version: str = "") -> None:
     model = get_pipeline_context().model
     data = load_dataset(config=dataset, fingerprint=data_fingerprint)
     batch_recommend(

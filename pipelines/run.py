@@ -114,15 +114,15 @@ def run_training(
         options["schedule"] = schedule
     pipe = training_pipeline.with_options(**options)
     params = dict(
-        dataset=config.dataset.model_dump(),
-        validation=config.validation.model_dump(),
+        dataset=config.dataset,
+        validation=config.validation,
         data_fingerprint=data_fingerprint(config.dataset),
-        sr_model=config.sr.model_dump(),
-        sr_train=config.sr_train.model_dump(),
-        laser=config.laser_spec().model_dump(),
-        laser_train=config.laser_train.model_dump(),
-        export=config.export.model_dump(),
-        promotion=config.promotion.model_dump(),
+        sr_model=config.sr,
+        sr_train=config.sr_train,
+        laser=config.laser_spec(),
+        laser_train=config.laser_train,
+        export=config.export,
+        promotion=config.promotion,
         production_version_id=(LOOKUP_AT_RUN if schedule is not None else production_version_id(config.model_name())),
         model_name=config.model_name(),
         stop_after=config.pipeline.stop_after,
@@ -175,8 +175,8 @@ def run_batch(config: LaserConfig, run_name: str | None = None, schedule=None):
         options["schedule"] = schedule
         options["model"] = _model(config, version=version)  # resolved at each scheduled run
     return batch_pipeline.with_options(**options)(
-        dataset=config.dataset.model_dump(),
+        dataset=config.dataset,
         data_fingerprint=data_fingerprint(config.dataset),
-        batch=config.batch.model_dump(),
+        batch=config.batch,
         model_version=f"{name}:{mv.name}",
     )

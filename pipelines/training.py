@@ -8,9 +8,13 @@ Run it through :func:`pipelines.run.run_training`, which binds it to the config'
 
 from __future__ import annotations
 
-from typing import Any
-
 from zenml import pipeline
+
+from laser_core.config import ExportConfig
+from laser_core.configuration import LaserSpec, LaserTrainConfig, SRConfig, TrainConfig
+from laser_core.data.loading import DatasetConfig
+from laser_core.data.validation import ValidationConfig
+from laser_core.promotion import PromotionConfig
 
 from pipelines.orphans import record_process
 from steps.data import load_dataset, split_dataset, validate_dataset
@@ -22,22 +26,24 @@ from steps.sr import evaluate_sr, pretrain_sr
 
 @pipeline(name="laser_training", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
 def training_pipeline(
-    dataset: dict[str, Any],
-    validation: dict[str, Any],
+    dataset: DatasetConfig,
+    validation: ValidationConfig,
     data_fingerprint: str,
-    sr_model: dict[str, Any],
-    sr_train: dict[str, Any],
-    laser: dict[str, Any],
-    laser_train: dict[str, Any],
-    export: dict[str, Any] | None = None,
-    promotion: dict[str, Any] | None = None,
+    sr_model: SRConfig,
+    sr_train: TrainConfig,
+    laser: LaserSpec,
+    laser_train: LaserTrainConfig,
+    export: ExportConfig | None = None,
+    promotion: PromotionConfig | None = None,
     production_version_id: str | None = None,
     model_name: str = "",
     stop_after: str = "promote",
     fresh_data: bool = False,
     resume: bool = True,
 ) -> None:
-    """``resume=False`` (``laser run --no-cache``): the training steps reuse no private checkpoint either."""
+    """The sections of the run config, typed (ZenML validates each parameter against its class once, when the run
+    is compiled; the steps receive the objects). ``resume=False`` (``laser run --no-cache``): the training steps
+    reuse no private checkpoint either."""
     # scheduled runs read the data again each time (the fingerprint was taken when the schedule was registered)
     loader = load_dataset.with_options(enable_cache=False) if fresh_data else load_dataset
     data = loader(config=dataset, fingerprint=data_fingerprint)
@@ -54,13 +60,13 @@ def training_pipeline(
     metrics = evaluate_laser(data, split, model, laser_model, table, train_config=laser_train)
     if stop_after == "laser":
         return
-    export_scorer(data, split, model, laser_model, table, export_config=export or {})
+    export_scorer(data, split, model, laser_model, table, export_config=export or ExportConfig())
     promote(
         data,
         split,
         metrics,
         train_config=laser_train,
-        promotion=promotion or {},
+        promotion=promotion or PromotionConfig(),
         production_version_id=production_version_id,
         model_name=model_name,
         after=["export_scorer"],

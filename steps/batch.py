@@ -15,6 +15,7 @@ from zenml import step
 from zenml.logger import get_logger
 
 from laser_core.bundle import ExportBundle
+from laser_core.config import BatchConfig
 from laser_core.data.model import SeqDataset
 from laser_core.serving import Recommender
 from steps.materializers import DataFrameMaterializer
@@ -80,14 +81,12 @@ def recommendations_frame(
 def batch_recommend(
     dataset: SeqDataset,
     scorer_bundle: ExportBundle,
-    batch_config: dict[str, Any],
+    batch_config: BatchConfig,
     model_version: str = "",
 ) -> Annotated[pd.DataFrame, "recommendations"]:
     """Top-k per user (``user_id, rank, item_id, title, score, model_version``) from the stored model's bundle,
     as the online service answers (:func:`recommendations_frame`)."""
-    from laser_core.config import BatchConfig
-
-    cfg = BatchConfig.model_validate(batch_config)
+    cfg = batch_config
     rec = Recommender.load(scorer_bundle.path)
     users, histories, info = map_histories(dataset, rec.catalogue, cfg.users)
     if not users:

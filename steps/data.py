@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import save_artifact, step
 from zenml.logger import get_logger
@@ -10,7 +10,8 @@ from zenml.logger import get_logger
 from laser_core.data import loading
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split, leave_one_out
-from laser_core.data.validation import ValidationReport, validate
+from laser_core.data.loading import DatasetConfig
+from laser_core.data.validation import ValidationConfig, ValidationReport, validate
 from steps.materializers import (
     JSONDictMaterializer,
     SeqDatasetMaterializer,
@@ -22,7 +23,7 @@ logger = get_logger(__name__)
 
 
 @step(output_materializers=SeqDatasetMaterializer)
-def load_dataset(config: dict[str, Any], fingerprint: str) -> Annotated[SeqDataset, "dataset"]:
+def load_dataset(config: DatasetConfig, fingerprint: str) -> Annotated[SeqDataset, "dataset"]:
     """Load a dataset in any supported format. ``fingerprint`` (a hash of the source files) only serves the
     cache: a changed file gives a new fingerprint and so a fresh load."""
     dataset = loading.load_dataset(config)
@@ -46,7 +47,7 @@ def load_dataset(config: dict[str, Any], fingerprint: str) -> Annotated[SeqDatas
 
 
 @step(output_materializers=ValidationReportMaterializer)
-def validate_dataset(dataset: SeqDataset, config: dict[str, Any]) -> Annotated[ValidationReport, "validation_report"]:
+def validate_dataset(dataset: SeqDataset, config: ValidationConfig) -> Annotated[ValidationReport, "validation_report"]:
     """Run the Great Expectations suite. A failed validation saves the report as the ``validation_report``
     artifact and then stops the pipeline with an error that lists each failed expectation."""
     report = validate(dataset, config)

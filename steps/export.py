@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import step
 from zenml.logger import get_logger
 
 from laser_core.bundle import ExportBundle
+from laser_core.config import ExportConfig
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.model import ItemTable, LaserWeights
@@ -27,14 +28,13 @@ def export_scorer(
     sr_model: SequentialRecommender,
     laser_model: LaserWeights,
     item_table: ItemTable,
-    export_config: dict[str, Any],
+    export_config: ExportConfig,
 ) -> Annotated[ExportBundle, "scorer_bundle"]:
     """The suffix-projected scorer and (optionally) the user tower as ONNX, with tokenizer, catalogue and a
     manifest naming the model version they came from."""
-    from laser_core.config import ExportConfig
     from laser_core.export import export_bundle, popularity_from_sequences
 
-    cfg = ExportConfig.model_validate(export_config)
+    cfg = export_config
     model = current_model()
     metadata = (
         {

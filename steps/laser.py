@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import step
 from zenml.logger import get_logger
@@ -84,13 +84,13 @@ def bi_tune_stage1(
     dataset: SeqDataset,
     split: Split,
     sr_model: SequentialRecommender,
-    spec: dict[str, Any],
-    train_config: dict[str, Any],
+    spec: LaserSpec,
+    train_config: LaserTrainConfig,
     resume: bool = True,
 ) -> tuple[Annotated[LaserWeights, "laser_stage1"], Annotated[ItemTable, "item_table"]]:
     """Stage 1: recompute the item table every epoch; keep the best validation epoch's weights and table.
     ``resume=False`` (``laser run --no-cache``): reuse no private checkpoint."""
-    laser_spec, cfg = LaserSpec.model_validate(spec), LaserTrainConfig.model_validate(train_config)
+    laser_spec, cfg = spec, train_config
     model, result = _fit(dataset, split, sr_model, laser_spec, cfg, 1, "stage1", resume=resume)
     summary = _summary(result, 1, model)
     logger.info("Stage 1: best epoch %s, valid NDCG@10 %s", summary["best_epoch"], summary["best_valid_ndcg@10"])
@@ -107,12 +107,12 @@ def bi_tune_stage2(
     sr_model: SequentialRecommender,
     laser_stage1: LaserWeights,
     item_table: ItemTable,
-    train_config: dict[str, Any],
+    train_config: LaserTrainConfig,
     resume: bool = True,
 ) -> Annotated[LaserWeights, "laser_model"]:
     """Stage 2: the stage-1 table is frozen; keep training the weights; keep the best validation epoch.
     ``resume=False`` (``laser run --no-cache``): reuse no private checkpoint."""
-    cfg = LaserTrainConfig.model_validate(train_config)
+    cfg = train_config
     model, result = _fit(
         dataset,
         split,
@@ -142,12 +142,12 @@ def evaluate_laser(
     sr_model: SequentialRecommender,
     laser_model: LaserWeights,
     item_table: ItemTable,
-    train_config: dict[str, Any],
+    train_config: LaserTrainConfig,
 ) -> Annotated[MetricsReport, "laser_metrics"]:
     """Test with the stage-2 weights and the frozen stage-1 table (full ranking; no history masking). The
     baselines the promotion gate compares with are scored on exactly the same test (history, target) pairs:
     popularity, and the ID model (the frozen SR encoder Laser reads, ranking on its own)."""
-    cfg = LaserTrainConfig.model_validate(train_config)
+    cfg = train_config
     model = build_laser(laser_model.spec, dataset.items, sr_model, weights=laser_model, device=cfg.device)
     stats: dict = {}
     metrics = test_laser(model, item_table.table, split, cfg, stats=stats)

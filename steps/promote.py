@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import step
 from zenml.client import Client
@@ -45,8 +45,8 @@ def promote(
     dataset: SeqDataset,
     split: Split,
     laser_metrics: MetricsReport,
-    train_config: dict[str, Any],
-    promotion: dict[str, Any],
+    train_config: LaserTrainConfig,
+    promotion: PromotionConfig,
     production_version_id: str | None = None,
     model_name: str = "",
 ) -> Annotated[PromotionDecision, "promotion_decision"]:
@@ -55,8 +55,7 @@ def promote(
     the same test pairs, by the configured margins (laser_core.promotion). ``production_version_id`` (the
     production version when the run started) and ``model_name`` are parameters so that the step's cache follows
     the registry: a cached decision is reused only for the same model and the same production version."""
-    cfg = PromotionConfig.model_validate(promotion)
-    tcfg = LaserTrainConfig.model_validate(train_config)
+    cfg, tcfg = promotion, train_config
     model = current_model()
     # the baselines, scored by evaluate_laser on exactly the test pairs the new version was scored on
     baselines = {

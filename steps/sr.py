@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import step
 from zenml.logger import get_logger
@@ -27,12 +27,12 @@ def checkpoint_root(kind: str = "sr") -> Path:
 
 @step(output_materializers={"sr_model": SRModelMaterializer, "sr_training": JSONDictMaterializer})
 def pretrain_sr(
-    split: Split, model_config: dict[str, Any], train_config: dict[str, Any], resume: bool = True
+    split: Split, model_config: SRConfig, train_config: TrainConfig, resume: bool = True
 ) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
     """Train the ID-based recommender with early stopping on validation NDCG@10; return the best epoch's model.
     A crashed run resumes from its last epoch (checkpoints under ``LASER_CACHE_DIR``, keyed on the settings and
     the split's content); ``resume=False`` (``laser run --no-cache``) trains from scratch."""
-    cfg, tcfg = SRConfig.model_validate(model_config), TrainConfig.model_validate(train_config)
+    cfg, tcfg = model_config, train_config
     workdir = checkpoint_root() / f"{cfg.model}-{config_hash(cfg, tcfg, split)}"
     result = fit(cfg, tcfg, split, workdir=workdir, resume=resume)
     logger.info(

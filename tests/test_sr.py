@@ -247,7 +247,7 @@ def test_the_pretrain_step_passes_resume_to_the_trainer(small_split, monkeypatch
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sr_steps, "fit", spy)
-    cfg, train = SMALL_SASREC.model_dump(), QUICK.model_dump()
+    cfg, train = SMALL_SASREC, QUICK
     first, _ = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train)
     reloaded, _ = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train)
     fresh, summary = sr_steps.pretrain_sr.entrypoint(small_split, cfg, train, resume=False)
