@@ -406,7 +406,7 @@ def test_no_cache_reaches_the_bi_tuning_trainers(data, sr, monkeypatch):
 
     monkeypatch.setattr(laser_steps, "LaserTrainer", SpyTrainer)
     ds, split = data
-    laser_steps.bi_tune_stage1.entrypoint(ds, split, sr, tiny_spec().model_dump(), CACHE, resume=False)
+    laser_steps.bi_tune_stage1.entrypoint(ds, split, sr, tiny_spec(), LaserTrainConfig(**CACHE), resume=False)
     assert resumes == [False]
 
 
@@ -639,10 +639,10 @@ def test_bi_tune_steps_run_as_launched_jobs_with_the_accelerate_switch(data, sr)
     from steps.laser import bi_tune_stage1, bi_tune_stage2
 
     ds, split = data
-    sp = tiny_spec().model_dump()
+    sp = tiny_spec()
     outs = {}
     for accelerate in (False, True):
-        cfg = {**LAUNCH, "batch_size": 8, "accelerate": accelerate, "processes": 1}
+        cfg = LaserTrainConfig(**LAUNCH, batch_size=8, accelerate=accelerate, processes=1)
         w1, table = bi_tune_stage1.entrypoint(ds, split, sr, sp, cfg)
         w2 = bi_tune_stage2.entrypoint(ds, split, sr, w1, table, cfg)
         outs[accelerate] = (w1, table, w2)
