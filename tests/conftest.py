@@ -141,3 +141,14 @@ def export_tiny_bundle(out: Path, spec: LaserSpec, ds, sr, table=None, nudge: bo
         table = ref.embed_items(range(ds.n_items))
     bundle = export_bundle(weights, sr, ds.items, table, out, **export)
     return {"weights": weights, "ref": ref, "table": table, "bundle": bundle}
+
+
+def write_table(root: Path, interactions, items, kind: str = "parquet") -> Path:
+    """A ``table``-format dataset folder: ``interactions`` and ``items`` (DataFrames) as CSV or Parquet files."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("interactions", interactions), ("items", items)):
+        if kind == "csv":
+            frame.to_csv(root / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(root / f"{name}.parquet", index=False)
+    return root

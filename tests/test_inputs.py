@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import write_table
 
 from laser_cli.main import cli
 from laser_core.data import DataFormatError, load_dataset
@@ -18,16 +19,9 @@ SECONDS = [1704067200, 1704067210, 1704153600]  # 2024-01-01T00:00:00Z, +10 s, 2
 
 
 def _table(root, timestamps, kind: str = "parquet", items: pd.DataFrame = ITEMS):
-    root.mkdir(parents=True, exist_ok=True)
     inter = pd.DataFrame({"user_id": ["a"] * len(timestamps), "item_id": list("xyz")[: len(timestamps)]})
     inter["timestamp"] = timestamps
-    if kind == "parquet":
-        inter.to_parquet(root / "interactions.parquet", index=False)
-        items.to_parquet(root / "items.parquet", index=False)
-    else:
-        inter.to_csv(root / "interactions.csv", index=False)
-        items.to_csv(root / "items.csv", index=False)
-    return root
+    return write_table(root, inter, items, kind)
 
 
 # --------------------------------------------------------------------------------------- timestamps

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BEAUTY, SCIENTIFIC, shared
+from conftest import BEAUTY, SCIENTIFIC, shared, write_table
 from laser_core.data import DataFormatError, DatasetConfig, detect_format, leave_one_out, load_dataset
 from laser_core.data.model import SeqDataset, normalize_text
 
@@ -231,7 +231,6 @@ def test_amazon2018_malformed(tmp_path):
 
 # ------------------------------------------------------------- generic table
 def table_fixture(root: Path, kind: str = "csv") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     inter = pd.DataFrame(
         {
             "user_id": ["a", "a", "b", "a"],
@@ -242,13 +241,7 @@ def table_fixture(root: Path, kind: str = "csv") -> Path:
     items = pd.DataFrame(
         {"item_id": ["x", "y", "z"], "title": ["X thing", "Y thing", "Z thing"], "brand": ["B", "", "B"]}
     )
-    if kind == "csv":
-        inter.to_csv(root / "interactions.csv", index=False)
-        items.to_csv(root / "items.csv", index=False)
-    else:
-        inter.to_parquet(root / "interactions.parquet", index=False)
-        items.to_parquet(root / "items.parquet", index=False)
-    return root
+    return write_table(root, inter, items, kind)
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
