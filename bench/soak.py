@@ -22,13 +22,14 @@ flood). Every kind has the statuses it must get; anything else is counted as une
 *answered* when a whole HTTP response came back (the hang-ups expect none).
 
 The server runs with a low open-file limit (``--server-nofile``, 1024: the connection limit it derives from it is
-in its log) so that a flood is cheap: from 20 % to 80 % of the requests done, a flood thread holds
+in its log) so that a flood is cheap: from 20 % to 80 % of the requests done, a flood process holds
 ``--flood`` x that limit connections open, a third silent, a third sending a request head a byte every 0.5 s,
 a third with half a body, and opens a new one for each the server closes, at most ``--flood-rate`` a second
 (the server closes the longest-silent to make room, or answers 503 when every connection has a request in the
-app: counted in ``flood``, not as the mix's 5xx). Meanwhile a prober opens a new connection for ``GET /health``
-every 50 ms for the whole run (``health_probe``: p50/p99/max overall and during the flood; a probe that gets no
-200 is a failure).
+app: counted in ``flood``, not as the mix's 5xx). Meanwhile a prober process opens a new connection for
+``GET /health`` every 50 ms for the whole run (``health_probe``: p50/p99/max overall and during the flood; a probe
+that gets no 200 is a failure). Flood and prober are processes of their own, as a hostile client and a kubelet
+are: as threads of this process they shared its GIL with the 32 workers, and its delays counted as the server's.
 
 Reported (``bench/results/soak.json`` and ``.md``): requests served, statuses overall and per kind, 5xx count,
 unanswered and unexpected counts (with examples), latency p50/p90/p99/max per kind (``recommend`` is the
@@ -46,6 +47,7 @@ import argparse
 import http.client
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -459,10 +461,15 @@ def check_outcome(kind: str, status: int | None, body: bytes, work: Workload) ->
 FLOOD_KINDS = ("silent", "slow_head", "half_body")
 
 
+_MP = multiprocessing.get_context("fork")  # the helpers run plain socket code; fork works however soak was imported
+
+
 class Flood:
     """Holds ``target`` connections open to the server (a third each of :data:`FLOOD_KINDS`) from
     :meth:`start` to :meth:`stop`, opening a new one for each the server closes or answers, at most ``rate``
-    a second; counts what the server did with them."""
+    a second; counts what the server did with them. It runs in a process of its own, as a hostile client is
+    not a thread of the load generator (its Python work would otherwise slow the workers and the prober, and
+    count as the server's latency); ``on`` is set while it holds its connections."""
 
     def __init__(self, host: str, port: int, target: int, rate: float = 2000.0) -> None:
         self.host, self.port, self.target, self.rate = host, port, target, rate
@@ -472,20 +479,33 @@ class Flood:
         )
         self.stats["peak_open"] = 0
         self.seconds = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.on = _MP.Event()
+        self._stop = _MP.Event()
+        self._results = _MP.Queue()
+        self._proc = _MP.Process(target=self._main, daemon=True)
         self.active = False
 
     def start(self) -> None:
         self.active = True
         self._started = time.monotonic()
-        self._thread.start()
+        self.on.set()
+        self._proc.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
-        self.active = False
-        self.seconds = round(time.monotonic() - self._started, 2)
+        try:
+            self.stats = self._results.get(timeout=60)
+        finally:
+            self._proc.join(timeout=10)
+            self.on.clear()
+            self.active = False
+            self.seconds = round(time.monotonic() - self._started, 2)
+
+    def _main(self) -> None:  # in the flood's process
+        try:
+            self._run()
+        finally:
+            self._results.put(self.stats)
 
     def _open(self, kind: str) -> socket.socket | None:
         try:
@@ -550,24 +570,36 @@ class Flood:
 
 class HealthProbe:
     """``GET /health`` on a new connection every :data:`HEALTH_EVERY_S` seconds (as a kubelet probes), each
-    timed from connect to the whole response and marked whether the flood was on."""
+    timed from connect to the whole response and marked whether the flood was on; in a process of its own (a
+    kubelet is not a thread of the load generator: there the workers' Python would delay it and count as the
+    server's latency)."""
 
     def __init__(self, host: str, port: int, flood: Flood | None) -> None:
         self.host, self.port, self.flood = host, port, flood
         self.results: list[tuple[float, bool, str | None]] = []  # latency s, during the flood, failure
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop = _MP.Event()
+        self._results = _MP.Queue()
+        self._proc = _MP.Process(target=self._main, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self._proc.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        try:
+            self.results = self._results.get(timeout=60)
+        finally:
+            self._proc.join(timeout=10)
+
+    def _main(self) -> None:  # in the prober's process
+        try:
+            self._run()
+        finally:
+            self._results.put(self.results)
 
     def _run(self) -> None:
         while not self._stop.wait(HEALTH_EVERY_S):
-            flooding = self.flood is not None and self.flood.active
+            flooding = self.flood is not None and self.flood.on.is_set()
             start = time.perf_counter()
             failure = None
             try:
@@ -584,6 +616,7 @@ class HealthProbe:
         failures = [f for _, _, f in self.results if f]
         return {
             "every_s": HEALTH_EVERY_S,
+            "process": "its own (not a thread of the load generator)",
             "all": _latency_summary([t for t, _, f in self.results if not f]),
             "during_flood": _latency_summary([t for t, flooding, f in self.results if flooding and not f]),
             "failures": len(failures),

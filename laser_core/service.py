@@ -747,18 +747,22 @@ class _ConnectionGuard:
 
     def _victim(self, look: int = 64) -> _GuardedH11Protocol | None:
         """The connection to close to make room, the first of: the longest-open fresh connection whose client
-        has sent nothing the server has not read (silent, or a head that stalls); the upload stalled longest; the
-        longest-idle keep-alive connection; the longest-open fresh connection with bytes not yet read. Those
-        bytes are most likely a whole request head that the event loop reads on its next turn (under a flood a
-        turn accepts many connections), so such connections come last. Looks at ``look`` fresh ones at most."""
-        unread = None
+        has sent nothing the server has not read (silent, or a head that stalls); the longest-open fresh one whose
+        head is still incomplete though part of it was read already (a head that trickles: its new bytes wait
+        unread); the upload stalled longest; the longest-idle keep-alive connection; the longest-open fresh
+        connection with bytes not yet read. Those last bytes are most likely a whole request head that the event
+        loop reads on its next turn (under a flood a turn accepts many connections), so such connections come
+        last. Looks at ``look`` fresh ones at most."""
+        unread = trickling = None
         for n, conn in enumerate(self.fresh):
             if n == look:
                 break
             if not conn.has_unread_bytes():
                 return conn
+            if trickling is None and conn.head_started:
+                trickling = conn
             unread = unread or conn
-        return next(iter(self.uploading or self.kept), None) or unread
+        return trickling or next(iter(self.uploading or self.kept), None) or unread
 
     def awaits_head(self, conn: _GuardedH11Protocol) -> bool:
         return conn in self.fresh or conn in self.kept

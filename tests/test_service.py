@@ -716,6 +716,47 @@ def test_idle_connections_past_the_limit_are_closed_and_health_still_answers():
                 sock.close()
 
 
+class _FakeConnection:
+    """What the connection guard asks of a connection: whether its client's bytes wait unread, whether part of a
+    request head was read already, and to be closed."""
+
+    def __init__(self, name: str, unread: bool = False, head_started: bool = False) -> None:
+        self.name, self.unread, self.head_started, self.closed = name, unread, head_started, False
+
+    def has_unread_bytes(self) -> bool:
+        return self.unread
+
+    def close_idle(self) -> None:
+        self.closed = True
+
+
+def test_at_the_limit_the_guard_closes_a_trickling_head_before_a_slow_upload_or_a_served_client():
+    """The order in which the guard makes room: a silent connection; then a head that trickles (part read, more
+    bytes waiting: a flood's slow head, which the soak found ahead of real clients when every trickler had just
+    sent its byte); then the upload stalled longest; then the longest-idle keep-alive connection; a new
+    connection whose first bytes wait unread (most likely a whole request) last."""
+    from laser_core.service import _ConnectionGuard
+
+    guard = _ConnectionGuard(ServerSettings(max_connections=4, header_timeout=60), "v")
+    new_request = _FakeConnection("new request", unread=True)
+    trickler = _FakeConnection("trickling head", unread=True, head_started=True)
+    upload, served = _FakeConnection("slow upload"), _FakeConnection("kept alive")
+    for conn in (new_request, trickler, upload, served):
+        assert guard.admit(conn)
+    guard.request_started(upload, body_to_come=True)
+    guard.request_started(served, body_to_come=False)
+    guard.request_completed(served)
+    closed = []
+    for i in range(4):
+        assert guard.admit(_FakeConnection(f"flood {i}", unread=True))
+        closed += [c.name for c in (new_request, trickler, upload, served) if c.closed and c.name not in closed]
+    assert closed == ["trickling head", "slow upload", "kept alive", "new request"]
+    silent = _FakeConnection("silent")
+    assert guard.admit(silent) and not silent.closed  # room made by the oldest flood connection (unread bytes)
+    assert guard.admit(_FakeConnection("late", unread=True))
+    assert silent.closed  # a connection with nothing unread goes first, older ones with a request waiting stay
+
+
 def test_past_the_limit_a_stalled_body_makes_room_and_with_every_request_busy_a_new_connection_gets_503():
     rec = Gated()
     with running(rec, ServerSettings(max_connections=3), scoring_threads=3) as (server, port):
