@@ -41,8 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("hnswlib", "faiss", "usearch")
 TABLES = ("clustered", "random", "scientific")
-# the trained Laser item table of the Scientific run (SmolLM2-135M, 5,327 items x 576; not in the repository)
-REAL_TABLE = ROOT / "runs" / "laser-sci" / "laser-laser-0bd0b0da22b7d0dc" / "best_table.safetensors"
+# the trained Laser item table of the Scientific run (SmolLM2-135M, 5,327 items x 576; not in the repository): the
+# trainer's best/extra.safetensors ('table'; runs before the shared trainer wrote it as best_table.safetensors)
+REAL_TABLE = ROOT / "runs" / "laser-sci" / "laser-laser-0bd0b0da22b7d0dc" / "best" / "extra.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
