@@ -542,8 +542,15 @@ def _register_stack() -> None:
     register(cli)
 
 
+def _register_sr() -> None:
+    from laser_cli.sr_cmds import register
+
+    register(cli)
+
+
 _register_serving()
 _register_stack()
+_register_sr()
 
 
 def main() -> None:

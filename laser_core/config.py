@@ -23,7 +23,7 @@ from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
 from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, LaserTrainConfig
 from laser_core.promotion import PromotionConfig
-from laser_core.configuration import SRConfig, TrainConfig
+from laser_core.configuration import SRConfig, TrainConfig, TuneConfig
 
 
 class PipelineConfig(StrictConfig):
@@ -70,6 +70,9 @@ class LaserConfig(StrictConfig):
     text: TextConfig = Field(default_factory=TextConfig)
     sr: SRConfig = Field(default_factory=SRConfig)
     sr_train: TrainConfig = Field(default_factory=TrainConfig)
+    sr_tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="the search space of `laser sr tune` (laser_core.sr.tune)"
+    )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
     laser_train: LaserTrainConfig = Field(default_factory=LaserTrainConfig)

@@ -65,6 +65,80 @@ class TrainConfig(StrictConfig):
     progress: bool = True
 
 
+class IntRange(StrictConfig):
+    """Integers from ``low`` to ``high`` (both included); ``low == high`` fixes the value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: int = Field(ge=0)
+    high: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class FloatRange(StrictConfig):
+    """Numbers from ``low`` to ``high``; ``low == high`` fixes the value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float = Field(ge=0)
+    high: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class TuneConfig(StrictConfig):
+    """The search space and the tuner of ``laser sr tune`` (:mod:`laser_core.sr.tune`): Optuna's TPE sampler,
+    median pruning on the per-epoch validation ``sr_train.monitor``. Narrow a range (or fix a value with a
+    one-element list, or ``low == high``) to search less. Every ``n_heads`` choice must divide every
+    ``hidden_size`` choice. ``dropout`` sets both dropouts of the model; ``sr_train.epochs`` is each trial's
+    maximum; ``lr`` is searched on a log scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    n_layers: IntRange = Field(default_factory=lambda: IntRange(low=1, high=3))
+    n_heads: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    dropout: FloatRange = Field(default_factory=lambda: FloatRange(low=0.0, high=0.5))
+    max_len: list[int] = Field(default_factory=lambda: [20, 50, 100, 200], min_length=1)
+    lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2))
+    weight_decay: FloatRange = Field(default_factory=lambda: FloatRange(low=0.0, high=1e-4))
+    patience: IntRange = Field(default_factory=lambda: IntRange(low=3, high=10))
+    seed: int = Field(default=0, description="the TPE sampler's seed")
+    startup_trials: int = Field(default=10, ge=0, description="TPE: random trials before the model-based ones")
+    prune_startup_trials: int = Field(default=5, ge=0, description="median pruner: trials never pruned")
+    prune_warmup_epochs: int = Field(default=1, ge=0, description="median pruner: epochs of a trial never pruned")
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> "TuneConfig":
+        for name in ("hidden_size", "n_heads"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: every choice must be >= 1, got {getattr(self, name)}")
+        if min(self.max_len) < 2:
+            raise ValueError(f"max_len: every choice must be >= 2, got {self.max_len}")
+        if self.n_layers.low < 1 or self.patience.low < 1:
+            raise ValueError("n_layers and patience: low must be >= 1")
+        if self.dropout.high >= 1:
+            raise ValueError(f"dropout: high must be < 1, got {self.dropout.high}")
+        if self.lr.low <= 0:
+            raise ValueError(f"lr: low must be > 0 (searched on a log scale), got {self.lr.low}")
+        bad = [(h, n) for h in self.hidden_size for n in self.n_heads if h % n]
+        if bad:
+            raise ValueError(
+                "every n_heads choice must divide every hidden_size choice; "
+                + ", ".join(f"{n} does not divide {h}" for h, n in bad)
+            )
+        return self
+
+
 # ------------------------------------------------------------------------------------------- the frozen LLM
 class TinyConfig(StrictConfig):
     model_config = ConfigDict(extra="forbid")
