@@ -13,7 +13,7 @@ from laser_core.config import load_config
 from laser_core.configuration import SRConfig, TrainConfig, TuneConfig
 from laser_core.data import leave_one_out, load_dataset
 from laser_core.sr import tune as tune_module
-from laser_core.sr.tune import trials_table, tune, write_layer
+from laser_core.sr.tune import study_name, trials_table, tune, write_layer
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_SR = SRConfig(model="sasrec", hidden_size=8, n_heads=1, max_len=8)
@@ -117,9 +117,13 @@ def test_interrupted_study_resumes_with_its_finished_trials(split, tmp_path, mon
     assert sorted(retries) == [2, hanging.number] and retries[hanging.number].params == hanging_params
     assert retries[2].params == study.trials[2].params
     assert all(r.state == optuna.trial.TrialState.COMPLETE for r in retries.values())
-    # a budget already spent runs nothing
-    again = tune(BASE_SR, BASE_TRAIN, SPACE, split, tmp_path, n_trials=4)
-    assert again.trials_run == 0 and again.value == result.value
+    # a budget already spent runs nothing; the base's values of tuned settings do not make another study
+    searched = BASE_SR.model_copy(update={"max_len": 30, "inner_size": 64, "hidden_size": 32, "dropout": 0.5})
+    again = tune(searched, BASE_TRAIN.model_copy(update={"lr": 0.5}), SPACE, split, tmp_path, n_trials=4)
+    assert again.trials_run == 0 and again.value == result.value and again.study.study_name == name
+    # a fixed setting, the space or the data do
+    assert study_name(BASE_SR, BASE_TRAIN.model_copy(update={"batch_size": 32}), SPACE, split) != name
+    assert study_name(BASE_SR, BASE_TRAIN, SPACE.model_copy(update={"max_len": [5]}), split) != name
 
 
 class PruneOddTrials(optuna.pruners.BasePruner):

@@ -36,6 +36,8 @@ from laser_core.trainer import atomic_write
 
 STUDY_DB = "study.db"
 TUNABLE = ("sasrec", "bert4rec")
+#: what a trial sets in sr (inner_size: none, the FFN is 4 x the hidden size)
+TUNED_SR = ("hidden_size", "n_layers", "n_heads", "dropout", "attn_dropout", "max_len", "inner_size")
 #: what a trial sets in sr_train (the rest of sr_train is the run config's)
 TUNED_TRAIN = ("lr", "weight_decay", "patience")
 #: what the written layer keeps of sr_train (not the machine's settings: threads, progress, eval batch size)
@@ -87,7 +89,7 @@ def study_name(base_sr: SRConfig, base_train: TrainConfig, space: TuneConfig, sp
     key = fingerprint(
         "sr-tune",
         {
-            "model": base_sr.model_dump(exclude={"hidden_size", "n_layers", "n_heads", "dropout", "attn_dropout"}),
+            "model": base_sr.model_dump(exclude=set(TUNED_SR)),
             "train": base_train.model_dump(exclude={"progress", "threads", *TUNED_TRAIN}),
             "space": space,
             "data": split_fingerprint(split),
