@@ -65,34 +65,30 @@ class TrainConfig(StrictConfig):
     progress: bool = True
 
 
-class IntRange(StrictConfig):
-    """Integers from ``low`` to ``high`` (both included); ``low == high`` fixes the value."""
+class _Range(StrictConfig):
+    """``low`` to ``high`` (both included); ``low == high`` fixes the value."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class IntRange(_Range):
+    """Integers from ``low`` to ``high`` (both included); ``low == high`` fixes the value."""
 
     low: int = Field(ge=0)
     high: int = Field(ge=0)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "IntRange":
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
 
-
-class FloatRange(StrictConfig):
+class FloatRange(_Range):
     """Numbers from ``low`` to ``high``; ``low == high`` fixes the value."""
-
-    model_config = ConfigDict(extra="forbid")
 
     low: float = Field(ge=0)
     high: float = Field(ge=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "FloatRange":
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
 
 
 class TuneConfig(StrictConfig):
