@@ -65,6 +65,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -464,7 +465,39 @@ FLOOD_KINDS = ("silent", "slow_head", "half_body")
 _MP = multiprocessing.get_context("fork")  # the helpers run plain socket code; fork works however soak was imported
 
 
-class Flood:
+class _ChildProcess:
+    """Runs ``self._run()`` in a forked process from :meth:`_start_child` until :meth:`_stop_child`, which
+    returns the child's ``self._result()`` (sent back through a queue)."""
+
+    def __init__(self) -> None:
+        self._stop = _MP.Event()
+        self._results = _MP.Queue()
+        self._proc = _MP.Process(target=self._main, daemon=True)
+
+    def _start_child(self) -> None:
+        self._proc.start()
+
+    def _stop_child(self) -> Any:
+        self._stop.set()
+        try:
+            return self._results.get(timeout=60)
+        finally:
+            self._proc.join(timeout=10)
+
+    def _main(self) -> None:  # in the child
+        try:
+            self._run()
+        finally:
+            self._results.put(self._result())
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _result(self) -> Any:
+        raise NotImplementedError
+
+
+class Flood(_ChildProcess):
     """Holds ``target`` connections open to the server (a third each of :data:`FLOOD_KINDS`) from
     :meth:`start` to :meth:`stop`, opening a new one for each the server closes or answers, at most ``rate``
     a second; counts what the server did with them. It runs in a process of its own, as a hostile client is
@@ -472,6 +505,7 @@ class Flood:
     count as the server's latency); ``on`` is set while it holds its connections."""
 
     def __init__(self, host: str, port: int, target: int, rate: float = 2000.0) -> None:
+        super().__init__()
         self.host, self.port, self.target, self.rate = host, port, target, rate
         self.stats: dict[str, int] = dict.fromkeys(
             ("opened", "connect_errors", "closed_without_answer", "answered_503", "answered_408", "answered_other"),
@@ -480,32 +514,24 @@ class Flood:
         self.stats["peak_open"] = 0
         self.seconds = 0.0
         self.on = _MP.Event()
-        self._stop = _MP.Event()
-        self._results = _MP.Queue()
-        self._proc = _MP.Process(target=self._main, daemon=True)
         self.active = False
 
     def start(self) -> None:
         self.active = True
         self._started = time.monotonic()
         self.on.set()
-        self._proc.start()
+        self._start_child()
 
     def stop(self) -> None:
-        self._stop.set()
         try:
-            self.stats = self._results.get(timeout=60)
+            self.stats = self._stop_child()
         finally:
-            self._proc.join(timeout=10)
             self.on.clear()
             self.active = False
             self.seconds = round(time.monotonic() - self._started, 2)
 
-    def _main(self) -> None:  # in the flood's process
-        try:
-            self._run()
-        finally:
-            self._results.put(self.stats)
+    def _result(self) -> dict[str, int]:
+        return self.stats
 
     def _open(self, kind: str) -> socket.socket | None:
         try:
@@ -568,34 +594,25 @@ class Flood:
             sel.close()
 
 
-class HealthProbe:
+class HealthProbe(_ChildProcess):
     """``GET /health`` on a new connection every :data:`HEALTH_EVERY_S` seconds (as a kubelet probes), each
     timed from connect to the whole response and marked whether the flood was on; in a process of its own (a
     kubelet is not a thread of the load generator: there the workers' Python would delay it and count as the
     server's latency)."""
 
     def __init__(self, host: str, port: int, flood: Flood | None) -> None:
+        super().__init__()
         self.host, self.port, self.flood = host, port, flood
         self.results: list[tuple[float, bool, str | None]] = []  # latency s, during the flood, failure
-        self._stop = _MP.Event()
-        self._results = _MP.Queue()
-        self._proc = _MP.Process(target=self._main, daemon=True)
 
     def start(self) -> None:
-        self._proc.start()
+        self._start_child()
 
     def stop(self) -> None:
-        self._stop.set()
-        try:
-            self.results = self._results.get(timeout=60)
-        finally:
-            self._proc.join(timeout=10)
+        self.results = self._stop_child()
 
-    def _main(self) -> None:  # in the prober's process
-        try:
-            self._run()
-        finally:
-            self._results.put(self.results)
+    def _result(self) -> list[tuple[float, bool, str | None]]:
+        return self.results
 
     def _run(self) -> None:
         while not self._stop.wait(HEALTH_EVERY_S):
