@@ -47,8 +47,8 @@ def tune_cmd(config_path: str, data_dir: str | None, trials: int | None, minutes
     if cfg.sr.model not in TUNABLE:
         raise click.UsageError(f"{config_path}: sr.model is {cfg.sr.model!r}; tuning needs {' or '.join(TUNABLE)}")
     folder = Path(workdir) if workdir else Path("laser-tune") / cfg.model_name()
-    if folder.exists() and not folder.is_dir():
-        raise click.UsageError(f"--workdir {workdir}: not a directory")
+    if folder.exists() and not folder.is_dir():  # the default folder (--workdir is checked by click.Path)
+        raise click.UsageError(f"{folder}: not a directory (the default --workdir); give another with --workdir")
     dataset = load_dataset(cfg.dataset)
     validate(dataset, cfg.validation).raise_for_failures()
     split = leave_one_out(dataset)

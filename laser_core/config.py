@@ -241,7 +241,7 @@ def load_config(path: str | Path, data_dir: str | None = None, overrides: Sequen
         cfg.dataset.path = str(folder.resolve())
         if cfg.dataset.format == "synthetic":
             cfg.dataset.format = "auto"
-    elif cfg.dataset.path is not None and not Path(cfg.dataset.path).expanduser().is_absolute():
+    elif cfg.dataset.path is not None and not Path(cfg.dataset.path).expanduser().is_absolute():  # an override's
         cfg.dataset.path = str((path.parent / cfg.dataset.path).resolve())
     return cfg
 

@@ -42,7 +42,8 @@ import torch
 from laser_core.data.split import Split
 from laser_core.model import ItemTable, LaserSpec, LaserWeights, build_laser
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.checkpoint import atomic_write, load_model, save_model
+from laser_core.sr.checkpoint import load_model, save_model
+from laser_core.trainer import atomic_write
 from laser_core.train import LaserTrainConfig, LaserTrainer
 
 JOB_FORMAT = 2  # 2: init/ and table/ are LaserWeights / ItemTable folders

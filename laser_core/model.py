@@ -68,7 +68,7 @@ from laser_core.llm.backbones import TINY, Backbone, load_backbone
 from laser_core.configuration import BiTuneConfig, LaserSpec
 from laser_core.mformer import MFormer, PlainPrefix, RouterOutput
 from laser_core.sr.base import SequentialRecommender
-from laser_core.sr.checkpoint import save_tensors
+from laser_core.trainer import save_tensors
 
 
 @dataclass

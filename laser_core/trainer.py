@@ -284,7 +284,8 @@ class Trainer:
             return
         last = self.wd / "last"
         last.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.model_state(), last / "model.safetensors")
+        # a new best was just copied from the model (record): the same tensors, not a second copy
+        save_tensors(self._best_weights if best_changed else self.model_state(), last / "model.safetensors")
         save_optimizer(self.optimizer, last / "optimizer.safetensors")
         if best_changed:
             best = self.wd / "best"

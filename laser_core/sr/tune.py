@@ -55,19 +55,18 @@ class TuneResult:
 
 def trial_settings(params: dict, base_sr: SRConfig, base_train: TrainConfig) -> tuple[SRConfig, TrainConfig]:
     """The run settings of a trial's ``params`` (what :func:`suggest` drew) on top of the base settings."""
-    sr = base_sr.model_copy(
-        update={
-            "hidden_size": params["hidden_size"],
-            "n_layers": params["n_layers"],
-            "n_heads": params["n_heads"],
-            "dropout": params["dropout"],
-            "attn_dropout": params["dropout"],
-            "max_len": params["max_len"],
-            "inner_size": None,
-        }
-    )
-    train = base_train.model_copy(update={k: params[k] for k in TUNED_TRAIN})
-    return SRConfig.model_validate(sr.model_dump()), TrainConfig.model_validate(train.model_dump())
+    sr = {
+        **base_sr.model_dump(),
+        "hidden_size": params["hidden_size"],
+        "n_layers": params["n_layers"],
+        "n_heads": params["n_heads"],
+        "dropout": params["dropout"],
+        "attn_dropout": params["dropout"],
+        "max_len": params["max_len"],
+        "inner_size": None,
+    }
+    train = {**base_train.model_dump(), **{k: params[k] for k in TUNED_TRAIN}}
+    return SRConfig.model_validate(sr), TrainConfig.model_validate(train)
 
 
 def suggest(trial: optuna.Trial, space: TuneConfig) -> dict:
