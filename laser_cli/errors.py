@@ -45,7 +45,6 @@ NAMED_ERRORS = {
 }
 #: file-system errors: the message names the path
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-KEEP_LOGS = 50
 PIPELINES = ("laser_training", "laser_batch_recommend")
 
 
@@ -65,7 +64,9 @@ def log_dir() -> Path:
     """``$LASER_LOG_DIR``, else ``logs/`` in the cache folder (``$LASER_CACHE_DIR`` or ``~/.cache/laser``)."""
     if os.environ.get("LASER_LOG_DIR"):
         return Path(os.environ["LASER_LOG_DIR"]).expanduser()
-    return Path(os.environ.get("LASER_CACHE_DIR", Path.home() / ".cache" / "laser")).expanduser() / "logs"
+    from laser_core.paths import default_cache_dir
+
+    return default_cache_dir().expanduser() / "logs"
 
 
 def _own_frame(exc: BaseException) -> bool:
@@ -111,7 +112,7 @@ def _write_log(exc: BaseException, extra: list[tuple[str, BaseException]]) -> Pa
         now = dt.datetime.now()
         path = current_log_file()
         if path is None or path.parent != folder:
-            path = new_log_path(folder, keep=KEEP_LOGS)
+            path = new_log_path(folder)
         parts = [
             f"laser {' '.join(sys.argv[1:])}",
             f"time: {now.isoformat(timespec='seconds')}",

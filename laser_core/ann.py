@@ -33,6 +33,7 @@ from laser_core.bundle import (
     l2_normalize,
     load_manifest,
     read_scorer_table,
+    scorer_table_file,
     sha256_file,
     verify_bundle,
     write_manifest,
@@ -166,8 +167,8 @@ def validate_index_file(path: str | Path, dim: int | None = None) -> dict:
     bad = f"{path}: not a valid hnswlib index:"
     if dim is not None and header["dim"] != dim:
         raise AnnError(f"{path}: the ANN index holds vectors of width {header['dim']}, but the table's is {dim}")
-    if not 2 <= m <= 10000 or max_m != m or max_m0 != 2 * m:
-        raise AnnError(f"{bad} M={m}, maxM={max_m}, maxM0={max_m0} (hnswlib writes 2 <= M <= 10000, maxM0 = 2M)")
+    if not 2 <= m <= MAX_M or max_m != m or max_m0 != 2 * m:
+        raise AnnError(f"{bad} M={m}, maxM={max_m}, maxM0={max_m0} (hnswlib writes 2 <= M <= {MAX_M}, maxM0 = 2M)")
     if not (off0 == 0 and data_off == 4 + 4 * max_m0 and per_el == label_off + 8):
         raise AnnError(f"{bad} its element layout (offsets {off0}, {data_off}, {label_off}, {per_el}) is not hnswlib's")
     if not math.isclose(mult, 1 / math.log(m), rel_tol=1e-9):
@@ -440,6 +441,7 @@ def index_bundle(
     tmp = root / (INDEX_FILE + ".tmp")
     index.save(tmp)
     tmp.replace(root / INDEX_FILE)
-    entry = index_entry(index, table_sha256(root, manifest.scorer.file), calibration, M, ef_construction)
+    table_digest = manifest.files[scorer_table_file(manifest.files, manifest.scorer.file)]  # verified above
+    entry = index_entry(index, table_digest, calibration, M, ef_construction)
     write_manifest(root, manifest.model_copy(update={"ann_index": entry}))
     return entry

@@ -42,7 +42,6 @@ from laser_core.bundle import (
     as_float_matrix,
     bound_item_texts,
     export_scorer,
-    files_sha256,
     load_tokenizer,
     write_manifest,
 )
@@ -405,7 +404,8 @@ def export_bundle(
             if not parity <= parity_tolerance:
                 raise ExportError(f"{USER_TOWER} differs from the torch model by {parity:.3g} (> {parity_tolerance})")
         catalogue.to_parquet(out / CATALOGUE, index=False)
-        manifest = BundleManifest(
+        # built unchecked: write_manifest fills `files` (hashing each file once) and validates the whole manifest
+        manifest = BundleManifest.model_construct(
             format="laser-export",
             format_version=FORMAT_VERSION,
             created_by=f"laser {__version__}",
@@ -452,7 +452,7 @@ def export_bundle(
             ),
             added_items=[],
             metadata=metadata,
-            files=files_sha256(out),
+            files={},
             ann_index=None,
         )
         write_manifest(out, manifest)

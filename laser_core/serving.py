@@ -199,8 +199,9 @@ class Recommender:
 
     @property
     def item_ids(self) -> Sequence[str]:
-        """The catalogue's item ids in table order (the HTTP service's warm-up query uses the first)."""
-        return tuple(self._ids)
+        """The catalogue's item ids in table order (the HTTP service's warm-up query uses the first; not a copy:
+        do not change it)."""
+        return self._ids
 
     @property
     def metadata(self) -> dict:

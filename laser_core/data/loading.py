@@ -21,7 +21,7 @@ from laser_core.data.errors import DataFormatError
 from laser_core.data.model import SeqDataset
 from laser_core.data.synthetic import SyntheticConfig, generate_synthetic
 from laser_core.data.table import TableColumns, load_table
-from laser_core.data.text import TEXT_FIELDS, DEFAULT_MAX_TEXT_CHARS, cut_item_texts  # noqa: F401 (re-exported)
+from laser_core.data.text import DEFAULT_MAX_TEXT_CHARS, cut_item_texts
 
 Format = Literal["auto", "synthetic", "recformer", "seqrecbench", "amazon2018", "table"]
 

@@ -75,7 +75,7 @@ def timestamp_seconds(path: Path, frame: pd.DataFrame, column: str) -> pd.Series
     :class:`DataFormatError` naming the first bad row."""
     raw = frame[column]
     if pd.api.types.is_timedelta64_dtype(raw):
-        _row_error(path, frame, raw.notna() | raw.isna(), column, "timestamp {value} is a duration, not a time")
+        _row_error(path, frame, pd.Series(True, index=raw.index), column, "timestamp {value} is a duration, not a time")
     if pd.api.types.is_datetime64_any_dtype(raw):
         ts = _datetime_seconds(raw)
     else:
