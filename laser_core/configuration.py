@@ -42,6 +42,12 @@ class SRConfig(StrictConfig):
     mask_last_prob: float = Field(
         default=0.1, ge=0.0, le=1.0, description="BERT4Rec: share of sequences with only the last item masked"
     )
+    loss: Literal["ce", "sampled"] = Field(
+        default="ce",
+        description="ce: softmax cross-entropy over all items; sampled: over the target and n_negatives items drawn "
+        "uniformly per batch (shared by its positions; a negative equal to the target is left out)",
+    )
+    n_negatives: int = Field(default=256, ge=1, description="negatives per batch of the sampled softmax")
 
     @property
     def ffn_size(self) -> int:
@@ -59,6 +65,10 @@ class TrainConfig(StrictConfig):
     weight_decay: float = Field(default=0.0, ge=0)
     patience: int = Field(default=10, ge=1)
     monitor: str = "ndcg@10"
+    mask_history: bool = Field(
+        default=False,
+        description="validation (and so early stopping and tuning) ranks with each user's history excluded",
+    )
     eval_batch_size: int = Field(default=512, ge=1)
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
@@ -108,6 +118,10 @@ class TuneConfig(StrictConfig):
     lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2))
     weight_decay: FloatRange = Field(default_factory=lambda: FloatRange(low=0.0, high=1e-4))
     patience: IntRange = Field(default_factory=lambda: IntRange(low=3, high=10))
+    loss: list[Literal["ce", "sampled"]] = Field(default_factory=lambda: ["ce", "sampled"], min_length=1)
+    n_negatives: list[int] = Field(
+        default_factory=lambda: [64, 128, 256, 512], min_length=1, description="searched when the loss is sampled"
+    )
     seed: int = Field(default=0, description="the TPE sampler's seed")
     startup_trials: int = Field(default=10, ge=0, description="TPE: random trials before the model-based ones")
     prune_startup_trials: int = Field(default=5, ge=0, description="median pruner: trials never pruned")
@@ -118,6 +132,8 @@ class TuneConfig(StrictConfig):
         for name in ("hidden_size", "n_heads"):
             if min(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: every choice must be >= 1, got {getattr(self, name)}")
+        if min(self.n_negatives) < 1:
+            raise ValueError(f"n_negatives: every choice must be >= 1, got {self.n_negatives}")
         if min(self.max_len) < 2:
             raise ValueError(f"max_len: every choice must be >= 2, got {self.max_len}")
         if self.n_layers.low < 1 or self.patience.low < 1:

@@ -112,6 +112,74 @@ def test_a_few_steps_lower_the_loss(name, synthetic_split):
         assert float(model.calculate_loss(batch)) < first - 0.5
 
 
+def test_sampled_softmax_matches_a_hand_computed_loss():
+    from laser_core.sr.base import next_item_loss
+
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # [B=1, N=2, d=2]
+    labels = torch.tensor([[2, 3]])  # tokens: items 1 and 2
+    weight = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.5]])
+    bias = torch.tensor([0.0, 0.5, -0.5, 1.0])
+    torch.manual_seed(3)
+    negatives = torch.randint(0, 4, (3,))
+    torch.manual_seed(3)
+    loss = next_item_loss(hidden, labels, weight, bias, n_negatives=3)
+    expected = []
+    for h, t in ((hidden[0, 0], 1), (hidden[0, 1], 2)):
+        logits = [float(h @ weight[t] + bias[t])]
+        logits += [float(h @ weight[j] + bias[j]) for j in negatives.tolist() if j != t]  # the target left out
+        expected.append(-logits[0] + float(torch.logsumexp(torch.tensor(logits), 0)))
+    assert float(loss) == pytest.approx(float(np.mean(expected)), rel=1e-6)
+    # the full softmax is the default, and differs
+    full = next_item_loss(hidden, labels, weight, bias)
+    assert float(full) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(hidden[0] @ weight.T + bias, labels[0] - 1))
+    )
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_sampled_softmax_config_reaches_the_loss(name, synthetic_split, monkeypatch):
+    from laser_core.sr import base
+
+    seen = []
+    real = base.next_item_loss
+
+    def spy(*args, **kw):
+        seen.append(kw.get("n_negatives", args[4] if len(args) > 4 else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(f"laser_core.sr.{name}.next_item_loss", spy)
+    for loss, expected in (("ce", None), ("sampled", 17)):
+        model = build_model(SRConfig(model=name, hidden_size=16, loss=loss, n_negatives=17), 200).train()
+        seqs = [s for s in synthetic_split.train[:8]]
+        model.calculate_loss(model.make_batch(seqs, torch.Generator().manual_seed(0)))
+        assert seen[-1] == expected
+
+
+def test_sasrec_learns_with_the_sampled_softmax(synthetic_split):
+    train = TrainConfig(epochs=25, batch_size=64, lr=3e-3, patience=5, progress=False, seed=0)
+    cfg = SRConfig(model="sasrec", hidden_size=64, dropout=0.1, attn_dropout=0.1, loss="sampled", n_negatives=32)
+    pop = evaluate_split(fit(SRConfig(model="popularity"), train, synthetic_split).model, synthetic_split, "test")
+    sampled = evaluate_split(fit(cfg, train, synthetic_split).model, synthetic_split, "test")
+    assert sampled["ndcg@10"] > 1.5 * pop["ndcg@10"], (sampled, pop)
+
+
+def test_validation_masks_the_history_when_asked(synthetic_split, monkeypatch):
+    from laser_core.sr import trainer
+
+    calls = []
+    real = trainer.evaluate
+
+    def spy(*args, **kw):
+        calls.append(kw.get("mask_history"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    cfg = SRConfig(model="sasrec", hidden_size=16, max_len=8)
+    for mask in (False, True):
+        fit(cfg, TrainConfig(epochs=1, batch_size=256, progress=False, mask_history=mask), synthetic_split)
+        assert calls[-1] is mask
+
+
 def test_sequential_models_beat_popularity_on_synthetic(synthetic_split):
     train = TrainConfig(epochs=25, batch_size=64, lr=3e-3, patience=5, progress=False, seed=0)
     results = {}

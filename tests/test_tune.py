@@ -73,6 +73,11 @@ def test_best_trial_is_in_bounds_and_its_value_is_the_recorded_ndcg(split, tmp_p
         p["patience"],
     )
     assert result.train.epochs == BASE_TRAIN.epochs and result.sr.model == "sasrec"
+    # the loss is searched; the negatives only with the sampled softmax
+    for t in complete:
+        assert t.params["loss"] in SPACE.loss
+        assert ("n_negatives" in t.params) == (t.params["loss"] == "sampled")
+    assert result.sr.loss == p["loss"] and result.sr.n_negatives == p.get("n_negatives", BASE_SR.n_negatives)
     valid, _ = _recorded_valid(tmp_path, best)
     assert result.value == best.value == valid["ndcg@10"] > 0
     assert best.value >= max(t.value for t in complete) >= min(t.value for t in complete)

@@ -54,6 +54,11 @@ class SequentialRecommender(nn.Module):
     def min_train_length(self) -> int:
         return 2
 
+    @property
+    def n_negatives(self) -> int | None:
+        """The sampled softmax's negatives per batch (``sr.loss: sampled``); None: the full softmax."""
+        return self.config.n_negatives if self.config.loss == "sampled" else None
+
     # -- the interface ------------------------------------------------------------------------------
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -125,11 +130,35 @@ class SequentialRecommender(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def next_item_loss(hidden: torch.Tensor, labels: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
-    """Full softmax cross-entropy over all items at every labelled position.
+def next_item_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    item_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    n_negatives: int | None = None,
+) -> torch.Tensor:
+    """Softmax cross-entropy for the next item at every labelled position.
 
-    ``hidden [B, N, d]``, ``labels [B, N]`` tokens (0 = no label), ``item_weight [n_items, d]``.
-    Logits are computed only at labelled positions."""
+    ``hidden [B, N, d]``, ``labels [B, N]`` tokens (0 = no label), ``item_weight [n_items, d]``, ``bias
+    [n_items]`` (optional, added to the logits). Logits are computed only at labelled positions.
+
+    ``n_negatives=None``: the full softmax over all items. Otherwise the sampled softmax (as in eSASRec): the
+    target against ``n_negatives`` items drawn uniformly (torch's global generator, which the trainer seeds per
+    epoch) and shared by every position of the batch; a drawn item equal to a position's target is masked out of
+    that position's softmax."""
     sel = labels > 0
-    logits = hidden[sel] @ item_weight.T
-    return nn.functional.cross_entropy(logits, labels[sel] - 1)
+    h, target = hidden[sel], labels[sel] - 1
+    if n_negatives is None:
+        logits = h @ item_weight.T
+        if bias is not None:
+            logits = logits + bias
+        return nn.functional.cross_entropy(logits, target)
+    negatives = torch.randint(0, item_weight.shape[0], (n_negatives,), device=h.device)
+    pos = (h * item_weight[target]).sum(-1, keepdim=True)
+    neg = h @ item_weight[negatives].T
+    if bias is not None:
+        pos = pos + bias[target][:, None]
+        neg = neg + bias[negatives]
+    neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    return nn.functional.cross_entropy(logits, torch.zeros_like(target))

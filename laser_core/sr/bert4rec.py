@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from laser_core.sr.base import SequentialRecommender
+from laser_core.sr.base import SequentialRecommender, next_item_loss
 from laser_core.sr.batching import pad_left, tokens_from_ids
 from laser_core.configuration import SRConfig
 from laser_core.sr.transformer import Encoder
@@ -58,10 +58,7 @@ class BERT4Rec(SequentialRecommender):
 
     def calculate_loss(self, batch):
         h = self.out(self.forward(batch["input_ids"]))
-        labels = batch["labels"]
-        sel = labels > 0
-        logits = h[sel] @ self._logits_weight().T + self.out_bias
-        return nn.functional.cross_entropy(logits, labels[sel] - 1)
+        return next_item_loss(h, batch["labels"], self._logits_weight(), self.out_bias, self.n_negatives)
 
     def predict_batch(self, histories):
         L = self.config.max_len

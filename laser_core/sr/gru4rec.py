@@ -43,7 +43,9 @@ class GRU4Rec(SequentialRecommender):
         return back * valid[..., None]
 
     def calculate_loss(self, batch):
-        return next_item_loss(self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:])
+        return next_item_loss(
+            self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:], n_negatives=self.n_negatives
+        )
 
     def full_sort_predict(self, batch):
         return self.forward(batch["input_ids"])[:, -1] @ self.item_emb.weight[1:].T

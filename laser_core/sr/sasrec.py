@@ -27,7 +27,9 @@ class SASRec(SequentialRecommender):
         return self.encoder(self.item_emb(tokens), valid, causal=True)
 
     def calculate_loss(self, batch):
-        return next_item_loss(self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:])
+        return next_item_loss(
+            self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:], n_negatives=self.n_negatives
+        )
 
     def full_sort_predict(self, batch):
         h = self.forward(batch["input_ids"])[:, -1]

@@ -127,7 +127,9 @@ class SRTrainer(Trainer):
                 break
             loss, train_seconds = self.train_epoch(epoch)
             t1 = time.perf_counter()
-            valid = evaluate(self.model, self.valid_histories, self.valid_targets, cfg.eval_batch_size)
+            valid = evaluate(
+                self.model, self.valid_histories, self.valid_targets, cfg.eval_batch_size, mask_history=cfg.mask_history
+            )
             self.record(
                 {
                     "epoch": epoch,
@@ -170,7 +172,7 @@ def fit(
     if not model.trainable:
         assert isinstance(model, Popularity)
         model.fit(split.train)
-        valid = evaluate_split(model, split, "valid", train.eval_batch_size)
+        valid = evaluate_split(model, split, "valid", train.eval_batch_size, mask_history=train.mask_history)
         if workdir is not None:
             save_model(model, Path(workdir) / "best", extra={"best_epoch": 0, "valid": valid})
         return FitResult(model=model.eval(), best_epoch=0, best_valid=valid, history=[{"epoch": 0, "valid": valid}])

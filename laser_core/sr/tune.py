@@ -1,7 +1,7 @@
 """Tuning an ID model (SASRec, BERT4Rec) with Optuna: ``laser sr tune``.
 
 - the search space: :class:`laser_core.configuration.TuneConfig` (hidden size, blocks, heads, dropout, max
-  length, lr, weight decay, patience); everything else comes from the run config's ``sr`` and ``sr_train``;
+  length, lr, weight decay, patience, the loss: full softmax or sampled softmax with N negatives); everything else comes from the run config's ``sr`` and ``sr_train``;
 - the sampler: TPE, seeded (with the seed plus the trials already in the study, so a resumed study does not
   replay the first trials' random draws);
 - pruning: Optuna's median pruner on the validation ``sr_train.monitor`` (NDCG@10), reported after every epoch
@@ -37,11 +37,21 @@ from laser_core.trainer import atomic_write
 STUDY_DB = "study.db"
 TUNABLE = ("sasrec", "bert4rec")
 #: what a trial sets in sr (inner_size: none, the FFN is 4 x the hidden size)
-TUNED_SR = ("hidden_size", "n_layers", "n_heads", "dropout", "attn_dropout", "max_len", "inner_size")
+TUNED_SR = (
+    "hidden_size",
+    "n_layers",
+    "n_heads",
+    "dropout",
+    "attn_dropout",
+    "max_len",
+    "inner_size",
+    "loss",
+    "n_negatives",
+)
 #: what a trial sets in sr_train (the rest of sr_train is the run config's)
 TUNED_TRAIN = ("lr", "weight_decay", "patience")
 #: what the written layer keeps of sr_train (not the machine's settings: threads, progress, eval batch size)
-LAYER_TRAIN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "seed")
+LAYER_TRAIN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "mask_history", "seed")
 
 
 @dataclass
@@ -64,14 +74,23 @@ def trial_settings(params: dict, base_sr: SRConfig, base_train: TrainConfig) -> 
         "attn_dropout": params["dropout"],
         "max_len": params["max_len"],
         "inner_size": None,
+        "loss": params.get("loss", base_sr.loss),
+        "n_negatives": params.get("n_negatives", base_sr.n_negatives),
     }
     train = {**base_train.model_dump(), **{k: params[k] for k in TUNED_TRAIN}}
     return SRConfig.model_validate(sr), TrainConfig.model_validate(train)
 
 
 def suggest(trial: optuna.Trial, space: TuneConfig) -> dict:
-    """Draw one point of ``space`` (heads divide the hidden size by :class:`TuneConfig`'s check)."""
+    """Draw one point of ``space`` (heads divide the hidden size by :class:`TuneConfig`'s check); the number of
+    negatives only when the drawn loss is the sampled softmax."""
+    loss = trial.suggest_categorical("loss", space.loss)
+    negatives = (
+        {"n_negatives": trial.suggest_categorical("n_negatives", space.n_negatives)} if loss == "sampled" else {}
+    )
     return {
+        "loss": loss,
+        **negatives,
         "hidden_size": trial.suggest_categorical("hidden_size", space.hidden_size),
         "n_layers": trial.suggest_int("n_layers", space.n_layers.low, space.n_layers.high),
         "n_heads": trial.suggest_categorical("n_heads", space.n_heads),
