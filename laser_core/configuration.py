@@ -8,7 +8,7 @@ imports neither torch nor transformers. The modules that build the models (:mod:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -122,6 +122,12 @@ class TuneConfig(StrictConfig):
     n_negatives: list[int] = Field(
         default_factory=lambda: [64, 128, 256, 512], min_length=1, description="searched when the loss is sampled"
     )
+    start_points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="settings tried first, before the sampler's own (e.g. a published configuration): each a "
+        "full point of the space (hidden_size, n_layers, n_heads, dropout, max_len, lr, weight_decay, patience, "
+        "loss, and n_negatives with the sampled loss); enqueued once, when the study is new",
+    )
     seed: int = Field(default=0, description="the TPE sampler's seed")
     startup_trials: int = Field(default=10, ge=0, description="TPE: random trials before the model-based ones")
     prune_startup_trials: int = Field(default=5, ge=0, description="median pruner: trials never pruned")
@@ -142,6 +148,10 @@ class TuneConfig(StrictConfig):
             raise ValueError(f"dropout: high must be < 1, got {self.dropout.high}")
         if self.lr.low <= 0:
             raise ValueError(f"lr: low must be > 0 (searched on a log scale), got {self.lr.low}")
+        for i, point in enumerate(self.start_points):
+            problems = _start_point_problems(point, self)
+            if problems:
+                raise ValueError(f"start_points[{i}]: " + "; ".join(problems))
         bad = [(h, n) for h in self.hidden_size for n in self.n_heads if h % n]
         if bad:
             raise ValueError(
@@ -149,6 +159,26 @@ class TuneConfig(StrictConfig):
                 + ", ".join(f"{n} does not divide {h}" for h, n in bad)
             )
         return self
+
+
+def _start_point_problems(point: dict[str, Any], space: TuneConfig) -> list[str]:
+    """What makes ``point`` not a full point of ``space`` (a missing or unknown key, a value outside it)."""
+    keys = ["hidden_size", "n_layers", "n_heads", "dropout", "max_len", "lr", "weight_decay", "patience", "loss"]
+    if point.get("loss") == "sampled":
+        keys.append("n_negatives")
+    problems = [f"missing {k}" for k in keys if k not in point]
+    problems += [f"unknown key {k}" for k in point if k not in keys]
+    for k in keys:
+        if k not in point:
+            continue
+        allowed = getattr(space, k)
+        v = point[k]
+        if isinstance(allowed, list):
+            if v not in allowed:
+                problems.append(f"{k}={v!r} is not one of {allowed}")
+        elif not (isinstance(v, (int, float)) and not isinstance(v, bool) and allowed.low <= v <= allowed.high):
+            problems.append(f"{k}={v!r} is outside {allowed.low}..{allowed.high}")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------- the frozen LLM

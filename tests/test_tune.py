@@ -163,6 +163,22 @@ def test_written_layer_loads_under_a_run_config(tmp_path):
     assert cfg.sr_train.progress is True  # machine settings are not in the layer
 
 
+def test_a_start_point_is_the_first_trial_and_a_bad_one_is_refused(split, tmp_path):
+    point = {"hidden_size": 16, "n_layers": 1, "n_heads": 1, "dropout": 0.2, "max_len": 10, "lr": 1e-2}
+    point |= {"weight_decay": 0.0, "patience": 2, "loss": "sampled", "n_negatives": 64}
+    space = SPACE.model_copy(update={"start_points": [point]})
+    result = tune(BASE_SR, BASE_TRAIN, space, split, tmp_path, n_trials=1)
+    first = result.study.trials[0]
+    assert first.params == point and first.user_attrs["start_point"]
+    assert (result.sr.loss, result.sr.n_negatives, result.sr.hidden_size) == ("sampled", 64, 16)
+    with pytest.raises(ValueError, match=r"start_points\[0\]: missing n_negatives"):
+        TuneConfig(start_points=[{k: v for k, v in point.items() if k != "n_negatives"}])
+    with pytest.raises(ValueError, match="hidden_size=48 is not one of"):
+        TuneConfig(start_points=[point | {"hidden_size": 48}])
+    with pytest.raises(ValueError, match="unknown key epochs"):
+        TuneConfig(start_points=[point | {"hidden_size": 64, "epochs": 3}])
+
+
 def test_tune_config_refuses_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="3 does not divide 64"):
         TuneConfig(hidden_size=[64], n_heads=[2, 3])

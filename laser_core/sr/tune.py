@@ -2,6 +2,7 @@
 
 - the search space: :class:`laser_core.configuration.TuneConfig` (hidden size, blocks, heads, dropout, max
   length, lr, weight decay, patience, the loss: full softmax or sampled softmax with N negatives); everything else comes from the run config's ``sr`` and ``sr_train``;
+- start points (``sr_tune.start_points``, e.g. a published configuration) are the new study's first trials;
 - the sampler: TPE, seeded (with the seed plus the trials already in the study, so a resumed study does not
   replay the first trials' random draws);
 - pruning: Optuna's median pruner on the validation ``sr_train.monitor`` (NDCG@10), reported after every epoch
@@ -169,6 +170,9 @@ def tune(
         seed=space.seed + len(study.trials), n_startup_trials=space.startup_trials
     )
     before = len(study.trials)
+    if not before:
+        for point in space.start_points:
+            study.enqueue_trial(point, user_attrs={"start_point": True})
     _retry_interrupted(study)
     monitor = base_train.monitor
 
