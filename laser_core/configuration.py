@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from laser_core.configbase import StrictConfig
 from laser_core.data.text import TextConfig
+from laser_core.hybrid import FORMS, GAMMAS, TfidfConfig
 from laser_core.paths import default_cache_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -417,3 +418,34 @@ class LaserTrainConfig(StrictConfig):
                 "(the processes are launched through Hugging Face Accelerate)"
             )
         return self
+
+
+# ------------------------------------------------------------------------------------- the lexical hybrid
+class LexicalConfig(StrictConfig):
+    """The lexical hybrid (``laser_core.lexical``): the ID model's scores plus ``gamma`` x the TF-IDF similarity of
+    each item to the user's history, both z-scored per user; ``gamma``, the form and (given a list) the TF-IDF
+    setting are chosen on validation. Fitted and exported when ``pipeline.models`` names ``lexical_hybrid``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tfidf: TfidfConfig | list[TfidfConfig] = Field(
+        default_factory=TfidfConfig,
+        description="TF-IDF over the item texts (word 1-2-grams by default); a list: chosen on validation",
+    )
+    dim: int = Field(default=256, ge=1, description="truncated-SVD width of the text rows (a setting's own dim wins)")
+    gammas: list[float] = Field(default_factory=lambda: list(GAMMAS), min_length=1)
+    forms: list[Literal["last", "decay5"]] = Field(default_factory=lambda: list(FORMS), min_length=1)
+    seed: int = Field(default=0, description="the truncated SVD's seed")
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> "LexicalConfig":
+        if min(self.gammas) < 0 or any(g != g or g == float("inf") for g in self.gammas):
+            raise ValueError(f"lexical.gammas: every gamma must be a finite number >= 0, got {self.gammas}")
+        if isinstance(self.tfidf, list) and not self.tfidf:
+            raise ValueError("lexical.tfidf: an empty list (give one setting, or several to choose from)")
+        return self
+
+    def tfidf_settings(self) -> list[TfidfConfig]:
+        """Each TF-IDF setting to fit, with ``dim`` where it sets none (the bundle's text rows are dense)."""
+        settings = self.tfidf if isinstance(self.tfidf, list) else [self.tfidf]
+        return [s if s.dim is not None else s.model_copy(update={"dim": self.dim}) for s in settings]
