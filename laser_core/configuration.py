@@ -49,6 +49,29 @@ class SRConfig(StrictConfig):
         "uniformly per batch (shared by its positions; a negative equal to the target is left out)",
     )
     n_negatives: int = Field(default=256, ge=1, description="negatives per batch of the sampled softmax")
+    text_items: Literal["none", "init", "join"] = Field(
+        default="none",
+        description="the frozen LLM's item table in the item embeddings (SASRec, BERT4Rec; laser_core.sr.text_items): "
+        "init: its rows (reduced to hidden_size) are the embeddings' initial value; join: embedding = ID embedding + "
+        "a trained linear map of the fixed row; none: IDs only",
+    )
+    text_transform: Literal["whitened", "centered"] = Field(
+        default="whitened",
+        description="the table's reduction to hidden_size: top principal components, each scaled to unit variance "
+        "(whitened) or not (centered)",
+    )
+    text_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="root mean square of the reduced table's entries (1: whitened components at unit variance); "
+        "the ID embeddings' init std (0.02) is washed out by Adam's first steps (docs/models.md)",
+    )
+
+    @model_validator(mode="after")
+    def _text_items_need_item_embeddings(self) -> "SRConfig":
+        if self.text_items != "none" and self.model not in ("sasrec", "bert4rec"):
+            raise ValueError(f"text_items: {self.text_items!r} needs model sasrec or bert4rec, got {self.model!r}")
+        return self
 
     @property
     def ffn_size(self) -> int:

@@ -26,6 +26,7 @@ from torch import nn
 
 from laser_core.sr.batching import pad_left, tokens_from_ids
 from laser_core.configuration import SRConfig
+from laser_core.sr.text_items import TextJoin
 
 
 class SequentialRecommender(nn.Module):
@@ -36,6 +37,7 @@ class SequentialRecommender(nn.Module):
         super().__init__()
         self.config = config
         self.n_items = int(n_items)
+        self.text_join: TextJoin | None = None  # sr.text_items: join (use_text_items)
 
     # -- training data -------------------------------------------------------------------------------
     def make_batch(self, sequences: Sequence[np.ndarray], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -58,6 +60,38 @@ class SequentialRecommender(nn.Module):
     def n_negatives(self) -> int | None:
         """The sampled softmax's negatives per batch (``sr.loss: sampled``); None: the full softmax."""
         return self.config.n_negatives if self.config.loss == "sampled" else None
+
+    # -- the item embeddings (sr.text_items, laser_core.sr.text_items) ------------------------------------
+    def use_text_items(self, rows: torch.Tensor | None) -> None:
+        """Take the reduced item text rows ``[n_items, hidden_size]`` (:func:`~laser_core.sr.text_items.text_rows`)
+        as ``sr.text_items`` says: ``init`` copies them into ``item_emb`` rows 1..n, ``join`` keeps them as the
+        fixed text view (:class:`~laser_core.sr.text_items.TextJoin`; with ``rows`` None, zeros of that shape for
+        a saved model's weights to fill). Called once, after the model is built."""
+        mode, width = self.config.text_items, self.config.hidden_size
+        if rows is not None and tuple(rows.shape) != (self.n_items, width):
+            raise ValueError(f"item text rows of shape {tuple(rows.shape)}, expected ({self.n_items}, {width})")
+        if mode == "init" and rows is not None:
+            with torch.no_grad():
+                self.item_emb.weight[1 : self.n_items + 1].copy_(rows)
+        elif mode == "join":
+            self.text_join = TextJoin(self.n_items, width).to(self.item_emb.weight.device)
+            if rows is not None:
+                self.text_join.rows.copy_(rows)
+
+    def item_weight(self) -> torch.Tensor:
+        """``[n_tokens, d]`` the item embedding rows (the encoder's input and the output weights): ``item_emb``'s,
+        plus, with ``text_items: join``, the text part of rows 1..n_items."""
+        w = self.item_emb.weight
+        if self.text_join is None:
+            return w
+        n = self.n_items
+        return torch.cat([w[:1], w[1 : n + 1] + self.text_join().to(w.dtype), w[n + 1 :]])
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` the item embeddings of tokens (0: padding, ``i + 1``: item ``i``) (:meth:`item_weight`)."""
+        if self.text_join is None:
+            return self.item_emb(tokens)
+        return nn.functional.embedding(tokens, self.item_weight(), padding_idx=0)
 
     # -- the interface ------------------------------------------------------------------------------
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,12 +122,12 @@ class SequentialRecommender(nn.Module):
         return None
 
     def input_embeddings(self, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[B, N, d]`` the encoder's input embeddings of left-padded item indices + mask (``item_emb`` of the
-        tokens), the cold items' (``mask`` set, id negative) being :meth:`cold_item_embedding`. No
+        """``[B, N, d]`` the encoder's input embeddings of left-padded item indices + mask (:meth:`embed_tokens` of
+        the tokens), the cold items' (``mask`` set, id negative) being :meth:`cold_item_embedding`. No
         data-dependent branch: the ONNX export traces it."""
         mask = mask.bool()
         cold = mask & (item_ids < 0)
-        emb = self.item_emb(tokens_from_ids(item_ids, mask & ~cold))
+        emb = self.embed_tokens(tokens_from_ids(item_ids, mask & ~cold))
         unknown = self.cold_item_embedding()
         if unknown is None:
             raise NotImplementedError(f"{type(self).__name__} has no cold-item embedding")

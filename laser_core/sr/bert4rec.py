@@ -51,10 +51,10 @@ class BERT4Rec(SequentialRecommender):
         return {"input_ids": inputs, "labels": labels}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.item_emb(tokens), tokens > 0, causal=False)
+        return self.encoder(self.embed_tokens(tokens), tokens > 0, causal=False)
 
     def _logits_weight(self) -> torch.Tensor:
-        return self.item_emb.weight[1:-1]
+        return self.item_weight()[1:-1]
 
     def calculate_loss(self, batch):
         h = self.out(self.forward(batch["input_ids"]))

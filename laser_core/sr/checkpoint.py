@@ -18,14 +18,20 @@ CONFIG = "config.json"
 FORMAT_VERSION = 1
 
 
-def build_model(config: SRConfig, n_items: int) -> SequentialRecommender:
+def build_model(config: SRConfig, n_items: int, text_rows: torch.Tensor | None = None) -> SequentialRecommender:
+    """A fresh model of ``config``; with ``sr.text_items``, the reduced item text rows ``text_rows``
+    (:func:`laser_core.sr.text_items.text_rows`) go in (``init``: the initial embeddings; ``join``: the fixed
+    view; None: zeros of its shape, as :func:`load_model` builds before loading the weights)."""
     from laser_core.sr.bert4rec import BERT4Rec
     from laser_core.sr.gru4rec import GRU4Rec
     from laser_core.sr.popularity import Popularity
     from laser_core.sr.sasrec import SASRec
 
     classes = {"sasrec": SASRec, "bert4rec": BERT4Rec, "gru4rec": GRU4Rec, "popularity": Popularity}
-    return classes[config.model](config, n_items)
+    model = classes[config.model](config, n_items)
+    if config.text_items != "none":
+        model.use_text_items(text_rows)
+    return model
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -24,16 +24,16 @@ class SASRec(SequentialRecommender):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         valid = tokens > 0
-        return self.encoder(self.item_emb(tokens), valid, causal=True)
+        return self.encoder(self.embed_tokens(tokens), valid, causal=True)
 
     def calculate_loss(self, batch):
         return next_item_loss(
-            self.forward(batch["input_ids"]), batch["labels"], self.item_emb.weight[1:], n_negatives=self.n_negatives
+            self.forward(batch["input_ids"]), batch["labels"], self.item_weight()[1:], n_negatives=self.n_negatives
         )
 
     def full_sort_predict(self, batch):
         h = self.forward(batch["input_ids"])[:, -1]
-        return h @ self.item_emb.weight[1:].T
+        return h @ self.item_weight()[1:].T
 
     def encode(self, item_ids, mask):
         return self.encoder(self.input_embeddings(item_ids, mask), mask.bool(), causal=True)
@@ -42,7 +42,7 @@ class SASRec(SequentialRecommender):
         return self.encode(item_ids, mask)[:, -1]
 
     def item_vectors(self):
-        return self.item_emb.weight[1:]
+        return self.item_weight()[1:]
 
     def unknown_item_vector(self):
         return self.cold_item_embedding()  # the padding embedding: no ID information

@@ -27,6 +27,7 @@ from laser_core.sr.batching import windows
 from laser_core.sr.checkpoint import build_model, save_model
 from laser_core.configuration import SRConfig, TrainConfig
 from laser_core.sr.popularity import Popularity
+from laser_core.sr.text_items import text_rows
 from laser_core.trainer import Trainer
 
 
@@ -56,16 +57,20 @@ def training_sequences(model: SequentialRecommender, split: Split) -> list[np.nd
     return out
 
 
-def config_hash(config: SRConfig, train: TrainConfig, split: Split) -> str:
+def config_hash(config: SRConfig, train: TrainConfig, split: Split, text_table: torch.Tensor | None = None) -> str:
     """The checkpoints' key: the model and training settings (all but the progress bar and the thread count)
-    and the split's content (:func:`laser_core.fingerprint.split_fingerprint`), so a checkpoint is reused only
-    for the same data and settings."""
+    and the split's content (:func:`laser_core.fingerprint.split_fingerprint`), and, with ``sr.text_items``, the
+    item text table's content, so a checkpoint is reused only for the same data and settings."""
     from laser_core.fingerprint import fingerprint, split_fingerprint
 
-    return fingerprint(
-        "sr-run",
-        {"model": config, "train": train.model_dump(exclude={"progress", "threads"}), "data": split_fingerprint(split)},
-    )[:16]
+    parts = {
+        "model": config,
+        "train": train.model_dump(exclude={"progress", "threads"}),
+        "data": split_fingerprint(split),
+    }
+    if config.text_items != "none":
+        parts["text_table"] = text_table.float() if text_table is not None else None
+    return fingerprint("sr-run", parts)[:16]
 
 
 class SRTrainer(Trainer):
@@ -78,6 +83,7 @@ class SRTrainer(Trainer):
         split: Split,
         workdir: str | Path | None = None,
         resume: bool = True,
+        text_table: torch.Tensor | None = None,
     ) -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         super().__init__(
@@ -94,7 +100,7 @@ class SRTrainer(Trainer):
         if not self.sequences:
             raise ValueError("no training sequence is long enough for this model")
         _, self.valid_histories, self.valid_targets = split.valid_examples()
-        self.key = config_hash(model.config, train, split)
+        self.key = config_hash(model.config, train, split, text_table)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One epoch over the training windows in a seeded order: (mean loss, training seconds)."""
@@ -160,15 +166,21 @@ def fit(
     workdir: str | Path | None = None,
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     resume: bool = True,
+    text_table: torch.Tensor | None = None,
 ) -> FitResult:
     """Train ``config.model`` on ``split`` and return the best-validation-epoch model.
 
     With ``workdir``, a run whose checkpoints there have the same :func:`config_hash` resumes (or, finished,
-    is reloaded); ``resume=False`` trains from scratch whatever is there (and overwrites it)."""
+    is reloaded); ``resume=False`` trains from scratch whatever is there (and overwrites it).
+
+    ``text_table`` ``[n_items, D]``: the item text table that ``sr.text_items`` (init, join) needs (e.g.
+    :func:`laser_core.frozen_table.frozen_item_table`; :mod:`laser_core.sr.text_items`); ignored with
+    ``text_items: none``."""
     if train.threads:
         torch.set_num_threads(train.threads)
+    rows = text_rows(config, split.n_items, text_table)  # a clear error first when the table is missing or wrong
     torch.manual_seed(train.seed)
-    model = build_model(config, split.n_items)
+    model = build_model(config, split.n_items, rows)
     if not model.trainable:
         assert isinstance(model, Popularity)
         model.fit(split.train)
@@ -176,7 +188,7 @@ def fit(
         if workdir is not None:
             save_model(model, Path(workdir) / "best", extra={"best_epoch": 0, "valid": valid})
         return FitResult(model=model.eval(), best_epoch=0, best_valid=valid, history=[{"epoch": 0, "valid": valid}])
-    return SRTrainer(model, train, split, workdir, resume).fit(callbacks)
+    return SRTrainer(model, train, split, workdir, resume, text_table if rows is not None else None).fit(callbacks)
 
 
 __all__ = ["FitResult", "SRTrainer", "config_hash", "fit", "training_sequences"]
