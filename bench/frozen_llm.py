@@ -19,7 +19,8 @@
 
    ``sim`` is the cosine to the last item, or a recency-weighted mean of the cosines to the last five items
    (weights 1, 1/2, 1/4, ...). The layer, the transform (raw / centred / whitened), the history form and
-   ``gamma`` are chosen on validation NDCG@10 (all validation users); the test figures use that one choice,
+   ``gamma`` are chosen on validation NDCG@10 (all validation users; :func:`laser_core.hybrid.choose_on_validation`,
+   the one implementation of this hybrid); the test figures use that one choice,
    beside SASRec and BERT4Rec alone, on the same test pairs (all test users). Any trained Laser has to beat this
    reference: it uses the frozen LLM and the ID model and trains nothing.
 
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +45,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from laser_benchmark import add_common_args, baseline_model, load_inputs  # noqa: E402
 
-from laser_core.metrics import RankingAccumulator  # noqa: E402
+from laser_core.hybrid import (  # noqa: E402
+    FORMS,
+    GAMMAS,
+    KEEP,
+    TRANSFORMS,
+    choose_on_validation,
+    history_similarity,
+    hybrid_metrics,
+    transform_table,
+)
+from laser_core.metrics import compute_metrics  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
 from laser_core.train import test_examples  # noqa: E402
 from laser_core.sr.checkpoint import save_tensors  # noqa: E402
-
-KEEP = ("ndcg@10", "recall@10", "mrr")
-GAMMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)
-TRANSFORMS = ("raw", "centered", "whitened")
-HISTORY_FORMS = ("last", "decay5")
 
 
 def frozen_spec(cfg, n_layers: int | None = None):
@@ -135,38 +140,8 @@ def cut_cost(cfg, ds, n_layers: int, table: torch.Tensor, batch_size: int, n: in
     }
 
 
-def transform(table: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Tensor:
-    """Unit rows of the table, raw, mean-centred, or ZCA-whitened (fitted on these rows)."""
-    x = table.double()
-    if kind in ("centered", "whitened"):
-        x = x - x.mean(0)
-    if kind == "whitened":
-        cov = x.T @ x / x.shape[0]
-        s, u = torch.linalg.eigh(cov)
-        x = x @ (u * (1.0 / torch.sqrt(s.clamp(min=0) + eps * s.max()))) @ u.T
-    return F.normalize(x.float(), dim=1)
-
-
-def history_similarity(unit: torch.Tensor, histories, form: str) -> torch.Tensor:
-    """``[B, n_items]``: cosine of every item to the last item, or the decayed mean over the last five."""
-    if form == "last":
-        return unit[torch.tensor([int(h[-1]) for h in histories])] @ unit.T
-    rows = []
-    for h in histories:
-        recent = torch.as_tensor(np.asarray(h[-5:], dtype=np.int64)).flip(0)
-        w = 0.5 ** torch.arange(len(recent), dtype=torch.float32)
-        rows.append((w[:, None] * (unit[recent] @ unit.T)).sum(0) / w.sum())
-    return torch.stack(rows)
-
-
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-8)
-
-
-def metrics(scores: torch.Tensor, targets: np.ndarray) -> dict[str, float]:
-    acc = RankingAccumulator()
-    acc.add(scores, targets)
-    r = acc.result()
+def metrics(scores, targets: np.ndarray) -> dict[str, float]:
+    r = compute_metrics(scores, targets)
     return {k: r[k] for k in KEEP}
 
 
@@ -213,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"valid_users": len(v_targets)}
         for kind in TRANSFORMS:
             row[f"{kind}_last_item"] = metrics(
-                history_similarity(transform(tables[n], kind), v_hist, "last"), v_targets
+                history_similarity(transform_table(tables[n], kind), v_hist, "last"), v_targets
             )
         row["cost"] = cut_cost(cfg, ds, n, tables[n], args.item_batch_size)
         curve[str(n)] = row
@@ -230,28 +205,32 @@ def main(argv: list[str] | None = None) -> int:
         sasrec = baseline_model("sasrec", split, wd)
         bert4rec = baseline_model("bert4rec", split, wd) if args.with_bert4rec else None
         sr_seconds = time.perf_counter() - t0
-        zs_valid = zscore(sr_scores(sasrec, v_hist))
-        grid = []
-        best = None
-        for n, table in tables.items():
-            for kind in TRANSFORMS:
-                unit = transform(table, kind)
-                for form in HISTORY_FORMS:
-                    zsim = zscore(history_similarity(unit, v_hist, form))
-                    for g in GAMMAS:
-                        m = metrics(zs_valid + g * zsim, v_targets)
-                        grid.append({"layers": n, "transform": kind, "history": form, "gamma": g, **m})
-                        if best is None or m["ndcg@10"] > best["ndcg@10"]:
-                            best = grid[-1]
-            print(f"hybrid grid, layers {n}: best so far {best}", flush=True)
-        unit = transform(tables[best["layers"]], best["transform"])
-        zsim_test = zscore(history_similarity(unit, t_hist, best["history"]))
-        zs_test = zscore(sr_scores(sasrec, t_hist))
+        sr_valid = sr_scores(sasrec, v_hist).numpy()
+        units = {(n, kind): transform_table(table, kind) for n, table in tables.items() for kind in TRANSFORMS}
+        choice = choose_on_validation(
+            sr_valid, {f"{n}/{kind}": u for (n, kind), u in units.items()}, v_hist, v_targets, GAMMAS, FORMS
+        )
+        grid = [
+            {
+                "layers": int(r["table"].split("/")[0]),
+                "transform": r["table"].split("/")[1],
+                "history": r["form"],
+                "gamma": r["gamma"],
+                **{k: r[k] for k in KEEP},
+            }
+            for r in choice.grid
+        ]
+        n_best, kind_best = choice.table.split("/")
+        best = {"layers": int(n_best), "transform": kind_best, "history": choice.form, "gamma": choice.gamma}
+        best.update(choice.valid)
+        print(f"hybrid grid: best {best}", flush=True)
+        unit = units[(int(n_best), kind_best)]
+        sr_test = sr_scores(sasrec, t_hist).numpy()
         test = {
-            "hybrid": metrics(zs_test + best["gamma"] * zsim_test, t_targets),
-            "sasrec": metrics(sr_scores(sasrec, t_hist), t_targets),
+            "hybrid": hybrid_metrics(sr_test, unit, t_hist, t_targets, best["history"], best["gamma"]),
+            "sasrec": metrics(sr_test, t_targets),
             **({"bert4rec": metrics(sr_scores(bert4rec, t_hist), t_targets)} if bert4rec is not None else {}),
-            "frozen_llm_alone": metrics(zsim_test, t_targets),
+            "frozen_llm_alone": hybrid_metrics(sr_test, unit, t_hist, t_targets, best["history"], float("inf")),
         }
         out["hybrid"] = {
             "chosen_on_validation": best,
