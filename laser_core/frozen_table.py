@@ -17,6 +17,7 @@ exact key.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -26,6 +27,9 @@ from safetensors.torch import save
 from laser_core.configuration import LaserSpec
 from laser_core.paths import default_cache_dir
 from laser_core.trainer import atomic_write
+
+if TYPE_CHECKING:
+    from laser_core.model import ItemTable
 
 CACHE_FOLDER = "frozen_tables"
 
@@ -44,12 +48,12 @@ def frozen_item_table(
     batch_size: int = 16,
     device: str | torch.device | None = "auto",
     progress=None,
-) -> torch.Tensor:
-    """``[n_items, H]`` float32 (CPU) rows of the frozen LLM (:func:`frozen_spec`) for the catalogue ``items``
-    (rows follow it), read from the cache (``cache_dir``, default ``LASER_CACHE_DIR``) when its key matches,
-    else computed (``batch_size`` items per forward, on ``device``) and cached. ``progress(n)`` is called after
-    each batch."""
-    from laser_core.model import build_laser
+) -> ItemTable:
+    """The frozen LLM's (:func:`frozen_spec`) item table: ``table`` ``[n_items, H]`` float32 (CPU) rows for the
+    catalogue ``items`` (rows follow it), ``weights_fingerprint`` the cache key; read from the cache
+    (``cache_dir``, default ``LASER_CACHE_DIR``) when its key matches, else computed (``batch_size`` items per
+    forward, on ``device``) and cached. ``progress(n)`` is called after each batch."""
+    from laser_core.model import ItemTable, build_laser
 
     model = build_laser(frozen_spec(spec), items, None, device=device)
     key = model.weights_fingerprint()
@@ -57,13 +61,13 @@ def frozen_item_table(
     path = path / CACHE_FOLDER / f"{key[:32]}.safetensors"
     cached = _read(path, key)
     if cached is not None and cached.shape[0] == len(items):
-        return cached
+        return ItemTable(cached, key)
     model.eval()
     with torch.no_grad():
         table = model.embed_items(range(len(items)), batch_size, progress=progress, fuse=False).float().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, save({"table": table.contiguous()}, metadata={"key": key}))
-    return table
+    return ItemTable(table, key)
 
 
 def _read(path: Path, key: str) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from steps.data import load_dataset, split_dataset, validate_dataset
 from steps.export import export_scorer
 from steps.laser import bi_tune_stage1, bi_tune_stage2, evaluate_laser
 from steps.promote import promote
-from steps.sr import evaluate_sr, pretrain_sr
+from steps.sr import evaluate_sr, frozen_text_table, pretrain_sr
 
 
 @pipeline(name="laser_training", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
@@ -51,7 +51,10 @@ def training_pipeline(
     split, _ = split_dataset(data, report)
     if stop_after == "split":
         return
-    model, _ = pretrain_sr(split, model_config=sr_model, train_config=sr_train, resume=resume)
+    text_table = None  # sr.text_items (route b): the frozen LLM's item table enters the ID model
+    if sr_model.text_items != "none":
+        text_table = frozen_text_table(data, spec=laser, train_config=laser_train)
+    model, _ = pretrain_sr(split, model_config=sr_model, train_config=sr_train, resume=resume, text_table=text_table)
     evaluate_sr(model, split)
     if stop_after == "sr":
         return

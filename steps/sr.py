@@ -8,14 +8,23 @@ from typing import Annotated
 from zenml import step
 from zenml.logger import get_logger
 
+from laser_core.configuration import LaserSpec, LaserTrainConfig
+from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
+from laser_core.frozen_table import frozen_item_table
+from laser_core.model import ItemTable
 from laser_core.paths import default_cache_dir
 from laser_core.evaluation import evaluate_split
 from laser_core.sr import SequentialRecommender, SRConfig, TrainConfig, fit
 from laser_core.sr.trainer import config_hash
 from laser_core.reporting import MetricsReport, full_ranking_protocol
 from steps.mcp import log_model_metadata
-from steps.materializers import JSONDictMaterializer, MetricsReportMaterializer, SRModelMaterializer
+from steps.materializers import (
+    ItemTableMaterializer,
+    JSONDictMaterializer,
+    MetricsReportMaterializer,
+    SRModelMaterializer,
+)
 
 logger = get_logger(__name__)
 
@@ -25,16 +34,34 @@ def checkpoint_root(kind: str = "sr") -> Path:
     return default_cache_dir() / "checkpoints" / kind
 
 
+@step(output_materializers={"text_table": ItemTableMaterializer})
+def frozen_text_table(
+    dataset: SeqDataset, spec: LaserSpec, train_config: LaserTrainConfig
+) -> Annotated[ItemTable, "text_table"]:
+    """``sr.text_items``: the frozen LLM's item table (the config's backbone alone, Laser's item path, no prefix;
+    :func:`laser_core.frozen_table.frozen_item_table`, also cached under ``LASER_CACHE_DIR`` by its content key),
+    on ``laser_train.device`` in batches of ``laser_train.item_batch_size``."""
+    table = frozen_item_table(spec, dataset.items, batch_size=train_config.item_batch_size, device=train_config.device)
+    logger.info("frozen LLM item table: %s x %s", *table.table.shape)
+    return table
+
+
 @step(output_materializers={"sr_model": SRModelMaterializer, "sr_training": JSONDictMaterializer})
 def pretrain_sr(
-    split: Split, model_config: SRConfig, train_config: TrainConfig, resume: bool = True
+    split: Split,
+    model_config: SRConfig,
+    train_config: TrainConfig,
+    resume: bool = True,
+    text_table: ItemTable | None = None,
 ) -> tuple[Annotated[SequentialRecommender, "sr_model"], Annotated[dict, "sr_training"]]:
     """Train the ID-based recommender with early stopping on validation NDCG@10; return the best epoch's model.
     A crashed run resumes from its last epoch (checkpoints under ``LASER_CACHE_DIR``, keyed on the settings and
-    the split's content); ``resume=False`` (``laser run --no-cache``) trains from scratch."""
+    the split's content); ``resume=False`` (``laser run --no-cache``) trains from scratch. ``text_table``: the
+    frozen LLM item table (:func:`frozen_text_table`) that ``sr.text_items`` (init, join) needs."""
     cfg, tcfg = model_config, train_config
-    workdir = checkpoint_root() / f"{cfg.model}-{config_hash(cfg, tcfg, split)}"
-    result = fit(cfg, tcfg, split, workdir=workdir, resume=resume)
+    rows = text_table.table if text_table is not None else None
+    workdir = checkpoint_root() / f"{cfg.model}-{config_hash(cfg, tcfg, split, rows)}"
+    result = fit(cfg, tcfg, split, workdir=workdir, resume=resume, text_table=rows)
     logger.info(
         "%s: best epoch %d of %d, valid %s",
         cfg.model,

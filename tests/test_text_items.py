@@ -182,15 +182,17 @@ def test_the_checkpoint_key_includes_the_table_content(data):
 def test_the_frozen_table_is_cached_under_its_content_key(data, tmp_path):
     ds, _ = data
     spec = tiny_spec(quant="none", prefix="mformer", fusion="concat")  # the frozen LLM alone: no prefix, no fusion
-    first = frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu")
+    frozen = frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu")
+    first = frozen.table
     files = sorted((tmp_path / "frozen_tables").iterdir())
     assert first.shape == (ds.n_items, 64) and len(files) == 1
-    assert torch.equal(frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu"), first)
+    again = frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu")
+    assert torch.equal(again.table, first) and again.weights_fingerprint == frozen.weights_fingerprint
     assert len(list((tmp_path / "frozen_tables").iterdir())) == 1  # read back, not recomputed
     # another item text: another key (a new file), and that item's row changes
     items = ds.items.copy()
     items.loc[5, "title"] = "Completely Different Words Here"
-    changed = frozen_item_table(spec, items, cache_dir=tmp_path, device="cpu")
+    changed = frozen_item_table(spec, items, cache_dir=tmp_path, device="cpu").table
     assert len(list((tmp_path / "frozen_tables").iterdir())) == 2
     assert not torch.allclose(changed[5], first[5])
     # other text settings: another key
@@ -201,7 +203,7 @@ def test_the_frozen_table_is_cached_under_its_content_key(data, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"table": torch.zeros_like(first)}, str(files[0]), metadata={"key": "another key"})
-    assert torch.equal(frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu"), first)
+    assert torch.equal(frozen_item_table(spec, ds.items, cache_dir=tmp_path, device="cpu").table, first)
 
 
 # ------------------------------------------------------------------------------------------------ learning
@@ -251,3 +253,32 @@ def test_text_items_carry_rare_items_that_ids_alone_cannot():
     assert ndcg["init"] > ndcg["none"] + 0.3, ndcg
     assert ndcg["join"] > ndcg["none"] + 0.3, ndcg
     assert ndcg["init_shuffled"] < ndcg["none"] + 0.1, ndcg
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_the_pipeline_computes_the_frozen_table_and_trains_the_id_model_on_it(zenml_store):
+    """``sr.text_items: join``: a frozen_text_table step (our materializer) feeds pretrain_sr, whose model keeps
+    that table's reduced rows; ``none`` has no such step."""
+    from test_pipeline import _config, _statuses
+    from zenml.client import Client
+
+    from pipelines.run import run_training
+
+    cfg = _config(stop_after="sr")
+    cfg.sr = cfg.sr.model_copy(update={"text_items": "join"})
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    assert set(_statuses(run)) == {
+        "load_dataset",
+        "validate_dataset",
+        "split_dataset",
+        "frozen_text_table",
+        "pretrain_sr",
+        "evaluate_sr",
+    }
+    art = run.steps["frozen_text_table"].outputs["text_table"][0]
+    assert art.materializer.import_path.startswith("steps.materializers."), art.materializer.import_path
+    table = art.load()
+    assert table.table.shape == (80, 64) and table.weights_fingerprint
+    model = run.steps["pretrain_sr"].outputs["sr_model"][0].load()
+    assert torch.equal(model.text_join.rows, text_rows(model.config, 80, table.table))
+    assert "frozen_text_table" not in _statuses(run_training(_config(stop_after="sr")))
