@@ -110,7 +110,7 @@ def text_tables(side: str, cfg, ds, wd: Path, args) -> dict:
     if side == "random_llm":
         spec = random_backbone_spec(spec, ds.items, wd, args.seed)
     t0 = time.perf_counter()
-    table = frozen_item_table(spec, ds.items, cache_dir=wd, batch_size=args.item_batch_size)
+    table = frozen_item_table(spec, ds.items, cache_dir=wd, batch_size=args.item_batch_size).table
     print(f"{side} item table [{table.shape[0]}, {table.shape[1]}] in {time.perf_counter() - t0:.0f} s", flush=True)
     return {f"{side}/{kind}": hybrid.transform_table(table, kind) for kind in hybrid.TRANSFORMS}
 
