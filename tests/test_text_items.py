@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_spec, tiny_weights
+from conftest import REPO, tiny_spec, tiny_weights
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -20,6 +23,9 @@ from laser_core.sr import SRConfig, TrainConfig, build_model, fit, load_model, s
 from laser_core.sr.text_items import reduce_table, text_rows
 from laser_core.sr.trainer import config_hash
 
+from test_controls_bench import tiny_folder  # noqa: F401  (a fixture: configs/tiny.yaml's data as a folder)
+
+sys.path.insert(0, str(REPO / "bench"))
 torch.set_num_threads(1)
 
 DATA = {"n_users": 120, "n_items": 40, "n_user_types": 4, "seed": 3}  # the `data` fixture (tests/conftest.py)
@@ -282,3 +288,32 @@ def test_the_pipeline_computes_the_frozen_table_and_trains_the_id_model_on_it(ze
     model = run.steps["pretrain_sr"].outputs["sr_model"][0].load()
     assert torch.equal(model.text_join.rows, text_rows(model.config, 80, table.table))
     assert "frozen_text_table" not in _statuses(run_training(_config(stop_after="sr")))
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def test_route_b_bench_smoke_and_resume(tmp_path, tiny_folder, monkeypatch, capsys):  # noqa: F811
+    """bench/route_b.py on configs/tiny.yaml's data: every variant on the same test pairs, the chosen one the
+    best on validation; a second run trains nothing; a bad --variants is a clear usage error."""
+    import route_b
+
+    argv = ["--data-dir", str(tiny_folder), "--config", str(REPO / "configs" / "tiny.yaml"), "--name", "tiny"]
+    argv += ["--workdir", str(tmp_path / "wd"), "--out", str(tmp_path / "results"), "--threads", "1"]
+    argv += ["--variants", "none,init,join@0.3"]
+    assert route_b.main(argv) == 0
+    out = json.loads((tmp_path / "results" / "route_b_tiny.json").read_text(encoding="utf8"))
+    rows = out["variants"]
+    assert list(rows) == ["none", "init", "join@0.3"]
+    assert {r["test_users"] for r in rows.values()} == {160}
+    assert rows["join@0.3"]["text_scale"] == 0.3 and rows["init"]["text_items"] == "init"
+    assert rows["none"]["table_key"] is None and rows["init"]["table_key"] == rows["join@0.3"]["table_key"]
+    for r in rows.values():
+        assert all(0 <= r[k] <= 1 for k in ("ndcg@10", "recall@10", "mrr", "ndcg@10_masked"))
+    best = max(r["valid"]["ndcg@10"] for r in rows.values())
+    assert rows[out["chosen_on_validation"]]["valid"]["ndcg@10"] == best
+
+    monkeypatch.setattr(route_b, "fit", lambda *a, **k: pytest.fail("a finished variant was trained again"))
+    assert route_b.main(argv) == 0
+    assert json.loads((tmp_path / "results" / "route_b_tiny.json").read_text(encoding="utf8"))["variants"] == rows
+    with pytest.raises(SystemExit):
+        route_b.main([*argv[:-1], "none,init@x"])
+    assert "--variants: 'init@x': the scale after @ must be a number" in capsys.readouterr().err
