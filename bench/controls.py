@@ -50,6 +50,7 @@ from laser_core.config import data_fingerprint  # noqa: E402
 from laser_core.configuration import LaserSpec  # noqa: E402
 from laser_core.frozen_table import frozen_item_table  # noqa: E402
 from laser_core.metrics import compute_metrics  # noqa: E402
+from laser_core.ranking import as_numpy  # noqa: E402
 from laser_core.reporting import markdown_table  # noqa: E402
 from laser_core.train import _sample, test_examples  # noqa: E402
 
@@ -212,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [r for r in rows if r not in results]
     if todo:
         sasrec = baseline_model("sasrec", split, wd, epochs=args.sr_epochs)
-        v_scores = sr_scores(sasrec, v_hist, args.batch_size).numpy()
-        t_scores = sr_scores(sasrec, t_hist, args.batch_size).numpy()
+        v_scores = as_numpy(sr_scores(sasrec, v_hist, args.batch_size))
+        t_scores = as_numpy(sr_scores(sasrec, t_hist, args.batch_size))
     tables: dict[str, dict] = {}
     for row in todo:
         t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from laser_core.hybrid import (  # noqa: E402
     transform_table,
 )
 from laser_core.metrics import compute_metrics  # noqa: E402
+from laser_core.ranking import as_numpy  # noqa: E402
 from laser_core.model import build_laser  # noqa: E402
 from laser_core.train import test_examples  # noqa: E402
 from laser_core.sr.checkpoint import save_tensors  # noqa: E402
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         sasrec = baseline_model("sasrec", split, wd)
         bert4rec = baseline_model("bert4rec", split, wd) if args.with_bert4rec else None
         sr_seconds = time.perf_counter() - t0
-        sr_valid = sr_scores(sasrec, v_hist).numpy()
+        sr_valid = as_numpy(sr_scores(sasrec, v_hist))
         units = {(n, kind): transform_table(table, kind) for n, table in tables.items() for kind in TRANSFORMS}
         choice = choose_on_validation(
             sr_valid, {f"{n}/{kind}": u for (n, kind), u in units.items()}, v_hist, v_targets, GAMMAS, FORMS
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         best.update(choice.valid)
         print(f"hybrid grid: best {best}", flush=True)
         unit = units[(int(n_best), kind_best)]
-        sr_test = sr_scores(sasrec, t_hist).numpy()
+        sr_test = as_numpy(sr_scores(sasrec, t_hist))
         test = {
             "hybrid": hybrid_metrics(sr_test, unit, t_hist, t_targets, best["history"], best["gamma"]),
             "sasrec": metrics(sr_test, t_targets),

@@ -323,7 +323,7 @@ STATE_JSON = "tfidf.json"
 STATE_ARRAYS = "tfidf.safetensors"
 
 
-@dataclass
+@dataclass(eq=False)
 class TfidfState:
     """A fitted TF-IDF space: the settings, the vocabulary (terms in column order), the idf weights and, when
     reduced, the SVD components ``[dim, vocab]``. :meth:`transform` maps new texts into it."""
