@@ -76,6 +76,15 @@ COLD_ITEM = -1  # item id in user_tower.onnx's ``item_ids`` for a visible positi
 ITEM_SIDE = "item_side"  # user_tower.onnx input [B] int64: 1 = embed the row as an item-table row, 0 = as a user
 TOWER_INPUTS_MFORMER = ["item_ids", "item_mask", "input_ids", "attention_mask"]
 TOWER_INPUTS_TEXT = ["input_ids", "attention_mask"]
+TOWER_INPUTS_LEXICAL = ["item_ids", "item_mask"]  # the lexical hybrid's tower: the item-id history only
+
+#: the model a bundle serves (manifest ``model_kind``; omitted from the JSON for Laser, so that a Laser bundle reads
+#: as it always did): Laser, or the lexical hybrid (``laser_core.lexical``: the ID model + TF-IDF similarity,
+#: z-scored per user, in one dot product; its ``lexical`` section says how)
+MODEL_KINDS = ("laser", "lexical_hybrid")
+LEXICAL_DIR = "lexical"  # the lexical hybrid's TF-IDF state and item-side statistics
+LEXICAL_ITEM_SIDE = f"{LEXICAL_DIR}/item_side.safetensors"  # id_mean, text_mean, unknown_id (float32)
+TOWER_TEXT_TABLE = "text_table"  # the lexical tower's initializer: the items' unit text rows [n_items, text_dim]
 
 #: how a cold item (no trained ID embedding) enters the frozen SR encoder; written to the manifest
 COLD_ITEM_TREATMENT = (
@@ -96,7 +105,17 @@ COLD_ITEM_WEIGHTS = {
     "user_side": "the user side's weights (stage 2); the weights that made the item table are not in the bundle "
     "(an export from before the item side was kept), so new items come from other weights than the "
     "table's rows",
+    "lexical": f"the lexical hybrid's item side ({LEXICAL_DIR}/): the text side from the item's text through the "
+    "TF-IDF vectorizer and truncated SVD that made the table's rows, the ID side the ID model's unknown-item "
+    "vector, both centred by the trained catalogue's means: new items are embedded as the table's rows were",
 }
+
+#: how a new item enters the lexical hybrid's tower and table (the manifest's ``cold_item.treatment``)
+LEXICAL_COLD_ITEM_TREATMENT = (
+    "An added item (a catalogue row past n_trained_items) has no trained ID embedding: in a history the tower "
+    "encodes it as the ID model's cold item (its unknown-item vector) and reads its text row from the tower's "
+    "text table; as a candidate its ID side is the unknown-item vector."
+)
 
 
 class BundleError(RuntimeError):
@@ -229,6 +248,27 @@ class AnnIndexSection(_Section):
     calibration: AnnCalibration | None  # null: ef_search was given, not calibrated
 
 
+class LexicalSection(_Section):
+    """How a lexical-hybrid bundle scores (``laser_core.lexical``; ``docs/serving.md``): per user,
+    ``z(id scores) + gamma * z(text cosines)`` over the trained catalogue, served as one cosine: the tower's user
+    row ``[u_id / sd_id(u), gamma * u_txt / sd_txt(u), 0]`` against the table's rows ``[v_id - mean_id,
+    t - mean_txt, sqrt(norm_bound^2 - ||...||^2)] / norm_bound`` (the last column makes every row's norm
+    ``norm_bound``, so the scorer's cosine ranks as the dot product)."""
+
+    id_model: Name  # the ID model (sasrec, bert4rec)
+    form: Name  # the user's text vector: laser_core.hybrid.FORMS
+    gamma: Annotated[float, Field(ge=0)]
+    id_dim: PositiveInt
+    text_dim: PositiveInt
+    norm_bound: Annotated[float, Field(gt=0)]  # the largest centred row's norm (the augmentation's bound)
+    n_stat_items: PositiveInt  # the items the z-score statistics are over (the trained catalogue)
+    tfidf: dict[str, JsonValue]  # laser_core.hybrid.TfidfConfig
+    tfidf_dir: BundlePath  # the fitted TF-IDF vectorizer and SVD (their own save format, no pickle)
+    item_side: BundlePath  # LEXICAL_ITEM_SIDE
+    valid: dict[str, float]  # the chosen setting's validation metrics
+    blend: str  # the formula, in words
+
+
 def scorer_table_file(files: dict[str, str], scorer_file: str) -> str:
     """The bundle file that holds the scorer's table values: ``<scorer>.data`` when :func:`export_scorer` wrote
     it as external data (tables of 1 GiB and more), else the scorer itself."""
@@ -248,11 +288,11 @@ class BundleManifest(_Section):
     dim: PositiveInt
     n_items: PositiveInt
     n_trained_items: PositiveInt
-    text: TextConfig
+    text: TextConfig  # the item-text settings (the lexical hybrid's: what its TF-IDF read)
     sr: SRSection | None
-    bitune: BiTuneSection
-    backbone: BackboneSection
-    tokenizer: TokenizerSection
+    bitune: BiTuneSection | None  # null for the lexical hybrid (no LLM), as backbone and tokenizer
+    backbone: BackboneSection | None
+    tokenizer: TokenizerSection | None
     scorer: ScorerSection
     user_tower: UserTowerSection | None
     parity_max_abs_diff: Annotated[float, Field(ge=0)] | None
@@ -263,6 +303,8 @@ class BundleManifest(_Section):
     metadata: dict[str, JsonValue]  # free JSON from the exporter: the one place where any key is allowed
     files: dict[BundlePath, Sha256] = Field(min_length=1)
     ann_index: AnnIndexSection | None  # null: no ANN index
+    model_kind: Literal["laser", "lexical_hybrid"] = "laser"  # MODEL_KINDS; not written for Laser
+    lexical: LexicalSection | None = None  # the lexical hybrid's settings; not written for Laser
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -300,38 +342,18 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
         )
     if m.parity_max_abs_diff is not None and not math.isfinite(m.parity_max_abs_diff):
         bad("parity_max_abs_diff", f"must be finite, got {m.parity_max_abs_diff}")
-    fusion = m.bitune.fusion != "none"
-    mformer = reads_item_ids(m.bitune.prefix, m.bitune.fusion)  # the tower reads the item-id history
-    if mformer and m.sr is None:
-        bad("sr", "the M-Former prefix and the fusion need the SR encoder's settings (model, max_len), got null")
-    if not mformer and m.sr is not None:
-        bad("sr", f"must be null for bitune.prefix {m.bitune.prefix!r}")
+    named = {"scorer.file": m.scorer.file, "catalogue.file": m.catalogue.file}
     if m.user_tower is not None:
-        want = TOWER_INPUTS_MFORMER if mformer else TOWER_INPUTS_TEXT
-        allowed = [[*want, ITEM_SIDE]] if fusion else [want, [*want, ITEM_SIDE]]
-        if m.user_tower.inputs not in allowed:
-            bad(
-                "user_tower.inputs",
-                f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights or "
-                f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
-                f"got {m.user_tower.inputs}",
-            )
-        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights != "item_side" and not fusion:
-            bad(
-                "cold_item.item_weights",
-                f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
-                f"got {m.cold_item.item_weights!r}",
-            )
+        named["user_tower.file"] = m.user_tower.file
+    if m.model_kind == "lexical_hybrid":
+        _lexical_problems(m, bad, named)
+    else:
+        _laser_problems(m, bad, named)
     columns = [*ITEM_COLUMNS, *(["popularity"] if m.popularity else [])]
     if m.catalogue.columns != columns:
         bad("catalogue.columns", f"must be {columns} (popularity={m.popularity}), got {m.catalogue.columns}")
     if m.cold_item.item_id != COLD_ITEM:
         bad("cold_item.item_id", f"must be {COLD_ITEM}, got {m.cold_item.item_id}")
-    if not m.tokenizer.file.startswith(m.tokenizer.dir + "/"):
-        bad("tokenizer.file", f"{m.tokenizer.file!r} is not inside tokenizer.dir {m.tokenizer.dir!r}")
-    named = {"scorer.file": m.scorer.file, "catalogue.file": m.catalogue.file, "tokenizer.file": m.tokenizer.file}
-    if m.user_tower is not None:
-        named["user_tower.file"] = m.user_tower.file
     if m.ann_index is not None:
         named["ann_index.file"] = m.ann_index.file
         if m.ann_index.n_items != m.n_items:
@@ -354,6 +376,78 @@ def _cross_field_problems(m: BundleManifest) -> list[str]:
     if "model_version" in m.metadata and not (isinstance(version, str) and version.strip()):
         bad("metadata.model_version", f"must be a non-empty string, got {version!r}")
     return out
+
+
+def _laser_problems(m: BundleManifest, bad: Any, named: dict[str, str]) -> None:
+    """The cross-field rules of a Laser bundle (``model_kind`` ``laser``); ``named``: the files it names."""
+    missing = [f for f in ("bitune", "backbone", "tokenizer") if getattr(m, f) is None]
+    for f in missing:
+        bad(f, "null, but a Laser bundle needs it (only a lexical_hybrid bundle has none)")
+    if m.lexical is not None:
+        bad("lexical", "set, but model_kind is 'laser' (the section belongs to a lexical_hybrid bundle)")
+    if missing:
+        return
+    if m.cold_item.item_weights == "lexical":
+        bad("cold_item.item_weights", "'lexical' is for a lexical_hybrid bundle")
+    fusion = m.bitune.fusion != "none"
+    mformer = reads_item_ids(m.bitune.prefix, m.bitune.fusion)  # the tower reads the item-id history
+    if mformer and m.sr is None:
+        bad("sr", "the M-Former prefix and the fusion need the SR encoder's settings (model, max_len), got null")
+    if not mformer and m.sr is not None:
+        bad("sr", f"must be null for bitune.prefix {m.bitune.prefix!r}")
+    if m.user_tower is not None:
+        want = TOWER_INPUTS_MFORMER if mformer else TOWER_INPUTS_TEXT
+        allowed = [[*want, ITEM_SIDE]] if fusion else [want, [*want, ITEM_SIDE]]
+        if m.user_tower.inputs not in allowed:
+            bad(
+                "user_tower.inputs",
+                f"must be {want} (+ {ITEM_SIDE!r} when the item side has its own weights or "
+                f"the model is fused) for bitune.prefix {m.bitune.prefix!r}, "
+                f"got {m.user_tower.inputs}",
+            )
+        if ITEM_SIDE in m.user_tower.inputs and m.cold_item.item_weights != "item_side" and not fusion:
+            bad(
+                "cold_item.item_weights",
+                f"the user tower has an {ITEM_SIDE!r} input, so it must be 'item_side', "
+                f"got {m.cold_item.item_weights!r}",
+            )
+    if not m.tokenizer.file.startswith(m.tokenizer.dir + "/"):
+        bad("tokenizer.file", f"{m.tokenizer.file!r} is not inside tokenizer.dir {m.tokenizer.dir!r}")
+    named["tokenizer.file"] = m.tokenizer.file
+
+
+def _lexical_problems(m: BundleManifest, bad: Any, named: dict[str, str]) -> None:
+    """The cross-field rules of a lexical-hybrid bundle (``laser_core.lexical``)."""
+    lex = m.lexical
+    if lex is None:
+        bad("lexical", "null, but model_kind is 'lexical_hybrid' (the section says how the bundle scores)")
+        return
+    for f in ("bitune", "backbone", "tokenizer"):
+        if getattr(m, f) is not None:
+            bad(f, "must be null for a lexical_hybrid bundle (it has no LLM)")
+    if m.sr is None:
+        bad("sr", "the lexical hybrid's tower reads the item-id history: needs the ID model's settings, got null")
+    elif m.sr.model != lex.id_model:
+        bad("lexical.id_model", f"{lex.id_model!r} differs from sr.model {m.sr.model!r}")
+    if m.user_tower is None:
+        bad("user_tower", "null, but the lexical hybrid's user rows come only from its tower")
+    elif m.user_tower.inputs != TOWER_INPUTS_LEXICAL:
+        bad(
+            "user_tower.inputs",
+            f"must be {TOWER_INPUTS_LEXICAL} for a lexical_hybrid bundle, got {m.user_tower.inputs}",
+        )
+    if m.dim != lex.id_dim + lex.text_dim + 1:
+        bad("dim", f"{m.dim}, but a lexical_hybrid row is id_dim + text_dim + 1 = {lex.id_dim + lex.text_dim + 1}")
+    if lex.n_stat_items != m.n_trained_items:
+        bad("lexical.n_stat_items", f"{lex.n_stat_items} differs from n_trained_items ({m.n_trained_items})")
+    if m.cold_item.item_weights != "lexical" or any(e.item_weights != "lexical" for e in m.added_items):
+        bad(
+            "cold_item.item_weights", "must be 'lexical' (and so every added_items entry's) for a lexical_hybrid bundle"
+        )
+    named["lexical.item_side"] = lex.item_side
+    tfidf_files = [f for f in m.files if f.startswith(lex.tfidf_dir + "/")]
+    if not tfidf_files:
+        bad("lexical.tfidf_dir", f"no file under {lex.tfidf_dir!r} is listed in 'files' (the fitted TF-IDF state)")
 
 
 def _describe_input(value: Any) -> str:
@@ -493,7 +587,9 @@ def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> BundleMa
         raise TypeError(f"write_manifest takes a BundleManifest, got {type(manifest).__name__}")
     root = Path(bundle_dir)
     path = root / MANIFEST
-    data = {**manifest.model_dump(mode="json", warnings="error"), "files": files_sha256(root)}
+    # a Laser bundle is written without the two lexical-hybrid fields, so that it reads as before them
+    exclude = {"model_kind", "lexical"} if manifest.model_kind == "laser" else None
+    data = {**manifest.model_dump(mode="json", warnings="error", exclude=exclude), "files": files_sha256(root)}
     written = validate_manifest(data, path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf8")
@@ -600,6 +696,8 @@ def check_loaded(root: Path, manifest: BundleManifest, catalogue: Any, scorer: A
         raise BundleError(f"{scorer_path}: returns top-{outputs['scores'][1]}, but the manifest says k={k}")
     if tower is None:
         return
+    if manifest.lexical is not None:
+        check_lexical_files(root, manifest)
     tower_path = root / manifest.user_tower.file
     names = [i.name for i in tower.get_inputs()]
     if sorted(names) != sorted(manifest.user_tower.inputs):
@@ -613,6 +711,79 @@ def check_loaded(root: Path, manifest: BundleManifest, catalogue: Any, scorer: A
         raise BundleError(
             f"{tower_path}: output width {tower_out['user_embedding'][1:]} differs from the manifest's dim={dim}"
         )
+
+
+def check_lexical_files(root: Path, manifest: BundleManifest) -> None:
+    """A lexical-hybrid bundle's own files agree with its manifest: the tower's text table is
+    ``[n_items, text_dim]`` and the item-side statistics (``lexical.item_side``) are finite float32 vectors of
+    the widths the manifest says."""
+    lex = manifest.lexical
+    tower_path = root / manifest.user_tower.file
+    shape = tuple(int(d) for d in _initializer(tower_path, TOWER_TEXT_TABLE, with_data=False).dims)
+    if shape != (manifest.n_items, lex.text_dim):
+        raise BundleError(
+            f"{tower_path}: text table is {list(shape)}, but the manifest says [n_items, lexical.text_dim] = "
+            f"[{manifest.n_items}, {lex.text_dim}]"
+        )
+    stats = read_lexical_item_side(root / lex.item_side)
+    want = {"id_mean": lex.id_dim, "text_mean": lex.text_dim, "unknown_id": lex.id_dim}
+    for name, width in want.items():
+        if stats[name].shape != (width,):
+            raise BundleError(
+                f"{root / lex.item_side}: {name!r} has shape {list(stats[name].shape)}, the manifest says [{width}]"
+            )
+
+
+def read_lexical_item_side(path: Path) -> dict[str, np.ndarray]:
+    """``lexical/item_side.safetensors``: ``id_mean``, ``text_mean``, ``unknown_id`` (float32, finite)."""
+    from safetensors.numpy import load_file
+
+    try:
+        stats = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
+    for name in ("id_mean", "text_mean", "unknown_id"):
+        value = stats.get(name)
+        if value is None or value.dtype != np.float32 or value.ndim != 1 or not np.isfinite(value).all():
+            raise BundleError(f"{path}: {name!r} missing or not a finite float32 vector")
+    return stats
+
+
+def augment_rows(rows: np.ndarray, norm_bound: float) -> np.ndarray:
+    """``[rows, sqrt(norm_bound^2 - ||row||^2)] / norm_bound``: unit rows whose cosine with ``[u, 0]`` is
+    ``u . row / (||u|| norm_bound)``, so the cosine scorer and the ANN index rank a dot-product model exactly
+    (the lexical hybrid's table). Every row's norm must be at most ``norm_bound``."""
+    rows = np.asarray(rows, dtype=np.float64)
+    sq = (rows**2).sum(axis=1)
+    bound = float(norm_bound) ** 2
+    if (sq > bound * (1 + 1e-6)).any():
+        raise ValueError(f"a row's norm {np.sqrt(sq.max()):.6g} exceeds the bound {norm_bound:.6g}")
+    extra = np.sqrt(np.maximum(bound - sq, 0.0))[:, None]
+    return (np.concatenate([rows, extra], axis=1) / float(norm_bound)).astype(np.float32)
+
+
+def replace_tower_text_table(src: Path, dst: Path, table: np.ndarray) -> None:
+    """Write the lexical tower ``src`` to ``dst`` with its text table (initializer :data:`TOWER_TEXT_TABLE`)
+    replaced by ``table`` ``[n_items, text_dim]`` (items added to a lexical bundle: their text rows)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if init.name == TOWER_TEXT_TABLE:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(table, dtype=np.float32), TOWER_TEXT_TABLE))
+            break
+    else:
+        raise BundleError(f"{src}: no {TOWER_TEXT_TABLE!r} initializer (not a lexical hybrid's tower)")
+    onnx.save_model(model, str(dst))
+    onnx.checker.check_model(model)
+
+
+def read_tower_text_table(path: Path) -> np.ndarray:
+    """The lexical tower's text table ``[n_items, text_dim]``."""
+    from onnx import numpy_helper
+
+    return np.asarray(numpy_helper.to_array(_initializer(path, TOWER_TEXT_TABLE, with_data=True)), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ scorer
@@ -706,8 +877,8 @@ def export_scorer(table: Any, path: str | Path, k: int = 10) -> Path:
     return path
 
 
-def _scorer_table(path: str | Path, with_data: bool) -> Any:
-    """The scorer's ``item_table_t`` initializer (its data loaded only ``with_data``)."""
+def _initializer(path: str | Path, name: str, with_data: bool) -> Any:
+    """The initializer ``name`` of the ONNX graph ``path`` (its data loaded only ``with_data``)."""
     import onnx
 
     try:
@@ -715,9 +886,15 @@ def _scorer_table(path: str | Path, with_data: bool) -> Any:
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError types
         raise BundleError(f"{path}: not a readable ONNX model ({exc})") from None
     for init in model.graph.initializer:
-        if init.name == SCORER_TABLE:
+        if init.name == name:
             return init
-    raise BundleError(f"{path}: no {SCORER_TABLE!r} initializer (not a Laser scorer)")
+    what = "a Laser scorer" if name == SCORER_TABLE else "a lexical hybrid's tower"
+    raise BundleError(f"{path}: no {name!r} initializer (not {what})")
+
+
+def _scorer_table(path: str | Path, with_data: bool) -> Any:
+    """The scorer's ``item_table_t`` initializer (its data loaded only ``with_data``)."""
+    return _initializer(path, SCORER_TABLE, with_data)
 
 
 def scorer_table_shape(path: str | Path) -> tuple[int, ...]:

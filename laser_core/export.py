@@ -466,3 +466,203 @@ def export_bundle(
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
         raise
     return out
+
+
+# ------------------------------------------------------------------------------------- the lexical hybrid
+def _check_lexical_parity(tower_path: Path, model: Any, tolerance: float) -> float:
+    """The largest difference between ``user_tower.onnx`` and the torch hybrid on sample histories (lengths 1 to
+    past the window), relative to the rows' scale (at least 1)."""
+    import onnxruntime as ort
+    import torch
+
+    from laser_core.bundle import COLD_ITEM
+
+    hists = [h for h in _sample_histories(model.n_items, model.window, None) if COLD_ITEM not in h]
+    batch = model.predict_inputs(hists)
+    with torch.no_grad():
+        expected = model(batch["item_ids"], batch["item_mask"]).numpy()
+    sess = ort.InferenceSession(str(tower_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["user_embedding"], {k: v.numpy() for k, v in batch.items()})[0]
+    diff = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
+    if not diff <= tolerance:
+        raise ExportError(f"{USER_TOWER} differs from the torch lexical hybrid by {diff:.3g} (> {tolerance})")
+    return diff
+
+
+def export_lexical_bundle(
+    model: Any,
+    items: pd.DataFrame,
+    out_dir: str | Path,
+    k: int = 10,
+    metadata: dict | None = None,
+    *,
+    popularity: Any | None = None,
+    parity_tolerance: float = 1e-4,
+    ann_index: bool = False,
+) -> Path:
+    """Write a serving bundle for a fitted lexical hybrid (:class:`laser_core.lexical.LexicalHybrid`) to
+    ``out_dir`` (empty or absent), in the format Laser's bundles have (``model_kind: lexical_hybrid``; layout in
+    ``docs/serving.md``): ``user_tower.onnx`` (the item-id history -> the user row: the ID model, the text rows,
+    the z-score statistics), ``scorer.onnx`` over the table (the centred item rows plus the column that makes
+    their norms equal, :func:`laser_core.bundle.augment_rows`, so the cosine scorer and the ANN index rank the
+    blend exactly), the catalogue, and ``lexical/`` (the fitted TF-IDF state and the item-side statistics, for
+    ``laser items add``). The tower is checked against the torch model (``parity_tolerance``, relative).
+    ``ann_index``: also build the ANN index (``laser_core.ann.index_bundle``). Returns ``out_dir``."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from laser_core import __version__
+    from laser_core.bundle import (
+        LEXICAL_COLD_ITEM_TREATMENT,
+        LEXICAL_DIR,
+        LEXICAL_ITEM_SIDE,
+        TOWER_INPUTS_LEXICAL,
+        LexicalSection,
+        augment_rows,
+    )
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    items = bound_item_texts(items)
+    n_items = model.n_items
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n_items:
+        raise ValueError(f"k must be an integer in 1..{n_items} (the number of items), got {k!r}")
+    catalogue = _catalogue(items, n_items, popularity)
+    metadata = dict(metadata or {})
+    json.dumps(metadata)  # must be JSON; fail before the slow part
+    model = model.cpu().eval()
+    with torch.no_grad():
+        rows = model.item_vectors().double().numpy()
+    bound = float(np.sqrt((rows**2).sum(axis=1)).max()) or 1.0
+    table = augment_rows(rows, bound)
+    dim = table.shape[1]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        export_scorer(table, out / SCORER, k=int(k))
+        window = model.window
+        example = model.predict_inputs([[0, 1, 2], [3]])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*The axis name.*", category=UserWarning)
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            torch.onnx.export(
+                model,
+                (example["item_ids"], example["item_mask"]),
+                str(out / USER_TOWER),
+                dynamo=True,
+                input_names=TOWER_INPUTS_LEXICAL,
+                output_names=["user_embedding"],
+                dynamic_shapes=({0: batch}, {0: batch}),
+                opset_version=18,
+                verbose=False,
+            )
+        _rename_text_table(out / USER_TOWER, model.text_table.numpy())
+        parity = _check_lexical_parity(out / USER_TOWER, model, parity_tolerance)
+        model.tfidf_state.save(out / LEXICAL_DIR / "tfidf")
+        save_file(
+            {
+                "id_mean": model.id_mean.numpy().astype(np.float32),
+                "text_mean": model.text_mean.numpy().astype(np.float32),
+                "unknown_id": model.unknown_id.numpy().astype(np.float32),
+            },
+            str(out / LEXICAL_ITEM_SIDE),
+        )
+        catalogue.to_parquet(out / CATALOGUE, index=False)
+        manifest = BundleManifest.model_construct(
+            format="laser-export",
+            format_version=FORMAT_VERSION,
+            created_by=f"laser {__version__}",
+            k=int(k),
+            dim=int(dim),
+            n_items=int(n_items),
+            n_trained_items=int(n_items),
+            text=model.text_config,
+            sr=SRSection(model=model.sr.config.model, max_len=int(window)),
+            bitune=None,
+            backbone=None,
+            tokenizer=None,
+            scorer=ScorerSection(
+                file=SCORER, k=int(k), input="user_embedding", outputs=["scores", "indices"], opset=SCORER_OPSET
+            ),
+            user_tower=UserTowerSection(
+                file=USER_TOWER,
+                inputs=list(TOWER_INPUTS_LEXICAL),
+                output="user_embedding",
+                opset=18,
+                external_data=False,
+            ),
+            parity_max_abs_diff=parity,
+            catalogue=CatalogueSection(
+                file=CATALOGUE,
+                columns=list(catalogue.columns),
+                row_order="row i of the catalogue is row i of the scorer's table (its indices)",
+            ),
+            popularity="popularity" in catalogue.columns,
+            cold_item=ColdItemSection(
+                item_id=COLD_ITEM,
+                treatment=LEXICAL_COLD_ITEM_TREATMENT,
+                item_weights="lexical",
+                item_weights_note=COLD_ITEM_WEIGHTS["lexical"],
+            ),
+            added_items=[],
+            metadata=metadata,
+            files={},
+            ann_index=None,
+            model_kind="lexical_hybrid",
+            lexical=LexicalSection(
+                id_model=model.sr.config.model,
+                form=model.form,
+                gamma=model.gamma,
+                id_dim=model.id_dim,
+                text_dim=model.text_dim,
+                norm_bound=bound,
+                n_stat_items=int(n_items),
+                tfidf=model.tfidf_state.config.model_dump(mode="json"),
+                tfidf_dir=f"{LEXICAL_DIR}/tfidf",
+                item_side=LEXICAL_ITEM_SIDE,
+                valid={k_: float(v) for k_, v in model.valid.items()},
+                blend="score(u, i) = z(id(u, .))_i + gamma * z(sim(u, .))_i, z per user over the trained catalogue "
+                "(laser_core.hybrid.blend); served as the cosine of [u_id/sd_id, gamma*u_txt/sd_txt, 0] with the "
+                "table's rows [v_id - mean_id, t - mean_txt, sqrt(norm_bound^2 - |.|^2)] / norm_bound",
+            ),
+        )
+        write_manifest(out, manifest)
+        if ann_index:
+            from laser_core.ann import index_bundle
+
+            index_bundle(out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
+        raise
+    return out
+
+
+def _rename_text_table(path: Path, table: np.ndarray) -> None:
+    """Name the traced tower's text-table initializer :data:`laser_core.bundle.TOWER_TEXT_TABLE`, so that
+    ``add_items`` finds it: the exporter's graph optimisation renames it, so it is found by its values
+    (``table``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from laser_core.bundle import TOWER_TEXT_TABLE
+
+    graph = onnx.load(str(path))
+    names = [
+        i.name
+        for i in graph.graph.initializer
+        if tuple(i.dims) == table.shape and np.array_equal(numpy_helper.to_array(i), table)
+    ]
+    if len(names) != 1:
+        raise ExportError(f"{path}: expected one initializer holding the text table in the traced tower, got {names}")
+    old = names[0]
+    if old == TOWER_TEXT_TABLE:
+        return
+    for init in graph.graph.initializer:
+        if init.name == old:
+            init.name = TOWER_TEXT_TABLE
+    for node in graph.graph.node:
+        node.input[:] = [TOWER_TEXT_TABLE if n == old else n for n in node.input]
+    onnx.save_model(graph, str(path))

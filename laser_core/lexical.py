@@ -176,6 +176,12 @@ class LexicalHybrid(nn.Module):
         ids = np.broadcast_to(self.unknown_id.numpy() - self.id_mean.numpy(), (len(text), self.id_dim))
         return np.concatenate([ids, text], axis=1).astype(np.float32)
 
+    def forward(self, item_ids: torch.Tensor, item_mask: torch.Tensor) -> torch.Tensor:
+        """What ``user_tower.onnx`` computes: ``[B, id_dim + text_dim + 1]``, :meth:`user_vectors` and a 0 (the
+        column that makes every table row's norm equal: ``laser_core.bundle.augment_rows``)."""
+        users = self.user_vectors(item_ids, item_mask)
+        return torch.cat([users, torch.zeros_like(users[:, :1])], dim=1)
+
     # ------------------------------------------------------------------ the full_sort_predict contract
     def predict_inputs(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """The batch for :meth:`full_sort_predict`: the last :attr:`window` items, left-padded."""

@@ -43,13 +43,17 @@ from laser_core.bundle import (
     BundleError,
     BundleManifest,
     ServingTokenizer,
+    augment_rows,
     bound_item_texts,
     check_loaded,
     export_scorer,
     l2_normalize,
     load_manifest,
     load_tokenizer,
+    read_lexical_item_side,
     read_scorer_table,
+    read_tower_text_table,
+    replace_tower_text_table,
     sha256_file,
     verify_bundle,
     write_manifest,
@@ -97,7 +101,7 @@ class Recommender:
         bundle_dir: Path,
         manifest: BundleManifest,
         catalogue: pd.DataFrame,
-        tokenizer: ServingTokenizer,
+        tokenizer: ServingTokenizer | None,
         scorer: Any,
         tower: Any | None,
         popularity_fallback: bool,
@@ -112,14 +116,15 @@ class Recommender:
         self._ann = ann  # laser_core.ann.AnnIndex when the bundle has an ANN index and exact scoring is off
         self.popularity_fallback = popularity_fallback
         self.text_config: TextConfig = manifest.text
-        self.formatter = TextFormatter(catalogue, self.text_config, tokenizer=tokenizer)
+        self.lexical = manifest.lexical  # the lexical hybrid's settings (no LLM: no tokenizer, no text prompt)
+        self.formatter = None if tokenizer is None else TextFormatter(catalogue, self.text_config, tokenizer=tokenizer)
         self._row = {item_id: row for row, item_id in enumerate(catalogue["item_id"])}
         self._ids = catalogue["item_id"].tolist()
         self._titles = catalogue["title"].tolist()
         self.k = manifest.scorer.k
         self.n_trained_items = manifest.n_trained_items
         self.sr_max_len = manifest.sr.max_len if manifest.sr else None
-        self.pad_token_id = manifest.tokenizer.pad_token_id
+        self.pad_token_id = manifest.tokenizer.pad_token_id if manifest.tokenizer else 0
         self._tower_inputs = list(manifest.user_tower.inputs) if manifest.user_tower else []
         # the torch model's padding (LaserModel.collate): the same collator
         self.collator = LaserCollator(self.pad_token_id, self.sr_max_len if "item_ids" in self._tower_inputs else None)
@@ -155,7 +160,10 @@ class Recommender:
                 f"{root}: the popularity fallback (--popularity-fallback; popularity_fallback=True in Python) needs "
                 "item popularity, and this bundle has none (bundles `laser run` exports have it)"
             )
-        tokenizer = load_tokenizer(root / manifest.tokenizer.file, manifest.tokenizer.clean_up_tokenization_spaces)
+        tokenizer = None
+        if manifest.tokenizer is not None:  # the lexical hybrid has none
+            tok = manifest.tokenizer
+            tokenizer = load_tokenizer(root / tok.file, tok.clean_up_tokenization_spaces)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -213,7 +221,9 @@ class Recommender:
         tower's item side, the weights that made the item table; ``"shared"``, the tower's one set of weights,
         which also made the table; ``"user_side"``, the user side's weights, which may differ from the table's
         (a bundle that does not record it: exported before the item side was kept). See
-        ``laser_core.bundle.COLD_ITEM_WEIGHTS``."""
+        ``laser_core.bundle.COLD_ITEM_WEIGHTS``; ``"lexical"`` for the lexical hybrid (its TF-IDF state)."""
+        if self.lexical is not None:
+            return "lexical"
         if ITEM_SIDE in self._tower_inputs:
             return "item_side"
         return "shared" if self.manifest.cold_item.item_weights == "shared" else "user_side"
@@ -242,6 +252,9 @@ class Recommender:
         tower = self._require_tower()
         if not histories or any(len(h) == 0 for h in histories):
             raise ValueError("every history needs at least one catalogue row")
+        if self.lexical is not None:  # the item-id history alone; added rows are the tower's to treat
+            item_ids, item_mask = self.collator.pad_items(histories)
+            return tower.run(["user_embedding"], {"item_ids": item_ids, "item_mask": item_mask})[0]
         token_ids = [self.tokenizer.encode(self.formatter.user_text(h)) for h in histories]
         return tower.run(["user_embedding"], self._tower_feeds(histories, token_ids))[0]
 
@@ -257,6 +270,11 @@ class Recommender:
         the tower's item side (:attr:`cold_item_weights`), its ID position the cold item (``-1``) or, with
         ``item_ids``, the rows' catalogue rows (re-embedding a trained item reproduces its table row).
         ``progress(n)``: called after each batch with the number of rows it embedded."""
+        if self.lexical is not None:
+            raise BundleError(
+                f"{self.bundle_dir}: a lexical hybrid's item rows come from its TF-IDF state, not from its tower "
+                "(add items with add_items / laser items add)"
+            )
         tower = self._require_tower()
         ids = [COLD_ITEM] * len(items) if item_ids is None else [int(i) for i in item_ids]
         if len(ids) != len(items):
@@ -323,7 +341,7 @@ class Recommender:
                     "of Recommender.load in Python) to answer such requests with the most popular items"
                 )
             return self._popular(k, dropped)
-        H = self.text_config.history_len
+        H = 0 if self.lexical is not None else self.text_config.history_len  # the lexical tower reads item ids
         n_text = len(rows) if H is None else min(H, len(rows))  # the text's most recent H items
         n_ids = min(self.sr_max_len, len(rows)) if self.sr_max_len else 0  # the ID side's most recent max_len
         used = [self._ids[r] for r in rows[len(rows) - max(n_text, n_ids) :]]
@@ -494,6 +512,42 @@ def _clean_new_items(new_items: pd.DataFrame, catalogue: pd.DataFrame, source: s
     return out
 
 
+def _lexical_new_rows(rec: Recommender, new: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """A lexical-hybrid bundle's rows for ``new`` items: ``(new scorer rows, the whole scorer table, the tower's
+    whole text table, the norm bound)``. The text rows come from the item texts through the bundle's TF-IDF
+    state, the ID side is the ID model's unknown-item vector, both centred as the trained rows were; when a new
+    row is longer than the bound, the bound grows and every row is made again (exact: the raw rows are the
+    table's times the old bound)."""
+    from laser_core.hybrid import TfidfState, item_texts
+
+    lex, root = rec.lexical, rec.bundle_dir
+    try:
+        state = TfidfState.load(root / lex.tfidf_dir)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    stats = read_lexical_item_side(root / lex.item_side)
+    text = np.asarray(state.transform(item_texts(new, rec.text_config)), dtype=np.float32)
+    if text.shape[1] != lex.text_dim:
+        raise BundleError(
+            f"{root / lex.tfidf_dir}: the TF-IDF state gives rows of width {text.shape[1]}, not {lex.text_dim}"
+        )
+    ids = np.broadcast_to(stats["unknown_id"] - stats["id_mean"], (len(new), lex.id_dim))
+    raw_new = np.concatenate([ids, text - stats["text_mean"]], axis=1).astype(np.float64)
+    old = rec.table()
+    bound = lex.norm_bound
+    longest = float(np.sqrt((raw_new**2).sum(axis=1)).max())
+    if longest > bound:
+        raw_old = old[:, :-1].astype(np.float64) * bound
+        bound = longest
+        table = augment_rows(np.concatenate([raw_old, raw_new]), bound)
+        new_rows = table[len(old) :]
+    else:
+        new_rows = augment_rows(raw_new, bound)
+        table = np.concatenate([old, new_rows], axis=0)
+    text_table = np.concatenate([read_tower_text_table(root / rec.manifest.user_tower.file), text], axis=0)
+    return new_rows, table, text_table, bound
+
+
 def add_items(
     bundle_dir: str | Path,
     new_items: pd.DataFrame,
@@ -530,11 +584,22 @@ def add_items(
             UserWarning,
             stacklevel=2,
         )
-    new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size, progress=progress))
-    table = np.concatenate([rec.table(), new_rows_table], axis=0)
     manifest = rec.manifest
+    update: dict[str, Any] = {}
+    rebuild_index = False
+    if rec.lexical is None:
+        new_rows_table = l2_normalize(rec.item_embeddings(new, batch_size=batch_size, progress=progress))
+        table = np.concatenate([rec.table(), new_rows_table], axis=0)
+    else:
+        new_rows_table, table, text_table, bound = _lexical_new_rows(rec, new)
+        if progress is not None:
+            progress(len(new))
+        rebuild_index = bound != rec.lexical.norm_bound  # every row changed: the index is built again
+        update["lexical"] = rec.lexical.model_copy(update={"norm_bound": bound})
     ann_entry = manifest.ann_index
     skip = {manifest.scorer.file, manifest.catalogue.file, *([ann_entry.file] if ann_entry else [])}
+    if rec.lexical is not None:
+        skip.add(manifest.user_tower.file)  # rewritten with the new items' text rows
     out.mkdir(parents=True, exist_ok=True)
     try:
         for name in manifest.files:
@@ -543,6 +608,8 @@ def add_items(
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, out / name)
         export_scorer(table, out / manifest.scorer.file, k=rec.k)
+        if rec.lexical is not None:
+            replace_tower_text_table(src / manifest.user_tower.file, out / manifest.user_tower.file, text_table)
         cat = rec.catalogue.copy()
         new_rows = new.copy()
         if "popularity" in cat.columns:
@@ -552,10 +619,23 @@ def add_items(
         added = AddedItemsEntry(
             n=len(new), first_row=rec.n_items, item_weights=weights, source_manifest_sha256=sha256_file(src / MANIFEST)
         )
-        update = {"n_items": len(cat), "added_items": [*manifest.added_items, added]}
-        if ann_entry:
+        update.update(n_items=len(cat), added_items=[*manifest.added_items, added])
+        if ann_entry and not rebuild_index:
             update["ann_index"] = _extend_ann_index(rec, ann_entry, new_rows_table, table, out)
+        elif ann_entry:
+            update["ann_index"] = None
         write_manifest(out, manifest.model_copy(update=update))  # validated again there, files refilled
+        if ann_entry and rebuild_index:
+            from laser_core.ann import index_bundle
+
+            cal = ann_entry.calibration
+            index_bundle(
+                out,
+                M=ann_entry.M,
+                ef_construction=ann_entry.ef_construction,
+                target_recall=cal.target_recall if cal else 0.99,
+                ef=None if cal else ann_entry.ef_search,
+            )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

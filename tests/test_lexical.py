@@ -90,3 +90,147 @@ def test_bad_settings_are_clear_errors(data, sr):
     gru = fit_sr(split, SR_TRAIN, model="gru4rec", hidden_size=8)
     with pytest.raises(LexicalError, match="sr.model"):
         fit_lexical_hybrid(gru, split, ds.items, LexicalConfig(dim=12))
+
+
+# ----------------------------------------------------------------------------------------- the bundle
+K = 5
+
+
+@pytest.fixture(scope="module")
+def hybrid(data, sr):
+    """A hybrid whose text side matters (gamma 1, decay form) over the module's data."""
+    ds, _ = data
+    rows, state = _state(ds)
+    return LexicalHybrid(sr, rows, "decay5", 1.0, state, valid={"ndcg@10": 0.5})
+
+
+@pytest.fixture(scope="module")
+def bundle(hybrid, data, tmp_path_factory):
+    from laser_core.export import export_lexical_bundle
+    from laser_core.ranking import popularity_counts
+
+    ds, split = data
+    out = tmp_path_factory.mktemp("lexical") / "bundle"
+    pop = popularity_counts(split.train, split.n_items)
+    return export_lexical_bundle(hybrid, ds.items, out, k=K, metadata={"model_version": "lex:1"}, popularity=pop)
+
+
+def _same_top(hybrid, hist, rows, k):
+    """``rows`` are the torch hybrid's top-``k`` for ``hist``: the same rows, or (float noise between ONNX and
+    torch) rows with the same scores where two items tie within 1e-5."""
+    scores = hybrid.score([hist])[0].double().numpy()
+    want = np.argsort(-scores, kind="stable")[:k]
+    assert len(rows) == k
+    if list(rows) != list(want):
+        np.testing.assert_allclose(scores[rows], scores[want], atol=1e-5 * max(1.0, np.abs(scores).max()))
+    return True
+
+
+@pytest.mark.parametrize("ann", [False, True])
+def test_bundle_round_trip_serves_the_hybrids_top_k(hybrid, bundle, data, ann, tmp_path):
+    """export -> Recommender: the top-k (the scorer's k, and more through the full table) are the torch
+    hybrid's, with the exact scorer and with the ANN index; the manifest says the model kind."""
+    from laser_core.bundle import load_manifest
+    from laser_core.serving import Recommender
+
+    ds, split = data
+    path = bundle
+    if ann:
+        pytest.importorskip("hnswlib")
+        import shutil
+
+        from laser_core.ann import index_bundle
+
+        path = tmp_path / "ann"
+        shutil.copytree(bundle, path)
+        index_bundle(path, ef=ds.n_items)  # as broad as the catalogue: the approximate search finds every row
+    manifest = load_manifest(path)
+    assert manifest.model_kind == "lexical_hybrid" and manifest.lexical.form == "decay5"
+    rec = Recommender.load(path)
+    assert rec.scoring == ("ann" if ann else "exact") and rec.cold_item_weights == "lexical"
+    ids = ds.items["item_id"].tolist()
+    _, hists, _ = split.test_examples()
+    for hist in hists[:12]:
+        got = rec.recommend([ids[i] for i in hist])
+        assert _same_top(hybrid, hist, [it.row for it in got.items], K)
+        more = rec.recommend([ids[i] for i in hist], k=12)
+        assert _same_top(hybrid, hist, [it.row for it in more.items], 12)
+
+
+def test_laser_bundles_are_written_without_the_lexical_fields(bundle):
+    """A Laser manifest has no model_kind/lexical keys (older format-2 readers read it); a lexical one has both."""
+    import json
+
+    from laser_core.bundle import MANIFEST, validate_manifest
+
+    raw = json.loads((bundle / MANIFEST).read_text())
+    assert raw["model_kind"] == "lexical_hybrid" and raw["lexical"]["gamma"] == 1.0
+    assert raw["tokenizer"] is None and raw["backbone"] is None
+    laserish = {**raw, "model_kind": "laser"}
+    with pytest.raises(Exception, match="lexical"):
+        validate_manifest(laserish)
+    broken = {**raw, "user_tower": {**raw["user_tower"], "inputs": ["item_ids"]}}
+    with pytest.raises(Exception, match="user_tower.inputs"):
+        validate_manifest(broken)
+
+
+@pytest.mark.parametrize("ann", [False, True])
+def test_items_add_embeds_new_items_from_their_words(bundle, data, ann, tmp_path):
+    """A new item that repeats the words of a user's last item ranks above one with words no item has; both
+    are served from the new bundle (its tower reads the new rows' text too), whose checks pass (hashes, the
+    text table's shape); with an ANN index it is extended or rebuilt."""
+    import pandas as pd
+
+    from laser_core.bundle import load_manifest
+    from laser_core.serving import Recommender, add_items
+
+    ds, split = data
+    src = bundle
+    if ann:
+        pytest.importorskip("hnswlib")
+        import shutil
+
+        from laser_core.ann import index_bundle
+
+        src = tmp_path / "ann"
+        shutil.copytree(bundle, src)
+        index_bundle(src, ef=ds.n_items)
+    _, hists, _ = split.test_examples()
+    hist = list(hists[0])
+    last = ds.items.iloc[hist[-1]]
+    new = pd.DataFrame(
+        {
+            "item_id": ["new-match", "new-other"],
+            "title": [last["title"], "Zzyzx Quux Frobnicator"],
+            "brand": [last["brand"], "Blorp"],
+            "category": [last["category"], "Nowhere"],
+        }
+    )
+    out = add_items(src, new, tmp_path / "added")
+    manifest = load_manifest(out)
+    assert manifest.n_items == ds.n_items + 2 and manifest.added_items[0].item_weights == "lexical"
+    rec = Recommender.load(out)  # every hash and the tower's text table checked
+    ids = ds.items["item_id"].tolist()
+    ranked = [it.item_id for it in rec.recommend([ids[i] for i in hist], k=rec.n_items).items]
+    assert ranked.index("new-match") < ranked.index("new-other")
+    # a history holding a new item reads its words (the tower's text table has its row): the text side differs
+    users = rec.user_embeddings([[ds.n_items], [ds.n_items + 1]])
+    lex = manifest.lexical
+    text = slice(lex.id_dim, lex.id_dim + lex.text_dim)
+    assert np.abs(users[0, text] - users[1, text]).max() > 0.1
+    assert rec.recommend(["new-match"]).used == ["new-match"]
+    assert (rec.scoring == "ann") == ann
+
+
+def test_a_lexical_bundle_missing_its_tfidf_state_is_refused(bundle, tmp_path):
+    import shutil
+
+    from laser_core.bundle import BundleError
+    from laser_core.serving import Recommender
+
+    broken = tmp_path / "b"
+    shutil.copytree(bundle, broken)
+    for f in (broken / "lexical" / "tfidf").iterdir():
+        f.unlink()
+    with pytest.raises(BundleError, match="lexical/tfidf"):
+        Recommender.load(broken)
