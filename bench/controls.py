@@ -52,6 +52,7 @@ from laser_core.frozen_table import frozen_item_table  # noqa: E402
 from laser_core.metrics import compute_metrics  # noqa: E402
 from laser_core.ranking import as_numpy  # noqa: E402
 from laser_core.reporting import markdown_table  # noqa: E402
+from laser_core.sr.checkpoint import load_model  # noqa: E402
 from laser_core.train import _sample, test_examples  # noqa: E402
 
 ROWS = ("sasrec", "tfidf_hybrid", "tfidf_alone", "random_llm_hybrid", "llm_hybrid", "llm_alone")
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--item-batch-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=512, help="users per scoring batch")
     ap.add_argument("--sr-epochs", type=int, default=200, help="SASRec's epoch budget (early stopping: 10)")
+    ap.add_argument(
+        "--sr-model",
+        default=None,
+        help="a saved ID model (a best/ folder: the tuned SASRec of bench/leaderboard.py sr) instead of the "
+        "bench/sr_baselines.py SASRec trained under --workdir",
+    )
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -187,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": cfg.backbone.model_dump(mode="json"),
         "text": cfg.text.model_dump(mode="json"),
         "pooling": cfg.bitune.pooling,
-        "id_model": {"model": "sasrec", "settings": "bench/sr_baselines.py", "epochs": args.sr_epochs},
+        "id_model": {"model": "sasrec", "settings": "bench/sr_baselines.py", "epochs": args.sr_epochs}
+        if args.sr_model is None
+        else {"saved": str(Path(args.sr_model).resolve()), "sha256": _folder_sha256(Path(args.sr_model))},
         "workdir": str(wd.resolve()),
         "valid_users": len(v_targets),
         "test_users": len(t_targets),
@@ -206,13 +215,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         out.update(contribution(results))
+        if len(t_targets) == len(split.test_examples()[1]):  # all test users: rows for bench/leaderboard.py
+            keep = ("ndcg@10", "recall@10", "mrr", "ndcg@10_masked", "command")
+            board = {r: {k: results[r][k] for k in keep} | {"test_users": len(t_targets)} for r in results}
+            board.pop("sasrec", None)  # the ID model's own row is bench/leaderboard.py sr's
+            out["leaderboard"] = {"dataset": name, "rows": board}
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
         print(f"wrote {dest}", flush=True)
 
     todo = [r for r in rows if r not in results]
     if todo:
-        sasrec = baseline_model("sasrec", split, wd, epochs=args.sr_epochs)
+        if args.sr_model is None:
+            sasrec = baseline_model("sasrec", split, wd, epochs=args.sr_epochs)
+        else:
+            sasrec = load_model(args.sr_model).eval()
+            if sasrec.n_items != split.n_items:
+                ap.error(f"--sr-model {args.sr_model}: {sasrec.n_items} items, the data has {split.n_items}")
         v_scores = as_numpy(sr_scores(sasrec, v_hist, args.batch_size))
         t_scores = as_numpy(sr_scores(sasrec, t_hist, args.batch_size))
     tables: dict[str, dict] = {}
@@ -261,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     if out.get("llm_contribution") is not None:
         print(f"llm_contribution: {out['llm_contribution']:+.4f} NDCG@10 over {out['best_control']}")
     return 0
+
+
+def _folder_sha256(folder: Path) -> str:
+    """One digest of a saved model folder's files (names and contents): the settings key of --sr-model."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _describe(chosen: dict | None) -> str:

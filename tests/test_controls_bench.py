@@ -106,3 +106,19 @@ def test_controls_rows_chosen_on_validation_and_resumed(tmp_path, monkeypatch, t
     assert len(calls) == len(controls.ROWS) - 1
     again = json.loads((tmp_path / "results" / "controls_tiny.json").read_text(encoding="utf8"))
     assert again["rows"] == rows
+    assert "leaderboard" not in again  # a sample of test users makes no leaderboard rows
+
+    # a saved ID model (--sr-model), all test users: leaderboard rows for every row but the ID model's own
+    saved = tmp_path / "wd" / "sr-sasrec" / "best"  # the first run's ID model, as saved by its trainer
+    argv2 = [a for a in argv if a not in ("--test-users", "50")] + [
+        "--sr-model",
+        str(saved),
+        "--rows",
+        "sasrec,tfidf_hybrid",
+    ]
+    assert controls.main(argv2) == 0
+    third = json.loads((tmp_path / "results" / "controls_tiny.json").read_text(encoding="utf8"))
+    assert third["settings"]["id_model"]["saved"] == str(saved.resolve())
+    board = third["leaderboard"]
+    assert board["dataset"] == "tiny" and list(board["rows"]) == ["tfidf_hybrid"]
+    assert board["rows"]["tfidf_hybrid"]["test_users"] == third["rows"]["sasrec"]["test_users"] > 50
