@@ -54,7 +54,15 @@ def tune_cmd(config_path: str, data_dir: str | None, trials: int | None, minutes
     split = leave_one_out(dataset)
     click.echo(f"tuning {cfg.sr.model} on {dataset.name}: {len(split.valid_examples()[0]):,} validation users")
     train = cfg.sr_train.model_copy(update={"progress": False})
-    result = tune(cfg.sr, train, cfg.sr_tune, split, folder, n_trials=trials, minutes=minutes)
+    text_table = None
+    if cfg.sr.text_items != "none":  # route b: every trial's model reads the frozen LLM item table
+        from laser_core.frozen_table import frozen_item_table
+
+        click.echo(f"sr.text_items {cfg.sr.text_items}: the frozen LLM item table ({len(dataset.items):,} items)")
+        text_table = frozen_item_table(
+            cfg.laser_spec(), dataset.items, batch_size=cfg.laser_train.item_batch_size, device=cfg.laser_train.device
+        ).table
+    result = tune(cfg.sr, train, cfg.sr_tune, split, folder, n_trials=trials, minutes=minutes, text_table=text_table)
     click.echo(trials_table(result.study))
     best = result.study.best_trial
     out = write_layer(

@@ -179,6 +179,19 @@ def test_a_start_point_is_the_first_trial_and_a_bad_one_is_refused(split, tmp_pa
         TuneConfig(start_points=[point | {"hidden_size": 64, "epochs": 3}])
 
 
+def test_text_items_trials_read_the_table_and_it_keys_the_study(split, tmp_path):
+    import torch
+
+    base = BASE_SR.model_copy(update={"text_items": "init"})
+    with pytest.raises(ValueError, match="text"):  # the table is required, as by fit
+        tune(base, BASE_TRAIN, SPACE, split, tmp_path / "none", n_trials=1)
+    table = torch.randn(split.n_items, 12, generator=torch.Generator().manual_seed(0))
+    result = tune(base, BASE_TRAIN, SPACE, split, tmp_path / "a", n_trials=1, text_table=table)
+    assert result.sr.text_items == "init" and result.value > 0
+    names = {study_name(base, BASE_TRAIN, SPACE, split, t) for t in (table, table + 1)}
+    assert result.study.study_name in names and len(names) == 2
+
+
 def test_tune_config_refuses_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="3 does not divide 64"):
         TuneConfig(hidden_size=[64], n_heads=[2, 3])

@@ -103,17 +103,17 @@ def suggest(trial: optuna.Trial, space: TuneConfig) -> dict:
     }
 
 
-def study_name(base_sr: SRConfig, base_train: TrainConfig, space: TuneConfig, split: Split) -> str:
+def study_name(base_sr: SRConfig, base_train: TrainConfig, space: TuneConfig, split: Split, text_table=None) -> str:
     """The study's name: the model and a key of everything the trials' values depend on but the drawn params."""
-    key = fingerprint(
-        "sr-tune",
-        {
-            "model": base_sr.model_dump(exclude=set(TUNED_SR)),
-            "train": base_train.model_dump(exclude={"progress", "threads", *TUNED_TRAIN}),
-            "space": space,
-            "data": split_fingerprint(split),
-        },
-    )
+    parts = {
+        "model": base_sr.model_dump(exclude=set(TUNED_SR)),
+        "train": base_train.model_dump(exclude={"progress", "threads", *TUNED_TRAIN}),
+        "space": space,
+        "data": split_fingerprint(split),
+    }
+    if text_table is not None and base_sr.text_items != "none":
+        parts["text_table"] = text_table.float()
+    key = fingerprint("sr-tune", parts)
     return f"{base_sr.model}-{key[:12]}"
 
 
@@ -139,10 +139,12 @@ def tune(
     n_trials: int | None = None,
     minutes: float | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    text_table=None,
 ) -> TuneResult:
     """Tune ``base_sr.model`` on ``split`` (see the module's docstring) until the study holds ``n_trials``
     finished (complete or pruned) trials or ``minutes`` have passed, whichever comes first; at least one of the
-    two must be given. ``pruner``: instead of the median pruner (tests)."""
+    two must be given. ``pruner``: instead of the median pruner (tests). ``text_table``: the frozen LLM item
+    table every trial's model reads when ``base_sr.text_items`` is set (route b; part of the study's key)."""
     if base_sr.model not in TUNABLE:
         raise ValueError(f"sr.model: tuning needs one of {', '.join(TUNABLE)}, got {base_sr.model!r}")
     if n_trials is None and minutes is None:
@@ -154,7 +156,7 @@ def tune(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(workdir / STUDY_DB).resolve()}"
-    name = study_name(base_sr, base_train, space, split)
+    name = study_name(base_sr, base_train, space, split, text_table)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=name,
@@ -186,7 +188,7 @@ def tune(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: {monitor} {entry['valid'][monitor]:.4f}")
 
-        result = fit(sr, train, split, workdir=folder, callbacks=[report])
+        result = fit(sr, train, split, workdir=folder, callbacks=[report], text_table=text_table)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs_run", result.epochs_run)
         return float(result.best_valid[monitor])
