@@ -310,6 +310,11 @@ def test_route_b_bench_smoke_and_resume(tmp_path, tiny_folder, monkeypatch, caps
         assert all(0 <= r[k] <= 1 for k in ("ndcg@10", "recall@10", "mrr", "ndcg@10_masked"))
     best = max(r["valid"]["ndcg@10"] for r in rows.values())
     assert rows[out["chosen_on_validation"]]["valid"]["ndcg@10"] == best
+    # the leaderboard row (all test users): the best text variant on validation, never "none"
+    row = out["leaderboard"]["rows"]["laser_b"]
+    text_best = max(("init", "join@0.3"), key=lambda v: rows[v]["valid"]["ndcg@10"])
+    assert out["leaderboard"]["dataset"] == "tiny" and row["variant"] == text_best
+    assert row["ndcg@10"] == rows[text_best]["ndcg@10"] and row["test_users"] == 160
 
     monkeypatch.setattr(route_b, "fit", lambda *a, **k: pytest.fail("a finished variant was trained again"))
     assert route_b.main(argv) == 0
