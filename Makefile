@@ -50,5 +50,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 
+# The peer benchmarks' own venv, bench/peers/.venv (RecTools 0.19, pinned by bench/peers/requirements-rectools.lock;
+# never a dependency of the package): bench/peers/README.md
+.PHONY: peers-venv
+peers-venv:
+	bench/peers/setup.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache
