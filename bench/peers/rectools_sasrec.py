@@ -321,12 +321,18 @@ def parse_args(argv: list[str] | None):
     for key in ("n_factors", "n_blocks", "n_heads", "dropout", "max_len", "n_negatives", "max_epochs", "patience"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    for key in ("n_factors", "n_blocks", "n_heads", "max_len", "n_negatives", "max_epochs", "batch_size", "threads"):
+    positive = ("n_factors", "n_blocks", "n_heads", "max_len", "n_negatives", "max_epochs", "patience", "batch_size",
+                "threads", "eval_batch_size")  # fmt: skip
+    for key in positive:
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     for key in ("max_users", "valid_users"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if not 0 <= args.dropout < 1:
+        ap.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.lr <= 0 or args.check_users < 0:
+        ap.error("--lr must be positive and --check-users at least 0")
     if args.n_factors % args.n_heads:
         ap.error(f"--n-factors ({args.n_factors}) must be a multiple of --n-heads ({args.n_heads})")
     return args
@@ -346,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_users is not None and args.max_users < len(users):
         users = np.sort(np.random.default_rng(args.seed).choice(len(users), size=args.max_users, replace=False))
     eval_users = np.intersect1d(users, split.eval_users)
+    if not len(eval_users):
+        print(f"error: --data-dir: no user of {args.data_dir} has the 3 items a test pair needs", file=sys.stderr)
+        return 3
     valid_users = eval_users
     if args.valid_users is not None and args.valid_users < len(eval_users):
         valid_users = np.sort(np.random.default_rng(args.seed + 2).choice(eval_users, args.valid_users, replace=False))
@@ -395,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - t0
     fitted = next(cb for cb in model.fit_trainer.callbacks if isinstance(cb, OurValidation))
     checked = next((cb.result for cb in model.fit_trainer.callbacks if isinstance(cb, StockSimilarityCheck)), None)
+    # the restored weights score the best epoch's validation figure again (dropout is off in both)
+    valid_best = rank(model.lightning_model, valid_hist, valid_targets, split.n_items, args.eval_batch_size)
+    if fitted.best and not np.isclose(valid_best[args.monitor], fitted.best[0], rtol=1e-4, atol=1e-6):
+        raise RuntimeError(f"best epoch {fitted.best[1]} not restored: {valid_best[args.monitor]} != {fitted.best[0]}")
 
     t0 = time.perf_counter()
     results = rank(model.lightning_model, test_hist, test_targets, split.n_items, args.eval_batch_size)
@@ -430,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "epochs_run": epochs,
         "best_epoch": fitted.best[1] if fitted.best else None,
+        "valid_at_best_epoch": {k: v for k, v in valid_best.items() if k != "cold_users"},
         "stopped_early": epochs < args.max_epochs,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_epoch": {  # the training pass, and our validation after it
