@@ -223,16 +223,19 @@ def _print_promotion(run_response) -> None:
         click.echo(f"Model {name} version {version}: {decision.stage or 'no stage'} — {decision.reason}")
 
 
-def results_table(laser_metrics) -> str:
-    """Laser beside the baselines its test step scored on the same pairs (the frozen ID model, popularity)."""
-    details = laser_metrics.details
+def results_table(laser_metrics, lexical_metrics=None) -> str:
+    """Laser (and the lexical hybrid, when the run fitted it; either may be None) beside the baselines their test
+    steps scored on the same pairs (the frozen ID model, popularity)."""
+    first = laser_metrics or lexical_metrics
+    details = first.details
     rows = [
-        ("laser", laser_metrics.metrics),
+        ("laser", laser_metrics.metrics if laser_metrics else None),
+        ("lexical", lexical_metrics.metrics if lexical_metrics else None),
         (details.get("id_model_name") or "id model", details.get("id_model")),
         ("popularity", details.get("popularity")),
     ]
     keys = ("ndcg@10", "recall@10", "mrr")
-    users = laser_metrics.protocol.get("users")
+    users = first.protocol.get("users")
     lines = [
         f"Test ({users:,} users, full ranking, the same pairs for every model):" if users else "Test:",
         f"  {'model':<12}" + "".join(f"{k:>11}" for k in keys),
@@ -247,8 +250,12 @@ def _print_results(run_response) -> None:
     from zenml.client import Client
 
     steps = Client().get_pipeline_run(run_response.id).steps
-    if "evaluate_laser" in steps and steps["evaluate_laser"].outputs.get("laser_metrics"):
-        click.echo(results_table(steps["evaluate_laser"].outputs["laser_metrics"][0].load()))
+    reports = [
+        steps[step].outputs[name][0].load() if step in steps and steps[step].outputs.get(name) else None
+        for step, name in (("evaluate_laser", "laser_metrics"), ("fit_lexical", "lexical_metrics"))
+    ]
+    if any(reports):
+        click.echo(results_table(*reports))
 
 
 def _print_run(run_response) -> None:

@@ -65,6 +65,7 @@ def _metrics(mv) -> dict[str, Any]:
     out = {}
     for key, artifact in (
         ("laser_test", "laser_metrics"),
+        ("lexical_test", "lexical_metrics"),
         ("sr_test", "sr_metrics"),
         ("popularity_test", None),
         ("id_model_test", None),
@@ -123,12 +124,20 @@ class PromotionError(click.ClickException, ValueError):
 SERVING_ARTIFACTS = ("dataset", "sr_model", "laser_model", "item_table")
 
 
+# the same for a version that serves only the lexical hybrid (pipeline.models: [lexical_hybrid]): its bundle
+LEXICAL_SERVING_ARTIFACTS = ("dataset", "sr_model", "scorer_bundle")
+
+
 def _servable(mv) -> list[str]:
-    """What the version lacks to be staged or put in production: artifacts, and Laser test metrics."""
-    missing = [name for name in SERVING_ARTIFACTS if mv.get_artifact(name) is None]
-    laser_test = _metrics(mv).get("laser_test") or {}
-    if not any(isinstance(laser_test.get(k), (int, float)) for k in HEADLINE):
-        missing.append("Laser test metrics")
+    """What the version lacks to be staged or put in production: artifacts, and test metrics (Laser's, or the
+    lexical hybrid's for a version that trained no Laser)."""
+    metrics = _metrics(mv)
+    lexical = mv.get_artifact("laser_model") is None and bool(metrics.get("lexical_test"))
+    needed = LEXICAL_SERVING_ARTIFACTS if lexical else SERVING_ARTIFACTS
+    missing = [name for name in needed if mv.get_artifact(name) is None]
+    test = metrics.get("lexical_test" if lexical else "laser_test") or {}
+    if not any(isinstance(test.get(k), (int, float)) for k in HEADLINE):
+        missing.append("lexical hybrid test metrics" if lexical else "Laser test metrics")
     return missing
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from laser_core import __version__
 from laser_core.configbase import StrictConfig, describe_validation_error
@@ -23,7 +23,7 @@ from laser_core.data.text import TextConfig
 from laser_core.data.validation import ValidationConfig
 from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, LaserTrainConfig
 from laser_core.promotion import PromotionConfig
-from laser_core.configuration import SRConfig, TrainConfig, TuneConfig
+from laser_core.configuration import LexicalConfig, SRConfig, TrainConfig, TuneConfig
 
 
 class PipelineConfig(StrictConfig):
@@ -32,6 +32,20 @@ class PipelineConfig(StrictConfig):
     enable_cache: bool = True
     # split | sr (ID-based model) | laser (Bi-Tuned and evaluated) | promote (exported and gated: the whole run)
     stop_after: Literal["split", "sr", "laser", "promote"] = "promote"
+    models: list[Literal["laser", "lexical_hybrid"]] = Field(
+        default_factory=lambda: ["laser"],
+        min_length=1,
+        description="the models the run fits after the ID model (laser; lexical_hybrid: the ID model + TF-IDF, "
+        "section lexical); with both, the version serves the better on the promotion metric over the same test "
+        "pairs (laser_core.promotion.choose_model)",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"pipeline.models names a model twice: {value}")
+        return value
 
 
 class ModelConfig(StrictConfig):
@@ -76,6 +90,9 @@ class LaserConfig(StrictConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     bitune: BiTuneConfig = Field(default_factory=BiTuneConfig)
     laser_train: LaserTrainConfig = Field(default_factory=LaserTrainConfig)
+    lexical: LexicalConfig = Field(
+        default_factory=LexicalConfig, description="the lexical hybrid (pipeline.models: lexical_hybrid)"
+    )
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)

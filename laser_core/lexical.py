@@ -261,3 +261,32 @@ def fit_lexical_hybrid(
         valid=choice.valid,
         grid=choice.grid,
     )
+
+
+def evaluate_lexical(model: LexicalHybrid, split: Any, train_config: Any) -> Any:
+    """The hybrid's test metrics on the pairs Laser is scored on (:func:`laser_core.train.test_examples`: all
+    test users, or ``laser_train.test_users`` of them), with the one evaluation loop, beside popularity's and the
+    ID model's on the same pairs (the promotion gate's baselines), as a
+    :class:`~laser_core.reporting.MetricsReport`."""
+    from laser_core.configuration import SRConfig
+    from laser_core.evaluation import evaluate
+    from laser_core.reporting import MetricsReport, full_ranking_protocol
+    from laser_core.sr.popularity import Popularity
+    from laser_core.train import test_examples
+
+    hist, targets = test_examples(split, train_config)
+    metrics = evaluate(model, hist, targets)
+    popularity = evaluate(Popularity(SRConfig(model="popularity"), split.n_items).fit(split.train), hist, targets)
+    id_model = evaluate(model.sr, hist, targets)
+    return MetricsReport(
+        model="lexical_hybrid",
+        split="test",
+        metrics=metrics,
+        protocol=full_ranking_protocol(len(targets), test_users=train_config.test_users or "all"),
+        details={
+            **model.describe(),
+            "popularity": popularity,
+            "id_model": id_model,
+            "id_model_name": model.sr.config.model,
+        },
+    )

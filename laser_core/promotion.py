@@ -15,6 +15,11 @@ The rule (ZenML's e2e template, made explicit and testable without ZenML):
 
 Every reason ends with what the version was compared with: the metric, the number of test users, the value of
 each baseline and of production.
+
+When a run fitted more than one model (``pipeline.models``: Laser and the lexical hybrid, ``laser_core.lexical``),
+:func:`choose_model` picks the one the version serves first: the better on ``metric`` over the same test pairs
+(ties go to the first in :data:`MODEL_ORDER`, Laser); its metrics then go through the gate above, and the decision
+says which model won and by how much (``model``, ``candidates``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,53 @@ class PromotionConfig(StrictConfig):
     enabled: bool = True
 
 
+#: the models a run can fit, in the order a tie goes (``pipeline.models``; laser_core.bundle.MODEL_KINDS)
+MODEL_ORDER = ("laser", "lexical_hybrid")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which of a run's fitted models the version serves: ``model``, with the ``metric`` of each candidate on the
+    same test pairs, and ``why`` in words (the winner, its value, the runner-up's and the difference)."""
+
+    model: str
+    metric: str
+    values: dict[str, float]
+    why: str
+
+
+def choose_model(metric: str, candidates: dict[str, dict[str, float]]) -> ModelChoice:
+    """The better of the run's models (``candidates``: name -> test metrics on the same pairs) on ``metric``; a
+    tie, or a candidate without a finite value, goes by :data:`MODEL_ORDER`. With one candidate it is that one."""
+    if not candidates:
+        raise ValueError("no model to choose from (pipeline.models is empty)")
+    unknown = [name for name in candidates if name not in MODEL_ORDER]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: expected among {list(MODEL_ORDER)}")
+    missing = [name for name, m in candidates.items() if metric not in m]
+    if missing:
+        raise KeyError(f"promotion metric {metric!r} not among the metrics of {missing}")
+    values = {name: float(candidates[name][metric]) for name in MODEL_ORDER if name in candidates}
+    ok = {name: v for name, v in values.items() if math.isfinite(v)}
+    if not ok:
+        name = next(iter(values))
+        return ModelChoice(name, metric, values, f"{name}: no candidate has a finite {metric}")
+    best = max(ok.values())
+    winner = next(name for name, v in ok.items() if v == best)  # the first in MODEL_ORDER among the best
+    if len(values) == 1:
+        return ModelChoice(winner, metric, values, f"{winner} (the run's only model)")
+    others = sorted(((v, n) for n, v in values.items() if n != winner), reverse=True)
+    v2, second = others[0]
+    gain = best - v2 if math.isfinite(v2) else float("nan")
+    rel = f", {100 * gain / v2:+.1f} %" if math.isfinite(v2) and v2 > 0 else ""
+    verdict = "ties" if gain == 0 else "beats"
+    why = (
+        f"{winner} {verdict} {second} on {metric}: {best:.4f} vs {_fmt(v2)} ({gain:+.4f}{rel}) on the same test "
+        f"pairs, so the version serves {winner}"
+    )
+    return ModelChoice(winner, metric, values, why)
+
+
 @dataclass
 class PromotionDecision:
     metric: str
@@ -64,6 +116,8 @@ class PromotionDecision:
     stage: str | None = None  # "production" | "staging" | None
     reason: str = ""
     details: dict = field(default_factory=dict)
+    model: str | None = None  # the model the version serves (MODEL_ORDER); None: a decision from before
+    candidates: dict = field(default_factory=dict)  # each fitted model's `metric` on the same test pairs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +163,10 @@ class PromotionDecision:
             ("comparable", self.comparable),
             ("stage", self.stage or "none"),
         ]
+        if self.model is not None:
+            rows.insert(2, ("model served", self.model))
+        for name, value in self.candidates.items():
+            rows.insert(3, (f"candidate {name}", _fmt(value)))
         body = "\n".join(f"| {a} | {b} |" for a, b in rows)
         return f"# Promotion decision\n\n| | |\n| --- | --- |\n{body}\n\n{self.reason}\n"
 
@@ -137,11 +195,18 @@ def decide(
     id_model: dict[str, float] | None = None,
     id_model_name: str | None = None,
     users: int | None = None,
+    candidates: dict[str, dict[str, float]] | None = None,
 ) -> PromotionDecision:
     """Apply the gate. ``new`` / ``production`` / ``popularity`` / ``id_model`` are metric dicts on the same
     ``users`` test pairs (``production`` None when there is no production version; ``comparable`` False when it
-    was trained on a different catalogue, so it could not be re-scored on these pairs)."""
+    was trained on a different catalogue, so it could not be re-scored on these pairs). ``candidates``: each
+    model the run fitted (name -> metrics on the same pairs); then ``new`` is ignored and the gate judges the
+    better of them (:func:`choose_model`), the reason saying which won and by how much."""
     m = config.metric
+    choice = None
+    if candidates:
+        choice = choose_model(m, candidates)
+        new = candidates[choice.model]
     if m not in new:
         raise KeyError(f"promotion metric {m!r} not among the new version's metrics ({sorted(new)})")
     required = [
@@ -165,9 +230,28 @@ def decide(
             "min_improvement": config.min_improvement,
         },
     )
+    if choice is not None:
+        d.model, d.candidates = choice.model, dict(choice.values)
+    _gate(config, d, production, production_version, comparable, id_model_name)
+    if choice is not None and len(choice.values) > 1:
+        d.reason = f"{choice.why}; {d.reason}"
+    return d
+
+
+def _gate(
+    config: PromotionConfig,
+    d: PromotionDecision,
+    production: dict[str, float] | None,
+    production_version: str | None,
+    comparable: bool,
+    id_model_name: str | None,
+) -> None:
+    """The gate's stage and reason for ``d`` (set in place)."""
+    m = config.metric
+    required = d.details["required_baselines"]
     if not _ok(d.new_value):
         d.reason = f"not promoted: {m} = {d.new_value} is not a valid metric value ({d.compared_with()})"
-        return d
+        return
     d.valid = True
     missing, beaten_by = [], []
     for name in required:
@@ -188,15 +272,15 @@ def decide(
             why.append(f"no score of {' nor '.join(missing)} on these test pairs to compare with")
         d.stage = "staging"
         d.reason = f"staged, not production (baseline gate): {'; '.join(why)} ({d.compared_with()})"
-        return d
+        return
     if not config.enabled:
         d.stage = "staging"
         d.reason = f"promotion to production disabled (promotion.enabled: false); staged ({d.compared_with()})"
-        return d
+        return
     if production is None and production_version is None:
         d.stage = "production"
         d.reason = f"no production version yet: promoted with {m} {d.new_value:.4f} ({d.compared_with()})"
-        return d
+        return
     if not comparable or d.production_value is None:
         d.stage = "staging"
         d.reason = (
@@ -204,7 +288,7 @@ def decide(
             "cannot be re-scored on these test pairs; promote by hand (`laser model promote`) if intended "
             f"({d.compared_with()})"
         )
-        return d
+        return
     gain = d.new_value - d.production_value
     if gain > config.min_improvement:
         d.stage = "production"
@@ -220,4 +304,3 @@ def decide(
             f"{d.production_value:.4f} (gain {gain:+.4f} <= margin {config.min_improvement:+.4f}; "
             f"{d.compared_with()})"
         )
-    return d

@@ -393,6 +393,24 @@ class Recommender:
         )
 
 
+def bundle_metrics(
+    rec: Recommender, histories: Sequence[Sequence[int]], targets: Any, batch_size: int = 256
+) -> dict[str, float]:
+    """Full-ranking metrics of a loaded bundle on (history, target) pairs of catalogue rows: every item scored by
+    the exact cosine over the scorer's table (what ``recommend`` ranks by), accumulated as the evaluation loop
+    does (:class:`laser_core.metrics.RankingAccumulator`; no history masking). The promotion gate re-scores a
+    stored lexical-hybrid version with it."""
+    from laser_core.metrics import RankingAccumulator
+
+    acc = RankingAccumulator()
+    targets = np.asarray(targets)
+    table = rec.table()
+    for lo in range(0, len(histories), batch_size):
+        hist = [list(h) for h in histories[lo : lo + batch_size]]
+        acc.add(l2_normalize(rec.user_embeddings(hist)) @ table.T, targets[lo : lo + batch_size])
+    return acc.result()
+
+
 # ----------------------------------------------------------------------------------------- catalogue
 def _read_catalogue(path: Path, manifest: BundleManifest) -> pd.DataFrame:
     if not path.is_file():

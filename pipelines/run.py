@@ -128,6 +128,8 @@ def run_training(
         stop_after=config.pipeline.stop_after,
         fresh_data=schedule is not None,
         resume=resume,
+        models=list(config.pipeline.models),
+        lexical=config.lexical,
     )
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     try:

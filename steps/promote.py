@@ -14,7 +14,8 @@ from laser_core.data.split import Split
 from laser_core.model import build_laser
 from laser_core.promotion import PromotionConfig, PromotionDecision, decide
 from laser_core.reporting import MetricsReport
-from laser_core.train import LaserTrainConfig, test_laser
+from laser_core.train import LaserTrainConfig, test_examples, test_laser
+from steps.export import candidates
 from steps.materializers import PromotionDecisionMaterializer
 from steps.mcp import current_model, log_model_metadata
 
@@ -25,7 +26,11 @@ def rescore_version(
     version, dataset: SeqDataset, split: Split, train_config: LaserTrainConfig
 ) -> tuple[dict[str, float] | None, str]:
     """Test metrics of a stored model version on *these* test pairs, or (None, why) when it cannot be scored
-    here (another catalogue, or artifacts missing)."""
+    here (another catalogue, or artifacts missing). A version that serves the lexical hybrid is scored through
+    its bundle (``laser_core.serving.bundle_metrics``), a Laser version through its weights and table."""
+    bundle = version.get_artifact("scorer_bundle")
+    if bundle is not None and bundle.load().manifest.model_kind == "lexical_hybrid":
+        return _rescore_bundle(version, bundle.load(), dataset, split, train_config)
     arts = {}
     for name in ("dataset", "sr_model", "laser_model", "item_table"):
         art = version.get_artifact(name)
@@ -40,32 +45,53 @@ def rescore_version(
     return test_laser(model, arts["item_table"].load().table, split, train_config), ""
 
 
+def _rescore_bundle(
+    version, bundle, dataset: SeqDataset, split: Split, train_config: LaserTrainConfig
+) -> tuple[dict[str, float] | None, str]:
+    from laser_core.serving import Recommender, bundle_metrics
+
+    rec = Recommender.load(bundle.path)
+    trained = rec.item_ids[: rec.n_trained_items]
+    if list(trained) != dataset.items["item_id"].astype(str).tolist():
+        return None, f"version {version.name} was trained on a different catalogue"
+    hist, targets = test_examples(split, train_config)
+    return bundle_metrics(rec, hist, targets), ""
+
+
 @step(output_materializers={"promotion_decision": PromotionDecisionMaterializer})
 def promote(
     dataset: SeqDataset,
     split: Split,
-    laser_metrics: MetricsReport,
-    train_config: LaserTrainConfig,
-    promotion: PromotionConfig,
+    laser_metrics: MetricsReport | None = None,
+    train_config: LaserTrainConfig | None = None,
+    promotion: PromotionConfig | None = None,
     production_version_id: str | None = None,
     model_name: str = "",
+    lexical_metrics: MetricsReport | None = None,
 ) -> Annotated[PromotionDecision, "promotion_decision"]:
     """Stage the new model version: ``staging`` when valid, ``production`` when it beats the required baselines
     (popularity by default; the ID model optionally) and the current production version (re-scored here), all on
-    the same test pairs, by the configured margins (laser_core.promotion). ``production_version_id`` (the
-    production version when the run started) and ``model_name`` are parameters so that the step's cache follows
-    the registry: a cached decision is reused only for the same model and the same production version."""
-    cfg, tcfg = promotion, train_config
+    the same test pairs, by the configured margins (laser_core.promotion). When the run fitted Laser and the
+    lexical hybrid, the version serves the better of the two (``choose_model``; the export step exported that
+    one) and the decision says which won and by how much. ``production_version_id`` (the production version
+    when the run started) and ``model_name`` are parameters so that the step's cache follows the registry: a
+    cached decision is reused only for the same model and the same production version."""
+    cfg, tcfg = promotion or PromotionConfig(), train_config or LaserTrainConfig()
     model = current_model()
-    # the baselines, scored by evaluate_laser on exactly the test pairs the new version was scored on
+    fitted = candidates(laser_metrics, lexical_metrics)
+    if not fitted:
+        raise ValueError("promote: no model's metrics (neither laser_metrics nor lexical_metrics)")
+    first = laser_metrics or lexical_metrics
+    # the baselines, scored by evaluate_laser (or fit_lexical) on exactly the test pairs the models were scored on
     baselines = {
-        "popularity": laser_metrics.details.get("popularity"),
-        "id_model": laser_metrics.details.get("id_model"),
-        "id_model_name": laser_metrics.details.get("id_model_name"),
-        "users": laser_metrics.protocol.get("users"),
+        "popularity": first.details.get("popularity"),
+        "id_model": first.details.get("id_model"),
+        "id_model_name": first.details.get("id_model_name"),
+        "users": first.protocol.get("users"),
+        "candidates": fitted,
     }
     if model is None:
-        decision = decide(cfg, laser_metrics.metrics, **baselines)
+        decision = decide(cfg, first.metrics, **baselines)
         decision.stage, decision.reason = None, "pipeline not bound to a ZenML Model: nothing to promote"
         return decision
     client = Client()
@@ -85,7 +111,7 @@ def promote(
         prod_metrics, why = rescore_version(production, dataset, split, tcfg)
     decision = decide(
         cfg,
-        laser_metrics.metrics,
+        first.metrics,
         production=prod_metrics,
         production_version=None if production is None else production.name,
         comparable=production is None or prod_metrics is not None,

@@ -234,3 +234,67 @@ def test_a_lexical_bundle_missing_its_tfidf_state_is_refused(bundle, tmp_path):
         f.unlink()
     with pytest.raises(BundleError, match="lexical/tfidf"):
         Recommender.load(broken)
+
+
+# ------------------------------------------------------------------------------ the gate and the pipeline
+def test_the_gate_promotes_the_better_of_laser_and_the_hybrid_and_says_by_how_much():
+    from laser_core.promotion import PromotionConfig, choose_model, decide
+
+    base = dict(popularity={"ndcg@10": 0.02}, id_model={"ndcg@10": 0.09}, id_model_name="sasrec", users=100)
+    both = {"laser": {"ndcg@10": 0.1014}, "lexical_hybrid": {"ndcg@10": 0.1054}}
+    d = decide(PromotionConfig(), {"ndcg@10": 0.0}, candidates=both, **base)
+    assert d.model == "lexical_hybrid" and d.new_value == 0.1054 and d.stage == "production"
+    assert d.candidates == {"laser": 0.1014, "lexical_hybrid": 0.1054}
+    assert d.reason.startswith("lexical_hybrid beats laser on ndcg@10: 0.1054 vs 0.1014 (+0.0040, +3.9 %)")
+    assert "model served | lexical_hybrid" in d.to_markdown()
+    # Laser wins when it is better; a tie goes to Laser
+    d = decide(PromotionConfig(), {}, candidates={**both, "laser": {"ndcg@10": 0.2}}, **base)
+    assert d.model == "laser" and d.new_value == 0.2 and "laser beats lexical_hybrid" in d.reason
+    assert choose_model("ndcg@10", {"laser": {"ndcg@10": 0.1}, "lexical_hybrid": {"ndcg@10": 0.1}}).model == "laser"
+    # the winner still goes through the gate: below the ID model it stays in staging
+    gate = PromotionConfig(require_beats_id_model=True)
+    d = decide(gate, {}, candidates={"laser": {"ndcg@10": 0.05}, "lexical_hybrid": {"ndcg@10": 0.08}}, **base)
+    assert d.model == "lexical_hybrid" and d.stage == "staging" and "does not beat" in d.reason
+
+
+def test_pipeline_fits_exports_and_gates_the_lexical_hybrid(zenml_store, data):
+    """pipeline.models [lexical_hybrid]: no Laser step runs; fit_lexical scores the hybrid on the same test pairs
+    (all test users here) with the one loop, the version's bundle is the hybrid's, the gate decides on it."""
+    from zenml.client import Client
+
+    from laser_core.config import LaserConfig
+    from laser_core.serving import Recommender
+    from pipelines.run import run_training
+
+    cfg = LaserConfig.model_validate(
+        {
+            "dataset": {"format": "synthetic", "synthetic": DATA},
+            "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
+            "sr": SR,
+            "sr_train": {**SR_TRAIN, "progress": False},
+            "lexical": {"dim": 12, "gammas": [0.0, 0.5, 1.0]},
+            "model": {"name": "laser-lexical"},
+            "export": {"k": K},
+            "pipeline": {"models": ["lexical_hybrid"]},
+        }
+    )
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    assert {n: s.status.value for n, s in run.steps.items()} == {
+        **{s: "completed" for s in ("load_dataset", "validate_dataset", "split_dataset", "pretrain_sr")},
+        **{s: "completed" for s in ("evaluate_sr", "fit_lexical", "export_scorer", "promote")},
+    }
+    report = run.steps["fit_lexical"].outputs["lexical_metrics"][0].load()
+    ds, split = data
+    assert report.protocol["users"] == len(split.eval_users) and 0 < report.metrics["ndcg@10"] <= 1
+    bundle = run.steps["export_scorer"].outputs["scorer_bundle"][0].load()
+    assert bundle.manifest.model_kind == "lexical_hybrid"
+    assert bundle.manifest.metadata["model_version"].startswith("laser-lexical:")
+    decision = run.steps["promote"].outputs["promotion_decision"][0].load()
+    assert decision.model == "lexical_hybrid" and decision.new_value == report.metrics["ndcg@10"]
+    # the stored bundle scores what the torch hybrid scored on the same pairs
+    from laser_core.serving import bundle_metrics
+    from laser_core.train import LaserTrainConfig, test_examples
+
+    hist, targets = test_examples(split, LaserTrainConfig())
+    got = bundle_metrics(Recommender.load(bundle.path), hist, targets)
+    assert abs(got["ndcg@10"] - report.metrics["ndcg@10"]) < 1e-3
