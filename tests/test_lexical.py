@@ -298,3 +298,105 @@ def test_pipeline_fits_exports_and_gates_the_lexical_hybrid(zenml_store, data):
     hist, targets = test_examples(split, LaserTrainConfig())
     got = bundle_metrics(Recommender.load(bundle.path), hist, targets)
     assert abs(got["ndcg@10"] - report.metrics["ndcg@10"]) < 1e-3
+
+
+def test_cli_and_http_service_serve_a_lexical_bundle(bundle, data, tmp_path):
+    """`laser recommend`, `laser items add` and the HTTP service work on a lexical bundle as on Laser's."""
+    import json
+    import time
+
+    import pandas as pd
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from laser_cli.main import cli
+    from laser_core.service import create_app
+    from laser_core.serving import Recommender
+
+    ds, split = data
+    ids = ds.items["item_id"].tolist()
+    hist = [ids[i] for i in split.test_examples()[1][0]]
+    runner = CliRunner()
+    res = runner.invoke(
+        cli, ["recommend", "--bundle", str(bundle), "--json", *sum((["--history", h] for h in hist), [])]
+    )
+    assert res.exit_code == 0, res.output
+    served = json.loads(res.output)
+    assert served["model_version"] == "lex:1" and len(served["items"]) == K
+    new = tmp_path / "new.csv"
+    pd.DataFrame({"item_id": ["n1"], "title": ["Digital Caliper"]}).to_csv(new, index=False)
+    res = runner.invoke(
+        cli, ["items", "add", "--bundle", str(bundle), "--items", str(new), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 0 and f"now holds {ds.n_items + 1} items" in res.output, res.output
+    with TestClient(create_app(Recommender.load(bundle)), raise_server_exceptions=False) as client:
+        for _ in range(200):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        resp = client.post("/recommend", json={"history": hist, "k": K})
+        assert resp.status_code == 200, resp.text
+        assert [it["item_id"] for it in resp.json()["items"]] == [it["item_id"] for it in served["items"]]
+
+
+def test_pipeline_with_laser_and_the_hybrid_serves_the_better_one(zenml_store, capsys):
+    """pipeline.models [laser, lexical_hybrid]: both are scored on the same test pairs; the version's bundle is
+    the better one's, and the decision names the winner, both values and the difference."""
+    from zenml.client import Client
+
+    from laser_cli.main import _print_results
+    from laser_core.config import LaserConfig
+    from pipelines.run import run_training
+    from tests.test_pipeline import TINY_LASER
+
+    cfg = LaserConfig.model_validate(
+        {
+            "dataset": {"format": "synthetic", "synthetic": DATA},
+            "validation": {"min_sequence_length": 3, "max_sequence_length": 50},
+            "sr": SR,
+            "sr_train": {**SR_TRAIN, "progress": False},
+            **TINY_LASER,
+            "lexical": {"dim": 12, "gammas": [0.0, 0.5, 1.0]},
+            "model": {"name": "laser-both"},
+            "export": {"k": K},
+            "pipeline": {"models": ["laser", "lexical_hybrid"]},
+        }
+    )
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    steps = run.steps
+    assert {n: s.status.value for n, s in steps.items()}["fit_lexical"] == "completed"
+    laser = steps["evaluate_laser"].outputs["laser_metrics"][0].load()
+    lexical = steps["fit_lexical"].outputs["lexical_metrics"][0].load()
+    assert laser.protocol["users"] == lexical.protocol["users"] == 32  # the same test pairs
+    decision = steps["promote"].outputs["promotion_decision"][0].load()
+    winner = "lexical_hybrid" if lexical.metrics["ndcg@10"] > laser.metrics["ndcg@10"] else "laser"
+    assert decision.model == winner
+    assert decision.candidates == {"laser": laser.metrics["ndcg@10"], "lexical_hybrid": lexical.metrics["ndcg@10"]}
+    loser = "laser" if winner == "lexical_hybrid" else "lexical_hybrid"
+    assert decision.reason.startswith(f"{winner} ") and f" {loser} on ndcg@10: " in decision.reason
+    bundle = steps["export_scorer"].outputs["scorer_bundle"][0].load()
+    assert bundle.manifest.model_kind == winner
+    capsys.readouterr()
+    _print_results(run)
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["laser", "lexical", "sasrec", "popularity"]
+
+
+def test_loading_checks_the_lexical_files_against_the_manifest(bundle, tmp_path):
+    """check_loaded: item-side statistics of another width are refused, even with matching hashes."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from laser_core.bundle import BundleError, load_manifest, write_manifest
+    from laser_core.serving import Recommender
+
+    broken = tmp_path / "b"
+    shutil.copytree(bundle, broken)
+    manifest = load_manifest(broken)
+    stats = load_file(str(broken / manifest.lexical.item_side))
+    stats["text_mean"] = stats["text_mean"][:-1].copy()
+    save_file(stats, str(broken / manifest.lexical.item_side))
+    write_manifest(broken, manifest)  # the hashes agree: only the loaded contents can tell
+    with pytest.raises(BundleError, match="'text_mean' has shape"):
+        Recommender.load(broken)
