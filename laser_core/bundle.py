@@ -168,7 +168,7 @@ class BiTuneSection(_Section):
     pooling: Literal["suffix", "mean", "eos"]
     n_query: NonNegativeInt
     n_experts: NonNegativeInt
-    fusion: Literal["none", "concat"]
+    fusion: Literal["none", "concat", "zscore"]
 
 
 class BackboneSection(_Section):

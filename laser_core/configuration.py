@@ -277,14 +277,28 @@ class BiTuneConfig(StrictConfig):
             "centre (or ZCA-whiten) the LLM embeddings of users and items, fitted once on the initial item table"
         ),
     )
-    fusion: Literal["none", "concat"] = Field(
+    fusion: Literal["none", "concat", "zscore"] = Field(
         default="none",
         description=(
             "concat: score = the frozen ID model's score + w x Laser's cosine (user and item vectors concatenated; "
-            "needs an ID model with dot-product scores: SASRec or BERT4Rec)"
+            "needs an ID model with dot-product scores: SASRec or BERT4Rec); zscore: score = a x (z_ID + w x z_LLM), "
+            "both parts z-scored per user over the catalogue inside the model (the LLM side's statistics refitted "
+            "with every item table), the temperature a and the weight w learned"
         ),
     )
-    fusion_init_weight: float = Field(default=10.0, gt=0, description="w at initialisation (fusion: concat)")
+    fusion_init_weight: float = Field(
+        default=10.0,
+        gt=0,
+        description="w at initialisation (concat: on the cosine; zscore: on the z-scored LLM part, as hybrid gamma)",
+    )
+    fusion_init_temperature: float = Field(
+        default=4.0,
+        gt=0,
+        description=(
+            "fusion: zscore: the temperature a at initialisation (the per-user std of the logits; 4 gives a "
+            "softmax over a few dozen items of a 5k-40k catalogue, neither flat nor one-hot)"
+        ),
+    )
 
     @property
     def reads_item_ids(self) -> bool:

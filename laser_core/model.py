@@ -36,6 +36,31 @@ Beyond the paper (each a switch of :class:`BiTuneConfig`, off by default):
   the item table, the exported scorer and the service stay cosine-based. The model starts at the ID model's
   ranking plus the frozen LLM's similarity, and training (softmax cross-entropy on that dot product) only
   has to add to it.
+- ``fusion: zscore``: as ``concat``, but both score parts are z-scored per user over the catalogue inside the
+  model, then weighted by a learned fusion weight ``w`` and a learned temperature ``a`` (both log-parameterised;
+  ``fusion_init_weight``, ``fusion_init_temperature``)::
+
+      score(u, i) = a (z_ID(u, i) + w z_T(u, i)),   z_X(u, i) = (s_X(u, i) - mean_j s_X(u, j)) / std_j s_X(u, j)
+
+  (``s_ID = u_ID . v_ID(i)``, ``s_T = cos(h_u, h_i)``; with ``concat`` the ID logits' spread dwarfs
+  ``w cos``, so the softmax barely sees the LLM side). For a dot-product part ``s(u, i) = u . v_i`` the z-score
+  is exactly ``u . (v_i - vbar) / sqrt(u^T C u)`` (``vbar``, ``C``: the mean and covariance of the catalogue's
+  rows, ``ddof`` 1 as :func:`laser_core.hybrid.zscore`), so the score stays ONE dot product: user rows
+  ``[a c_ID u_ID / sd_ID(u), a w c_T n / sd_T(n), 0]``, item rows ``[(v_ID(i) - vbar_ID) / c_ID, (n_i - nbar) /
+  c_T, r_i]`` (a cold item: the ID model's unknown-item vector, centred the same way). The constants ``c_X =
+  sqrt(trace C_X)`` cancel in the product; they give each item part a root mean square norm of 1 and keep the
+  user rows' norms moderate (an anisotropic LLM's ``sd_T`` is ~1e-3, and a user row of norm ~1e3 would leave
+  the exported tower's float32 parity no room). ``r_i`` again gives every item row the same norm ``R`` (``R^2``:
+  the largest scaled ID row's squared norm + ``((1 + |nbar|) / c_T)^2``, a bound for any unit ``n_i``, new
+  items included), so the served cosine ranks exactly as the dot product. The ID statistics come from the frozen ID model once; the
+  LLM side's (``nbar``, ``C_T``) from the catalogue's LLM rows, refitted with every item table
+  (:meth:`LaserModel.catalogue_table`: the trainer's stage-1 refreshes; stage 2 keeps the frozen table's), and
+  are buffers saved with the weights (so the exported tower carries them). ``a`` is the per-user std of the
+  logits: for roughly Gaussian z the softmax of ``a z`` over N items has an effective support of ``~N
+  exp(-a^2 / 2)`` items (a = 1: nearly flat; a = 4: a few dozen of 5,000-40,000 items; a >= sqrt(2 ln N) ~ 4-4.6:
+  a handful, and fewer still for the right-skewed scores of a trained ID model), so 4 starts neither flat nor
+  one-hot. With no prefix and a one-item user text the model starts exactly at the z-scored hybrid
+  (:func:`laser_core.hybrid.blend` with ``gamma = w``) of the ID model and the frozen LLM.
 
 Device: the model computes where its backbone is (:attr:`LaserModel.device`); ``model.to(device)`` (or
 :meth:`LaserModel.to_device` with a device setting of :mod:`laser_core.device`) moves the trainable parts and
@@ -134,12 +159,30 @@ class LaserModel(nn.Module):
             self.register_buffer("emb_map", torch.eye(hidden))
             self.register_buffer("emb_fitted", torch.zeros(()))
         self.fusion_log_weight: nn.Parameter | None = None
+        self.fusion_log_temperature: nn.Parameter | None = None
         if cfg.fusion != "none":
             with torch.no_grad():
-                vectors = torch.cat([sr_model.item_vectors(), sr_model.unknown_item_vector()[None]]).float()
-                radius2 = (vectors**2).sum(1).max() + 1.0
+                known = sr_model.item_vectors().float()
+                vectors = torch.cat([known, sr_model.unknown_item_vector().float()[None]])
+                if cfg.fusion == "zscore":  # the ID side's statistics: from the frozen ID model, once
+                    id_mean, id_cov = row_statistics(known)
+                    id_scale = _rms_scale(id_cov)
+                    self.register_buffer("fusion_id_mean", id_mean, persistent=False)
+                    self.register_buffer("fusion_id_cov", id_cov, persistent=False)
+                    self.register_buffer("fusion_id_scale", id_scale, persistent=False)
+                    # the ID part's; fuse adds the LLM part's bound, which follows its (refitted) statistics
+                    radius2 = (((vectors - id_mean) / id_scale) ** 2).sum(1).max()
+                else:
+                    radius2 = (vectors**2).sum(1).max() + 1.0
             self.register_buffer("fusion_radius2", radius2, persistent=False)
             self.fusion_log_weight = nn.Parameter(torch.tensor(math.log(cfg.fusion_init_weight)))
+            if cfg.fusion == "zscore":
+                self.fusion_log_temperature = nn.Parameter(torch.tensor(math.log(cfg.fusion_init_temperature)))
+                # the LLM side's statistics (fit_fusion_statistics, with every item table), saved with the weights;
+                # until fitted: mean 0, covariance I (z_T is the cosine itself)
+                self.register_buffer("fusion_text_mean", torch.zeros(hidden))
+                self.register_buffer("fusion_text_cov", torch.eye(hidden))
+                self.register_buffer("fusion_text_fitted", torch.zeros(()))
         eos_id = self.tokenizer.eos_token_id
         if eos_id is None:
             raise ValueError("the backbone's tokenizer has no EOS token")
@@ -190,7 +233,7 @@ class LaserModel(nn.Module):
     @property
     def embedding_size(self) -> int:
         """Width of the user and item vectors: the LLM's hidden size, plus the ID model's vector and one norm
-        coordinate with ``fusion: concat``."""
+        coordinate with a fusion (``concat``, ``zscore``)."""
         if self.config.fusion == "none":
             return self.backbone.hidden_size
         return self.backbone.hidden_size + int(self.sr.item_vectors().shape[1]) + 1
@@ -246,16 +289,20 @@ class LaserModel(nn.Module):
     ) -> torch.Tensor:
         """``fusion: concat``: user rows ``[u_ID, w n, 0]``, item rows (``item_side`` 1) ``[v_ID(i), n, r_i]``
         with ``n`` the normalised LLM embedding, ``i`` the row's item (the last visible id; a cold item gets
-        the ID model's unknown-item vector) and ``r_i`` making every item row's norm ``R``."""
+        the ID model's unknown-item vector) and ``r_i`` making every item row's norm ``R``. ``fusion: zscore``:
+        user rows ``[a c_ID u_ID / sd_ID(u), a w c_T n / sd_T(n), 0]``, item rows ``[(v_ID(i) - vbar_ID) / c_ID,
+        (n - nbar) / c_T, r_i]`` (``sd_X(x) = sqrt(x^T C_X x)``, ``c_X = sqrt(trace C_X)``; the module
+        docstring)."""
         n = F.normalize(h, dim=-1)
-        users = torch.cat(
-            [
-                self.sr.user_vectors(item_ids, item_mask).float(),
-                self.fusion_log_weight.exp() * n,
-                torch.zeros_like(n[:, :1]),
-            ],
-            dim=1,
-        )
+        u_id = self.sr.user_vectors(item_ids, item_mask).float()
+        zscore = self.config.fusion == "zscore"
+        if zscore:
+            a, c_id, c_text = self.fusion_log_temperature.exp(), self.fusion_id_scale, _rms_scale(self.fusion_text_cov)
+            u_id = (a * c_id) * u_id / _per_user_sd(u_id, self.fusion_id_cov)
+            u_text = (a * self.fusion_log_weight.exp() * c_text) * n / _per_user_sd(n, self.fusion_text_cov)
+        else:
+            u_text = self.fusion_log_weight.exp() * n
+        users = torch.cat([u_id, u_text, torch.zeros_like(n[:, :1])], dim=1)
         if item_side is None:
             return users
         last = item_ids[:, -1]
@@ -265,9 +312,63 @@ class LaserModel(nn.Module):
             self.sr.unknown_item_vector()[None].float(),
             self.sr.item_vectors()[last.clamp(min=0)].float(),
         )
-        r = torch.sqrt((self.fusion_radius2 - (vec**2).sum(1) - 1.0).clamp(min=0.0))
+        if zscore:
+            vec, n = (vec - self.fusion_id_mean) / c_id, (n - self.fusion_text_mean) / c_text
+            radius2 = (
+                self.fusion_radius2 + ((1.0 + self.fusion_text_mean.norm()) / c_text) ** 2
+            )  # |n - nbar| <= 1 + |nbar|
+            r = torch.sqrt((radius2 - (vec**2).sum(1) - (n**2).sum(1)).clamp(min=0.0))
+        else:  # |n| = 1
+            r = torch.sqrt((self.fusion_radius2 - (vec**2).sum(1) - 1.0).clamp(min=0.0))
         items = torch.cat([vec, n, r[:, None]], dim=1)
         return torch.where(item_side.bool()[:, None], items, users)
+
+    def needs_fusion_fit(self) -> bool:
+        """Whether ``fusion: zscore``'s LLM-side statistics are still unfitted (no item table made yet)."""
+        return self.config.fusion == "zscore" and not bool(self.fusion_text_fitted)
+
+    @torch.no_grad()
+    def fit_fusion_statistics(self, llm_rows: torch.Tensor) -> None:
+        """``fusion: zscore``: fit the LLM side's statistics (the mean and covariance of the normalised rows) on
+        the whole catalogue's (transformed) LLM item rows ``[n_items, H]`` (``embed_items(..., fuse=False)``).
+        :meth:`catalogue_table` calls it with every item table it makes."""
+        if self.config.fusion != "zscore":
+            raise ValueError(f"fit_fusion_statistics is for fusion 'zscore', not {self.config.fusion!r}")
+        mean, cov = row_statistics(F.normalize(llm_rows.float(), dim=-1))
+        self.fusion_text_mean.copy_(mean)
+        self.fusion_text_cov.copy_(cov)
+        self.fusion_text_fitted.fill_(1.0)
+
+    def fusion_statistics(self) -> dict[str, torch.Tensor]:
+        """The buffers an item table refits (``fusion: zscore``'s LLM-side statistics; empty otherwise), as
+        the table's cache keeps them beside it (:meth:`catalogue_table`, :meth:`weights_fingerprint`)."""
+        if self.config.fusion != "zscore":
+            return {}
+        return {name: getattr(self, name).detach().cpu().clone() for name in FUSION_TABLE_STATISTICS}
+
+    @torch.no_grad()
+    def load_fusion_statistics(self, stats: dict[str, torch.Tensor]) -> None:
+        """Set what :meth:`fusion_statistics` returned (a cached table's); no-op without ``fusion: zscore``."""
+        for name in self.fusion_statistics():
+            getattr(self, name).copy_(stats[name])
+
+    @torch.no_grad()
+    def catalogue_table(
+        self, n_items: int, batch_size: int = 16, progress=None, llm_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The whole catalogue's item table (items ``0 .. n_items - 1``; :meth:`embed_items`), from its
+        (transformed) LLM rows ``llm_rows`` when given. With ``fusion: zscore`` the LLM side's statistics are
+        refitted on the table's own LLM rows first (:meth:`fit_fusion_statistics`): the table and the user side
+        then z-score against the same catalogue."""
+        items = range(n_items)
+        if self.config.fusion != "zscore":
+            if llm_rows is None:
+                return self.embed_items(items, batch_size, progress)
+            return self.fuse_items(llm_rows, items)
+        if llm_rows is None:
+            llm_rows = self.embed_items(items, batch_size, progress, fuse=False)
+        self.fit_fusion_statistics(llm_rows)
+        return self.fuse_items(llm_rows, items)
 
     def fuse_items(self, llm_rows: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
         """Item-table rows from (transformed) LLM item rows of catalogue ``items`` (fusion; else the rows)."""
@@ -297,18 +398,24 @@ class LaserModel(nn.Module):
             "bi_tuning_token_values": (n_prefix + n_suffix) * self.backbone.hidden_size,
         }
 
-    def weights_fingerprint(self) -> str:
+    def weights_fingerprint(self, table_key: bool = False) -> str:
         """A content hash of everything this model's outputs depend on (the item table's cache key, and part of
         the training run's): the trainable weights, the frozen backbone (its files' bytes and loading settings),
         the frozen SR encoder's weights, the catalogue's formatted item texts, the Bi-Tuning settings, and the
-        item side's own weights when it has them (:meth:`set_item_state`)."""
+        item side's own weights when it has them (:meth:`set_item_state`). ``table_key``: the key of the item
+        table :meth:`catalogue_table` makes, without the statistics it refits from its own rows
+        (:meth:`fusion_statistics`: they follow from the rest)."""
         from laser_core.fingerprint import catalogue_fingerprint, fingerprint, sr_fingerprint
 
-        item_side = dict(self.item_weights.state_dict()) if self.item_weights is not None else None
+        skip = set(FUSION_TABLE_STATISTICS) if table_key else set()
+        state = {k: v for k, v in self.state_dict().items() if k not in skip}
+        item_side = None
+        if self.item_weights is not None:
+            item_side = {k: v for k, v in self.item_weights.state_dict().items() if k not in skip}
         return fingerprint(
             "laser-model",
             {
-                "trainable": dict(self.state_dict()),
+                "trainable": state,
                 "item_side": item_side,
                 "bitune": self.config,
                 "backbone": self.backbone.content_fingerprint(),
@@ -346,7 +453,7 @@ class LaserModel(nn.Module):
     def forward(self, batch: LaserBatch, fuse: bool = True) -> LaserOutput:
         """The one embedding path (training, evaluation, the item table, new items, the ONNX user tower): the
         prefix (:meth:`prefix`), the LLM (:meth:`llm_embeddings`), the embedding transform and, with ``fuse``
-        (and ``fusion: concat``), the fusion with the ID model's vectors (:meth:`fuse`). ``batch``: numpy
+        (and a ``fusion``), the fusion with the ID model's vectors (:meth:`fuse`). ``batch``: numpy
         (:meth:`collate`) or torch; it is moved to the model's device."""
         if not isinstance(batch, LaserBatch):
             raise TypeError(
@@ -367,8 +474,8 @@ class LaserModel(nn.Module):
     def calculate_loss(self, batch: LaserTrainingBatch) -> torch.Tensor:
         """The training loss of a mini-batch (RecBole's interface, as the ID models'): the main objective, the
         IIC loss (softmax cross-entropy over the whole table of ``cos / tau``) or, for a fused model, softmax
-        cross-entropy on the fused dot product (the ID model's logits + w x cosine: the learned fusion weight
-        plays the temperature's part), plus ``lb_weight`` x the M-Former router's load-balancing loss."""
+        cross-entropy on the fused dot product (``concat``: the ID model's logits + w x cosine, the learned fusion
+        weight playing the temperature's part; ``zscore``: a x (z_ID + w x z_T)), plus ``lb_weight`` x the M-Former router's load-balancing loss."""
         out = self(batch.inputs)
         emb, route = out.user_embedding, out.router
         if self.config.fusion != "none":
@@ -400,9 +507,10 @@ class LaserModel(nn.Module):
         side.mformer = copy.deepcopy(self.mformer)
         side.plain = copy.deepcopy(self.plain)
         side.suffix = nn.Parameter(self.suffix.detach().clone()) if self.suffix is not None else None
-        if self.fusion_log_weight is not None:
-            side.fusion_log_weight = nn.Parameter(self.fusion_log_weight.detach().clone())
-        for name in ("emb_shift", "emb_map", "emb_fitted"):
+        for name in ("fusion_log_weight", "fusion_log_temperature"):
+            if getattr(self, name) is not None:
+                setattr(side, name, nn.Parameter(getattr(self, name).detach().clone()))
+        for name in ("emb_shift", "emb_map", "emb_fitted", *FUSION_TABLE_STATISTICS):
             if hasattr(self, name):
                 side.register_buffer(name, getattr(self, name).clone())
         side.load_state_dict(state)  # strict: exactly this model's trainable keys
@@ -486,6 +594,11 @@ class LaserModel(nn.Module):
         length; rows follow the inputs. ``user_tower.onnx`` computes the same with ``item_side = 1``."""
         if len(token_ids) != len(item_ids):
             raise ValueError(f"{len(token_ids)} token sequences but {len(item_ids)} item ids")
+        if fuse and self.needs_fusion_fit():
+            raise ValueError(
+                "fusion 'zscore': the LLM side's statistics are not fitted yet: make the whole catalogue's table "
+                "first (LaserModel.catalogue_table), which fits them"
+            )
         n_known = self.sr.n_items if self.sr is not None else None
         bad = [i for i in item_ids if i != self.COLD_ITEM_ID and not (n_known is None or 0 <= i < n_known)]
         if bad:
@@ -530,6 +643,32 @@ class LaserModel(nn.Module):
             self.sr.eval()  # frozen: no dropout, ever
         self.llm.train()  # frozen, all dropout 0; see laser_core.llm.backbones for why not eval()
         return self
+
+
+#: ``fusion: zscore``'s buffers that every item table refits from its own LLM rows (LaserModel.catalogue_table)
+FUSION_TABLE_STATISTICS = ("fusion_text_mean", "fusion_text_cov", "fusion_text_fitted")
+#: the smallest per-user standard deviation a fused score part is divided by (laser_core.lexical's SD_EPS)
+FUSION_SD_EPS = 1e-8
+
+
+def row_statistics(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean ``[d]`` and covariance ``[d, d]`` (``ddof`` 1, :func:`laser_core.hybrid.zscore`'s) of ``rows``
+    ``[n, d]``, float32 (computed in float64): ``sqrt(u^T C u)`` is then exactly the standard deviation of the
+    scores ``u . rows_i`` that the z-score divides by."""
+    if rows.shape[0] < 2:
+        raise ValueError(f"z-score statistics need at least 2 catalogue rows, got {rows.shape[0]}")
+    x = rows.double()
+    return x.mean(0).float(), torch.cov(x.T, correction=1).float()
+
+
+def _rms_scale(cov: torch.Tensor) -> torch.Tensor:
+    """``sqrt(trace C)``: the root mean square norm of the centred rows whose covariance is ``C``."""
+    return torch.sqrt(torch.diagonal(cov).sum()).clamp_min(FUSION_SD_EPS)
+
+
+def _per_user_sd(x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]``: each row's score standard deviation over the catalogue, ``sqrt(x^T C x)``."""
+    return torch.sqrt(((x @ cov) * x).sum(-1, keepdim=True).clamp_min(FUSION_SD_EPS**2))
 
 
 WEIGHTS_FORMAT = 1  # LaserWeights.save's folder (laser.json's format_version)

@@ -290,39 +290,44 @@ class LaserTrainer(Trainer):
         raw = model.embed_items(items, self.cfg.item_batch_size, progress=bar.update, fuse=False)
         bar.close()
         model.fit_embedding_transform(raw)
-        table = model.fuse_items(model.transform_embeddings(raw), items)
+        table = model.catalogue_table(self.split.n_items, llm_rows=model.transform_embeddings(raw))
         self.cost["item_seconds"] += time.perf_counter() - t0
         self.cost["items_encoded"] += self.split.n_items
         model.train(was)
         path = self._table_path()
         if path is not None and self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors({"table": table.contiguous()}, path)
+            save_tensors({"table": table.contiguous(), **model.fusion_statistics()}, path)
         self._fitted_table = table
 
     def _table_path(self) -> Path | None:
-        key = self.model.weights_fingerprint()[:24]
+        key = self.model.weights_fingerprint(table_key=True)[:24]
         return self.wd / "tables" / f"{key}.safetensors" if self.wd is not None else None
 
     def item_table(self) -> torch.Tensor:
+        """The whole catalogue's item table with the current weights (:meth:`LaserModel.catalogue_table`; with
+        ``fusion: zscore`` it refits the model's LLM-side statistics, which the cached file keeps beside the
+        table and a cache hit sets again)."""
         path = self._table_path()
         fitted, self._fitted_table = self._fitted_table, None
         if fitted is not None:  # just made by fit_embedding_transform, for these weights
             return fitted
         if path is not None and self.resume and path.is_file():
-            return load_file(str(path))["table"]
+            saved = load_file(str(path))
+            self.model.load_fusion_statistics(saved)
+            return saved["table"]
         was = self.model.training
         self.model.eval()
         t0 = time.perf_counter()
         bar = tqdm(total=self.split.n_items, desc="item table", unit="item", disable=not self.cfg.progress, leave=False)
-        table = self.model.embed_items(range(self.split.n_items), self.cfg.item_batch_size, progress=bar.update)
+        table = self.model.catalogue_table(self.split.n_items, self.cfg.item_batch_size, progress=bar.update)
         bar.close()
         self.cost["item_seconds"] += time.perf_counter() - t0
         self.cost["items_encoded"] += self.split.n_items
         self.model.train(was)
         if path is not None and self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors({"table": table}, path)
+            save_tensors({"table": table, **self.model.fusion_statistics()}, path)
         return table
 
     def examples(self, stage: int, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
