@@ -387,6 +387,15 @@ class LaserTrainConfig(StrictConfig):
             "fusion_weight record). None: w starts at bitune.fusion_init_weight"
         ),
     )
+    fusion_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "the fusion's learned scalars (the weight w and, with fusion: zscore, the temperature a; both "
+            "log-parameterised) step at this multiple of the learning rate: at lr 1e-4 over a few hundred steps "
+            "Adam moves a log-scalar by ~0.02 in all, so they barely train at 1"
+        ),
+    )
     curve_every_users: int | None = Field(
         default=None,
         ge=1,

@@ -379,6 +379,11 @@ class LaserModel(nn.Module):
         with torch.no_grad():
             return self.fuse(llm_rows, b.item_ids, b.item_mask, b.item_side)
 
+    def fusion_scalars(self) -> list[nn.Parameter]:
+        """The fusion's learned scalars (log w, and log a with ``fusion: zscore``): the optimizer may step them
+        at a larger rate (``laser_train.fusion_lr_scale``)."""
+        return [p for p in (self.fusion_log_weight, self.fusion_log_temperature) if p is not None]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

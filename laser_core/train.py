@@ -83,13 +83,23 @@ def lr_at(step: int, planned: int, cfg: LaserTrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Sequence[torch.nn.Parameter], cfg: LaserTrainConfig, scaled: Sequence[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
     """AdamW (or Adam) over two groups: the >= 2-D weights with ``weight_decay``, the rest (biases, norms, the
-    suffix vector, scalars) without. Adam's weight decay is its L2 term."""
+    suffix vector, scalars) without. Adam's weight decay is its L2 term. ``scaled`` (the fusion's scalars), with
+    ``cfg.fusion_lr_scale`` != 1: a third group whose ``lr_scale`` the trainer multiplies each step's rate by."""
     params = list(params)
+    apart = {id(p) for p in scaled} if cfg.fusion_lr_scale != 1.0 else set()
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim >= 2 and id(p) not in apart], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2 and id(p) not in apart], "weight_decay": 0.0},
+        {
+            "params": [p for p in params if id(p) in apart],
+            "weight_decay": 0.0,
+            "lr": cfg.lr * cfg.fusion_lr_scale,
+            "lr_scale": cfg.fusion_lr_scale,
+        },
     ]
     groups = [g for g in groups if g["params"]]
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -185,7 +195,7 @@ class LaserTrainer(Trainer):
             model.to(self.device)
         super().__init__(
             model,
-            build_optimizer(model.trainable_parameters(), config),
+            build_optimizer(model.trainable_parameters(), config, scaled=model.fusion_scalars()),
             workdir=workdir,
             resume=resume,
             progress=config.progress,

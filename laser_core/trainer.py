@@ -158,7 +158,7 @@ class Trainer:
         lr = self.current_lr()
         if lr is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.cost["skipped_steps"] += 1

@@ -388,6 +388,37 @@ def test_adam_option_and_a_model_without_two_dim_weights():
     assert np.isclose(opt.param_groups[0]["lr"], 1e-4)
 
 
+def test_the_fusion_scalars_step_at_their_scaled_rate():
+    from laser_core.trainer import Trainer
+
+    matrix, bias, log_w = (
+        torch.nn.Parameter(torch.ones(3, 2)),
+        torch.nn.Parameter(torch.ones(2)),
+        torch.nn.Parameter(torch.zeros(())),
+    )
+    # scale 1 (the default): the two groups as before, the scalar among the 1-D weights
+    assert len(build_optimizer([matrix, bias, log_w], LaserTrainConfig(), scaled=[log_w]).param_groups) == 2
+    opt = build_optimizer([matrix, bias, log_w], LaserTrainConfig(optimizer="adam", fusion_lr_scale=50.0), [log_w])
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1, 1] and opt.param_groups[2]["params"][0] is log_w
+    assert np.isclose(opt.param_groups[2]["lr"], 5e-3)
+
+    class Constant(Trainer):
+        def current_lr(self):
+            return 1e-3
+
+    class Model(torch.nn.Module):
+        def calculate_loss(self, batch):
+            raise AssertionError("not called")
+
+    trainer = Constant(Model(), opt, progress=False)
+    for p in (matrix, bias, log_w):
+        p.grad = torch.ones_like(p)
+    trainer.optimizer_step()
+    assert np.allclose([g["lr"] for g in opt.param_groups], [1e-3, 1e-3, 5e-2])
+    # Adam's first step moves each weight by its group's rate
+    assert np.isclose(float(log_w), -5e-2, rtol=1e-3) and np.allclose(bias.detach().numpy(), 1 - 1e-3, rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------------- length grouping
 def test_group_by_length_deals_the_same_examples_into_steps_of_similar_length(data, sr):
     base = cfg_(batch_size=4, grad_accumulation=2)
