@@ -298,6 +298,16 @@ def test_pipeline_fits_exports_and_gates_the_lexical_hybrid(zenml_store, data):
     hist, targets = test_examples(split, LaserTrainConfig())
     got = bundle_metrics(Recommender.load(bundle.path), hist, targets)
     assert abs(got["ndcg@10"] - report.metrics["ndcg@10"]) < 1e-3
+    # a version without Laser can be staged by hand, and batch recommendations come from its bundle
+    from laser_cli.registry import _servable
+    from pipelines.run import run_batch
+
+    version = Client().get_model_version("laser-lexical", decision.details["new_version"])
+    assert decision.stage == "production" and _servable(version) == []
+    cfg.batch.k = 3
+    batch = Client().get_pipeline_run(run_batch(cfg).id).steps["batch_recommend"].outputs["recommendations"][0]
+    frame = batch.load()
+    assert frame["user_id"].nunique() == ds.n_users and len(frame) == 3 * ds.n_users
 
 
 def test_cli_and_http_service_serve_a_lexical_bundle(bundle, data, tmp_path):
