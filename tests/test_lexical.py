@@ -308,6 +308,11 @@ def test_pipeline_fits_exports_and_gates_the_lexical_hybrid(zenml_store, data):
     batch = Client().get_pipeline_run(run_batch(cfg).id).steps["batch_recommend"].outputs["recommendations"][0]
     frame = batch.load()
     assert frame["user_id"].nunique() == ds.n_users and len(frame) == 3 * ds.n_users
+    # the next run re-scores the production version (a lexical one) through its bundle on the same pairs
+    again = Client().get_pipeline_run(run_training(cfg).id)
+    d2 = again.steps["promote"].outputs["promotion_decision"][0].load()
+    assert d2.comparable and d2.production_version == version.name
+    assert d2.production_value == pytest.approx(report.metrics["ndcg@10"], abs=1e-3) and d2.stage == "staging"
 
 
 def test_cli_and_http_service_serve_a_lexical_bundle(bundle, data, tmp_path):
