@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from laser_core import __version__
 from laser_core.configbase import StrictConfig, describe_validation_error
@@ -24,6 +24,22 @@ from laser_core.data.validation import ValidationConfig
 from laser_core.configuration import BackboneConfig, BiTuneConfig, LaserSpec, LaserTrainConfig
 from laser_core.promotion import PromotionConfig
 from laser_core.configuration import LexicalConfig, SRConfig, TrainConfig, TuneConfig
+
+
+class TuneBudget(StrictConfig):
+    """``pipeline.tune_sr``: tune the ID model (``laser sr tune``'s tuner, search space ``sr_tune``) inside the run,
+    before pretraining it with the best settings; a budget in finished trials, minutes, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int | None = Field(default=None, ge=1)
+    minutes: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "TuneBudget":
+        if self.trials is None and self.minutes is None:
+            raise ValueError("give a budget: trials, minutes, or both")
+        return self
 
 
 class PipelineConfig(StrictConfig):
@@ -38,6 +54,11 @@ class PipelineConfig(StrictConfig):
         description="the models the run fits after the ID model (laser; lexical_hybrid: the ID model + TF-IDF, "
         "section lexical); with both, the version serves the better on the promotion metric over the same test "
         "pairs (laser_core.promotion.choose_model)",
+    )
+
+    tune_sr: TuneBudget | None = Field(
+        default=None,
+        description="tune the ID model in the run (search space: sr_tune) and pretrain it with the best settings",
     )
 
     @field_validator("models")

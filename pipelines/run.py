@@ -130,6 +130,8 @@ def run_training(
         resume=resume,
         models=list(config.pipeline.models),
         lexical=config.lexical,
+        sr_tune=config.sr_tune if config.pipeline.tune_sr is not None else None,
+        tune_sr_budget=config.pipeline.tune_sr,
     )
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     try:

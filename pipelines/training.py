@@ -7,6 +7,9 @@ evaluate Laser → export the scorer → promote (the gate of the Model Control 
 exported). With both, the version serves the better of the two (the export step exports it, the promote step's
 decision says which won and by how much).
 
+``tune_sr`` (``pipeline.tune_sr``, a budget): the ID model's settings are tuned first (search space ``sr_tune``)
+and the pretrain step trains the best ones.
+
 ``stop_after`` ("split" | "sr" | "laser" | "promote") ends the pipeline early, e.g. to pretrain baselines only.
 Run it through :func:`pipelines.run.run_training`, which binds it to the config's ZenML ``Model``.
 """
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from laser_core.config import ExportConfig
-from laser_core.configuration import LaserSpec, LaserTrainConfig, LexicalConfig, SRConfig, TrainConfig
+from laser_core.config import ExportConfig, TuneBudget
+from laser_core.configuration import LaserSpec, LaserTrainConfig, LexicalConfig, SRConfig, TrainConfig, TuneConfig
 from laser_core.data.loading import DatasetConfig
 from laser_core.data.validation import ValidationConfig
 from laser_core.promotion import PromotionConfig
@@ -27,7 +30,7 @@ from steps.export import export_scorer
 from steps.laser import bi_tune_stage1, bi_tune_stage2, evaluate_laser
 from steps.lexical import fit_lexical
 from steps.promote import promote
-from steps.sr import evaluate_sr, frozen_text_table, pretrain_sr
+from steps.sr import evaluate_sr, frozen_text_table, pretrain_sr, tune_sr
 
 
 @pipeline(name="laser_training", on_start=record_process)  # pid/host in the run: see pipelines/orphans.py
@@ -48,6 +51,8 @@ def training_pipeline(
     resume: bool = True,
     models: list[str] | None = None,
     lexical: LexicalConfig | None = None,
+    sr_tune: TuneConfig | None = None,
+    tune_sr_budget: TuneBudget | None = None,
 ) -> None:
     """The sections of the run config, typed (ZenML validates each parameter against its class once, when the run
     is compiled; the steps receive the objects). ``resume=False`` (``laser run --no-cache``): the training steps
@@ -62,6 +67,16 @@ def training_pipeline(
     text_table = None  # sr.text_items (route b): the frozen LLM's item table enters the ID model
     if sr_model.text_items != "none":
         text_table = frozen_text_table(data, spec=laser, train_config=laser_train)
+    if tune_sr_budget is not None:  # pipeline.tune_sr: the settings pretrain_sr trains are the tuned ones
+        sr_model, sr_train = tune_sr(
+            split,
+            model_config=sr_model,
+            train_config=sr_train,
+            space=sr_tune or TuneConfig(),
+            trials=tune_sr_budget.trials,
+            minutes=tune_sr_budget.minutes,
+            text_table=text_table,
+        )
     model, _ = pretrain_sr(split, model_config=sr_model, train_config=sr_train, resume=resume, text_table=text_table)
     evaluate_sr(model, split)
     if stop_after == "sr":

@@ -8,7 +8,7 @@ from typing import Annotated
 from zenml import step
 from zenml.logger import get_logger
 
-from laser_core.configuration import LaserSpec, LaserTrainConfig
+from laser_core.configuration import LaserSpec, LaserTrainConfig, TuneConfig
 from laser_core.data.model import SeqDataset
 from laser_core.data.split import Split
 from laser_core.frozen_table import frozen_item_table
@@ -44,6 +44,37 @@ def frozen_text_table(
     table = frozen_item_table(spec, dataset.items, batch_size=train_config.item_batch_size, device=train_config.device)
     logger.info("frozen LLM item table: %s x %s", *table.table.shape)
     return table
+
+
+@step
+def tune_sr(
+    split: Split,
+    model_config: SRConfig,
+    train_config: TrainConfig,
+    space: TuneConfig,
+    trials: int | None = None,
+    minutes: float | None = None,
+    text_table: ItemTable | None = None,
+) -> tuple[Annotated[SRConfig, "tuned_sr_model"], Annotated[TrainConfig, "tuned_sr_train"]]:
+    """``pipeline.tune_sr``: the ID model's settings tuned on validation (:func:`laser_core.sr.tune.tune`: TPE,
+    median pruning, the search space ``sr_tune``) within the budget; the study and its trials live under
+    ``LASER_CACHE_DIR`` (keyed by the study's content), so an interrupted or repeated run resumes it. The
+    returned settings are what :func:`pretrain_sr` trains (its checkpoint is the best trial's)."""
+    from laser_core.sr.tune import study_name, tune
+
+    rows = text_table.table if text_table is not None else None
+    base_train = train_config.model_copy(update={"progress": False})
+    workdir = checkpoint_root("tune") / study_name(model_config, base_train, space, split, rows)
+    result = tune(model_config, base_train, space, split, workdir, n_trials=trials, minutes=minutes, text_table=rows)
+    logger.info(
+        "tuned %s: trial %d of %d, validation %s %.4f",
+        model_config.model,
+        result.study.best_trial.number,
+        len(result.study.trials),
+        train_config.monitor,
+        result.value,
+    )
+    return result.sr, result.train.model_copy(update={"progress": train_config.progress})
 
 
 @step(output_materializers={"sr_model": SRModelMaterializer, "sr_training": JSONDictMaterializer})

@@ -154,3 +154,34 @@ def test_failed_validation_stops_pipeline_and_saves_report(tmp_path, zenml_store
     failed = {(o.table, o.expectation, o.column) for o in saved.failures}
     assert ("items", "expect_column_value_lengths_to_be_between", "title") in failed
     assert ("interactions", "expect_compound_columns_to_be_unique", "user_id,item_id,timestamp") in failed
+
+
+def test_pipeline_tunes_the_id_model_then_pretrains_the_best_settings(zenml_store, tmp_path, monkeypatch):
+    from zenml.client import Client
+
+    from pipelines.run import run_training
+
+    monkeypatch.setenv("LASER_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(stop_after="sr")
+    cfg = cfg.model_copy(
+        update={
+            "pipeline": cfg.pipeline.model_copy(update={"tune_sr": {"trials": 2}}),
+            "sr_tune": cfg.sr_tune.model_copy(
+                update={"hidden_size": [8, 16], "n_layers": {"low": 1, "high": 1}, "n_heads": [1], "max_len": [10]}
+            ),
+        }
+    )
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    assert run.steps["tune_sr"].status.value == "completed"
+    tuned = run.steps["tune_sr"].outputs["tuned_sr_model"][0]
+    assert "pickle" not in tuned.materializer.import_path.lower()
+    tuned_sr = tuned.load()
+    trained = run.steps["pretrain_sr"].outputs["sr_model"][0].load()
+    assert trained.config == tuned_sr and tuned_sr.hidden_size in (8, 16) and tuned_sr.max_len == 10
+    # the study lives under LASER_CACHE_DIR: its two finished trials
+    import optuna
+
+    (db,) = (tmp_path / "cache" / "checkpoints" / "tune").glob("*/study.db")
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    assert summary.n_trials == 2
