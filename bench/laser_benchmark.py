@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(ap)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "laser-bench"))
     ap.add_argument("--label", default="laser", help="this run's row in the results (one JSON holds every run)")
+    ap.add_argument(
+        "--leaderboard-row",
+        default=None,
+        help="with all test users, also this run's row for bench/leaderboard.py collect (e.g. laser_a)",
+    )
     args = ap.parse_args(argv)
     cfg, ds, split = load_inputs(args)
     name = args.name or ds.name
@@ -160,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     test_s = time.perf_counter() - t0
     run.update(fit_record(result, model, laser, fit_s, test_s, len(targets)))
     results[args.label] = run["results"]
+    masked = test_laser(result.model, result.item_table, split, laser_cfg, mask_history=True)
+    run["results"]["ndcg@10_masked"] = masked["ndcg@10"]
+    if args.leaderboard_row and len(targets) == len(split.test_examples()[1]):
+        row = {k: laser[k] for k in ("ndcg@10", "recall@10", "mrr")}
+        row |= {"ndcg@10_masked": masked["ndcg@10"], "test_users": len(targets), "command": run["command"]}
+        board = out.setdefault("leaderboard", {"dataset": name, "rows": {}})
+        board["rows"][args.leaderboard_row] = row | {"label": args.label}
     run["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     run.pop("wall_seconds_so_far", None)
     write()

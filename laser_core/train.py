@@ -557,15 +557,22 @@ class LaserTrainer(Trainer):
 
 
 def test_laser(
-    model: LaserModel, item_table: torch.Tensor, split: Split, config: LaserTrainConfig, stats: dict | None = None
+    model: LaserModel,
+    item_table: torch.Tensor,
+    split: Split,
+    config: LaserTrainConfig,
+    stats: dict | None = None,
+    mask_history: bool = False,
 ) -> dict[str, float]:
     """Test metrics with the final weights and the frozen table (optionally on a seeded user sample): the
     evaluation loop of the ID models (:func:`laser_core.evaluation.evaluate`) over :class:`LaserScorer`.
     ``stats``, when given, receives ``expert_counts`` (how often the router picked each expert; None without a
-    router)."""
+    router). ``mask_history``: each user's history excluded from the ranking."""
     hist, targets = test_examples(split, config)
     scorer = LaserScorer(model, item_table)
-    metrics = evaluate(scorer, hist, targets, config.eval_batch_size, progress=config.progress, desc="test")
+    metrics = evaluate(
+        scorer, hist, targets, config.eval_batch_size, mask_history=mask_history, progress=config.progress, desc="test"
+    )
     if stats is not None:
         stats["expert_counts"] = scorer.expert_counts
     return metrics

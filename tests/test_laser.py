@@ -17,7 +17,7 @@ from laser_core.mformer import MFormer, MFormerConfig, Router
 from laser_core.model import build_laser
 from laser_core.evaluation import evaluate_split
 from laser_core.sr import SRConfig, build_model
-from laser_core.train import LaserTrainConfig, LaserTrainer, test_laser
+from laser_core.train import LaserTrainConfig, LaserTrainer, test_examples, test_laser
 
 # one short run of both stages on a few users (the tests that check mechanics, not learning)
 SHORT = dict(
@@ -488,8 +488,15 @@ def test_laser_scorer_has_the_id_models_contract_and_their_evaluation_loop(data,
     assert sum(scorer.expert_counts) == 2 * len(hist)
     stats: dict = {}
     cfg = LaserTrainConfig(eval_batch_size=7, test_users=24, progress=False)
-    test_laser(model, table, split, cfg, stats=stats)
+    plain = test_laser(model, table, split, cfg, stats=stats)
     assert sum(stats["expert_counts"]) == 24
+    # mask_history: the same pairs ranked with each user's history excluded
+    t_hist, t_targets = test_examples(split, cfg)
+    with torch.no_grad():
+        t_direct = cosine_scores(model.embed(t_hist).user_embedding, table)
+    masked = test_laser(model, table, split, cfg, mask_history=True)
+    assert masked == pytest.approx(compute_metrics(t_direct, t_targets, exclude=t_hist), abs=1e-6)
+    assert plain == pytest.approx(compute_metrics(t_direct, t_targets), abs=1e-6)
 
 
 def test_a_trainer_that_does_not_step_fails_the_learning_check(data, sr, monkeypatch):
