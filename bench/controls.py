@@ -47,6 +47,7 @@ from laser_benchmark import add_common_args, baseline_model, load_inputs  # noqa
 
 from laser_core import hybrid  # noqa: E402
 from laser_core.config import data_fingerprint  # noqa: E402
+from laser_core.fingerprint import folder_fingerprint  # noqa: E402
 from laser_core.configuration import LaserSpec  # noqa: E402
 from laser_core.frozen_table import frozen_item_table  # noqa: E402
 from laser_core.metrics import compute_metrics  # noqa: E402
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "pooling": cfg.bitune.pooling,
         "id_model": {"model": "sasrec", "settings": "bench/sr_baselines.py", "epochs": args.sr_epochs}
         if args.sr_model is None
-        else {"saved": str(Path(args.sr_model).resolve()), "sha256": _folder_sha256(Path(args.sr_model))},
+        else {"saved": str(Path(args.sr_model).resolve()), "fingerprint": folder_fingerprint(args.sr_model)},
         "workdir": str(wd.resolve()),
         "valid_users": len(v_targets),
         "test_users": len(t_targets),
@@ -280,14 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     if out.get("llm_contribution") is not None:
         print(f"llm_contribution: {out['llm_contribution']:+.4f} NDCG@10 over {out['best_control']}")
     return 0
-
-
-def _folder_sha256(folder: Path) -> str:
-    """One digest of a saved model folder's files (names and contents): the settings key of --sr-model."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def _describe(chosen: dict | None) -> str:

@@ -56,7 +56,7 @@ from controls import _needs_tokenizer, _tokenizer  # noqa: E402
 from laser_benchmark import add_common_args, load_inputs  # noqa: E402
 
 from laser_core import hybrid  # noqa: E402
-from laser_core.bundle import sha256_file  # noqa: E402
+from laser_core.fingerprint import folder_fingerprint  # noqa: E402
 from laser_core.config import data_fingerprint  # noqa: E402
 from laser_core.data.text import TextFormatter  # noqa: E402
 from laser_core.metrics import rank_metrics, target_ranks  # noqa: E402
@@ -185,15 +185,6 @@ def encode_texts(tok, model, texts: Sequence[str], pooling: str, max_length: int
 
 
 # ----------------------------------------------------------------------------------------------- caching
-def folder_digest(folder: Path) -> str:
-    """The sha256 of a model folder's files (names and contents; hidden entries skipped)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(f.relative_to(folder).as_posix().encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def content_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -406,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         tok, model = load_encoder(folder)
         pooling, max_len = encoder_pooling(folder), encoder_max_length(folder)
         size = model_size(model, folder)
-        digest = folder_digest(folder)
+        digest = folder_fingerprint(folder)
         for which in enc_texts:
             key = content_key(kind="encoder", model=digest, texts=texts[which], pooling=pooling, max_length=max_len)
             n = len(texts[which])

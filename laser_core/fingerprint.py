@@ -183,6 +183,12 @@ def directory_files(root: Path) -> list[list[str]]:
     return out
 
 
+def folder_fingerprint(root: str | Path) -> str:
+    """One key of a folder's files (:func:`directory_files`: names and contents, hidden entries skipped), e.g. a
+    saved model folder a benchmark reads."""
+    return fingerprint("folder", {"files": directory_files(Path(root))})
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes; for large files memoized on disk by (resolved path, size, mtime, inode)."""
     path = Path(path)
