@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -59,13 +60,20 @@ def tune_sr(
     """``pipeline.tune_sr``: the ID model's settings tuned on validation (:func:`laser_core.sr.tune.tune`: TPE,
     median pruning, the search space ``sr_tune``) within the budget; the study and its trials live under
     ``LASER_CACHE_DIR`` (keyed by the study's content), so an interrupted or repeated run resumes it. The
-    returned settings are what :func:`pretrain_sr` trains (its checkpoint is the best trial's)."""
+    returned settings are what :func:`pretrain_sr` trains: it reloads the best trial's finished checkpoint, copied
+    to its own checkpoint folder."""
     from laser_core.sr.tune import study_name, tune
 
     rows = text_table.table if text_table is not None else None
     base_train = train_config.model_copy(update={"progress": False})
     workdir = checkpoint_root("tune") / study_name(model_config, base_train, space, split, rows)
     result = tune(model_config, base_train, space, split, workdir, n_trials=trials, minutes=minutes, text_table=rows)
+    # pretrain_sr reloads the best trial's finished checkpoint instead of training it again (same key: progress
+    # and threads are not part of it)
+    best = workdir / result.study.best_trial.user_attrs["workdir"]
+    dest = checkpoint_root() / f"{result.sr.model}-{config_hash(result.sr, result.train, split, rows)}"
+    if best.is_dir() and not dest.exists():
+        shutil.copytree(best, dest)
     logger.info(
         "tuned %s: trial %d of %d, validation %s %.4f",
         model_config.model,

@@ -159,9 +159,16 @@ def test_failed_validation_stops_pipeline_and_saves_report(tmp_path, zenml_store
 def test_pipeline_tunes_the_id_model_then_pretrains_the_best_settings(zenml_store, tmp_path, monkeypatch):
     from zenml.client import Client
 
+    import optuna
+
     from pipelines.run import run_training
 
+    from laser_core.sr.trainer import SRTrainer
+
     monkeypatch.setenv("LASER_CACHE_DIR", str(tmp_path / "cache"))
+    epochs: list[int] = []
+    real_epoch = SRTrainer.train_epoch
+    monkeypatch.setattr(SRTrainer, "train_epoch", lambda self, e: epochs.append(e) or real_epoch(self, e))
     cfg = _config(stop_after="sr")
     cfg = cfg.model_copy(
         update={
@@ -179,8 +186,14 @@ def test_pipeline_tunes_the_id_model_then_pretrains_the_best_settings(zenml_stor
     tuned_sr = tuned.load()
     trained = run.steps["pretrain_sr"].outputs["sr_model"][0].load()
     assert trained.config == tuned_sr and tuned_sr.hidden_size in (8, 16) and tuned_sr.max_len == 10
+    # pretrain_sr reloaded the best trial's finished checkpoint: every epoch trained was a trial's
+    db = next((tmp_path / "cache").rglob("study.db"))
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    trials = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}").trials
+    assert len(epochs) == sum(t.user_attrs["epochs_run"] for t in trials)
+    training = run.steps["pretrain_sr"].outputs["sr_training"][0].load()
+    assert training["best_valid"]["ndcg@10"] == max(t.value for t in trials)
     # the study lives under LASER_CACHE_DIR: its two finished trials
-    import optuna
 
     (db,) = (tmp_path / "cache" / "checkpoints" / "tune").glob("*/study.db")
     (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
