@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     results[args.label] = run["results"]
     masked = test_laser(result.model, result.item_table, split, laser_cfg, mask_history=True)
     run["results"]["ndcg@10_masked"] = masked["ndcg@10"]
-    if args.leaderboard_row and len(targets) == len(split.test_examples()[1]):
+    if args.leaderboard_row and len(targets) != len(split.test_examples()[1]):
+        print(f"--leaderboard-row {args.leaderboard_row}: not written (a sample of {len(targets)} test users)")
+    elif args.leaderboard_row:
         row = {k: laser[k] for k in ("ndcg@10", "recall@10", "mrr")}
         row |= {"ndcg@10_masked": masked["ndcg@10"], "test_users": len(targets), "command": run["command"]}
         board = out.setdefault("leaderboard", {"dataset": name, "rows": {}})

@@ -66,6 +66,12 @@ def record(dataset: str, model: str, row: dict, path: Path = LEADERBOARD) -> Non
     """Set one row (checked) and write the file atomically (the other rows are kept)."""
     check_row(dataset, model, row)
     board = load(path)
+    others = {m: r["test_users"] for m, r in board.get(dataset, {}).items() if m != model}
+    if any(n != row["test_users"] for n in others.values()):
+        raise ValueError(
+            f"leaderboard row {dataset}/{model}: {row['test_users']} test users, but the dataset's other rows have "
+            f"{sorted(set(others.values()))}: every row of a dataset must be on the same (all) test pairs"
+        )
     board.setdefault(dataset, {})[model] = row
     board = {d: dict(sorted(board[d].items())) for d in sorted(board)}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,8 @@ def _start_point_problems(point: dict[str, Any], space: TuneConfig) -> list[str]
         if isinstance(allowed, list):
             if v not in allowed:
                 problems.append(f"{k}={v!r} is not one of {allowed}")
+        elif isinstance(allowed, IntRange) and (not isinstance(v, int) or isinstance(v, bool)):
+            problems.append(f"{k}={v!r} must be an integer")
         elif not (isinstance(v, (int, float)) and not isinstance(v, bool) and allowed.low <= v <= allowed.high):
             problems.append(f"{k}={v!r} is outside {allowed.low}..{allowed.high}")
     return problems

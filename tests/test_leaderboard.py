@@ -34,6 +34,8 @@ def test_record_keeps_other_rows_and_refuses_bad_ones(tmp_path):
         lb.record("beauty", "x", {k: v for k, v in row(0.1).items() if k != "ndcg@10_masked"}, path)
     with pytest.raises(ValueError, match="ndcg@10 must be a number in"):
         lb.record("beauty", "x", row(1.5), path)
+    with pytest.raises(ValueError, match="beauty/x: 50 test users, but the dataset's other rows have \\[100\\]"):
+        lb.record("beauty", "x", row(0.1) | {"test_users": 50}, path)
     assert set(json.loads(path.read_text())["beauty"]) == {"sasrec", "tfidf_hybrid"}
 
 
@@ -66,3 +68,14 @@ def test_collect_reads_the_rows_other_benchmarks_wrote(tmp_path):
     )
     (tmp_path / "unrelated.json").write_text(json.dumps({"results": {}}))
     assert [(d, m) for d, m, _, _ in lb.collect_rows(tmp_path)] == [("beauty", "tfidf_hybrid")]
+
+
+def test_the_readme_table_is_the_one_generated_from_the_leaderboard():
+    """README.md's results table is bench/results/leaderboard.json's (regenerate: python bench/leaderboard.py readme)."""
+    text = lb.README.read_text(encoding="utf8")
+    board = lb.load()
+    assert board, "bench/results/leaderboard.json is missing or empty"
+    for dataset, rows in board.items():
+        for model, r in rows.items():
+            lb.check_row(dataset, model, r)
+    assert lb.render_readme(text, board) == text, "run: python bench/leaderboard.py readme"

@@ -175,6 +175,8 @@ def test_a_start_point_is_the_first_trial_and_a_bad_one_is_refused(split, tmp_pa
         TuneConfig(start_points=[{k: v for k, v in point.items() if k != "n_negatives"}])
     with pytest.raises(ValueError, match="hidden_size=48 is not one of"):
         TuneConfig(start_points=[point | {"hidden_size": 48}])
+    with pytest.raises(ValueError, match="n_layers=1.5 must be an integer"):
+        TuneConfig(start_points=[point | {"hidden_size": 64, "n_layers": 1.5}])
     with pytest.raises(ValueError, match="unknown key epochs"):
         TuneConfig(start_points=[point | {"hidden_size": 64, "epochs": 3}])
 

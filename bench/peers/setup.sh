@@ -15,7 +15,7 @@ TOP=("rectools[torch]==0.19.0" "torch" "pydantic" "pyarrow")
 CAPPED='^(numpy|pandas|attrs)=='
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
+"$VENV/bin/python" -m pip install --quiet "pip==26.3"
 if [ "${1:-}" = "--relock" ]; then
   grep -v -E "$CAPPED" "$HERE/../../requirements.lock" > "$LOCK.constraints"
   "$VENV/bin/python" -m pip install --quiet -c "$LOCK.constraints" "${TOP[@]}"
