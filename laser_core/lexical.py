@@ -80,6 +80,14 @@ def _stats(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, centred.T @ centred / max(len(rows) - 1, 1)
 
 
+def lexical_text(text: TextConfig | None = None) -> TextConfig:
+    """The text settings the lexical hybrid reads item descriptions with: ``text`` without its token limits
+    (``title_max_tokens``, ``category_max_tokens``: the hybrid has no tokenizer, neither has its bundle), its
+    character limits and fields kept. The hybrid keeps them (:attr:`LexicalHybrid.text_config`) and its bundle's
+    manifest holds them, so ``laser items add`` describes new items as the fit described the catalogue."""
+    return (text or TextConfig()).model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+
+
 def unit_rows(rows: Any) -> np.ndarray:
     """L2-normalised rows (a zero row stays zero; :func:`laser_core.hybrid.transform_table` ``raw``), float32."""
     return np.asarray(transform_table(np.asarray(rows, dtype=np.float32), "raw"), dtype=np.float32)
@@ -111,7 +119,7 @@ class LexicalHybrid(nn.Module):
         self.form = str(form)
         self.gamma = float(gamma)
         self.tfidf_state = tfidf_state
-        self.text_config = text_config or TextConfig()  # how the item texts TF-IDF read were made (item_texts)
+        self.text_config = lexical_text(text_config)  # how the item texts TF-IDF read were made (item_texts)
         self.valid = dict(valid or {})
         self.grid = list(grid or [])
         with torch.no_grad():
@@ -231,13 +239,13 @@ def fit_lexical_hybrid(
 ) -> LexicalHybrid:
     """Fit the lexical hybrid on ``split``'s VALIDATION pairs only (``split.valid_examples``; the test targets
     are never read): the TF-IDF rows of the item texts (:func:`laser_core.hybrid.item_texts` with the text
-    settings ``text``) for each of ``cfg``'s settings, then the setting, the form and ``gamma`` by
+    settings ``text`` less their token limits, :func:`lexical_text`) for each of ``cfg``'s settings, then the setting, the form and ``gamma`` by
     :func:`~laser_core.hybrid.choose_on_validation` on the ID model's validation scores (``mask_history``: ranked
     with each user's history excluded, as the ID model was validated)."""
     check_id_model(sr_model)
     if len(items) != split.n_items:
         raise LexicalError(f"{len(items)} items, but the split has {split.n_items}")
-    text = text or TextConfig()
+    text = lexical_text(text)
     texts = item_texts(items, text)
     tables, states = {}, {}
     for n, setting in enumerate(cfg.tfidf_settings()):

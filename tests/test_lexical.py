@@ -92,6 +92,35 @@ def test_bad_settings_are_clear_errors(data, sr):
         fit_lexical_hybrid(gru, split, ds.items, LexicalConfig(dim=12))
 
 
+def test_token_limits_of_the_dataset_configs_fit_export_and_add_items(data, sr, tmp_path):
+    """configs/layers/cpu.yaml's text settings (title/category token limits, as every dataset config has): the
+    hybrid, which has no tokenizer, reads the descriptions without the token limits (character limits kept),
+    its manifest says so, and `items add` on its bundle describes new items the same way."""
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from laser_core.bundle import load_manifest
+    from laser_core.data.text import TextConfig
+    from laser_core.export import export_lexical_bundle
+    from laser_core.lexical import lexical_text
+    from laser_core.serving import add_items
+
+    ds, split = data
+    layer = yaml.safe_load((Path(__file__).parents[1] / "configs/layers/cpu.yaml").read_text())
+    text = TextConfig(**layer["text"], title_max_chars=30)
+    assert text.title_max_tokens is not None and text.category_max_tokens is not None
+    hyb = fit_lexical_hybrid(sr, split, ds.items, LexicalConfig(dim=12, gammas=[0.0, 1.0]), text)
+    want = text.model_copy(update={"title_max_tokens": None, "category_max_tokens": None})
+    assert hyb.text_config == lexical_text(text) == want and hyb.text_config.title_max_chars == 30
+    out = export_lexical_bundle(hyb, ds.items, tmp_path / "b", k=K)
+    assert load_manifest(out).text == want
+    new = pd.DataFrame({"item_id": ["n1"], "title": ["Digital Caliper " * 5], "brand": ["B"], "category": ["C"]})
+    added = add_items(out, new, tmp_path / "added")
+    assert load_manifest(added).n_items == ds.n_items + 1
+
+
 # ----------------------------------------------------------------------------------------- the bundle
 K = 5
 
