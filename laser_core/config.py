@@ -52,8 +52,8 @@ class PipelineConfig(StrictConfig):
         default_factory=lambda: ["laser"],
         min_length=1,
         description="the models the run fits after the ID model (laser; lexical_hybrid: the ID model + TF-IDF, "
-        "section lexical); with both, the version serves the better on the promotion metric over the same test "
-        "pairs (laser_core.promotion.choose_model)",
+        "section lexical); with both, the version serves the better on the promotion metric on validation (its "
+        "test metrics then gated; laser_core.promotion.choose_model)",
     )
 
     tune_sr: TuneBudget | None = Field(

@@ -17,9 +17,11 @@ Every reason ends with what the version was compared with: the metric, the numbe
 each baseline and of production.
 
 When a run fitted more than one model (``pipeline.models``: Laser and the lexical hybrid, ``laser_core.lexical``),
-:func:`choose_model` picks the one the version serves first: the better on ``metric`` over the same test pairs
-(ties go to the first in :data:`MODEL_ORDER`, Laser); its metrics then go through the gate above, and the decision
-says which model won and by how much (``model``, ``candidates``).
+:func:`choose_model` picks the one the version serves first: the better on ``metric`` on VALIDATION (ties go to
+the first in :data:`MODEL_ORDER`, Laser), never on the test pairs, so the test figure the gate then judges is not
+the maximum of two noisy test figures; its test metrics then go through the gate above, and the decision says
+which model won on validation and by how much, beside each model's test figure (``model``, ``validation``,
+``candidates``).
 """
 
 from __future__ import annotations
@@ -60,17 +62,23 @@ MODEL_ORDER = ("laser", "lexical_hybrid")
 @dataclass(frozen=True)
 class ModelChoice:
     """Which of a run's fitted models the version serves: ``model``, with the ``metric`` of each candidate on the
-    same test pairs, and ``why`` in words (the winner, its value, the runner-up's and the difference)."""
+    same test pairs (``values``, reported) and on validation (``valid``, chosen on), and ``why`` in words (the
+    winner, its validation value, the runner-up's and the difference, then the test figures)."""
 
     model: str
     metric: str
     values: dict[str, float]
     why: str
+    valid: dict[str, float] = field(default_factory=dict)
 
 
-def choose_model(metric: str, candidates: dict[str, dict[str, float]]) -> ModelChoice:
-    """The better of the run's models (``candidates``: name -> test metrics on the same pairs) on ``metric``; a
-    tie, or a candidate without a finite value, goes by :data:`MODEL_ORDER`. With one candidate it is that one."""
+def choose_model(
+    metric: str, candidates: dict[str, dict[str, float]], validation: dict[str, dict[str, float]] | None = None
+) -> ModelChoice:
+    """The model the version serves among the run's fitted ones: the better on ``metric`` on VALIDATION
+    (``validation``: name -> validation metrics; the lexical fit's, Laser's best stage-2 epoch's). ``candidates``
+    (name -> test metrics on the same pairs) are reported, never chosen on. A tie, or a candidate without a finite
+    validation value, goes by :data:`MODEL_ORDER`. With one candidate it is that one (no validation needed)."""
     if not candidates:
         raise ValueError("no model to choose from (pipeline.models is empty)")
     unknown = [name for name in candidates if name not in MODEL_ORDER]
@@ -80,24 +88,31 @@ def choose_model(metric: str, candidates: dict[str, dict[str, float]]) -> ModelC
     if missing:
         raise KeyError(f"promotion metric {metric!r} not among the metrics of {missing}")
     values = {name: float(candidates[name][metric]) for name in MODEL_ORDER if name in candidates}
-    ok = {name: v for name, v in values.items() if math.isfinite(v)}
+    if len(values) == 1:
+        winner = next(iter(values))
+        return ModelChoice(winner, metric, values, f"{winner} (the run's only model)")
+    if validation is None:
+        raise ValueError("choosing between models needs their validation metrics (validation=...)")
+    valid = {name: float((validation.get(name) or {}).get(metric, math.nan)) for name in values}
+    tests = ", ".join(f"{name} {_fmt(v)}" for name, v in values.items())
+    ok = {name: v for name, v in valid.items() if math.isfinite(v)}
     if not ok:
         name = next(iter(values))
-        return ModelChoice(name, metric, values, f"{name}: no candidate has a finite {metric}")
+        why = f"{name}: no candidate has a finite validation {metric} (test: {tests})"
+        return ModelChoice(name, metric, values, why, valid)
     best = max(ok.values())
     winner = next(name for name, v in ok.items() if v == best)  # the first in MODEL_ORDER among the best
-    if len(values) == 1:
-        return ModelChoice(winner, metric, values, f"{winner} (the run's only model)")
-    others = sorted(((v, n) for n, v in values.items() if n != winner), reverse=True)
-    v2, second = others[0]
+    others = [name for name in valid if name != winner]
+    second = max((n for n in others if n in ok), key=ok.get, default=others[0])
+    v2 = valid[second]
     gain = best - v2 if math.isfinite(v2) else float("nan")
     rel = f", {100 * gain / v2:+.1f} %" if math.isfinite(v2) and v2 > 0 else ""
     verdict = "ties" if gain == 0 else "beats"
     why = (
-        f"{winner} {verdict} {second} on {metric}: {best:.4f} vs {_fmt(v2)} ({gain:+.4f}{rel}) on the same test "
-        f"pairs, so the version serves {winner}"
+        f"{winner} {verdict} {second} on validation {metric}: {best:.4f} vs {_fmt(v2)} ({gain:+.4f}{rel}), so the "
+        f"version serves {winner} (chosen on validation; on the same test pairs {tests})"
     )
-    return ModelChoice(winner, metric, values, why)
+    return ModelChoice(winner, metric, values, why, valid)
 
 
 @dataclass
@@ -118,6 +133,7 @@ class PromotionDecision:
     details: dict = field(default_factory=dict)
     model: str | None = None  # the model the version serves (MODEL_ORDER); None: a decision from before
     candidates: dict = field(default_factory=dict)  # each fitted model's `metric` on the same test pairs
+    validation: dict = field(default_factory=dict)  # each fitted model's `metric` on validation (chosen on)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +183,8 @@ class PromotionDecision:
             rows.insert(2, ("model served", self.model))
         for name, value in self.candidates.items():
             rows.insert(3, (f"candidate {name}", _fmt(value)))
+        for name, value in self.validation.items():
+            rows.insert(3, (f"candidate {name} (validation, chosen on)", _fmt(value)))
         body = "\n".join(f"| {a} | {b} |" for a, b in rows)
         return f"# Promotion decision\n\n| | |\n| --- | --- |\n{body}\n\n{self.reason}\n"
 
@@ -196,16 +214,18 @@ def decide(
     id_model_name: str | None = None,
     users: int | None = None,
     candidates: dict[str, dict[str, float]] | None = None,
+    validation: dict[str, dict[str, float]] | None = None,
 ) -> PromotionDecision:
     """Apply the gate. ``new`` / ``production`` / ``popularity`` / ``id_model`` are metric dicts on the same
     ``users`` test pairs (``production`` None when there is no production version; ``comparable`` False when it
     was trained on a different catalogue, so it could not be re-scored on these pairs). ``candidates``: each
-    model the run fitted (name -> metrics on the same pairs); then ``new`` is ignored and the gate judges the
-    better of them (:func:`choose_model`), the reason saying which won and by how much."""
+    model the run fitted (name -> test metrics on the same pairs), ``validation`` their validation metrics; then
+    ``new`` is ignored and the gate judges the test metrics of the one chosen on validation
+    (:func:`choose_model`), the reason saying which won on validation and by how much."""
     m = config.metric
     choice = None
     if candidates:
-        choice = choose_model(m, candidates)
+        choice = choose_model(m, candidates, validation)
         new = candidates[choice.model]
     if m not in new:
         raise KeyError(f"promotion metric {m!r} not among the new version's metrics ({sorted(new)})")
@@ -231,7 +251,7 @@ def decide(
         },
     )
     if choice is not None:
-        d.model, d.candidates = choice.model, dict(choice.values)
+        d.model, d.candidates, d.validation = choice.model, dict(choice.values), dict(choice.valid)
     _gate(config, d, production, production_version, comparable, id_model_name)
     if choice is not None and len(choice.values) > 1:
         d.reason = f"{choice.why}; {d.reason}"

@@ -36,14 +36,22 @@ def bundle_metadata() -> dict:
 
 
 def candidates(laser_metrics: MetricsReport | None, lexical_metrics: MetricsReport | None) -> dict[str, dict]:
-    """The models the run fitted and scored on the same test pairs: name -> test metrics (the input of
-    ``laser_core.promotion.choose_model``)."""
+    """The models the run fitted and scored on the same test pairs: name -> test metrics (reported and gated by
+    ``laser_core.promotion.choose_model``/``decide``, never chosen on)."""
     out = {}
     if laser_metrics is not None:
         out["laser"] = laser_metrics.metrics
     if lexical_metrics is not None:
         out["lexical_hybrid"] = lexical_metrics.metrics
     return out
+
+
+def validation(laser_metrics: MetricsReport | None, lexical_metrics: MetricsReport | None) -> dict[str, dict]:
+    """The same models' VALIDATION metrics, what the choice between them is made on: each report's
+    ``details["valid"]`` (Laser's best stage-2 epoch's, ``LaserWeights.summary["best_valid"]``, as
+    ``evaluate_laser`` carries it; the lexical fit's chosen setting's, ``LexicalHybrid.valid``)."""
+    reports = {"laser": laser_metrics, "lexical_hybrid": lexical_metrics}
+    return {name: dict(r.details.get("valid") or {}) for name, r in reports.items() if r is not None}
 
 
 @step(output_materializers={"scorer_bundle": ExportBundleMaterializer})
@@ -62,8 +70,8 @@ def export_scorer(
     """The version's bundle. With one model (Laser: the suffix-projected scorer and, optionally, the user tower
     as ONNX, with tokenizer, catalogue and a manifest naming the model version), that model's; with Laser and the
     lexical hybrid (``pipeline.models``), the better of the two on ``metric`` (the promotion metric: only it, so
-    that a change of the gate's margins does not export again) over the same test pairs
-    (``laser_core.promotion.choose_model``, as the promote step's decision says): the lexical bundle the
+    that a change of the gate's margins does not export again) on VALIDATION, never on the test pairs the gate
+    judges (``laser_core.promotion.choose_model``, as the promote step's decision says): the lexical bundle the
     ``fit_lexical`` step wrote, or Laser's, exported here."""
     from laser_core.export import export_bundle, popularity_from_sequences
 
@@ -73,7 +81,7 @@ def export_scorer(
         fitted = {"laser": {}}  # Laser alone, its metrics not passed: nothing to choose
     if not fitted:
         raise ValueError("export_scorer: no model to export (neither Laser's weights nor a lexical bundle)")
-    chosen = choose_model(metric, fitted) if len(fitted) > 1 else None
+    chosen = choose_model(metric, fitted, validation(laser_metrics, lexical_metrics)) if len(fitted) > 1 else None
     model = next(iter(fitted)) if chosen is None else chosen.model
     if chosen is not None:
         logger.info("Exporting %s: %s", model, chosen.why)

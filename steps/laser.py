@@ -166,6 +166,7 @@ def evaluate_laser(
             "popularity": popularity,
             "id_model": id_model,
             "id_model_name": sr_model.config.model,
+            "valid": laser_model.summary.get("best_valid") or {},  # stage 2's best epoch: what models are chosen on
         },
     )
     logger.info(

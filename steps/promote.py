@@ -15,7 +15,7 @@ from laser_core.model import build_laser
 from laser_core.promotion import PromotionConfig, PromotionDecision, decide
 from laser_core.reporting import MetricsReport
 from laser_core.train import LaserTrainConfig, test_examples, test_laser
-from steps.export import candidates
+from steps.export import candidates, validation
 from steps.materializers import PromotionDecisionMaterializer
 from steps.mcp import current_model, log_model_metadata
 
@@ -72,8 +72,8 @@ def promote(
     """Stage the new model version: ``staging`` when valid, ``production`` when it beats the required baselines
     (popularity by default; the ID model optionally) and the current production version (re-scored here), all on
     the same test pairs, by the configured margins (laser_core.promotion). When the run fitted Laser and the
-    lexical hybrid, the version serves the better of the two (``choose_model``; the export step exported that
-    one) and the decision says which won and by how much. ``production_version_id`` (the production version
+    lexical hybrid, the version serves the better of the two on validation (``choose_model``; the export step
+    exported that one) and the decision says which won and by how much; its test metrics go through the gate. ``production_version_id`` (the production version
     when the run started) and ``model_name`` are parameters so that the step's cache follows the registry: a
     cached decision is reused only for the same model and the same production version."""
     cfg, tcfg = promotion or PromotionConfig(), train_config or LaserTrainConfig()
@@ -89,6 +89,7 @@ def promote(
         "id_model_name": first.details.get("id_model_name"),
         "users": first.protocol.get("users"),
         "candidates": fitted,
+        "validation": validation(laser_metrics, lexical_metrics),
     }
     if model is None:
         decision = decide(cfg, first.metrics, **baselines)

@@ -271,19 +271,46 @@ def test_the_gate_promotes_the_better_of_laser_and_the_hybrid_and_says_by_how_mu
 
     base = dict(popularity={"ndcg@10": 0.02}, id_model={"ndcg@10": 0.09}, id_model_name="sasrec", users=100)
     both = {"laser": {"ndcg@10": 0.1014}, "lexical_hybrid": {"ndcg@10": 0.1054}}
-    d = decide(PromotionConfig(), {"ndcg@10": 0.0}, candidates=both, **base)
+    valid = {"laser": {"ndcg@10": 0.1100}, "lexical_hybrid": {"ndcg@10": 0.1200}}
+    d = decide(PromotionConfig(), {"ndcg@10": 0.0}, candidates=both, validation=valid, **base)
     assert d.model == "lexical_hybrid" and d.new_value == 0.1054 and d.stage == "production"
     assert d.candidates == {"laser": 0.1014, "lexical_hybrid": 0.1054}
-    assert d.reason.startswith("lexical_hybrid beats laser on ndcg@10: 0.1054 vs 0.1014 (+0.0040, +3.9 %)")
+    assert d.validation == {"laser": 0.11, "lexical_hybrid": 0.12}
+    assert d.reason.startswith("lexical_hybrid beats laser on validation ndcg@10: 0.1200 vs 0.1100 (+0.0100, +9.1 %)")
+    assert "chosen on validation; on the same test pairs laser 0.1014, lexical_hybrid 0.1054" in d.reason
     assert "model served | lexical_hybrid" in d.to_markdown()
-    # Laser wins when it is better; a tie goes to Laser
-    d = decide(PromotionConfig(), {}, candidates={**both, "laser": {"ndcg@10": 0.2}}, **base)
-    assert d.model == "laser" and d.new_value == 0.2 and "laser beats lexical_hybrid" in d.reason
-    assert choose_model("ndcg@10", {"laser": {"ndcg@10": 0.1}, "lexical_hybrid": {"ndcg@10": 0.1}}).model == "laser"
-    # the winner still goes through the gate: below the ID model it stays in staging
+    assert "candidate laser (validation, chosen on) | 0.1100" in d.to_markdown()
+    # Laser wins when it is better on validation; a tie goes to Laser
+    d = decide(PromotionConfig(), {}, candidates=both, validation={**valid, "laser": {"ndcg@10": 0.2}}, **base)
+    assert d.model == "laser" and d.new_value == 0.1014 and "laser beats lexical_hybrid" in d.reason
+    tie = {"laser": {"ndcg@10": 0.1}, "lexical_hybrid": {"ndcg@10": 0.1}}
+    assert choose_model("ndcg@10", both, tie).model == "laser"
+    # the winner still goes through the gate on its TEST figure: below the ID model it stays in staging
     gate = PromotionConfig(require_beats_id_model=True)
-    d = decide(gate, {}, candidates={"laser": {"ndcg@10": 0.05}, "lexical_hybrid": {"ndcg@10": 0.08}}, **base)
+    d = decide(
+        gate, {}, candidates={"laser": {"ndcg@10": 0.05}, "lexical_hybrid": {"ndcg@10": 0.08}}, validation=valid, **base
+    )
     assert d.model == "lexical_hybrid" and d.stage == "staging" and "does not beat" in d.reason
+    # two models and no validation figures: refused, not chosen on the test pairs
+    with pytest.raises(ValueError, match="validation"):
+        choose_model("ndcg@10", both)
+
+
+def test_the_choice_between_models_is_made_on_validation_not_on_test():
+    """Validation and test disagree: Laser is better on validation, the hybrid on test. The version serves Laser
+    and the gate judges Laser's test figure (choosing on test would pick the maximum of two noisy test figures);
+    a model without a validation figure loses to one with it."""
+    from laser_core.promotion import PromotionConfig, choose_model, decide
+
+    test = {"laser": {"ndcg@10": 0.10}, "lexical_hybrid": {"ndcg@10": 0.13}}
+    valid = {"laser": {"ndcg@10": 0.12}, "lexical_hybrid": {"ndcg@10": 0.11}}
+    choice = choose_model("ndcg@10", test, valid)
+    assert choice.model == "laser" and choice.values == {"laser": 0.10, "lexical_hybrid": 0.13}
+    assert choice.valid == {"laser": 0.12, "lexical_hybrid": 0.11}
+    d = decide(PromotionConfig(), {}, candidates=test, validation=valid, popularity={"ndcg@10": 0.01}, users=10)
+    assert d.model == "laser" and d.new_value == 0.10 and d.stage == "production"
+    assert d.reason.startswith("laser beats lexical_hybrid on validation ndcg@10: 0.1200 vs 0.1100")
+    assert choose_model("ndcg@10", test, {"laser": {}, "lexical_hybrid": {"ndcg@10": 0.01}}).model == "lexical_hybrid"
 
 
 def test_pipeline_fits_exports_and_gates_the_lexical_hybrid(zenml_store, data):
@@ -413,11 +440,15 @@ def test_pipeline_with_laser_and_the_hybrid_serves_the_better_one(zenml_store, c
     lexical = steps["fit_lexical"].outputs["lexical_metrics"][0].load()
     assert laser.protocol["users"] == lexical.protocol["users"] == 32  # the same test pairs
     decision = steps["promote"].outputs["promotion_decision"][0].load()
-    winner = "lexical_hybrid" if lexical.metrics["ndcg@10"] > laser.metrics["ndcg@10"] else "laser"
+    # chosen on validation: Laser's best stage-2 epoch's, the hybrid's fit's (test figures reported only)
+    laser_valid = steps["bi_tune_stage2"].outputs["laser_model"][0].load().summary["best_valid"]["ndcg@10"]
+    valid = {"laser": laser_valid, "lexical_hybrid": lexical.details["valid"]["ndcg@10"]}
+    assert laser.details["valid"]["ndcg@10"] == laser_valid and decision.validation == valid
+    winner = "lexical_hybrid" if valid["lexical_hybrid"] > valid["laser"] else "laser"
     assert decision.model == winner
     assert decision.candidates == {"laser": laser.metrics["ndcg@10"], "lexical_hybrid": lexical.metrics["ndcg@10"]}
     loser = "laser" if winner == "lexical_hybrid" else "lexical_hybrid"
-    assert decision.reason.startswith(f"{winner} ") and f" {loser} on ndcg@10: " in decision.reason
+    assert decision.reason.startswith(f"{winner} ") and f" {loser} on validation ndcg@10: " in decision.reason
     bundle = steps["export_scorer"].outputs["scorer_bundle"][0].load()
     assert bundle.manifest.model_kind == winner
     capsys.readouterr()
