@@ -229,6 +229,20 @@ def check_id_model(sr_model: nn.Module) -> None:
         ) from None
 
 
+def batched_scores(model: nn.Module, histories: Sequence[Sequence[int]], batch_size: int = 512) -> np.ndarray:
+    """``[len(histories), n_items]`` float32: ``model.score`` over ``batch_size`` users at a time, written into
+    one array (one forward over every validation user, 22k on Beauty, holds all their activations at once)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = np.zeros((0, 0), dtype=np.float32)
+    for lo in range(0, len(histories), batch_size):
+        block = model.score(histories[lo : lo + batch_size]).float().cpu().numpy()
+        if lo == 0:
+            out = np.empty((len(histories), block.shape[1]), dtype=np.float32)
+        out[lo : lo + len(block)] = block
+    return out
+
+
 def fit_lexical_hybrid(
     sr_model: nn.Module,
     split: Any,
@@ -236,12 +250,14 @@ def fit_lexical_hybrid(
     cfg: LexicalConfig,
     text: TextConfig | None = None,
     mask_history: bool = False,
+    batch_size: int = 512,
 ) -> LexicalHybrid:
     """Fit the lexical hybrid on ``split``'s VALIDATION pairs only (``split.valid_examples``; the test targets
     are never read): the TF-IDF rows of the item texts (:func:`laser_core.hybrid.item_texts` with the text
-    settings ``text`` less their token limits, :func:`lexical_text`) for each of ``cfg``'s settings, then the setting, the form and ``gamma`` by
-    :func:`~laser_core.hybrid.choose_on_validation` on the ID model's validation scores (``mask_history``: ranked
-    with each user's history excluded, as the ID model was validated)."""
+    settings ``text`` less their token limits, :func:`lexical_text`) for each of ``cfg``'s settings, then the
+    setting, the form and ``gamma`` by :func:`~laser_core.hybrid.choose_on_validation` on the ID model's
+    validation scores (``mask_history``: ranked with each user's history excluded, as the ID model was
+    validated), both computed ``batch_size`` users at a time (:func:`batched_scores`)."""
     check_id_model(sr_model)
     if len(items) != split.n_items:
         raise LexicalError(f"{len(items)} items, but the split has {split.n_items}")
@@ -255,9 +271,9 @@ def fit_lexical_hybrid(
         except ValueError as exc:
             raise LexicalError(f"lexical.tfidf setting {n}: {exc}") from None
     _, histories, targets = split.valid_examples()
-    id_scores = sr_model.score(histories).float().cpu().numpy()
+    id_scores = batched_scores(sr_model, histories, batch_size)
     choice = choose_on_validation(
-        id_scores, tables, histories, targets, cfg.gammas, cfg.forms, mask_history=mask_history
+        id_scores, tables, histories, targets, cfg.gammas, cfg.forms, mask_history=mask_history, batch_size=batch_size
     )
     return LexicalHybrid(
         sr_model,

@@ -38,12 +38,21 @@ def fit_lexical(
     export_config: ExportConfig,
 ) -> tuple[Annotated[MetricsReport, "lexical_metrics"], Annotated[ExportBundle, "lexical_bundle"]]:
     """Fit the lexical hybrid on validation (``lexical``: TF-IDF settings, gammas, forms; ``text``: the item
-    texts' settings; ``sr_train.mask_history``: ranked as the ID model was validated), score it on the test
+    texts' settings; ``sr_train.mask_history``: ranked as the ID model was validated; validation scored
+    ``sr_train.eval_batch_size`` users at a time), score it on the test
     pairs Laser is scored on (``laser_train.test_users``) beside popularity and the ID model, and export it."""
     from laser_core.export import export_lexical_bundle, popularity_from_sequences
     from laser_core.lexical import evaluate_lexical, fit_lexical_hybrid
 
-    model = fit_lexical_hybrid(sr_model, split, dataset.items, lexical, text, mask_history=sr_train.mask_history)
+    model = fit_lexical_hybrid(
+        sr_model,
+        split,
+        dataset.items,
+        lexical,
+        text,
+        mask_history=sr_train.mask_history,
+        batch_size=sr_train.eval_batch_size,
+    )
     report = evaluate_lexical(model, split, train_config)
     out = Path(tempfile.mkdtemp(prefix="laser-lexical-"))
     export_lexical_bundle(

@@ -75,6 +75,33 @@ def test_fit_chooses_on_validation_only_and_the_text_helps(data, sr):
     assert hyb.valid["ndcg@10"] == max(r["ndcg@10"] for r in hyb.grid)
 
 
+def test_validation_is_scored_in_batches_of_the_given_size(data, sr, monkeypatch):
+    """fit_lexical_hybrid scores the validation users batch_size at a time (a spy on the ID model's score records
+    each call's users), never all at once, and fits exactly what one forward over all of them fits."""
+    from laser_core.lexical import batched_scores
+
+    ds, split = data
+    cfg = LexicalConfig(dim=12, gammas=[0.0, 0.5, 1.0])
+    whole = fit_lexical_hybrid(sr, split, ds.items, cfg, batch_size=10**6)
+    n_users = len(split.valid_examples()[1])
+    score, calls = type(sr).score, []
+
+    def spy(self, histories):
+        calls.append(len(histories))
+        return score(self, histories)
+
+    monkeypatch.setattr(type(sr), "score", spy)
+    batched = fit_lexical_hybrid(sr, split, ds.items, cfg, batch_size=7)
+    assert n_users > 7 and max(calls) == 7 and sum(calls) == n_users
+    assert (batched.form, batched.gamma) == (whole.form, whole.gamma)  # metrics: up to summation order
+    assert batched.valid == pytest.approx(whole.valid, rel=1e-12)
+    numbers = lambda grid: [{k: v for k, v in r.items() if not isinstance(v, str)} for r in grid]  # noqa: E731
+    assert [(r["table"], r["form"]) for r in batched.grid] == [(r["table"], r["form"]) for r in whole.grid]
+    assert numbers(batched.grid) == [pytest.approx(r, rel=1e-12) for r in numbers(whole.grid)]
+    hist = split.valid_examples()[1]
+    np.testing.assert_allclose(batched_scores(sr, hist, 7), score(sr, hist).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_settings_are_clear_errors(data, sr):
     from pydantic import ValidationError
 
