@@ -398,13 +398,15 @@ def bundle_metrics(
 ) -> dict[str, float]:
     """Full-ranking metrics of a loaded bundle on (history, target) pairs of catalogue rows: every item scored by
     the exact cosine over the scorer's table (what ``recommend`` ranks by), accumulated as the evaluation loop
-    does (:class:`laser_core.metrics.RankingAccumulator`; no history masking). The promotion gate re-scores a
-    stored lexical-hybrid version with it."""
+    does (:class:`laser_core.metrics.RankingAccumulator`; no history masking). Only the trained catalogue's rows
+    (the first ``n_trained_items``) are ranked: items added after export (``laser items add``) are left out, so a
+    stored version and a new candidate rank the same catalogue. The promotion gate re-scores a stored
+    lexical-hybrid version with it."""
     from laser_core.metrics import RankingAccumulator
 
     acc = RankingAccumulator()
     targets = np.asarray(targets)
-    table = rec.table()
+    table = rec.table()[: rec.n_trained_items]
     for lo in range(0, len(histories), batch_size):
         hist = [list(h) for h in histories[lo : lo + batch_size]]
         acc.add(l2_normalize(rec.user_embeddings(hist)) @ table.T, targets[lo : lo + batch_size])

@@ -278,6 +278,25 @@ def test_items_add_embeds_new_items_from_their_words(bundle, data, ann, tmp_path
     assert (rec.scoring == "ann") == ann
 
 
+def test_rescoring_a_bundle_ranks_only_its_trained_catalogue(bundle, data, tmp_path):
+    """bundle_metrics (the gate's re-score of a lexical production version) ranks the trained catalogue only:
+    after `items add` of look-alikes of every item (which outrank many targets when ranked), the version scores
+    what it scored at export, as a candidate over the same catalogue would."""
+
+    from laser_core.serving import Recommender, add_items, bundle_metrics
+
+    ds, split = data
+    _, hist, targets = split.test_examples()
+    before = bundle_metrics(Recommender.load(bundle), hist, targets)
+    twins = ds.items.assign(item_id=[f"twin-{i}" for i in ds.items["item_id"]])
+    added = Recommender.load(add_items(bundle, twins, tmp_path / "added"))
+    assert added.n_items == 2 * ds.n_items and added.n_trained_items == ds.n_items
+    assert bundle_metrics(added, hist, targets) == pytest.approx(before, abs=1e-9)
+    # what ranking the added rows too would give: other figures
+    ranked = added.user_embeddings([list(h) for h in hist]) @ added.table().T
+    assert (ranked[:, ds.n_items :].max(1) > ranked[np.arange(len(targets)), targets]).any()
+
+
 def test_a_lexical_bundle_missing_its_tfidf_state_is_refused(bundle, tmp_path):
     import shutil
 
