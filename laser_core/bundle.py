@@ -61,6 +61,7 @@ from pydantic import (
 
 from laser_core.configuration import reads_item_ids
 from laser_core.data.text import DEFAULT_MAX_TEXT_CHARS, TextConfig, cut_item_texts
+from laser_core.score_stats import norm_column
 
 # ------------------------------------------------------------------------------------------- names
 FORMAT_VERSION = 2  # 2: fusion, cold_item.item_weights(_note), added_items[].item_weights, ann_index required
@@ -758,7 +759,7 @@ def augment_rows(rows: np.ndarray, norm_bound: float) -> np.ndarray:
     bound = float(norm_bound) ** 2
     if (sq > bound * (1 + 1e-6)).any():
         raise ValueError(f"a row's norm {np.sqrt(sq.max()):.6g} exceeds the bound {norm_bound:.6g}")
-    extra = np.sqrt(np.maximum(bound - sq, 0.0))[:, None]
+    extra = norm_column(sq, bound)[:, None]
     return (np.concatenate([rows, extra], axis=1) / float(norm_bound)).astype(np.float32)
 
 

@@ -45,9 +45,8 @@ from laser_core.hybrid import (
     transform_table,
     user_text_vectors,
 )
+from laser_core.score_stats import per_user_sd, row_statistics
 
-#: the smallest per-user standard deviation divided by (laser_core.hybrid.zscore's: a constant row gets z = 0)
-SD_EPS = 1e-8
 #: the longest text window the forms are probed for (:func:`form_weights`)
 MAX_FORM_WINDOW = 64
 
@@ -69,15 +68,6 @@ def form_weights(form: str) -> np.ndarray:
     if nonzero[0] == 0:
         raise LexicalError(f"form {form!r} reads more than the last {MAX_FORM_WINDOW - 1} items")
     return w[nonzero[0] :].astype(np.float32)
-
-
-def _stats(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows' mean and covariance (float64), with :func:`laser_core.hybrid.zscore`'s ``ddof`` of 1: then
-    ``sqrt(u^T C u)`` is exactly the standard deviation it divides a user's scores by."""
-    rows = np.asarray(rows, dtype=np.float64)
-    mean = rows.mean(axis=0)
-    centred = rows - mean
-    return mean, centred.T @ centred / max(len(rows) - 1, 1)
 
 
 def lexical_text(text: TextConfig | None = None) -> TextConfig:
@@ -128,8 +118,8 @@ class LexicalHybrid(nn.Module):
         text = unit_rows(text_rows)
         if text.shape[0] != id_rows.shape[0]:
             raise LexicalError(f"{text.shape[0]} text rows for the ID model's {id_rows.shape[0]} items")
-        id_mean, id_cov = _stats(id_rows)
-        text_mean, text_cov = _stats(text)
+        id_mean, id_cov = row_statistics(id_rows)
+        text_mean, text_cov = row_statistics(text)
         weights = form_weights(self.form)
         self.n_items = int(id_rows.shape[0])
         self.max_len = int(sr.config.max_len)
@@ -169,9 +159,8 @@ class LexicalHybrid(nn.Module):
         w = self.position_weights[self.window - width :] * mask.to(self.position_weights.dtype)
         rows = self.text_table[item_ids.clamp(min=0) * mask]
         u_txt = (rows * w[..., None]).sum(dim=1)
-        sd_id = torch.sqrt(((u_id @ self.id_cov) * u_id).sum(-1, keepdim=True)).clamp_min(SD_EPS)
-        sd_txt = torch.sqrt(((u_txt @ self.text_cov) * u_txt).sum(-1, keepdim=True)).clamp_min(SD_EPS)
-        return torch.cat([u_id / sd_id, self.gamma * u_txt / sd_txt], dim=1)
+        u_id, u_txt = u_id / per_user_sd(u_id, self.id_cov), u_txt / per_user_sd(u_txt, self.text_cov)
+        return torch.cat([u_id, self.gamma * u_txt], dim=1)
 
     def item_vectors(self) -> torch.Tensor:
         """``[n_items, id_dim + text_dim]`` the centred item rows: ``[v_id - mean_id, t - mean_txt]``."""

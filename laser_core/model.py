@@ -92,6 +92,7 @@ from laser_core.losses import iic_loss, load_balancing_loss
 from laser_core.llm.backbones import TINY, Backbone, load_backbone
 from laser_core.configuration import BiTuneConfig, LaserSpec
 from laser_core.mformer import MFormer, PlainPrefix, RouterOutput
+from laser_core.score_stats import SD_EPS, norm_column, per_user_sd, row_statistics
 from laser_core.sr.base import SequentialRecommender
 from laser_core.trainer import save_tensors
 
@@ -298,8 +299,8 @@ class LaserModel(nn.Module):
         zscore = self.config.fusion == "zscore"
         if zscore:
             a, c_id, c_text = self.fusion_log_temperature.exp(), self.fusion_id_scale, _rms_scale(self.fusion_text_cov)
-            u_id = (a * c_id) * u_id / _per_user_sd(u_id, self.fusion_id_cov)
-            u_text = (a * self.fusion_log_weight.exp() * c_text) * n / _per_user_sd(n, self.fusion_text_cov)
+            u_id = (a * c_id) * u_id / per_user_sd(u_id, self.fusion_id_cov)
+            u_text = (a * self.fusion_log_weight.exp() * c_text) * n / per_user_sd(n, self.fusion_text_cov)
         else:
             u_text = self.fusion_log_weight.exp() * n
         users = torch.cat([u_id, u_text, torch.zeros_like(n[:, :1])], dim=1)
@@ -317,9 +318,9 @@ class LaserModel(nn.Module):
             radius2 = (
                 self.fusion_radius2 + ((1.0 + self.fusion_text_mean.norm()) / c_text) ** 2
             )  # |n - nbar| <= 1 + |nbar|
-            r = torch.sqrt((radius2 - (vec**2).sum(1) - (n**2).sum(1)).clamp(min=0.0))
+            r = norm_column((vec**2).sum(1) + (n**2).sum(1), radius2)
         else:  # |n| = 1
-            r = torch.sqrt((self.fusion_radius2 - (vec**2).sum(1) - 1.0).clamp(min=0.0))
+            r = norm_column((vec**2).sum(1) + 1.0, self.fusion_radius2)
         items = torch.cat([vec, n, r[:, None]], dim=1)
         return torch.where(item_side.bool()[:, None], items, users)
 
@@ -652,28 +653,12 @@ class LaserModel(nn.Module):
 
 #: ``fusion: zscore``'s buffers that every item table refits from its own LLM rows (LaserModel.catalogue_table)
 FUSION_TABLE_STATISTICS = ("fusion_text_mean", "fusion_text_cov", "fusion_text_fitted")
-#: the smallest per-user standard deviation a fused score part is divided by (laser_core.lexical's SD_EPS)
-FUSION_SD_EPS = 1e-8
-
-
-def row_statistics(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean ``[d]`` and covariance ``[d, d]`` (``ddof`` 1, :func:`laser_core.hybrid.zscore`'s) of ``rows``
-    ``[n, d]``, float32 (computed in float64): ``sqrt(u^T C u)`` is then exactly the standard deviation of the
-    scores ``u . rows_i`` that the z-score divides by."""
-    if rows.shape[0] < 2:
-        raise ValueError(f"z-score statistics need at least 2 catalogue rows, got {rows.shape[0]}")
-    x = rows.double()
-    return x.mean(0).float(), torch.cov(x.T, correction=1).float()
+# the z-score statistics (row_statistics, per_user_sd, SD_EPS) and the norm column: laser_core.score_stats
 
 
 def _rms_scale(cov: torch.Tensor) -> torch.Tensor:
     """``sqrt(trace C)``: the root mean square norm of the centred rows whose covariance is ``C``."""
-    return torch.sqrt(torch.diagonal(cov).sum()).clamp_min(FUSION_SD_EPS)
-
-
-def _per_user_sd(x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """``[B, 1]``: each row's score standard deviation over the catalogue, ``sqrt(x^T C x)``."""
-    return torch.sqrt(((x @ cov) * x).sum(-1, keepdim=True).clamp_min(FUSION_SD_EPS**2))
+    return torch.sqrt(torch.diagonal(cov).sum()).clamp_min(SD_EPS)
 
 
 WEIGHTS_FORMAT = 1  # LaserWeights.save's folder (laser.json's format_version)

@@ -285,3 +285,40 @@ def test_the_fusion_weight_grid_scores_the_zscore_fusion_as_validation_does(data
         model.fusion_log_weight.data.fill_(float(np.log(w)))
         assert trainer.validate(table)["ndcg@10"] == pytest.approx(record["grid"][str(w)], abs=1e-6)
     assert len(set(record["grid"].values())) > 1
+
+
+def test_one_implementation_of_the_z_score_statistics_and_the_norm_column():
+    """laser_core.score_stats holds the z-score statistics (mean and ddof-1 covariance, the per-user standard
+    deviation, one epsilon) and the norm-equalising column; the fused Laser, the lexical hybrid and the bundle use
+    it (no copies left), and it gives the same on numpy arrays and torch tensors."""
+    import laser_core.bundle
+    import laser_core.lexical
+    import laser_core.model
+    from laser_core import score_stats
+
+    assert laser_core.model.row_statistics is laser_core.lexical.row_statistics is score_stats.row_statistics
+    assert laser_core.model.per_user_sd is laser_core.lexical.per_user_sd is score_stats.per_user_sd
+    assert laser_core.model.norm_column is laser_core.bundle.norm_column is score_stats.norm_column
+    for module, copies in (
+        (laser_core.model, ("FUSION_SD_EPS", "_per_user_sd")),
+        (laser_core.lexical, ("SD_EPS", "_stats")),
+    ):
+        assert not [name for name in copies if hasattr(module, name)], module.__name__
+    rng = np.random.default_rng(0)
+    rows, users = rng.standard_normal((30, 5)), rng.standard_normal((4, 5))
+    mean, cov = score_stats.row_statistics(rows)
+    t_mean, t_cov = score_stats.row_statistics(torch.from_numpy(rows))
+    assert mean.dtype == np.float32 and t_cov.dtype == torch.float32
+    np.testing.assert_allclose(t_mean.numpy(), mean)
+    np.testing.assert_allclose(t_cov.numpy(), cov)
+    # the per-user sd is the standard deviation (ddof 1) of the user's scores; a zero user gets SD_EPS
+    sd = score_stats.per_user_sd(users, cov.astype(np.float64))
+    np.testing.assert_allclose(sd[:, 0], (users @ rows.T).std(axis=1, ddof=1), rtol=1e-6)
+    t_sd = score_stats.per_user_sd(torch.from_numpy(np.vstack([users, 0 * users[:1]])), torch.from_numpy(cov).double())
+    np.testing.assert_allclose(t_sd[:4].numpy(), sd, rtol=1e-6)
+    assert float(t_sd[4, 0]) == pytest.approx(score_stats.SD_EPS)
+    # the norm column makes every row as long as the bound (numpy and torch alike)
+    sq = (rows**2).sum(1)
+    col = score_stats.norm_column(sq, float(sq.max()))
+    np.testing.assert_allclose(sq + col**2, sq.max())
+    np.testing.assert_allclose(score_stats.norm_column(torch.from_numpy(sq), torch.tensor(sq.max())).numpy(), col)
