@@ -4,15 +4,16 @@ Per user ``u`` and item ``i`` (:func:`laser_core.hybrid.blend`)::
 
     score(u, i) = z(id(u, .))_i + gamma * z(sim(u, .))_i
 
-``z``: the per-user z-score over the trained catalogue (population standard deviation); ``id``: the ID model's
-dot-product scores ``u_id . v_i`` (SASRec, BERT4Rec: ``user_vectors``/``item_vectors``); ``sim``: the cosine of
-item ``i``'s text row to the user's text vector (``form``: the last item's row, or a decayed sum over the last
-items, :data:`laser_core.hybrid.FORMS`); text rows: TF-IDF over the item texts reduced by truncated SVD and
+``z``: the per-user z-score over the trained catalogue (sample standard deviation, ``ddof`` 1, as
+:func:`laser_core.hybrid.zscore`); ``id``: the ID model's dot-product scores ``u_id . v_i`` (SASRec, BERT4Rec:
+``user_vectors``/``item_vectors``); ``sim``: the cosine of item ``i``'s text row to the user's text vector
+(``form``: the last item's row, or a decayed sum over the last items, :data:`laser_core.hybrid.FORMS`); text rows: TF-IDF over the item texts reduced by truncated SVD and
 re-normalised (:func:`laser_core.hybrid.tfidf_vectors`). ``gamma``, the form and (with a list of settings) the
 TF-IDF analyzer are chosen on validation only (:func:`laser_core.hybrid.choose_on_validation`).
 
 For dot-product scores ``s_i = u . v_i`` the z-score is ``u . (v_i - mean) / sqrt(u^T C u)`` (``mean`` and ``C``
-the items' mean and population covariance), so the whole blend is ONE dot product::
+the items' mean and sample covariance, ``ddof`` 1: :func:`laser_core.score_stats.row_statistics`), so the whole
+blend is ONE dot product::
 
     [u_id / sd_id(u), gamma * u_txt / sd_txt(u)] . [v_id_i - mean_id, t_i - mean_txt]
 
