@@ -8,7 +8,9 @@ is :mod:`laser_core.bundle`. torch is imported only inside the functions that ne
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,6 +304,28 @@ def export_user_tower(model: LaserModel, path: str | Path, opset: int = 18) -> d
     }
 
 
+@contextmanager
+def _new_bundle_folder(out: Path):
+    """The bundle folder being written (created here): removed whole when anything fails, so a failed export
+    never leaves a half-written bundle."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _finish_bundle(out: Path, manifest: BundleManifest, ann_index: bool) -> None:
+    """The last steps of every export: the manifest (:func:`write_manifest` hashes the files and validates it)
+    and, with ``ann_index``, the ANN index over the scorer's table."""
+    write_manifest(out, manifest)
+    if ann_index:
+        from laser_core.ann import index_bundle
+
+        index_bundle(out)
+
+
 def export_bundle(
     weights: LaserWeights,
     sr_model: SequentialRecommender | None,
@@ -363,8 +387,7 @@ def export_bundle(
                 "ID-based recommender (sr_model)"
             )
         _check_cold_items(sr_model)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with _new_bundle_folder(out):
         model = reference_model(weights, sr_model, items)
         if model.embedding_size != dim:
             raise ValueError(f"the table's width {dim} differs from the model's embedding size {model.embedding_size}")
@@ -455,16 +478,7 @@ def export_bundle(
             files={},
             ann_index=None,
         )
-        write_manifest(out, manifest)
-        if ann_index:
-            from laser_core.ann import index_bundle
-
-            index_bundle(out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
-        raise
+        _finish_bundle(out, manifest, ann_index)
     return out
 
 
@@ -537,8 +551,7 @@ def export_lexical_bundle(
     bound = float(np.sqrt((rows**2).sum(axis=1)).max()) or 1.0
     table = augment_rows(rows, bound)
     dim = table.shape[1]
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with _new_bundle_folder(out):
         export_scorer(table, out / SCORER, k=int(k))
         window = model.window
         example = model.predict_inputs([[0, 1, 2], [3]])
@@ -627,16 +640,7 @@ def export_lexical_bundle(
                 "table's rows [v_id - mean_id, t - mean_txt, sqrt(norm_bound^2 - |.|^2)] / norm_bound",
             ),
         )
-        write_manifest(out, manifest)
-        if ann_index:
-            from laser_core.ann import index_bundle
-
-            index_bundle(out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle
-        raise
+        _finish_bundle(out, manifest, ann_index)
     return out
 
 
