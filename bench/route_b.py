@@ -32,7 +32,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from laser_benchmark import add_common_args, load_inputs  # noqa: E402
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from laser_core import hybrid  # noqa: E402
 from laser_core.config import data_fingerprint  # noqa: E402
+from laser_core.fingerprint import fingerprint  # noqa: E402
 from laser_core.evaluation import evaluate  # noqa: E402
 from laser_core.frozen_table import frozen_item_table  # noqa: E402
 from laser_core.reporting import markdown_table  # noqa: E402
@@ -59,6 +64,30 @@ def parse_variant(text: str) -> dict:
     return update
 
 
+TABLES = ("llm", "random_llm", "tfidf")
+TFIDF_SVD_DIM = 576  # the width of SmolLM2's rows, so both tables enter the same PCA reduction
+
+
+def item_table(kind: str, cfg, ds, wd: Path, args) -> tuple[torch.Tensor, str]:
+    """The ``[n_items, D]`` table the text variants read and its content key: the config's frozen LLM
+    (:func:`laser_core.frozen_table.frozen_item_table`, the route), or a control: the same item path through a
+    random backbone of the same shape (``bench/controls.py``), or TF-IDF over the same item texts reduced by a
+    seeded truncated SVD (``laser_core.hybrid``)."""
+    from controls import _needs_tokenizer, _tokenizer, random_backbone_spec
+
+    batch = args.item_batch_size or cfg.laser_train.item_batch_size
+    if kind == "tfidf":
+        texts = hybrid.item_texts(ds.items, cfg.text, _tokenizer(cfg, ds) if _needs_tokenizer(cfg) else None)
+        tfidf = hybrid.TFIDF_PRESETS["char"].model_copy(update={"dim": TFIDF_SVD_DIM})
+        rows = torch.from_numpy(np.asarray(hybrid.tfidf_vectors(texts, tfidf, args.seed)[0], dtype=np.float32))
+        return rows, fingerprint("route-b-tfidf", {"rows": rows})
+    spec = cfg.laser_spec()
+    if kind == "random_llm":
+        spec = random_backbone_spec(spec, ds.items, wd, args.seed)
+    frozen = frozen_item_table(spec, ds.items, cache_dir=wd, batch_size=batch, device=cfg.laser_train.device)
+    return frozen.table, frozen.weights_fingerprint
+
+
 def figures_on_test(model, hist, targets, batch_size: int) -> dict:
     plain = evaluate(model, hist, targets, batch_size)
     masked = evaluate(model, hist, targets, batch_size, mask_history=True)
@@ -73,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(MODES), help="comma-separated: none, init, join, init@S, join@S")
     ap.add_argument("--test-users", type=int, default=None, help="a seeded sample of test users (all)")
     ap.add_argument("--item-batch-size", type=int, default=None, help="items per LLM forward (laser_train's)")
+    ap.add_argument(
+        "--table",
+        choices=TABLES,
+        default="llm",
+        help="whose item table the text variants read: the frozen LLM (the route); its controls: a random "
+        "backbone of the same shape (bench/controls.py's), or TF-IDF (char 3-5-grams) reduced by truncated SVD",
+    )
+    ap.add_argument("--seed", type=int, default=1, help="the random backbone's / the SVD's seed")
     args = ap.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
@@ -86,20 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ds, split = load_inputs(args)
     wd = Path(args.workdir)
     name = args.name or ds.name
-    dest = Path(args.out) / f"route_b_{name}.json"
+    dest = Path(args.out) / (f"route_b_{name}.json" if args.table == "llm" else f"route_b_{name}_{args.table}.json")
     command = "python bench/route_b.py " + " ".join(sys.argv[1:] if argv is None else argv)
     base = cfg.sr.model_copy(update={"model": args.model})
     t_hist, t_targets = test_examples(split, cfg.laser_train.model_copy(update={"test_users": args.test_users}))
 
-    table = frozen = None
+    table = table_key = None
     if any(v["text_items"] != "none" for v in variants.values()):
         t0 = time.perf_counter()
-        batch = args.item_batch_size or cfg.laser_train.item_batch_size
-        frozen = frozen_item_table(
-            cfg.laser_spec(), ds.items, cache_dir=wd, batch_size=batch, device=cfg.laser_train.device
-        )
-        table = frozen.table
-        print(f"frozen LLM item table {tuple(table.shape)} in {time.perf_counter() - t0:.0f} s", flush=True)
+        table, table_key = item_table(args.table, cfg, ds, wd, args)
+        print(f"{args.table} item table {tuple(table.shape)} in {time.perf_counter() - t0:.0f} s", flush=True)
     settings = {
         "data": data_fingerprint(cfg.dataset),
         "sr": base.model_dump(mode="json", exclude={"text_items", "text_scale"}),
@@ -126,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             best = max(text, key=text.get)  # the route's own figure: its best text variant on validation
             keep = ("ndcg@10", "recall@10", "mrr", "ndcg@10_masked", "test_users", "command")
             row = {k: results[best][k] for k in keep} | {"variant": best}
-            out["leaderboard"] = {"dataset": name, "rows": {"laser_b": row}}
+            label = "laser_b" if args.table == "llm" else f"{args.table}_init_control"
+            out["leaderboard"] = {"dataset": name, "rows": {label: row}}
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf8")
         print(f"wrote {dest}", flush=True)
 
     for variant, update in variants.items():
         sr_cfg = base.model_copy(update=update)
-        table_key = frozen.weights_fingerprint if sr_cfg.text_items != "none" else None
-        if variant in results and results[variant].get("table_key") == table_key:
+        key = table_key if sr_cfg.text_items != "none" else None
+        if variant in results and results[variant].get("table_key") == key:
             continue  # measured with this table (another frozen table: measured again)
         t0 = time.perf_counter()
         result = fit(
@@ -152,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             "text_items": sr_cfg.text_items,
             "text_transform": sr_cfg.text_transform,
             "text_scale": sr_cfg.text_scale,
-            "table_key": table_key,
+            "table_key": key,
+            "table": args.table if sr_cfg.text_items != "none" else None,
             "seconds": round(time.perf_counter() - t0, 1),
             "command": command,
         }

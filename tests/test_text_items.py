@@ -319,6 +319,17 @@ def test_route_b_bench_smoke_and_resume(tmp_path, tiny_folder, monkeypatch, caps
     monkeypatch.setattr(route_b, "fit", lambda *a, **k: pytest.fail("a finished variant was trained again"))
     assert route_b.main(argv) == 0
     assert json.loads((tmp_path / "results" / "route_b_tiny.json").read_text(encoding="utf8"))["variants"] == rows
+    # the controls: the same variant on a TF-IDF (SVD) table and on a random backbone's, in files of their own
+    monkeypatch.undo()
+    for table in ("tfidf", "random_llm"):
+        ctl = [a for a in argv if a not in ("--variants", "none,init,join@0.3")] + ["--variants", "init"]
+        assert route_b.main([*ctl, "--table", table, "--seed", "3"]) == 0
+        got = json.loads((tmp_path / "results" / f"route_b_tiny_{table}.json").read_text(encoding="utf8"))
+        assert got["variants"]["init"]["table"] == table and got["variants"]["init"]["table_key"] not in (
+            rows["init"]["table_key"],
+            None,
+        )
+        assert list(got["leaderboard"]["rows"]) == [f"{table}_init_control"]
     with pytest.raises(SystemExit):
         route_b.main([*argv[:-1], "none,init@x"])
     assert "--variants: 'init@x': the scale after @ must be a number" in capsys.readouterr().err
