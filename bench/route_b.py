@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             sr_cfg,
             cfg.sr_train,
             split,
-            workdir=wd / f"route-b-{args.model}-{variant}",
+            workdir=wd / (f"route-b-{args.model}-{variant}" + ("" if args.table == "llm" else f"-{args.table}")),
             text_table=table if sr_cfg.text_items != "none" else None,
         )
         results[variant] = {

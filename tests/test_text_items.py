@@ -330,6 +330,7 @@ def test_route_b_bench_smoke_and_resume(tmp_path, tiny_folder, monkeypatch, caps
             None,
         )
         assert list(got["leaderboard"]["rows"]) == [f"{table}_init_control"]
+        assert (tmp_path / "wd" / f"route-b-sasrec-init-{table}" / "state.json").is_file()  # not the route's folder
     with pytest.raises(SystemExit):
         route_b.main([*argv[:-1], "none,init@x"])
     assert "--variants: 'init@x': the scale after @ must be a number" in capsys.readouterr().err
