@@ -41,6 +41,14 @@ ORDER = (
     "tfidf_hybrid",
     "random_llm_hybrid",
     "llm_hybrid",
+    "laser_a",
+    "laser_b",
+    "laser_c",
+    "laser_d",
+    "tfidf_alone",
+    "llm_alone",
+    "random_llm_init_control",
+    "tfidf_init_control",
 )
 REQUIRED = ("ndcg@10", "recall@10", "mrr", "ndcg@10_masked", "test_users", "command")
 BASELINE = "sasrec"
