@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from frozen_llm import sr_scores  # noqa: E402
-from laser_benchmark import add_common_args, baseline_model, load_inputs  # noqa: E402
+from laser_benchmark import add_common_args, resumable_results, baseline_model, load_inputs  # noqa: E402
 
 from laser_core import hybrid  # noqa: E402
 from laser_core.config import data_fingerprint  # noqa: E402
@@ -206,13 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "gammas": list(hybrid.GAMMAS),
         "forms": list(hybrid.FORMS),
     }
-    out: dict = json.loads(dest.read_text(encoding="utf8")) if dest.is_file() else {}
-    if out.get("settings") != settings:
-        if out.get("rows"):
-            print(f"{dest}: other data or settings; its rows are recomputed", flush=True)
-        out = {}
-    out.update(dataset=name, config=args.config, overrides=args.overrides, settings=settings)
-    results = out.setdefault("rows", {})
+    out, results = resumable_results(dest, settings, "rows", args)
+    out["dataset"] = name
 
     def save() -> None:
         out.update(contribution(results))

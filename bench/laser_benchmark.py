@@ -78,6 +78,18 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
 
 
+def resumable_results(dest: Path, settings: dict, part: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """A benchmark's results file kept across runs: its ``part`` (rows, variants) is reused only when the file was
+    written with the same ``settings``, else started afresh. Returns (the whole file's dict, its ``part``)."""
+    out: dict = json.loads(dest.read_text(encoding="utf8")) if dest.is_file() else {}
+    if out.get("settings") != settings:
+        if out.get(part):
+            print(f"{dest}: other data or settings; its {part} are recomputed", flush=True)
+        out = {}
+    out.update(config=args.config, overrides=args.overrides, settings=settings)
+    return out, out.setdefault(part, {})
+
+
 def load_inputs(args: argparse.Namespace):
     """Torch threads, the run config, the dataset and its leave-one-out split, from :func:`add_common_args`."""
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from laser_benchmark import add_common_args, load_inputs  # noqa: E402
+from laser_benchmark import add_common_args, resumable_results, load_inputs  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -143,13 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_users": len(t_targets),
         "sample_seed": cfg.laser_train.seed,
     }
-    out: dict = json.loads(dest.read_text(encoding="utf8")) if dest.is_file() else {}
-    if out.get("settings") != settings:
-        if out.get("variants"):
-            print(f"{dest}: other data or settings; its variants are recomputed", flush=True)
-        out = {}
-    out.update(dataset=name, config=args.config, overrides=args.overrides, settings=settings)
-    results = out.setdefault("variants", {})
+    out, results = resumable_results(dest, settings, "variants", args)
+    out["dataset"] = name
 
     def save() -> None:
         valid = {v: r["valid"]["ndcg@10"] for v, r in results.items()}

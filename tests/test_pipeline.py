@@ -170,15 +170,10 @@ def test_pipeline_tunes_the_id_model_then_pretrains_the_best_settings(zenml_stor
     real_epoch = SRTrainer.train_epoch
     monkeypatch.setattr(SRTrainer, "train_epoch", lambda self, e: epochs.append(e) or real_epoch(self, e))
     cfg = _config(stop_after="sr")
-    cfg = cfg.model_copy(
-        update={
-            "pipeline": cfg.pipeline.model_copy(update={"tune_sr": {"trials": 2}}),
-            "sr_tune": cfg.sr_tune.model_copy(
-                update={"hidden_size": [8, 16], "n_layers": {"low": 1, "high": 1}, "n_heads": [1], "max_len": [10]}
-            ),
-        }
-    )
-    cfg = type(cfg).model_validate(cfg.model_dump())
+    raw = cfg.model_dump()
+    raw["pipeline"]["tune_sr"] = {"trials": 2}
+    raw["sr_tune"] |= {"hidden_size": [8, 16], "n_layers": {"low": 1, "high": 1}, "n_heads": [1], "max_len": [10]}
+    cfg = type(cfg).model_validate(raw)
     run = Client().get_pipeline_run(run_training(cfg).id)
     assert run.steps["tune_sr"].status.value == "completed"
     tuned = run.steps["tune_sr"].outputs["tuned_sr_model"][0]
